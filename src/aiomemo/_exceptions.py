@@ -1,0 +1,75 @@
+"""aiomemo's errors.
+
+Every error aiomemo raises on purpose derives from :class:`MemoError`::
+
+    MemoError
+    ├── UnhashableInputError      (also a TypeError)  an input has no key
+    ├── CheckpointError                               records could not be saved
+    │   └── CorruptCheckpointError                    a file is not a sound checkpoint
+    ├── LeaderCancelledError                          the task a follower waited on was cancelled
+    ├── MemoizerClosedError       (also a RuntimeError) a call after close()
+    └── StoreError                                    a store (Redis, disk) failed
+
+Configuration errors are plain ``ValueError``/``TypeError`` raised by the
+constructors. OS and Redis errors are translated at the store boundary and
+chained (``raise StoreError(...) from exc``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "LeaderCancelledError",
+    "MemoError",
+    "MemoizerClosedError",
+    "StoreError",
+    "UnhashableInputError",
+]
+
+
+class MemoError(Exception):
+    """Root of every error aiomemo raises on purpose."""
+
+
+class UnhashableInputError(MemoError, TypeError):
+    """An input of a task cannot be turned into a key.
+
+    ``where`` names the place in the task (``"kwargs['cfg'][3]"``) and
+    ``type_name`` the type found there.
+    """
+
+    def __init__(self, message: str, *, where: str = "", type_name: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+        self.type_name = type_name
+
+
+class CheckpointError(MemoError):
+    """Records could not be written to (or read from) a checkpoint.
+
+    ``unsaved`` is how many records stayed unsaved, when that is known.
+    """
+
+    def __init__(self, message: str, *, unsaved: int = 0) -> None:
+        super().__init__(message)
+        self.unsaved = unsaved
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file is not a sound aiomemo checkpoint (bad magic, version or checksum)."""
+
+
+class LeaderCancelledError(MemoError):
+    """The identical task this caller waited on was cancelled before it finished.
+
+    Engines may resubmit the task; ``Memoizer.cached`` does so by itself.
+    """
+
+
+class MemoizerClosedError(MemoError, RuntimeError):
+    """The Memoizer was used after ``close()``."""
+
+
+class StoreError(MemoError):
+    """A store failed (Redis unreachable, an OS error writing a file...)."""
