@@ -122,6 +122,6 @@ class Store(abc.ABC):
     async def release(self, key: bytes, owner: str) -> None:  # noqa: B027
         """Give the lease up (the task finished, failed or was cancelled)."""
 
-    async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
+    async def wait_for(self, key: bytes, timeout: float) -> bytes | None:  # noqa: ASYNC109
         """Wait until ``key`` has a result (return it) or its lease is gone (None)."""
         return None
