@@ -1,0 +1,140 @@
+"""pytest plugin: run Parsl's own tests with aiomemo's ParslMemoizer swapped in.
+
+Loaded by ``scripts/parsl-suite`` with ``-p aiomemo_parsl_plugin`` (this
+directory is put on ``PYTHONPATH``). Plugins given with ``-p`` are configured
+before any test module is collected, so the swap below is in place when
+Parsl's test modules run ``from parsl.dataflow.memoization import
+BasicMemoizer`` and when a DataFlowKernel falls back to its default memoizer.
+
+``AIOMEMO_PARSL_MEMOIZER``:
+
+* ``aiomemo`` (default): ``BasicMemoizer`` is replaced by
+  :class:`aiomemo.parsl.ParslMemoizer` in ``parsl.dataflow.memoization``
+  (where the tests and the test configs import it from) and in
+  ``parsl.dataflow.dflow`` (the DataFlowKernel's default, ``config.memoizer
+  is None``); the tests listed in :data:`EXEMPT` are deselected; at the end
+  the plugin checks that every DataFlowKernel of the session did run a
+  ParslMemoizer, so a swap that silently did not happen fails the run.
+* ``basic``: nothing is replaced and nothing is deselected: Parsl's own
+  baseline.
+
+Nothing inside site-packages is edited: only module attributes are rebound,
+in this pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+
+MODE = os.environ.get("AIOMEMO_PARSL_MEMOIZER", "aiomemo")
+
+#: Parsl tests that read Parsl's own checkpoint format (``tasks.pkl``, a
+#: stream of pickles) and so cannot pass against aiomemo's format. Keys are
+#: node ids relative to the parsl package directory (``--rootdir``), matched
+#: as suffixes. tests/test_parsl_adapter.py tests the same behaviour against
+#: aiomemo's own format.
+EXEMPT: dict[str, str] = {
+    "tests/test_checkpointing/test_task_exit.py::test_at_task_exit": (
+        "counts the pickle records in <run_dir>/checkpoint/tasks.pkl; aiomemo writes "
+        "checksummed segment files instead (one record per task is tested in "
+        "tests/test_parsl_adapter.py::test_task_exit_one_record_per_task)"
+    ),
+    "tests/test_checkpointing/test_manual.py::test_manual_checkpoint": (
+        "checks that <run_dir>/checkpoint/tasks.pkl does not exist before and exists "
+        "after memoizer.checkpoint(); aiomemo's checkpoint is segment files "
+        "(tests/test_parsl_adapter.py::test_manual_checkpoint_creates_records)"
+    ),
+}
+
+_dfk_memoizers: list[str] = []
+
+
+def _swap() -> None:
+    """Rebind BasicMemoizer to ParslMemoizer wherever Parsl looks it up."""
+    import parsl.dataflow.dflow as dflow
+    import parsl.dataflow.memoization as memoization
+
+    from aiomemo.parsl import ParslMemoizer
+
+    original = memoization.BasicMemoizer
+    if original is ParslMemoizer:
+        return
+    # every already-imported module holding the name (dflow for the DFK's
+    # default, test configs if one was imported early)
+    for name, module in list(sys.modules.items()):
+        if (name == "parsl" or name.startswith("parsl.")) and getattr(
+            module, "BasicMemoizer", None
+        ) is original:
+            module.BasicMemoizer = ParslMemoizer  # type: ignore[attr-defined]
+    assert memoization.BasicMemoizer is ParslMemoizer
+    assert dflow.BasicMemoizer is ParslMemoizer
+
+    # record which memoizer every DataFlowKernel ends up with
+    dfk_init = dflow.DataFlowKernel.__init__
+
+    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        dfk_init(self, *args, **kwargs)
+        _dfk_memoizers.append(
+            "ok" if isinstance(self.memoizer, ParslMemoizer) else type(self.memoizer).__qualname__
+        )
+
+    dflow.DataFlowKernel.__init__ = recording_init  # type: ignore[method-assign]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if MODE not in ("aiomemo", "basic"):
+        raise pytest.UsageError(f"AIOMEMO_PARSL_MEMOIZER must be 'aiomemo' or 'basic', not {MODE!r}")
+    if MODE == "aiomemo":
+        _swap()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if MODE == "basic":
+        return ["aiomemo harness: Parsl's own BasicMemoizer (baseline), no exemptions"]
+    return [
+        "aiomemo harness: BasicMemoizer -> aiomemo.parsl.ParslMemoizer; "
+        f"{len(EXEMPT)} exempt test(s) deselected (Parsl pickle format)"
+    ]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if MODE != "aiomemo":
+        return
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        if any(item.nodeid.endswith(node) for node in EXEMPT):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if MODE != "aiomemo":
+        return
+    tr = terminalreporter
+    tr.section("aiomemo harness")
+    seen = {item.nodeid for item in tr.stats.get("deselected", [])}
+    for node, reason in EXEMPT.items():
+        if any(s.endswith(node) for s in seen):
+            tr.write_line(f"exempt: {node}: {reason}")
+    bad = [m for m in _dfk_memoizers if m != "ok"]
+    tr.write_line(
+        f"DataFlowKernels started: {len(_dfk_memoizers)}, with ParslMemoizer: "
+        f"{len(_dfk_memoizers) - len(bad)}"
+    )
+    if bad:
+        tr.write_line(f"ERROR: DataFlowKernels ran other memoizers: {sorted(set(bad))}", red=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if MODE == "aiomemo" and any(m != "ok" for m in _dfk_memoizers):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
