@@ -57,7 +57,6 @@ def _swap() -> None:
     """Rebind BasicMemoizer to ParslMemoizer wherever Parsl looks it up."""
     import parsl.dataflow.dflow as dflow
     import parsl.dataflow.memoization as memoization
-
     from aiomemo.parsl import ParslMemoizer
 
     original = memoization.BasicMemoizer
