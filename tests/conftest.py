@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from _redis_server import RedisServer, redis_server_binary
 
 

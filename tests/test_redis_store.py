@@ -1,0 +1,533 @@
+"""RedisStore against a real redis-server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from _redis_server import RedisServer
+from aiomemo import StoreError
+from aiomemo.stores import Record
+from aiomemo.stores._redis import RedisStore, decode_value, encode_value, new_owner_id
+
+pytestmark = pytest.mark.redis
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def rec(i: int, value: bytes | None = None, *, func: str = "m.f") -> Record:
+    key = i.to_bytes(4, "big") * 8
+    return Record(
+        key=key, value=value if value is not None else b"v%d" % i, func=func, time=1e9 + i
+    )
+
+
+@pytest.fixture
+async def store(redis_url: str, redis_namespace: str) -> AsyncIterator[RedisStore]:
+    async with RedisStore(redis_url, namespace=redis_namespace, lease_ttl=2.0) as s:
+        yield s
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# -- construction ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "localhost:6379", "http://localhost:6379", "redis://localhost:notaport", "ftp://x"],
+)
+def test_bad_url_is_a_value_error_at_construction(url: str) -> None:
+    with pytest.raises(ValueError, match="Redis URL"):
+        RedisStore(url)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"namespace": ""}, {"ttl": 0}, {"ttl": -1.0}, {"lease_ttl": 0}, {"batch_size": 0}],
+)
+def test_bad_options_are_value_errors(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        RedisStore("redis://127.0.0.1:1/0", **kwargs)  # type: ignore[arg-type]
+
+
+def test_good_urls_do_not_connect() -> None:
+    # parsing only: nothing listens on port 1
+    for url in ("redis://127.0.0.1:1/0", "rediss://u:p@127.0.0.1:1/2", "unix:///nope.sock"):
+        s = RedisStore(url)
+        assert s.shared and s.supports_claims
+    assert "p@" not in RedisStore("redis://u:secret@127.0.0.1:1")._safe_url()
+
+
+def test_missing_redis_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(sys.modules):
+        if name == "redis" or name.startswith("redis."):
+            monkeypatch.setitem(sys.modules, name, None)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "redis", None)  # type: ignore[arg-type]
+    monkeypatch.delitem(sys.modules, "aiomemo.stores._redis")
+    with pytest.raises(ImportError, match=r"aiomemo\[redis\]"):
+        importlib.import_module("aiomemo.stores._redis")
+
+
+# -- values ------------------------------------------------------------------------
+
+
+def test_value_encoding_round_trip_and_binding() -> None:
+    r = Record(key=b"k" * 32, value=b"\x00payload", func="pkg.mod.fn", time=123.5, digests=b"dd")
+    blob = encode_value(r)
+    assert decode_value(r.key, blob) == r
+    assert decode_value(b"j" * 32, blob) is None  # bound to its key
+    for i in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[i] ^= 0x40
+        assert decode_value(r.key, bytes(damaged)) is None
+    assert decode_value(r.key, blob[:-1]) is None
+    assert decode_value(r.key, b"") is None
+
+
+async def test_round_trip_keeps_the_whole_record(store: RedisStore) -> None:
+    r = Record(key=b"\x01" * 32, value=b"result", func="a.b", time=42.25, digests=b"xy")
+    await store.put_many([r])
+    assert await store.get(r.key) == b"result"
+    assert await store.get_record(r.key) == r
+    assert await store.get(b"\x02" * 32) is None
+    assert (await store.load()).table == {}  # shared: asked per key
+    st = store.stats()
+    assert st["hits"] == 2 and st["misses"] == 1 and st["puts"] == 1
+
+
+async def test_put_many_pipelines_in_batches(redis_url: str, redis_namespace: str) -> None:
+    records = [rec(i) for i in range(1200)]
+    async with RedisStore(redis_url, namespace=redis_namespace, batch_size=500) as s:
+        await s.put_many(records)
+        assert s.stats()["put_batches"] == 3
+        got = await s.get_many([r.key for r in records] + [b"\xff" * 32])
+    assert got == {r.key: r.value for r in records}
+
+
+async def test_namespaces_keep_workflows_apart(redis_url: str, redis_namespace: str) -> None:
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace + "a") as a,
+        RedisStore(redis_url, namespace=redis_namespace + "b") as b,
+    ):
+        await a.put_many([rec(1, b"from-a")])
+        await b.put_many([rec(1, b"from-b")])
+        assert await a.get(rec(1).key) == b"from-a"
+        assert await b.get(rec(1).key) == b"from-b"
+        assert await a.claim(rec(2).key, "o1", 5)
+        assert await b.claim(rec(2).key, "o2", 5)  # a lease in a does not block b
+
+
+async def test_ttl_expires_results(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis
+) -> None:
+    async with RedisStore(redis_url, namespace=redis_namespace, ttl=0.3) as s:
+        await s.put_many([rec(1)])
+        assert 0 < await raw.pttl(s.value_key(rec(1).key)) <= 300
+        assert await s.get(rec(1).key) == b"v1"
+        await asyncio.sleep(0.45)
+        assert await s.get(rec(1).key) is None
+    async with RedisStore(redis_url, namespace=redis_namespace) as s:
+        await s.put_many([rec(2)])
+        assert await raw.pttl(s.value_key(rec(2).key)) == -1  # no ttl: kept
+
+
+async def test_corrupt_value_reads_as_a_miss_and_is_counted(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    r1, r2, r3 = rec(1), rec(2), rec(3)
+    await store.put_many([r1, r2])
+    await raw.set(store.value_key(r3.key), b"\x80\x04garbage that must never be unpickled")
+    blob = await raw.get(store.value_key(r1.key))
+    assert blob is not None
+    await raw.set(store.value_key(r1.key), blob[:-1] + bytes([blob[-1] ^ 1]))
+    # a sound value copied under another key is not accepted either
+    await raw.set(store.value_key(rec(4).key), await raw.get(store.value_key(r2.key)))
+    assert await store.get(r1.key) is None
+    assert await store.get(r3.key) is None
+    assert await store.get_many([r1.key, r2.key, r3.key, rec(4).key]) == {r2.key: r2.value}
+    assert store.stats()["bad_values"] == 5
+
+
+async def test_same_record_twice_and_newest_wins(store: RedisStore) -> None:
+    await store.put_many([rec(1, b"old"), rec(1, b"old")])
+    await store.put_many([rec(1, b"new")])
+    assert await store.get(rec(1).key) == b"new"
+
+
+# -- claims ------------------------------------------------------------------------
+
+
+async def test_exactly_one_of_many_concurrent_claimers_wins(
+    redis_url: str, redis_namespace: str
+) -> None:
+    stores = [RedisStore(redis_url, namespace=redis_namespace) for _ in range(8)]
+    try:
+        for s in stores:
+            await s.open()
+        key = rec(7).key
+        results = await asyncio.gather(
+            *(s.claim(key, f"owner{i}-{j}", 5) for i, s in enumerate(stores) for j in range(4))
+        )
+        assert sum(results) == 1
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_renew_and_release_only_by_the_owner(store: RedisStore) -> None:
+    key = rec(1).key
+    assert await store.claim(key, "alice", 0.5)
+    assert await store.claim(key, "alice", 0.5)  # re-entrant for its owner
+    assert not await store.claim(key, "bob", 5)
+    assert not await store.renew(key, "bob", 5)
+    assert await store.renew(key, "alice", 5)
+    await store.release(key, "bob")
+    assert await store.lease_owner(key) == "alice"
+    await asyncio.sleep(0.6)  # the first ttl would have expired: the renewal held
+    assert await store.lease_owner(key) == "alice"
+    await store.release(key, "alice")
+    assert await store.lease_owner(key) is None
+    assert not await store.renew(key, "alice", 5)
+    assert store.stats()["renewals_lost"] == 2
+
+
+async def test_expired_lease_lets_another_claim(store: RedisStore) -> None:
+    key = rec(1).key
+    assert await store.claim(key, "dead", 0.2)
+    assert not await store.claim(key, "next", 5)
+    await asyncio.sleep(0.3)
+    assert await store.claim(key, "next", 5)
+
+
+async def test_claim_refused_once_the_result_exists(store: RedisStore) -> None:
+    r = rec(1)
+    await store.put_many([r])
+    assert not await store.claim(r.key, new_owner_id(), 5)
+    assert await store.wait_for(r.key, 5) == r.value  # at once
+
+
+async def test_put_and_release_is_one_step(store: RedisStore) -> None:
+    r = rec(1)
+    assert await store.claim(r.key, "me", 5)
+    assert await store.put_and_release(r, "me")
+    assert await store.lease_owner(r.key) is None
+    assert await store.get(r.key) == r.value
+    assert not await store.put_and_release(rec(1, b"again"), "me")  # lease already gone
+
+
+# -- waiting -----------------------------------------------------------------------
+
+
+async def test_wait_for_is_woken_by_a_put_from_another_connection(
+    redis_url: str, redis_namespace: str
+) -> None:
+    r = rec(1)
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace, recheck_interval=5.0) as follower,
+        RedisStore(redis_url, namespace=redis_namespace) as leader,
+    ):
+        assert await leader.claim(r.key, "leader", 10)
+        waiter = asyncio.create_task(follower.wait_for(r.key, 10))
+        await asyncio.sleep(0.3)  # let it subscribe, check and sleep
+        assert not waiter.done()
+        t0 = time.monotonic()
+        await leader.put_many([r])
+        assert await waiter == r.value
+        woke = time.monotonic() - t0
+        st = follower.stats()
+    # not a poll: one check before sleeping, one after the wake-up, in far
+    # less than the 5 s re-check interval
+    assert woke < 0.5, woke
+    assert st["wait_checks"] == 2 and st["wait_wakeups"] == 1, st
+
+
+async def test_wait_for_returns_none_when_the_lease_is_released(
+    redis_url: str, redis_namespace: str
+) -> None:
+    r = rec(1)
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace, recheck_interval=5.0) as follower,
+        RedisStore(redis_url, namespace=redis_namespace) as leader,
+    ):
+        assert await leader.claim(r.key, "leader", 10)
+        waiter = asyncio.create_task(follower.wait_for(r.key, 10))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await leader.release(r.key, "leader")  # e.g. the task raised
+        assert await waiter is None
+        assert time.monotonic() - t0 < 0.5
+        assert await follower.claim(r.key, "follower", 10)  # it takes over
+
+
+async def test_wait_for_notices_a_silently_expired_lease(
+    redis_url: str, redis_namespace: str
+) -> None:
+    key = rec(1).key
+    async with RedisStore(redis_url, namespace=redis_namespace, recheck_interval=0.1) as s:
+        assert await s.claim(key, "dies", 0.3)  # never renewed, never released
+        t0 = time.monotonic()
+        assert await s.wait_for(key, 10) is None
+        assert time.monotonic() - t0 < 0.3 + 0.3
+
+
+async def test_wait_for_without_lease_or_result_returns_at_once(store: RedisStore) -> None:
+    t0 = time.monotonic()
+    assert await store.wait_for(rec(1).key, 10) is None
+    assert time.monotonic() - t0 < 0.5
+
+
+async def test_wait_for_times_out_with_none(store: RedisStore) -> None:
+    key = rec(1).key
+    assert await store.claim(key, "slow", 10)
+    t0 = time.monotonic()
+    assert await store.wait_for(key, 0.2) is None
+    assert 0.15 < time.monotonic() - t0 < 1.0
+
+
+async def test_many_waiters_on_many_keys(redis_url: str, redis_namespace: str) -> None:
+    records = [rec(i) for i in range(50)]
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace, recheck_interval=5.0) as follower,
+        RedisStore(redis_url, namespace=redis_namespace) as leader,
+    ):
+        for r in records:
+            assert await leader.claim(r.key, "leader", 10)
+        waiters = [asyncio.create_task(follower.wait_for(r.key, 10)) for r in records]
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await leader.put_many(records[:25])
+        for r in records[25:]:
+            await leader.put_and_release(r, "leader")
+        assert await asyncio.gather(*waiters) == [r.value for r in records]
+        assert time.monotonic() - t0 < 1.0
+
+
+# -- faults ------------------------------------------------------------------------
+
+
+async def test_server_stopped_mid_run_then_restarted(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    server = make_redis_server()
+    async with RedisStore(server.url, namespace="faults", socket_timeout=1.0) as s:
+        await s.put_many([rec(1)])
+        waiter_key = rec(9).key
+        assert await s.claim(waiter_key, "holder", 30)
+        async with RedisStore(server.url, namespace="faults", recheck_interval=10) as f:
+            waiter = asyncio.create_task(f.wait_for(waiter_key, 30))
+            await asyncio.sleep(0.2)
+            server.stop(kill=True)
+            t0 = time.monotonic()
+            with pytest.raises(StoreError):
+                await waiter  # the lost subscription wakes it; the re-check fails
+            assert time.monotonic() - t0 < 1.5
+
+        for op in (
+            lambda: s.get(rec(1).key),
+            lambda: s.get_many([rec(1).key]),
+            lambda: s.put_many([rec(2)]),
+            lambda: s.claim(rec(3).key, "x", 5),
+            lambda: s.renew(rec(3).key, "x", 5),
+            lambda: s.release(rec(3).key, "x"),
+            lambda: s.wait_for(rec(3).key, 5),
+        ):
+            t0 = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                await op()
+            assert time.monotonic() - t0 < 1.5
+            assert info.value.__cause__ is not None  # chained redis-py error
+        assert s.stats()["errors"] >= 7
+        assert s.last_error
+
+        server.start()  # same port, empty (no persistence)
+        assert await s.get(rec(1).key) is None
+        await s.put_many([rec(2)])
+        assert await s.get(rec(2).key) == rec(2).value
+        assert await s.claim(rec(3).key, "x", 5)
+        assert await s.wait_for(rec(4).key, 1) is None
+
+
+async def test_open_with_redis_down_does_not_raise(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    server = make_redis_server()
+    server.stop()
+    s = RedisStore(server.url, namespace="down")
+    t0 = time.monotonic()
+    await s.open()  # warns, counts, keeps going
+    assert s.stats()["errors"] == 1
+    with pytest.raises(StoreError):
+        await s.get(rec(1).key)
+    assert time.monotonic() - t0 < 2.0
+    server.start()
+    await s.put_many([rec(1)])
+    assert await s.get(rec(1).key) == rec(1).value
+    await s.aclose()
+
+
+async def test_aclose_closes_every_connection(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis
+) -> None:
+    async def clients() -> int:
+        return int((await raw.info("clients"))["connected_clients"])
+
+    before = await clients()
+    s = RedisStore(redis_url, namespace=redis_namespace)
+    await s.open()
+    await s.put_many([rec(1)])
+    assert await s.claim(rec(2).key, "o", 5)
+    assert await s.wait_for(rec(1).key, 1) == rec(1).value  # opens the pub/sub connection
+    assert await clients() > before
+    await s.aclose()
+    await s.aclose()  # idempotent
+    for _ in range(50):
+        if await clients() == before:
+            break
+        await asyncio.sleep(0.02)
+    assert await clients() == before
+    with pytest.raises(StoreError, match="closed"):
+        await s.get(rec(1).key)
+
+
+# -- several processes ---------------------------------------------------------------
+
+_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {src!r})
+    from aiomemo.stores import Record
+    from aiomemo.stores._redis import RedisStore, new_owner_id
+
+    async def main(url, ns, n, offset):
+        async with RedisStore(url, namespace=ns, lease_ttl=5, recheck_interval=1) as s:
+            runs = 0
+            for i in range(offset, offset + n):
+                key = (i % 300).to_bytes(4, "big") * 8
+                owner = new_owner_id()
+                while True:
+                    if await s.get(key) is not None:
+                        break
+                    if await s.claim(key, owner, s.lease_ttl):
+                        await s._conn().incr((ns + ":runs:" + key.hex()).encode())
+                        runs += 1
+                        await asyncio.sleep(0.001)
+                        await s.put_and_release(Record(key, key[:4], "w.f", 0.0), owner)
+                        break
+                    if await s.wait_for(key, 10) is not None:
+                        break
+            print(runs)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    """
+).format(src=SRC)
+
+
+async def test_four_processes_compute_every_key_once(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis
+) -> None:
+    # 4 processes x 200 tasks over 300 distinct keys (each key wanted by 2-3 of them)
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WORKER,
+            redis_url,
+            redis_namespace,
+            "200",
+            str(w * 50),
+            stdout=subprocess.PIPE,
+        )
+        for w in range(4)
+    ]
+    outs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 30)
+    assert all(p.returncode == 0 for p in procs)
+    runs = sum(int(o[0]) for o in outs)
+    run_keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:runs:*")]
+    counts = [int(v) for v in await raw.mget(run_keys)]
+    assert len(counts) == 300 and set(counts) == {1}
+    assert runs == 300
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {src!r})
+    from aiomemo.stores._redis import RedisStore
+
+    async def main(url, ns):
+        async with RedisStore(url, namespace=ns) as s:
+            assert await s.claim(b"k" * 32, "holder", 0.6)
+            print("claimed", flush=True)
+            while True:  # keeps renewing until killed
+                await asyncio.sleep(0.2)
+                await s.renew(b"k" * 32, "holder", 0.6)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+).format(src=SRC)
+
+
+async def test_kill_9_of_a_lease_holder_lets_one_waiter_take_over(
+    redis_url: str, redis_namespace: str
+) -> None:
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, redis_url, redis_namespace, stdout=subprocess.PIPE
+    )
+    tasks: list[asyncio.Task[bool]] = []
+    try:
+        assert holder.stdout is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 10)).strip() == b"claimed"
+        key = b"k" * 32
+        async with RedisStore(redis_url, namespace=redis_namespace, recheck_interval=0.15) as s:
+            assert not await s.claim(key, "w0", 5)
+            await asyncio.sleep(0.7)  # the holder keeps its lease alive
+            assert await s.lease_owner(key) == "holder"
+
+            async def waiter(i: int) -> bool:
+                while True:
+                    if await s.claim(key, f"w{i}", 5):
+                        return True
+                    if await s.wait_for(key, 5) is not None:
+                        return False
+
+            tasks += [asyncio.create_task(waiter(i)) for i in range(4)]
+            await asyncio.sleep(0.1)
+            os.kill(holder.pid, signal.SIGKILL)
+            await holder.wait()
+            t0 = time.monotonic()
+            done, pending = await asyncio.wait(
+                tasks, timeout=0.6 + 0.6, return_when=asyncio.FIRST_COMPLETED
+            )
+            took_over = time.monotonic() - t0
+            # exactly one took over, within the lease time; the others keep waiting
+            assert [t.result() for t in done] == [True], (done, pending)
+            assert took_over < 0.6 + 0.5
+            owner = await s.lease_owner(key)
+            assert owner is not None and owner.startswith("w")
+            await s.put_and_release(Record(key, b"done", "f", 0.0), owner)
+            assert await asyncio.wait_for(asyncio.gather(*pending), 2) == [False] * 3
+    finally:
+        for t in tasks:
+            t.cancel()
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
