@@ -142,18 +142,13 @@ def _checksum(key: bytes, body: bytes | memoryview) -> bytes:
 
 def encode_value(record: Record) -> bytes:
     """The bytes RedisStore keeps for ``record`` (header, checksum, body)."""
-    func = record.func.encode("utf-8")
-    if len(func) > 0xFFFF:
-        func = func[:0xFFFF]
-    body = b"".join(
-        (
-            _HEAD.pack(record.time, len(func), len(record.digests)),
-            func,
-            record.digests,
-            record.value,
-        )
-    )
-    return MAGIC + _checksum(record.key, body) + body
+    func = record.func.encode("utf-8")[:0xFFFF]
+    head = _HEAD.pack(record.time, len(func), len(record.digests))
+    h = blake3(record.key)
+    for part in (head, func, record.digests, record.value):
+        h.update(part)
+    checksum: bytes = h.digest(length=_SUM_LEN)
+    return b"".join((MAGIC, checksum, head, func, record.digests, record.value))
 
 
 def decode_value(key: bytes, blob: bytes) -> Record | None:
@@ -303,6 +298,10 @@ class RedisStore(Store):
             0,
         )
         self.last_error: str | None = None
+
+    async def __aenter__(self) -> RedisStore:
+        await self.open()
+        return self
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, namespace={self.namespace!r})"
