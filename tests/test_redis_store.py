@@ -366,6 +366,24 @@ async def test_server_stopped_mid_run_then_restarted(
         assert await s.wait_for(rec(4).key, 1) is None
 
 
+async def test_hung_server_times_out_quickly(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    server = make_redis_server()
+    assert server.proc is not None
+    async with RedisStore(server.url, namespace="hung", socket_timeout=0.3) as s:
+        await s.put_many([rec(1)])
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreError):
+                await s.get(rec(1).key)
+            assert time.monotonic() - t0 < 0.3 * 2 + 0.3  # no retry of a timed-out call
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert await s.get(rec(1).key) == rec(1).value
+
+
 async def test_open_with_redis_down_does_not_raise(
     make_redis_server: Callable[[], RedisServer],
 ) -> None:

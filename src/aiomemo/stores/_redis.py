@@ -61,6 +61,7 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.commands.core import AsyncScript
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ImportError as _exc:  # pragma: no cover - exercised only without redis-py
     raise ImportError(
@@ -320,9 +321,10 @@ class RedisStore(Store):
         kwargs: dict[str, Any] = {
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout,
-            # One quick retry: it re-establishes a pooled connection that a
-            # server restart broke, without a long back-off loop.
-            "retry": Retry(NoBackoff(), 1),
+            # One immediate retry on a broken connection: it re-establishes a
+            # pooled connection that a server restart broke. No retry on a
+            # timeout (a hung server would double the wait) and no back-off loop.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             "decode_responses": False,
         }
         kwargs.update(self._client_kwargs)
