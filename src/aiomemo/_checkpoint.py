@@ -63,6 +63,7 @@ import msgpack
 from blake3 import blake3
 
 from aiomemo._exceptions import CheckpointError
+from aiomemo._rundir import ensure_dir
 from aiomemo.stores._base import LoadReport, Record
 
 __all__ = [
@@ -259,26 +260,6 @@ def _segment_name() -> str:
     return f"{_SEGMENT_PREFIX}{stamp}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
 
 
-def _make_dirs(directory: Path) -> list[Path]:
-    """Create ``directory`` and missing parents; return those created, outermost first."""
-    missing: list[Path] = []
-    p = directory
-    while not p.is_dir():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    created: list[Path] = []
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-            created.append(d)
-        except FileExistsError:
-            if not d.is_dir():
-                raise
-    return created
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -349,7 +330,7 @@ class SegmentWriter:
         return self._offset
 
     async def _open(self) -> None:
-        created = await asyncio.to_thread(_make_dirs, self._dir)
+        created = await asyncio.to_thread(ensure_dir, self._dir)
         self._created_dirs.extend(created)
         for _ in range(5):
             name = _segment_name()
@@ -1030,4 +1011,3 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
 async def load_paths_async(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
     """:func:`load_paths` in a worker thread (the event loop keeps running)."""
     return await asyncio.to_thread(load_paths, list(paths))
-
