@@ -1,6 +1,11 @@
-"""aiomemo: asyncio-native memoization and crash-safe checkpoints."""
+"""aiomemo: asyncio-native memoization and crash-safe checkpoints.
+
+Public names live here; the modules behind them are private.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from aiomemo._exceptions import (
     CheckpointError,
@@ -11,15 +16,38 @@ from aiomemo._exceptions import (
     StoreError,
     UnhashableInputError,
 )
+from aiomemo._hashing import File, id_for_memo, make_hash
+from aiomemo._memoizer import CheckpointMode, Memoizer, MemoStats, Task, TaskRecord
+
+if TYPE_CHECKING:
+    from aiomemo._rundir import get_all_checkpoints, get_last_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CheckpointMode",
     "CorruptCheckpointError",
+    "File",
     "LeaderCancelledError",
     "MemoError",
+    "MemoStats",
+    "Memoizer",
     "MemoizerClosedError",
     "StoreError",
+    "Task",
+    "TaskRecord",
     "UnhashableInputError",
+    "get_all_checkpoints",
+    "get_last_checkpoint",
+    "id_for_memo",
+    "make_hash",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("get_all_checkpoints", "get_last_checkpoint"):
+        from aiomemo import _rundir
+
+        return getattr(_rundir, name)
+    raise AttributeError(f"module 'aiomemo' has no attribute {name!r}")
