@@ -14,6 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+
+if not os.environ.get("CI"):  # redis-py is the optional extra aiomemo[redis]
+    pytest.importorskip("redis")
+
 import redis.asyncio as aioredis
 
 from _redis_server import RedisServer
