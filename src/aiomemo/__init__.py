@@ -5,8 +5,6 @@ Public names live here; the modules behind them are private.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from aiomemo._exceptions import (
     CheckpointError,
     CorruptCheckpointError,
@@ -18,9 +16,7 @@ from aiomemo._exceptions import (
 )
 from aiomemo._hashing import File, id_for_memo, make_hash
 from aiomemo._memoizer import CheckpointMode, Memoizer, MemoStats, Task, TaskRecord
-
-if TYPE_CHECKING:
-    from aiomemo._rundir import get_all_checkpoints, get_last_checkpoint
+from aiomemo._rundir import get_all_checkpoints, get_last_checkpoint
 
 __version__ = "0.1.0"
 
@@ -44,10 +40,3 @@ __all__ = [
     "make_hash",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in ("get_all_checkpoints", "get_last_checkpoint"):
-        from aiomemo import _rundir
-
-        return getattr(_rundir, name)
-    raise AttributeError(f"module 'aiomemo' has no attribute {name!r}")
