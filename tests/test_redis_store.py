@@ -286,11 +286,33 @@ async def test_wait_for_notices_a_silently_expired_lease(
     redis_url: str, redis_namespace: str
 ) -> None:
     key = rec(1).key
-    async with RedisStore(redis_url, namespace=redis_namespace, recheck_interval=0.1) as s:
+    async with RedisStore(redis_url, namespace=redis_namespace, recheck_interval=10) as s:
         assert await s.claim(key, "dies", 0.3)  # never renewed, never released
         t0 = time.monotonic()
         assert await s.wait_for(key, 10) is None
-        assert time.monotonic() - t0 < 0.3 + 0.3
+        # noticed right after the lease's expiry, not at the 10 s re-check
+        assert time.monotonic() - t0 < 0.3 + 0.2
+        assert s.stats()["wait_checks"] == 2
+
+
+async def test_wait_for_a_live_renewing_holder_is_not_a_busy_poll(
+    redis_url: str, redis_namespace: str
+) -> None:
+    r = rec(1)
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace, recheck_interval=10) as follower,
+        RedisStore(redis_url, namespace=redis_namespace) as leader,
+    ):
+        assert await leader.claim(r.key, "leader", 0.3)
+        waiter = asyncio.create_task(follower.wait_for(r.key, 10))
+        for _ in range(12):  # 1.2 s of work, renewing every ttl/3
+            await asyncio.sleep(0.1)
+            assert await leader.renew(r.key, "leader", 0.3)
+        assert not waiter.done()
+        await leader.put_and_release(r, "leader")
+        assert await waiter == r.value
+        # about one look per lease period (~0.2-0.3 s), not a spin
+        assert follower.stats()["wait_checks"] <= 9, follower.stats()
 
 
 async def test_wait_for_without_lease_or_result_returns_at_once(store: RedisStore) -> None:

@@ -643,8 +643,9 @@ class RedisStore(Store):
         """Wait until ``key`` has a result (return it) or nobody holds its lease (None).
 
         Woken by the event channel (a put or a release anywhere), with a re-check
-        every ``recheck_interval`` seconds for lost messages and for leases that
-        expired because their holder died. None also when ``timeout`` passes
+        every ``recheck_interval`` seconds for lost messages, and just after the
+        lease's expiry time (for a holder that died and stopped renewing: it is
+        noticed within one lease time). None also when ``timeout`` passes
         first (claim again, then wait again). Raises ``StoreError`` when Redis
         fails: the caller may then compute the task itself.
         """
@@ -659,19 +660,25 @@ class RedisStore(Store):
                 ev.clear()
                 pipe = self._conn().pipeline(transaction=False)
                 pipe.get(vkey)
-                pipe.exists(lkey)
-                blob, leased = await self._call("wait check", pipe.execute())
+                pipe.pttl(lkey)
+                blob, lease_ms = await self._call("wait check", pipe.execute())
                 self._counts["wait_checks"] += 1
                 rec = self._check(key, blob)
                 if rec is not None:
                     return rec.value
-                if not leased:
+                if lease_ms == -2:  # no lease: nobody computes it
                     return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
+                nap = min(left, self.recheck_interval)
+                if lease_ms > 0:
+                    # look again right after the lease would expire: a dead
+                    # holder is noticed within its lease time, a live one
+                    # renews before that (every ttl/3), so this is no busy poll
+                    nap = min(nap, lease_ms / 1000 + 0.01)
                 try:
-                    await asyncio.wait_for(ev.wait(), min(left, self.recheck_interval))
+                    await asyncio.wait_for(ev.wait(), nap)
                     self._counts["wait_wakeups"] += 1
                 except TimeoutError:
                     pass
