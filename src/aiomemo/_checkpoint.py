@@ -15,7 +15,7 @@ Byte layout (all integers little-endian)::
       0   8  magic            b"\\x89AMLOG\\r\\n"
       8   2  format version   1
       10  2  header size      16 (a reader skips any extra header bytes)
-      12  4  flags            0
+      12  4  header digest    blake3(bytes 0..12), first 4 bytes
     batch, repeated to the end of the file
       0   8  batch magic      b"\\x8dAMBTCH\\n"
       8   4  payload length   bytes
@@ -62,7 +62,7 @@ import aiofiles.os
 import msgpack
 from blake3 import blake3
 
-from aiomemo._exceptions import CheckpointError
+from aiomemo._exceptions import CheckpointError, CorruptCheckpointError
 from aiomemo._rundir import ensure_dir
 from aiomemo.stores._base import LoadReport, Record
 
@@ -89,7 +89,7 @@ __all__ = [
 FILE_MAGIC: Final = b"\x89AMLOG\r\n"
 FORMAT_VERSION: Final = 1
 FILE_HEADER_SIZE: Final = 16
-_FILE_HEADER = struct.Struct("<8sHHI")
+_FILE_HEADER = struct.Struct("<8sHH")  # the 12 bytes the file header digest covers
 
 BATCH_MAGIC: Final = b"\x8dAMBTCH\n"
 BATCH_HEADER_SIZE: Final = 40
@@ -133,12 +133,10 @@ class SegmentHeader:
     Attributes:
         version: the format version (1).
         header_size: bytes before the first batch.
-        flags: reserved, 0.
     """
 
     version: int
     header_size: int
-    flags: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +244,8 @@ def encode_batch(records: Sequence[Record]) -> bytes:
 
 
 def _file_header() -> bytes:
-    return _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE, 0)
+    fixed = _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE)
+    return fixed + blake3(fixed).digest(4)
 
 
 # --------------------------------------------------------------------------
@@ -509,35 +508,39 @@ def _consume_result(task: asyncio.Future[int]) -> None:
 def read_segment_header(path: str | os.PathLike[str]) -> SegmentHeader:
     """The file header of segment ``path``.
 
-    Raises :class:`~aiomemo.CorruptCheckpointError` when the file is not an
-    aiomemo segment (bad magic, too short) and ``OSError`` when unreadable.
+    Raises :class:`~aiomemo.CorruptCheckpointError` when the header is damaged,
+    cut short, of another format version or not an aiomemo header at all, and
+    ``OSError`` when the file cannot be read.
     """
-    from aiomemo._exceptions import CorruptCheckpointError
-
     with open(path, "rb") as f:
         raw = f.read(FILE_HEADER_SIZE)
     header, problem = _parse_file_header(raw)
-    if header is None:
-        raise CorruptCheckpointError(f"{os.fspath(path)}: {problem}")
+    if header is None or problem:
+        raise CorruptCheckpointError(f"{os.fspath(path)}: {problem or 'bad file header'}")
     return header
 
 
 def _parse_file_header(raw: bytes) -> tuple[SegmentHeader | None, str]:
+    """The header and a problem ("" when none).
+
+    ``(None, why)``: stop, nothing to read (cut short, or a sound header of
+    another format version). ``(header, why)``: a damaged header, read the rest
+    as format 1 anyway (every batch carries its own digests, so nothing wrong
+    can come of it, and a flipped byte here must not cost the whole file).
+    """
     if len(raw) < FILE_HEADER_SIZE:
-        if FILE_MAGIC.startswith(raw[: len(FILE_MAGIC)]):
-            return None, f"file header cut short ({len(raw)} of {FILE_HEADER_SIZE} bytes)"
-        return None, "not an aiomemo segment (bad magic)"
-    magic, version, size, flags = _FILE_HEADER.unpack_from(raw)
-    if magic != FILE_MAGIC:
-        return None, "not an aiomemo segment (bad magic)"
-    if version != FORMAT_VERSION:
-        return (
-            None,
-            f"unsupported checkpoint format version {version} (this is version {FORMAT_VERSION})",
-        )
-    if size < FILE_HEADER_SIZE:
-        return None, f"bad file header size {size}"
-    return SegmentHeader(version, size, flags), ""
+        return None, f"torn tail: file header cut short ({len(raw)} of {FILE_HEADER_SIZE} bytes)"
+    magic, version, size = _FILE_HEADER.unpack_from(raw)
+    sound = blake3(raw[:12]).digest(4) == raw[12:16]
+    if sound and magic == FILE_MAGIC:
+        if version != FORMAT_VERSION:
+            return None, (
+                f"unsupported checkpoint format version {version} (this is version {FORMAT_VERSION})"
+            )
+        if size >= FILE_HEADER_SIZE:
+            return SegmentHeader(version, size), ""
+    why = "damaged file header" if magic == FILE_MAGIC else "bad magic: not an aiomemo segment?"
+    return SegmentHeader(FORMAT_VERSION, FILE_HEADER_SIZE), f"{why} (reading on as format 1)"
 
 
 def is_segment_in_use(path: str | os.PathLike[str]) -> bool:
@@ -791,8 +794,10 @@ def iter_segment(
     Yields a :class:`RecordInfo` per usable record (full record, its offset
     and length, whether it was recovered from a damaged batch) and a
     :class:`BadSpan` per damaged stretch (offset, length, reason, records
-    lost, torn tail or not). A bad or unsupported file header yields one
-    ``BadSpan`` covering the file and nothing else. Never raises for damaged
+    lost, torn tail or not). A file header of another format version (or
+    one cut short) yields one ``BadSpan`` covering the file and nothing else;
+    a damaged header yields a ``BadSpan`` for its 16 bytes and the rest is
+    read as format 1. An empty file yields nothing. Never raises for damaged
     content; ``OSError`` when the file cannot be opened or read.
 
     With ``verify_records`` (the default) every record's own checksum is
@@ -803,11 +808,14 @@ def iter_segment(
     with open(path, "rb", buffering=_READ_BUFFER) as f:
         size = os.fstat(f.fileno()).st_size
         src = _Source(f, size)
+        if not size:
+            return  # a writer died before its header: nothing was lost
         header, problem = _parse_file_header(src.read(0, FILE_HEADER_SIZE))
         if header is None:
-            if size:
-                yield BadSpan(0, size, problem, 1 if size > FILE_HEADER_SIZE else 0, torn=False)
+            yield BadSpan(0, size, problem, 0, torn=size < FILE_HEADER_SIZE)
             return
+        if problem:
+            yield BadSpan(0, FILE_HEADER_SIZE, problem, 0)
         for kind, offset, item in _iter_batches(src, header.header_size):
             if kind == "batch":
                 count, payload = item
@@ -890,12 +898,14 @@ def _load_segment(path: Path, report: LoadReport) -> None:
         try:
             size = os.fstat(f.fileno()).st_size
             src = _Source(f, size)
+            if not size:
+                return  # a writer died before its header: nothing was lost
             header, problem = _parse_file_header(src.read(0, FILE_HEADER_SIZE))
             if header is None:
-                if size:  # a 0-byte segment is a writer that died before its header: nothing lost
-                    report.errors.append(f"{shown}: skipped: {problem}")
-                    report.skipped += 1 if size > FILE_HEADER_SIZE else 0
+                report.errors.append(f"{shown}: skipped: {problem}")
                 return
+            if problem:
+                report.errors.append(f"{shown}: {problem}")
             report.files += 1
             for kind, _offset, item in _iter_batches(src, header.header_size):
                 if kind == "batch":
@@ -963,6 +973,13 @@ def _looks_like_runinfo(d: Path) -> bool:
         return False
 
 
+def _pickle_skipped(pkl: Path) -> str:
+    return (
+        f"{pkl}: Parsl pickle checkpoint skipped (unpickling can run code); "
+        "convert it with `aiomemo import-parsl --trust`"
+    )
+
+
 def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
     """Load checkpoints into one table (key -> encoded value); never raises for bad data.
 
@@ -981,7 +998,10 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
         shown = os.fspath(p)
         try:
             if path.is_file():
-                _load_segment(path, report)
+                if path.name == _PARSL_PICKLE:
+                    report.errors.append(_pickle_skipped(path))
+                else:
+                    _load_segment(path, report)
                 continue
             if not path.is_dir():
                 report.errors.append(f"{shown}: no such checkpoint directory or file")
@@ -991,10 +1011,7 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
                 path = ckpt  # a run directory
             pkl = path / _PARSL_PICKLE
             if pkl.exists():
-                report.errors.append(
-                    f"{pkl}: Parsl pickle checkpoint skipped (loading it could run code); "
-                    "convert it with `aiomemo import-parsl --trust`"
-                )
+                report.errors.append(_pickle_skipped(pkl))
             segments = list_segments(path)
             if not segments and _looks_like_runinfo(path):
                 report.errors.append(

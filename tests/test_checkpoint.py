@@ -1,0 +1,508 @@
+"""The checkpoint log: framing, recovery from damage, write failures, many writers."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import multiprocessing
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiomemo import CheckpointError, CorruptCheckpointError
+from aiomemo import _checkpoint as ck
+from aiomemo._checkpoint import (
+    BATCH_HEADER_SIZE,
+    FILE_HEADER_SIZE,
+    BadSpan,
+    RecordInfo,
+    SegmentWriter,
+    encode_batch,
+    is_segment_in_use,
+    iter_segment,
+    list_segments,
+    load_paths,
+    load_paths_async,
+    read_segment_header,
+)
+from aiomemo.stores._base import Record
+
+
+def rec(i: int, value: bytes | None = None, *, klen: int = 32) -> Record:
+    """A record with a distinct key per ``i``."""
+    return Record(
+        key=i.to_bytes(4, "big") * (klen // 4),
+        value=value if value is not None else b"v%d" % i,
+        func=f"tests.mod.f{i % 3}",
+        time=1.7e9 + i,
+        digests=b"d" * (i % 3),
+    )
+
+
+async def write_segment(directory: Path, batches: list[list[Record]]) -> Path:
+    """Write ``batches`` to a new segment in ``directory``; return its path."""
+    w = await SegmentWriter.create(directory)
+    for b in batches:
+        await w.write_batch(b, fsync=False)
+    await w.close()
+    assert w.path is not None
+    return w.path
+
+
+def batch_offsets(path: Path) -> list[int]:
+    """File offsets of the batch headers of a sound segment."""
+    return sorted({i.batch_offset for i in iter_segment(path) if isinstance(i, RecordInfo)})
+
+
+def assert_no_wrong_value(table: dict[bytes, bytes], expected: dict[bytes, bytes]) -> None:
+    """Every key loaded is one that was written, with the value written for it."""
+    for k, v in table.items():
+        assert k in expected, f"unknown key {k!r}"
+        assert v == expected[k], f"wrong value for {k!r}"
+
+
+# ---------------------------------------------------------------- round trips
+
+
+async def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    """Records written in batches come back whole from iter_segment and into the table from load."""
+    records = [rec(i) for i in range(50)] + [rec(1000 + i, klen=16) for i in range(5)]
+    seg = await write_segment(tmp_path / "ck", [records[:20], records[20:], [rec(7, b"")]])
+    items = list(iter_segment(seg))
+    assert all(isinstance(i, RecordInfo) and not i.recovered for i in items)
+    got = [i.record for i in items if isinstance(i, RecordInfo)]
+    assert got == [*records, rec(7, b"")]
+    offsets = [i.offset for i in items if isinstance(i, RecordInfo)]
+    assert offsets == sorted(offsets)
+    report = load_paths([seg])
+    assert report.errors == [] and report.skipped == 0
+    assert report.records == 56 and report.files == 1
+    assert report.table == {r.key: r.value for r in [*records, rec(7, b"")]}
+
+
+async def test_file_header_and_segment_name(tmp_path: Path) -> None:
+    """A segment starts with the v1 header and is named seg-<time>-<pid>-<random>.amlog."""
+    seg = await write_segment(tmp_path, [[rec(1)]])
+    assert seg.name.startswith("seg-") and seg.name.endswith(".amlog")
+    assert f"-{os.getpid()}-" in seg.name
+    head = read_segment_header(seg)
+    assert (head.version, head.header_size) == (1, FILE_HEADER_SIZE)
+    assert seg.read_bytes()[:8] == ck.FILE_MAGIC
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+async def test_later_records_override_in_order(tmp_path: Path) -> None:
+    """Within a file, across segments (by name) and across paths (as given), the later record wins."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    await write_segment(a, [[rec(1, b"one"), rec(1, b"two")], [rec(2, b"x")]])
+    await write_segment(a, [[rec(2, b"y"), rec(3, b"a3")]])  # a later segment of the same dir
+    await write_segment(b, [[rec(3, b"b3")]])
+    assert load_paths([a]).table == {rec(1).key: b"two", rec(2).key: b"y", rec(3).key: b"a3"}
+    assert load_paths([a, b]).table[rec(3).key] == b"b3"
+    assert load_paths([b, a]).table[rec(3).key] == b"a3"
+
+
+async def test_run_dir_checkpoint_dir_and_file_paths(tmp_path: Path) -> None:
+    """A run dir, its checkpoint dir and a segment file all load; a missing path is an error line."""
+    seg = await write_segment(tmp_path / "run" / "checkpoint", [[rec(1)]])
+    (seg.parent / "notes.txt").write_text("ignored")
+    for p in (tmp_path / "run", seg.parent, seg, str(seg)):
+        r = load_paths([p])
+        assert r.table == {rec(1).key: rec(1).value} and r.errors == []
+    r = load_paths([tmp_path / "nope"])
+    assert r.table == {} and len(r.errors) == 1 and "nope" in r.errors[0]
+    assert (await load_paths_async([seg])).table == {rec(1).key: rec(1).value}
+
+
+def test_runinfo_root_is_explained(tmp_path: Path) -> None:
+    """Passing a runinfo root (not a run dir) loads nothing and says why."""
+    (tmp_path / "000" / "checkpoint").mkdir(parents=True)
+    r = load_paths([tmp_path])
+    assert r.table == {} and len(r.errors) == 1 and "runinfo root" in r.errors[0]
+
+
+def test_encode_batch_validates_and_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrong field types raise TypeError, oversized keys ValueError, and big batches split."""
+    with pytest.raises(TypeError):
+        encode_batch([Record(b"k", "text", "f", 1.0)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode_batch([Record(bytearray(b"k"), b"v", "f", 1.0)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        encode_batch([Record(b"k" * 256, b"v", "f", 1.0)])
+    assert encode_batch([]) == b""
+    monkeypatch.setattr(ck, "MAX_BATCH_PAYLOAD", 200)
+    data = encode_batch([rec(i, b"x" * 60) for i in range(10)])
+    assert data.count(ck.BATCH_MAGIC) >= 4
+
+
+async def test_split_batches_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that encode_batch split into several batches loads whole."""
+    monkeypatch.setattr(ck, "MAX_BATCH_PAYLOAD", 300)
+    records = [rec(i, b"y" * 100) for i in range(20)]
+    seg = await write_segment(tmp_path, [records])
+    assert len(batch_offsets(seg)) > 5
+    assert load_paths([seg]).table == {r.key: r.value for r in records}
+
+
+# ---------------------------------------------------------------- damage
+
+
+async def test_torn_tail_at_every_offset(tmp_path: Path) -> None:
+    """Cutting the file at every byte of its last batch never raises, never gives a wrong value, keeps all earlier records."""
+    early = [rec(i) for i in range(6)]
+    last = [rec(100 + i, b"L" * (i + 1)) for i in range(4)]
+    seg = await write_segment(tmp_path / "src", [early[:3], early[3:], last])
+    data = seg.read_bytes()
+    offs = batch_offsets(seg)
+    start = offs[-1]
+    expected = {r.key: r.value for r in early + last}
+    cut = tmp_path / "cut.amlog"
+    for n in range(0, len(data)):
+        cut.write_bytes(data[:n])
+        r = load_paths([cut])
+        assert_no_wrong_value(r.table, expected)
+        if n >= start:
+            assert all(r.table.get(x.key) == x.value for x in early), n
+            if n > start:
+                assert len(r.errors) == 1 and "torn tail" in r.errors[0], (n, r.errors)
+                assert r.skipped >= 1
+            else:
+                assert r.errors == []
+        elif n not in (0, FILE_HEADER_SIZE, *offs):  # a cut between batches is a clean file
+            assert r.errors, n
+    cut.write_bytes(data)
+    assert load_paths([cut]).table == expected
+
+
+async def test_torn_tail_keeps_complete_records_of_the_torn_batch(tmp_path: Path) -> None:
+    """Records fully written before the cut in a torn batch are recovered by their own checksums."""
+    records = [rec(i, b"z" * 50) for i in range(10)]
+    seg = await write_segment(tmp_path, [records])
+    infos = [i for i in iter_segment(seg) if isinstance(i, RecordInfo)]
+    data = seg.read_bytes()
+    seg.write_bytes(data[: infos[7].offset + infos[7].length + 3])  # records 0..7 complete
+    r = load_paths([seg])
+    assert r.table == {x.key: x.value for x in records[:8]}
+    assert r.skipped == 2 and "recovered 8 of 10" in r.errors[0]
+    spans = [i for i in iter_segment(seg) if isinstance(i, BadSpan)]
+    assert len(spans) == 1 and spans[0].torn and spans[0].lost == 2
+
+
+async def test_every_single_byte_flip(tmp_path: Path) -> None:
+    """Flipping any one byte of a small file never raises, never gives a wrong value, loses at most the record hit."""
+    b1 = [rec(i) for i in range(3)]
+    b2 = [rec(10 + i, b"w" * 5) for i in range(3)]
+    seg = await write_segment(tmp_path / "src", [b1, b2])
+    data = seg.read_bytes()
+    expected = {r.key: r.value for r in b1 + b2}
+    infos = [i for i in iter_segment(seg) if isinstance(i, RecordInfo)]
+    bad = tmp_path / "bad.amlog"
+    for pos in range(len(data)):
+        for mask in (0x01, 0xFF):
+            mutated = bytearray(data)
+            mutated[pos] ^= mask
+            bad.write_bytes(bytes(mutated))
+            r = load_paths([bad])
+            assert_no_wrong_value(r.table, expected)
+            assert r.errors, (pos, mask)
+            hit = [x for x in infos if x.offset <= pos < x.offset + x.length]
+            # only the record the flip landed in may be lost
+            assert len(r.table) >= len(expected) - len(hit), (pos, mask, r.errors)
+            items = list(iter_segment(bad))
+            assert any(isinstance(i, BadSpan) for i in items)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=8)), max_size=5
+    ),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+    tail=st.binary(max_size=64),
+)
+def test_random_damage_never_gives_a_wrong_value(
+    tmp_path: Path, edits: list[tuple[int, bytes]], cut: int | None, tail: bytes
+) -> None:
+    """Overwrites, truncation and appended garbage in any mix never raise and never give a wrong value."""
+    src = tmp_path / "hyp-src"
+    if not src.exists():
+        batches = [[rec(i + 20 * j, b"q" * (i % 7)) for i in range(8)] for j in range(4)]
+        asyncio.run(write_segment(src, batches))
+    seg = list_segments(src)[0]
+    expected = {
+        r.key: r.value
+        for j in range(4)
+        for r in [rec(i + 20 * j, b"q" * (i % 7)) for i in range(8)]
+    }
+    data = bytearray(seg.read_bytes())
+    for pos, chunk in edits:
+        p = pos % len(data)
+        data[p : p + len(chunk)] = chunk
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    data += tail
+    bad = tmp_path / "hyp.amlog"
+    bad.write_bytes(bytes(data))
+    r = load_paths([bad])
+    assert_no_wrong_value(r.table, expected)
+    for item in iter_segment(bad):
+        if isinstance(item, RecordInfo):
+            assert expected[item.record.key] == item.record.value
+
+
+async def test_garbage_between_batches_resyncs(tmp_path: Path) -> None:
+    """Junk spliced between two batches costs nothing: both batches load, one error line."""
+    seg = await write_segment(tmp_path / "src", [[rec(1)], [rec(2)]])
+    data = seg.read_bytes()
+    second = batch_offsets(seg)[1]
+    junk = b"\x96\xc4" + ck.BATCH_MAGIC + os.urandom(100) + ck.BATCH_MAGIC[:5]
+    seg.write_bytes(data[:second] + junk + data[second:])
+    r = load_paths([seg])
+    assert r.table == {rec(1).key: rec(1).value, rec(2).key: rec(2).value}
+    assert len(r.errors) == 1 and "damaged data" in r.errors[0]
+
+
+async def test_zero_filled_block_in_the_middle(tmp_path: Path) -> None:
+    """A zeroed stretch (as after a crash on some file systems) loses only the batches it covers."""
+    batches = [[rec(10 * j + i) for i in range(4)] for j in range(5)]
+    seg = await write_segment(tmp_path / "src", batches)
+    offs = batch_offsets(seg)
+    data = bytearray(seg.read_bytes())
+    data[offs[1] : offs[3]] = bytes(offs[3] - offs[1])
+    seg.write_bytes(bytes(data))
+    r = load_paths([seg])
+    kept = [x for j in (0, 3, 4) for x in batches[j]]
+    assert r.table == {x.key: x.value for x in kept}
+    assert len(r.errors) == 1 and r.skipped >= 1
+
+
+async def test_unsupported_version_and_foreign_files(tmp_path: Path) -> None:
+    """A sound header of another version skips the file; a non-segment file loads nothing; an empty one is fine."""
+    seg = await write_segment(tmp_path / "d", [[rec(1)]])
+    data = seg.read_bytes()
+    fixed = struct.pack("<8sHH", ck.FILE_MAGIC, 2, 16)
+    from blake3 import blake3
+
+    v2 = tmp_path / "v2.amlog"
+    v2.write_bytes(fixed + blake3(fixed).digest(4) + data[16:])
+    r = load_paths([v2])
+    assert r.table == {} and "version 2" in r.errors[0]
+    with pytest.raises(CorruptCheckpointError):
+        read_segment_header(v2)
+    other = tmp_path / "other.amlog"
+    other.write_bytes(b"hello world, not a segment at all" * 10)
+    r = load_paths([other])
+    assert r.table == {} and r.errors
+    empty = tmp_path / "empty.amlog"
+    empty.write_bytes(b"")
+    assert load_paths([empty]).errors == []
+
+
+def test_parsl_pickle_is_never_loaded(tmp_path: Path) -> None:
+    """A malicious tasks.pkl in a checkpoint dir is not unpickled: nothing runs, one error line."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (open, (str(marker), "w"))
+
+    ckpt = tmp_path / "runinfo" / "000" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "tasks.pkl").write_bytes(
+        pickle.dumps({"hash": "x", "exception": None, "result": Evil()})
+    )
+    for p in (ckpt, ckpt.parent, ckpt / "tasks.pkl"):
+        r = load_paths([p])
+        assert r.table == {}
+        assert len(r.errors) == 1 and "import-parsl --trust" in r.errors[0]
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- write failures
+
+
+class FailingWrites:
+    """Replaces a writer's file.write: writes part of the data, then raises ENOSPC once."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    async def __call__(self, data: Any) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            n: int = await self.real(data[: len(data) // 2])  # a partial write first
+            return n
+        if self.calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = await self.real(data)
+        return n
+
+
+async def test_write_failure_then_retry(tmp_path: Path) -> None:
+    """ENOSPC mid-batch raises CheckpointError with the count; a retry lands each record exactly once."""
+    w = await SegmentWriter.create(tmp_path)
+    await w.write_batch([rec(0)], fsync=True)
+    batch = [rec(i, b"r" * 40) for i in range(1, 9)]
+    real = w._file.write
+    w._file.write = FailingWrites(real)
+    with pytest.raises(CheckpointError) as info:
+        await w.write_batch(batch, fsync=True)
+    assert info.value.unsaved == len(batch)
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    w._file.write = real
+    await w.write_batch(batch, fsync=True)
+    await w.close()
+    segs = list_segments(tmp_path)
+    assert len(segs) == 1  # truncated back and reused, no torn bytes left behind
+    r = load_paths([tmp_path])
+    assert r.errors == [] and r.records == 9
+    assert r.table == {x.key: x.value for x in [rec(0), *batch]}
+
+
+async def test_failed_truncate_abandons_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the roll-back itself fails, the next write goes to a fresh segment and values stay right."""
+    w = await SegmentWriter.create(tmp_path)
+    await w.write_batch([rec(0)], fsync=False)
+    first = w.path
+    batch = [rec(i) for i in range(1, 5)]
+    w._file.write = FailingWrites(w._file.write)
+
+    def no_truncate(fd: int, n: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(ck.os, "ftruncate", no_truncate)
+    with pytest.raises(CheckpointError):
+        await w.write_batch(batch, fsync=False)
+    monkeypatch.undo()
+    await w.write_batch(batch, fsync=False)
+    assert w.path != first
+    await w.close()
+    r = load_paths([tmp_path])
+    assert r.table == {x.key: x.value for x in [rec(0), *batch]}
+    assert len(list_segments(tmp_path)) == 2
+    assert all("torn tail" in e for e in r.errors) and len(r.errors) == 1
+
+
+async def test_fsync_failure_abandons_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync raises CheckpointError, and the retry goes to a new segment."""
+    w = await SegmentWriter.create(tmp_path)
+    await w.write_batch([rec(0)], fsync=True)
+    first = w.path
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def flaky_fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(ck.os, "fsync", flaky_fsync)
+    with pytest.raises(CheckpointError) as info:
+        await w.write_batch([rec(1), rec(2)], fsync=True)
+    assert info.value.unsaved == 2
+    await w.write_batch([rec(1), rec(2)], fsync=True)
+    assert w.path != first
+    await w.close()
+    r = load_paths([tmp_path])
+    assert r.errors == [] and r.table == {x.key: x.value for x in [rec(0), rec(1), rec(2)]}
+
+
+async def test_create_failure_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """A directory that cannot be created gives CheckpointError with the count."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    w = await SegmentWriter.create(blocker / "checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        await w.write_batch([rec(1), rec(2), rec(3)], fsync=False)
+    assert info.value.unsaved == 3
+
+
+async def test_cancelled_write_leaves_a_sound_file(tmp_path: Path) -> None:
+    """Cancelling write_batch mid-flight still leaves whole batches, and later writes work."""
+    w = await SegmentWriter.create(tmp_path)
+    await w.write_batch([rec(0)], fsync=False)
+    t = asyncio.ensure_future(w.write_batch([rec(1, b"c" * 1000)], fsync=True))
+    await asyncio.sleep(0)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    await w.write_batch([rec(2)], fsync=True)
+    await w.close()
+    r = load_paths([tmp_path])
+    assert r.errors == []
+    assert r.table[rec(0).key] == rec(0).value and r.table[rec(2).key] == rec(2).value
+    assert r.table.get(rec(1).key, b"c" * 1000) == b"c" * 1000  # written in full, or not at all
+
+
+async def test_lazy_create_lock_and_close(tmp_path: Path) -> None:
+    """Nothing is created before the first write; the segment is locked while open; closed writers refuse."""
+    d = tmp_path / "a" / "b" / "checkpoint"
+    w = await SegmentWriter.create(d)
+    assert not (tmp_path / "a").exists() and w.path is None
+    assert await w.write_batch([], fsync=True) == 0
+    assert not (tmp_path / "a").exists()
+    n = await w.write_batch([rec(1)], fsync=True)
+    assert w.path is not None and n == w.offset - FILE_HEADER_SIZE
+    assert n > BATCH_HEADER_SIZE
+    assert is_segment_in_use(w.path)
+    await w.close()
+    await w.close()
+    assert not is_segment_in_use(w.path)
+    with pytest.raises(CheckpointError):
+        await w.write_batch([rec(2)], fsync=False)
+
+
+async def test_concurrent_writes_in_one_writer(tmp_path: Path) -> None:
+    """Many coroutines sharing one writer never interleave their batches."""
+    w = await SegmentWriter.create(tmp_path)
+    await asyncio.gather(
+        *(w.write_batch([rec(10 * j + i) for i in range(5)], fsync=j % 2 == 0) for j in range(20))
+    )
+    await w.close()
+    r = load_paths([tmp_path])
+    assert r.errors == [] and len(r.table) == 100
+
+
+# ---------------------------------------------------------------- many processes
+
+
+def _child_writer(directory: str, proc: int, n: int) -> None:
+    async def run() -> None:
+        w = await SegmentWriter.create(directory)
+        for lo in range(0, n, 10):
+            await w.write_batch(
+                [rec(proc * 100_000 + i) for i in range(lo, min(n, lo + 10))], fsync=lo % 50 == 0
+            )
+        await w.close()
+
+    asyncio.run(run())
+
+
+def test_several_processes_one_directory(tmp_path: Path) -> None:
+    """Processes writing one checkpoint dir at once each get a segment, and every record is there."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_child_writer, args=(str(tmp_path), p, 300)) for p in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    r = load_paths([tmp_path])
+    assert r.errors == [] and len(list_segments(tmp_path)) == 3
+    assert r.table == {
+        rec(p * 100_000 + i).key: rec(p * 100_000 + i).value for p in range(3) for i in range(300)
+    }
