@@ -43,7 +43,7 @@ import threading
 import types
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import aiofiles
 import aiofiles.os
@@ -56,6 +56,7 @@ __all__ = [
     "FORMAT_VERSION",
     "NOT_HANDLED",
     "File",
+    "arg_digests",
     "fallback_hooks",
     "hash_task",
     "hash_task_async",
@@ -764,6 +765,58 @@ async def hash_task_async(task: Mapping[str, Any]) -> bytes:
 def _update_all(h: Any, parts: Sequence[object]) -> None:
     for p in parts:
         h.update(p)
+
+
+#: large buffers above this are sampled (head and tail) in per-argument digests
+_DIGEST_SAMPLE: Final = 1 << 20
+ARG_DIGEST_SIZE: Final = 8
+
+
+def _arg_digest(value: object, output_ref: bool = False) -> bytes:
+    ctx = _Ctx()
+    ctx.output_ref = output_ref
+    h = blake3.blake3(_packb(_canon(value, ctx, 0)))
+    for item in ctx.oob:
+        if isinstance(item, File):
+            h.update(_packb([item.by, item.path]))  # not re-read: path and mode only
+            continue
+        mv = memoryview(cast(Any, item)).cast("B")
+        if mv.nbytes <= 2 * _DIGEST_SAMPLE:
+            h.update(mv)
+        else:
+            h.update(mv[:_DIGEST_SAMPLE])
+            h.update(mv[-_DIGEST_SAMPLE:])
+    return h.digest()[:ARG_DIGEST_SIZE]
+
+
+def arg_digests(task: Mapping[str, Any]) -> bytes:
+    """Short per-argument digests of a task, for ``explain`` (why did it miss?).
+
+    Returns ``packb([[d0, d1, ...], {kwarg: d, ...}])`` with 8-byte blake3
+    digests of each positional argument and each keyword argument (after
+    ``ignore_for_cache``; ``outputs`` as output refs). Files count by path
+    and mode (not re-read) and buffers over 2 MiB by their head, tail and
+    size, so this stays cheap; the key itself is always exact. Values that
+    cannot be keyed get an empty digest.
+    """
+    args = task.get("args", ())
+    kwargs = task.get("kwargs") or {}
+    ignore = task.get("ignore_for_cache") or ()
+    pos: list[bytes] = []
+    for a in args:
+        try:
+            pos.append(_arg_digest(a))
+        except (_Unhashable, TypeError, ValueError):
+            pos.append(b"")
+    kw: dict[str, bytes] = {}
+    for name in sorted(kwargs):
+        if name in ignore:
+            continue
+        try:
+            kw[name] = _arg_digest(kwargs[name], output_ref=name == "outputs")
+        except (_Unhashable, TypeError, ValueError):
+            kw[name] = b""
+    return _packb([pos, kw])
 
 
 def make_hash(task: Mapping[str, Any]) -> str:
