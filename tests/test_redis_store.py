@@ -575,3 +575,161 @@ async def test_kill_9_of_a_lease_holder_lets_one_waiter_take_over(
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
+
+
+# -- with the Memoizer, across processes ---------------------------------------------
+
+_MEMO_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {src!r})
+    import redis.asyncio as aioredis
+    from aiomemo import Memoizer
+    from aiomemo.stores._redis import RedisStore
+
+    async def main(url, ns, rundir, n, offset, lease, hold):
+        counter = aioredis.Redis.from_url(url)
+        store = RedisStore(url, namespace=ns, lease_ttl=lease)
+        memo = Memoizer(store=store, checkpoint_mode=None, config_run_dir=rundir, lease_ttl=lease)
+
+        @memo.cached
+        async def work(i):
+            await counter.incr(ns + ":runs:" + str(i))
+            if hold:
+                print("running", flush=True)
+                await asyncio.sleep(3600)  # killed here
+            await asyncio.sleep(0.002)
+            return i * 2
+
+        sem = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with sem:
+                assert await work(i % 300) == (i % 300) * 2
+
+        async with memo:
+            await asyncio.gather(*(one(i) for i in range(offset, offset + n)))
+            st = memo.stats()
+        print("done", st.misses, st.remote_hits, st.store_errors, flush=True)
+        await counter.aclose()
+
+    a = sys.argv
+    asyncio.run(main(a[1], a[2], a[3], int(a[4]), int(a[5]), float(a[6]), a[7] == "1"))
+    """
+).format(src=SRC)
+
+
+async def _memo_worker(
+    url: str, ns: str, rundir: Path, n: int, offset: int, lease: float = 5.0, hold: bool = False
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _MEMO_WORKER,
+        url,
+        ns,
+        str(rundir),
+        str(n),
+        str(offset),
+        str(lease),
+        "1" if hold else "0",
+        stdout=subprocess.PIPE,
+    )
+
+
+async def _runs(raw: aioredis.Redis, ns: str) -> dict[str, int]:
+    keys = [k async for k in raw.scan_iter(match=f"{ns}:runs:*")]
+    values = await raw.mget(keys) if keys else []
+    return {k.decode(): int(v) for k, v in zip(keys, values, strict=True)}
+
+
+async def test_memoizer_four_processes_compute_every_key_once(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis, tmp_path: Path
+) -> None:
+    # 4 processes x 200 tasks over 300 distinct keys, overlapping
+    procs = [
+        await _memo_worker(redis_url, redis_namespace, tmp_path / f"w{w}", 200, w * 33)
+        for w in range(4)
+    ]
+    outs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
+    assert all(p.returncode == 0 for p in procs), outs
+    runs = await _runs(raw, redis_namespace)
+    wanted = {i % 300 for w in range(4) for i in range(w * 33, w * 33 + 200)}
+    assert len(runs) == len(wanted) and set(runs.values()) == {1}, runs
+
+
+async def test_memoizer_kill_9_of_a_lease_holder(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis, tmp_path: Path
+) -> None:
+    lease = 0.6
+    holder = await _memo_worker(redis_url, redis_namespace, tmp_path / "h", 1, 7, lease, True)
+    followers: list[asyncio.subprocess.Process] = []
+    try:
+        assert holder.stdout is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 10)).strip() == b"running"
+        followers = [
+            await _memo_worker(redis_url, redis_namespace, tmp_path / f"f{i}", 1, 7, lease)
+            for i in range(3)
+        ]
+        await asyncio.sleep(1.0)  # they wait on the (renewed) lease
+        assert (await _runs(raw, redis_namespace)).get(f"{redis_namespace}:runs:7") == 1
+        os.kill(holder.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        outs = await asyncio.wait_for(asyncio.gather(*(f.communicate() for f in followers)), 10)
+        took = time.monotonic() - t0
+        assert all(f.returncode == 0 for f in followers), outs
+        # the dead holder's run plus exactly one take-over
+        assert (await _runs(raw, redis_namespace))[f"{redis_namespace}:runs:7"] == 2
+        assert took < lease + 1.0, took
+    finally:
+        for p in [holder, *followers]:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
+async def test_memoizer_survives_redis_restart_and_retries_writes(
+    make_redis_server: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    from aiomemo import Memoizer
+    from aiomemo.stores._memory import MemoryStore
+
+    server = make_redis_server()
+    calls: list[int] = []
+    shared = RedisStore(server.url, namespace="restart", socket_timeout=0.5)
+    local = MemoryStore()
+    memo = Memoizer(
+        store=[local, shared],
+        checkpoint_mode="periodic",
+        checkpoint_period=0.2,
+        config_run_dir=tmp_path / "runinfo",
+    )
+
+    @memo.cached
+    async def work(i: int) -> int:
+        calls.append(i)
+        return i + 100
+
+    async with memo:
+        assert await work(1) == 101
+        server.stop()
+        t0 = time.monotonic()
+        assert await work(2) == 102  # Redis gone: a miss, computed here
+        assert await work(2) == 102  # and a local hit after that
+        assert time.monotonic() - t0 < 3
+        assert memo.stats().store_errors >= 1
+        server.start()  # empty: results 1 and 2 must be written again
+        deadline = time.monotonic() + 5
+        async with RedisStore(server.url, namespace="restart") as reader:
+            while time.monotonic() < deadline:
+                if await reader.get_record(_key_of(await work.key(2))) is not None:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.1)
+            got2 = await reader.get(_key_of(await work.key(2)))  # type: ignore[attr-defined]
+        assert got2 is not None  # the failed write was queued and retried
+    assert calls == [1, 2]
+    assert local.records  # the local tier kept everything too
+
+
+def _key_of(hexkey: str) -> bytes:
+    return bytes.fromhex(hexkey)
