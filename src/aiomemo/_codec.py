@@ -213,13 +213,24 @@ def _plain(obj: Any, depth: int) -> bool:
     """True if ``obj`` holds only types msgpack packs natively and exactly."""
     if depth > MAX_DEPTH:
         return False
-    values: Iterable[Any]
+    small = len(obj) <= 16
+    values: Any
     if type(obj) is list:
         values = obj
     else:
-        if not _LEAVES.issuperset(map(type, obj)):
+        if small:
+            for k in obj:
+                if type(k) not in _LEAVES:
+                    return False
+        elif not _LEAVES.issuperset(map(type, obj)):
             return False
         values = obj.values()
+    if small:  # a Python loop beats building a set of types here
+        for v in values:
+            t = type(v)
+            if t not in _LEAVES and not ((t is list or t is dict) and _plain(v, depth + 1)):
+                return False
+        return True
     types = set(map(type, values))
     if _LEAVES.issuperset(types):
         return True
@@ -345,9 +356,18 @@ def _conv(obj: object, depth: int, sur: bool) -> object:
             return obj
         return _bigint(obj)  # type: ignore[arg-type]
     if t is list:
-        return _conv_items(obj, obj, _deeper(obj, depth), sur)  # type: ignore[arg-type]
+        d = _deeper(obj, depth)
+        if not sur and _LEAVES.issuperset(map(type, obj)):  # type: ignore[call-overload]
+            return obj  # packs as it is
+        return _conv_items(obj, obj, d, sur)  # type: ignore[arg-type]
     if t is dict:
         d = _deeper(obj, depth)
+        if (
+            not sur
+            and _LEAVES.issuperset(map(type, obj))  # type: ignore[call-overload]
+            and _LEAVES.issuperset(map(type, obj.values()))  # type: ignore[attr-defined]
+        ):
+            return obj
         try:
             out = {_conv(k, d, sur): _conv(v, d, sur) for k, v in obj.items()}  # type: ignore[attr-defined]
         except _Refused as exc:
@@ -358,8 +378,10 @@ def _conv(obj: object, depth: int, sur: bool) -> object:
         return out
     code = _CONTAINER_CODES.get(t)
     if code is not None:
-        items = _conv_items(obj, obj, _deeper(obj, depth), sur)  # type: ignore[arg-type]
-        return msgpack.ExtType(code, _pack(items))
+        d = _deeper(obj, depth)
+        if not sur and _LEAVES.issuperset(map(type, obj)):  # type: ignore[call-overload]
+            return msgpack.ExtType(code, _pack(list(obj)))  # type: ignore[call-overload]
+        return msgpack.ExtType(code, _pack(_conv_items(obj, obj, d, sur)))  # type: ignore[arg-type]
     conv = _CONVERTERS.get(t)
     if conv is not None:
         return conv(obj)
@@ -533,7 +555,6 @@ _ALL_SUPPORTED: Final = frozenset(_PLAIN | _CONTAINER_CODES.keys() | _CONVERTERS
 # level) only this many ext levels deep; deeper ones use an Unpacker, whose
 # state lives on the heap, so hostile nesting cannot overflow a thread's stack.
 _UNPACKB_LEVELS: Final = 3
-_TIMESTAMP_RE: Final = re.compile(rb"\xd6\xff|\xd7\xff|\xc7\x0c\xff")
 
 
 def decode(data: bytes | memoryview) -> object:
@@ -551,24 +572,38 @@ def decode(data: bytes | memoryview) -> object:
         raise
     except Exception as exc:  # any failure of the C unpacker or of a payload
         raise CodecError(f"not a valid result encoding: {type(exc).__name__}: {exc}") from exc
-    if _TIMESTAMP_RE.search(data) is not None:
-        _reject_timestamps(obj)
+    if type(obj) in _CONTAINERS:
+        _reject_timestamps(obj, data)
+    elif type(obj) is msgpack.Timestamp:
+        raise CodecError("not a valid result encoding: ext code -1 (timestamp)")
     return obj
 
 
-def _reject_timestamps(obj: object) -> None:
-    """msgpack builds Timestamp objects for ext -1 itself; we never write them."""
+_CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
+
+
+def _reject_timestamps(obj: object, data: bytes | memoryview) -> None:
+    """Refuse msgpack timestamps (ext -1), which msgpack decodes without our hook.
+
+    We never write them; they can only hide in containers, and only if the
+    bytes hold one of their three headers, so look for those first (memchr
+    for 0xff is nearly free) and walk the decoded containers only then.
+    """
+    raw = data if type(data) is bytes else bytes(data)
+    if b"\xff" not in raw or not (
+        b"\xd6\xff" in raw or b"\xd7\xff" in raw or b"\xc7\x0c\xff" in raw
+    ):
+        return
     stack: list[Any] = [obj]
     while stack:
         o = stack.pop()
-        t = type(o)
-        if t is msgpack.Timestamp:
-            raise CodecError("not a valid result encoding: ext code -1 (timestamp)")
-        if t is dict:
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif t is list or t is tuple or t is set or t is frozenset:
-            stack.extend(o)
+        parts = (o.keys(), o.values()) if type(o) is dict else (o,)
+        for part in parts:
+            types = set(map(type, part))
+            if msgpack.Timestamp in types:
+                raise CodecError("not a valid result encoding: ext code -1 (timestamp)")
+            if not types.isdisjoint(_CONTAINERS):
+                stack.extend(x for x in part if type(x) in _CONTAINERS)
 
 
 def _unpack_payload(data: bytes, level: int) -> object:
