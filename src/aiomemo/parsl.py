@@ -623,11 +623,11 @@ class ParslMemoizer(_ParslMemoizerBase):
         hashsum = t.get("hashsum")
         if not isinstance(hashsum, str):
             return  # not memoized, never looked up, or a dependency failure
-        if entry is None:
-            # a hit or a collapsed follower: aiomemo has the result already
-            return
         if not running or loop is None:
             self._after_close(hashsum, result, exc)
+            return
+        if entry is None:
+            # a hit or a collapsed follower: aiomemo has the result already
             return
         view = entry[1]
         try:

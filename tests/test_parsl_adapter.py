@@ -1,0 +1,541 @@
+"""aiomemo.parsl.ParslMemoizer driven by a real Parsl DataFlowKernel.
+
+Parsl's own memoization and checkpoint tests run against ParslMemoizer in
+``scripts/parsl-suite``; the tests here cover what those cannot: the
+behaviour of the Parsl tests exempted there (they read Parsl's pickle
+format), tested against aiomemo's format, plus what is new (collapse through
+Parsl, thread safety, shutdown with tasks in flight, the id_for_memo bridge,
+bash app keys, the import error without Parsl).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+parsl = pytest.importorskip("parsl")
+
+from parsl.app.app import bash_app, join_app, python_app  # noqa: E402
+from parsl.config import Config  # noqa: E402
+from parsl.dataflow.memoization import id_for_memo as parsl_id_for_memo  # noqa: E402
+from parsl.errors import ConfigurationError  # noqa: E402
+from parsl.executors.threads import ThreadPoolExecutor  # noqa: E402
+from parsl.utils import get_last_checkpoint  # noqa: E402
+
+from aiomemo import UnhashableInputError  # noqa: E402
+from aiomemo._checkpoint import load_paths  # noqa: E402
+from aiomemo.parsl import (  # noqa: E402
+    ParslConfigurationError,
+    ParslMemoizer,
+    ParslUnhashableInputError,
+)
+
+# ---------------------------------------------------------------- helpers
+
+_calls: dict[str, int] = {}
+_calls_lock = threading.Lock()
+
+
+def _count(name: str) -> None:
+    with _calls_lock:
+        _calls[name] = _calls.get(name, 0) + 1
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> Iterator[None]:
+    _calls.clear()
+    yield
+    # a test that failed half-way must not leave a DFK loaded for the next
+    try:
+        dfk = parsl.dfk()
+    except Exception:
+        return
+    dfk.cleanup()
+
+
+def _config(run_root: Path, memoizer: ParslMemoizer, *, threads: int = 4, **kw: Any) -> Config:
+    return Config(
+        run_dir=str(run_root),
+        executors=[ThreadPoolExecutor(max_threads=threads, label="adapter_threads")],
+        memoizer=memoizer,
+        **kw,
+    )
+
+
+def _records(checkpoint_dir: str | os.PathLike[str]) -> int:
+    """Records in an aiomemo checkpoint directory (every one, duplicates too)."""
+    report = load_paths([checkpoint_dir])
+    assert not report.errors, report.errors
+    return report.records
+
+
+def _keys(checkpoint_dir: str | os.PathLike[str]) -> set[bytes]:
+    return set(load_paths([checkpoint_dir]).table)
+
+
+# ---------------------------------------------------------------- apps
+
+
+@python_app(cache=True)
+def double(x: int, sleep: float = 0.0) -> int:
+    _count("double")
+    time.sleep(sleep)
+    return x * 2
+
+
+@python_app(cache=True)
+def uuid_app(x: int = 0) -> str:
+    _count("uuid_app")
+    return str(uuid.uuid4())
+
+
+@python_app(cache=True)
+def slow_uuid(x: int, sleep: float = 0.3) -> str:
+    _count("slow_uuid")
+    time.sleep(sleep)
+    return str(uuid.uuid4())
+
+
+@python_app(cache=True)
+def slow_fail(x: int, sleep: float = 0.3) -> None:
+    _count("slow_fail")
+    time.sleep(sleep)
+    raise RuntimeError(f"failure {uuid.uuid4()}")
+
+
+_flaky_failed: set[int] = set()
+
+
+@python_app(cache=True)
+def flaky(x: int, sleep: float = 0.3) -> str:
+    _count("flaky")
+    time.sleep(sleep)
+    with _calls_lock:
+        first = x not in _flaky_failed
+        _flaky_failed.add(x)
+    if first:
+        raise RuntimeError("first try fails")
+    return f"ok {x}"
+
+
+@python_app(cache=True)
+def takes(value: object) -> str:
+    _count("takes")
+    return str(uuid.uuid4())
+
+
+@bash_app(cache=True)
+def echo_a(stdout: str | None = None) -> str:
+    return "echo a"
+
+
+@bash_app(cache=True)
+def echo_b(stdout: str | None = None) -> str:
+    return "echo b"
+
+
+@python_app
+def const(x: str) -> str:
+    return x
+
+
+@join_app(cache=True)
+def joined(x: int) -> Any:
+    _count("joined")
+    return const(str(uuid.uuid4()))
+
+
+# ---------------------------------------------------------------- exempted Parsl tests, in aiomemo's format
+
+
+def test_task_exit_one_record_per_task(tmp_path: Path) -> None:
+    """test_checkpointing/test_task_exit.py::test_at_task_exit, in aiomemo's format.
+
+    n distinct tasks in task_exit mode: n records, durable by the time the
+    app futures are done (no wait needed).
+    """
+    n = 4
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))) as dfk:
+        futs = [double(i) for i in range(n)]
+        assert [f.result() for f in futs] == [0, 2, 4, 6]
+        ckpt = Path(dfk.run_dir) / "checkpoint"
+        assert _records(ckpt) == n
+        # hits of the same tasks add nothing
+        assert [double(i).result() for i in range(n)] == [0, 2, 4, 6]
+    assert _calls["double"] == n
+    assert _records(ckpt) == n
+
+
+def test_manual_checkpoint_creates_records(tmp_path: Path) -> None:
+    """test_checkpointing/test_manual.py::test_manual_checkpoint, in aiomemo's format."""
+    memoizer = ParslMemoizer(checkpoint_mode="manual")
+    with parsl.load(_config(tmp_path, memoizer)) as dfk:
+        uuid_app().result()
+        ckpt = Path(dfk.run_dir) / "checkpoint"
+        assert not ckpt.exists() or _records(ckpt) == 0, "nothing is written before checkpoint()"
+        memoizer.checkpoint()
+        assert ckpt.is_dir()
+        assert _records(ckpt) == 1
+
+
+# ---------------------------------------------------------------- checkpoint modes and logs
+
+
+def _checkpoint_lines(run_dir: str) -> list[str]:
+    text = (Path(run_dir) / "parsl.log").read_text()
+    return [
+        line
+        for line in text.splitlines()
+        if " Done checkpointing" in line or " No tasks checkpointed in this pass" in line
+    ]
+
+
+def test_periodic_logs_parsl_lines(tmp_path: Path) -> None:
+    """Periodic passes log Parsl's lines into parsl.log, through the parsl.aiomemo logger."""
+    memoizer = ParslMemoizer(checkpoint_mode="periodic", checkpoint_period="00:00:01")
+    with parsl.load(_config(tmp_path, memoizer, threads=1)) as dfk:
+        futs = [double(i, sleep=0.6) for i in range(4)]  # ~2.4 s on one thread
+        assert [f.result() for f in futs] == [0, 2, 4, 6]
+        run_dir = dfk.run_dir
+    lines = _checkpoint_lines(run_dir)
+    assert len(lines) >= 3, lines
+    assert all("parsl.aiomemo" in line for line in lines)
+    assert any("Done checkpointing" in line for line in lines)
+    assert _records(Path(run_dir) / "checkpoint") == 4
+
+
+def test_dfk_exit_writes_at_cleanup(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="dfk_exit"))) as dfk:
+        assert [double(i).result() for i in range(3)] == [0, 2, 4]
+        ckpt = Path(dfk.run_dir) / "checkpoint"
+        assert not ckpt.exists() or _records(ckpt) == 0
+        run_dir = dfk.run_dir
+    assert _records(ckpt) == 3
+    assert any("Done checkpointing 3 tasks" in line for line in _checkpoint_lines(run_dir))
+
+
+def test_checkpoint_dir_exists_after_a_run_without_results(tmp_path: Path) -> None:
+    """As with Parsl, a run with a mode set leaves <run_dir>/checkpoint/ to load from."""
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))) as dfk:
+        assert isinstance(slow_fail(1, sleep=0).exception(), RuntimeError)
+        ckpt = Path(dfk.run_dir) / "checkpoint"
+    assert ckpt.is_dir()
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_files=[str(ckpt)]))):
+        assert isinstance(slow_fail(1, sleep=0).exception(), RuntimeError)
+    assert _calls["slow_fail"] == 2, "exceptions are not checkpointed"
+
+
+def test_hits_are_recorded_in_the_new_run_once(tmp_path: Path) -> None:
+    """A result used from an older checkpoint is written into this run's checkpoint (once)."""
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))):
+        first = uuid_app(7).result()
+    for _ in range(2):  # each run loads only the run before it
+        memoizer = ParslMemoizer(
+            checkpoint_mode="task_exit", checkpoint_files=get_last_checkpoint(str(tmp_path))
+        )
+        with parsl.load(_config(tmp_path, memoizer)) as dfk:
+            assert [uuid_app(7).result() for _ in range(3)] == [first] * 3
+            run_dir = dfk.run_dir
+        assert _records(Path(run_dir) / "checkpoint") == 1
+    assert _calls["uuid_app"] == 1
+
+
+def test_memoize_false_disables_caching(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer(memoize=False, checkpoint_mode="task_exit"))):
+        a, b = uuid_app(1).result(), uuid_app(1).result()
+    assert a != b
+    assert _calls["uuid_app"] == 2
+
+
+# ---------------------------------------------------------------- collapse, exceptions, retries
+
+
+def test_collapse_runs_identical_in_flight_tasks_once(tmp_path: Path) -> None:
+    memoizer = ParslMemoizer()
+    with parsl.load(_config(tmp_path, memoizer)):
+        futs = [slow_uuid(1) for _ in range(6)]
+        results = {f.result(timeout=30) for f in futs}
+        stats = memoizer.stats()
+    assert len(results) == 1
+    assert _calls["slow_uuid"] == 1
+    assert stats.collapsed == 5
+
+
+def test_collapse_off_runs_each(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer(collapse=False))):
+        futs = [slow_uuid(2, sleep=0.2) for _ in range(3)]
+        results = {f.result(timeout=30) for f in futs}
+    assert len(results) == 3
+    assert _calls["slow_uuid"] == 3
+
+
+def test_collapsed_followers_get_the_same_exception_object(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer())):
+        futs = [slow_fail(1) for _ in range(3)]
+        excs = [f.exception(timeout=30) for f in futs]
+        later = slow_fail(1).exception(timeout=30)
+    assert isinstance(excs[0], RuntimeError)
+    assert all(e is excs[0] for e in excs)
+    assert later is excs[0]
+    assert _calls["slow_fail"] == 1
+
+
+def test_leader_retry_does_not_wait_on_itself(tmp_path: Path) -> None:
+    """A leader that fails and is retried by Parsl runs again; its followers get the retry's result."""
+    _flaky_failed.clear()
+    with parsl.load(_config(tmp_path, ParslMemoizer(), retries=1)):
+        futs = [flaky(3) for _ in range(3)]
+        results = [f.result(timeout=30) for f in futs]
+    assert results == ["ok 3"] * 3
+    assert _calls["flaky"] == 2
+
+
+def test_join_app_memoized(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer())):
+        first = joined(1).result(timeout=30)
+        assert joined(1).result(timeout=30) == first
+    assert _calls["joined"] == 1
+
+
+def test_many_threads_many_duplicates(tmp_path: Path) -> None:
+    """Launch and completions from many threads at once: right results, no deadlock."""
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit")
+    with parsl.load(_config(tmp_path, memoizer, threads=8)) as dfk:
+        futs = [double(i % 25, sleep=0.001) for i in range(400)]
+        results = [f.result(timeout=60) for f in futs]
+        ckpt = Path(dfk.run_dir) / "checkpoint"
+    assert results == [(i % 25) * 2 for i in range(400)]
+    assert _calls["double"] == 25
+    assert _records(ckpt) == 25
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+@python_app(cache=True)
+def gated(x: int, gate: str) -> str:
+    _count("gated")
+    _gates[gate].wait(30)
+    return f"done {x}"
+
+
+_gates: dict[str, threading.Event] = {}
+
+
+def test_cleanup_with_tasks_in_flight_and_followers(tmp_path: Path) -> None:
+    """DFK cleanup (memoizer.close) while a leader and its followers are in flight.
+
+    The leader completes after close(): its update returns quietly and the
+    followers still complete, with the leader's result.
+    """
+    gate = threading.Event()
+    _gates["g1"] = gate
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit")
+    dfk = parsl.load(_config(tmp_path, memoizer))
+    futs = [gated(1, "g1") for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while _calls.get("gated", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the followers are launched too
+    threading.Timer(0.5, gate.set).start()  # the leader finishes during cleanup
+    dfk.cleanup()  # closes the memoizer first, then waits for the executor
+    assert [f.result(timeout=10) for f in futs] == ["done 1"] * 3
+    assert _calls["gated"] == 1
+    memoizer.close()  # idempotent
+
+
+def test_calls_after_close_return_quietly(tmp_path: Path) -> None:
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit")
+    with parsl.load(_config(tmp_path, memoizer)) as dfk:
+        double(1).result()
+    task: dict[str, Any] = {
+        "id": 99,
+        "func": double.func,
+        "args": (5,),
+        "kwargs": {},
+        "memoize": True,
+        "ignore_for_cache": [],
+        "hashsum": None,
+    }
+    assert memoizer.check_memo(task) is None  # type: ignore[arg-type]
+    memoizer.update_memo_result(task, 10)  # type: ignore[arg-type]
+    memoizer.update_memo_exception(task, RuntimeError("x"))  # type: ignore[arg-type]
+    memoizer.checkpoint()
+    assert dfk.cleanup_called
+
+
+def test_memoizer_restarts_for_a_new_dfk(tmp_path: Path) -> None:
+    """A Config (and its memoizer) reused by a second DataFlowKernel, as Parsl's tests do."""
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit")
+    config = _config(tmp_path, memoizer)
+    with parsl.load(config):
+        first = uuid_app(3).result()
+    with parsl.load(config):
+        assert uuid_app(3).result() == first  # loaded from the first run's checkpoint
+    assert _calls["uuid_app"] == 1
+
+
+# ---------------------------------------------------------------- keys
+
+
+class Registered:
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+
+class Failing:
+    pass
+
+
+class Unknown:
+    pass
+
+
+class RegistrationError(ValueError):
+    pass
+
+
+@parsl_id_for_memo.register(Registered)
+def _id_registered(obj: Registered, output_ref: bool = False) -> bytes:
+    return f"Registered:{obj.v}".encode()
+
+
+@parsl_id_for_memo.register(Failing)
+def _id_failing(obj: Failing, output_ref: bool = False) -> bytes:
+    raise RegistrationError("deliberate")
+
+
+def test_parsl_id_for_memo_registrations_key_inputs(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer())):
+        a = takes(Registered(1)).result()
+        assert takes(Registered(1)).result() == a
+        assert takes(Registered(2)).result() != a
+        assert takes([Registered(1)]).result() != a  # nested: a different input
+    assert _calls["takes"] == 3
+
+
+def test_errors_of_a_registration_reach_the_task(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer())):
+        exc = takes(Failing()).exception(timeout=30)
+        nested = takes({"k": [Failing()]}).exception(timeout=30)
+    assert type(exc) is RegistrationError
+    assert type(nested) is RegistrationError
+    assert "takes" not in _calls
+
+
+def test_unknown_types_fail_as_with_parsl(tmp_path: Path) -> None:
+    with parsl.load(_config(tmp_path, ParslMemoizer())):
+        exc = takes({"cfg": [1, Unknown()]}).exception(timeout=30)
+    assert isinstance(exc, ParslUnhashableInputError)
+    assert isinstance(exc, ValueError)  # what Parsl raises
+    assert isinstance(exc, UnhashableInputError)
+    assert "Unknown" in str(exc)
+    assert "takes" not in _calls
+
+
+def test_bash_apps_have_keys_of_their_own(tmp_path: Path) -> None:
+    """Parsl submits every bash app as the same wrapper: aiomemo must still tell them apart."""
+    out_a, out_b = tmp_path / "a.out", tmp_path / "b.out"
+    with parsl.load(_config(tmp_path / "runinfo", ParslMemoizer())):
+        echo_a(stdout=str(out_a)).result()
+        echo_b(stdout=str(out_a)).result()  # same arguments, another app: runs
+        echo_b(stdout=str(out_b)).result()  # another stdout: runs
+    assert out_a.read_text() == "a\nb\n"
+    assert out_b.read_text() == "b\n"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ParslConfigurationError) as info:
+        ParslMemoizer(checkpoint_mode="sometimes")  # type: ignore[arg-type]
+    assert isinstance(info.value, ConfigurationError)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ParslConfigurationError):
+        ParslMemoizer(checkpoint_mode="periodic")
+    with pytest.raises(ParslConfigurationError):
+        ParslMemoizer(checkpoint_mode="periodic", checkpoint_period="5 minutes")
+
+
+def test_basic_memoizer_attributes_kept() -> None:
+    m = ParslMemoizer(checkpoint_mode="periodic", checkpoint_period="00:00:05")
+    assert (m.checkpoint_mode, m.checkpoint_period, m.memoize) == ("periodic", "00:00:05", True)
+    assert m.checkpoint_files is None
+    assert m.stats() is None
+
+
+def test_logger_is_under_parsl() -> None:
+    from aiomemo import parsl as adapter
+
+    assert adapter.logger.name.startswith("parsl.")
+    assert adapter.logger.parent is not None
+    assert logging.getLogger("parsl") in _ancestors(adapter.logger)
+
+
+def _ancestors(log: logging.Logger) -> list[logging.Logger]:
+    out: list[logging.Logger] = []
+    cur: logging.Logger | None = log.parent
+    while cur is not None:
+        out.append(cur)
+        cur = cur.parent
+    return out
+
+
+def test_import_without_parsl_names_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['parsl'] = None\n"  # import parsl -> ImportError
+        "try:\n"
+        "    import aiomemo.parsl\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    print('imported')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "aiomemo[parsl]" in out, out
+
+
+def test_check_memo_never_blocks_the_calling_threads_forever(tmp_path: Path) -> None:
+    """Concurrent check_memo/update calls straight from many threads (no DFK)."""
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit")
+    memoizer.start(run_dir=str(tmp_path / "000"), config_run_dir=str(tmp_path))
+    try:
+
+        def one(i: int) -> Any:
+            task: dict[str, Any] = {
+                "id": i,
+                "func": double.func,
+                "args": (i % 7,),
+                "kwargs": {},
+                "memoize": True,
+                "ignore_for_cache": [],
+                "hashsum": None,
+            }
+            fut = memoizer.check_memo(task)  # type: ignore[arg-type]
+            if fut is None:
+                memoizer.update_memo_result(task, (i % 7) * 2)  # type: ignore[arg-type]
+                return (i % 7) * 2
+            return fut.result(timeout=10)
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(300)))
+        assert results == [(i % 7) * 2 for i in range(300)]
+    finally:
+        memoizer.close()
+    assert _records(tmp_path / "000" / "checkpoint") == 7
+
