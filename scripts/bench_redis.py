@@ -10,8 +10,8 @@ persistence), then measures:
 * ``put_many`` throughput in records/s (pipelined batches), and unpipelined
   (batch_size=1) for comparison; ``get_many`` (MGET) throughput;
 * ``wait_for`` wake-up latency after a put from another connection;
-* a 4-process shared workload (claim / compute / put_and_release / wait_for,
-  the protocol a Memoizer follows): executions vs tasks submitted.
+* a 4-process shared workflow (``Memoizer`` + ``RedisStore``, ``memo.cached``
+  tasks with overlapping keys): executions vs tasks submitted.
 
 Usage: ``python scripts/bench_redis.py [--quick]`` (``REDIS_SERVER`` may name
 the binary).
@@ -153,35 +153,44 @@ async def wake_latency(url: str, n: int) -> dict[str, float]:
 
 
 _WORKER = """
-import asyncio, sys
+import asyncio, sys, tempfile
 sys.path.insert(0, sys.argv[5])
-from aiomemo.stores import Record
-from aiomemo.stores._redis import RedisStore, new_owner_id
+import redis.asyncio as aioredis
+from aiomemo import Memoizer
+from aiomemo.stores._redis import RedisStore
 
 async def main(url, ns, n, offset):
-    runs = 0
-    async with RedisStore(url, namespace=ns, lease_ttl=5) as s:
-        for i in range(offset, offset + n):
-            key = (i % {distinct}).to_bytes(4, "big") * 8
-            owner = new_owner_id()
-            while True:
-                if await s.get(key) is not None:
-                    break
-                if await s.claim(key, owner, s.lease_ttl):
-                    runs += 1
-                    await asyncio.sleep(0.002)  # the "task"
-                    await s.put_and_release(Record(key, b"r", "w.f", 0.0), owner)
-                    break
-                if await s.wait_for(key, 10) is not None:
-                    break
-    print(runs)
+    counter = aioredis.Redis.from_url(url)
+    with tempfile.TemporaryDirectory() as rundir:
+        memo = Memoizer(
+            store=RedisStore(url, namespace=ns, lease_ttl=5),
+            checkpoint_mode=None,
+            config_run_dir=rundir,
+            lease_ttl=5,
+        )
+
+        @memo.cached
+        async def task(i):
+            await counter.incr(ns + ":executions")
+            await asyncio.sleep(0.002)  # the "work"
+            return i
+
+        sem = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with sem:
+                await task(i % {distinct})
+
+        async with memo:
+            await asyncio.gather(*(one(i) for i in range(offset, offset + n)))
+    await counter.aclose()
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
 
 
 async def shared_workflow(url: str, procs: int, tasks: int, distinct: int) -> dict[str, float]:
-    """N processes submit overlapping tasks; count executions."""
+    """N processes, each running a Memoizer on the same Redis, submit overlapping tasks."""
     ns = f"bench-wf-{new_owner_id()}"
     code = _WORKER.replace("{distinct}", str(distinct))
     t0 = time.perf_counter()
@@ -199,9 +208,14 @@ async def shared_workflow(url: str, procs: int, tasks: int, distinct: int) -> di
         )
         for w in range(procs)
     ]
-    outs = [await p.communicate() for p in ps]
+    for p in ps:
+        await p.communicate()
     wall = time.perf_counter() - t0
-    executions = sum(int(o[0]) for o in outs)
+    counter = aioredis.Redis.from_url(url)
+    try:
+        executions = int(await counter.get(ns + ":executions") or 0)
+    finally:
+        await counter.aclose()
     return {
         "workflow_processes": procs,
         "workflow_tasks_submitted": procs * tasks,
