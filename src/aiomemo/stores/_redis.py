@@ -79,10 +79,11 @@ _SUM_LEN = 16
 _HEAD = struct.Struct(">dHI")  # time, len(func), len(digests)
 _MIN_LEN = len(MAGIC) + _SUM_LEN + _HEAD.size
 
-# KEYS[1] lease, KEYS[2] value; ARGV[1] owner, ARGV[2] ttl ms.
-# 1: taken (or already held by this owner: extended); 0: held by another or result exists.
+# KEYS[1] lease, KEYS[2] value; ARGV[1] owner, ARGV[2] ttl ms, ARGV[3] MAGIC.
+# 1: taken (or already held by this owner: extended); 0: held by another or a
+# result (a value with our header) exists.
 _CLAIM_LUA = """
-if redis.call('exists', KEYS[2]) == 1 then return 0 end
+if redis.call('getrange', KEYS[2], 0, 3) == ARGV[3] then return 0 end
 local cur = redis.call('get', KEYS[1])
 if cur == ARGV[1] then
   redis.call('pexpire', KEYS[1], ARGV[2])
@@ -108,6 +109,12 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
   redis.call('publish', ARGV[2], ARGV[3])
   return 1
 end
+return 0
+"""
+
+# KEYS[1] value; ARGV[1] the bad value read: delete it only if still the same.
+_DROP_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
 
@@ -397,6 +404,7 @@ class RedisStore(Store):
                 ("renew", _RENEW_LUA),
                 ("release", _RELEASE_LUA),
                 ("complete", _COMPLETE_LUA),
+                ("drop", _DROP_LUA),
             )
         }
         return client
@@ -435,7 +443,8 @@ class RedisStore(Store):
         """Nothing: a shared store is asked per key (``get``) on a local miss."""
         return LoadReport()
 
-    def _check(self, key: bytes, blob: bytes | str | None) -> Record | None:
+    async def _check(self, key: bytes, blob: bytes | str | None) -> Record | None:
+        """Decode ``blob``; count a bad one and drop it when it is a damaged record of ours."""
         if blob is None:
             return None
         if isinstance(blob, str):  # only with decode_responses=True in client_kwargs
@@ -446,13 +455,22 @@ class RedisStore(Store):
             log.warning(
                 "bad value in Redis under %r: ignored (read as a miss)", self.value_key(key)
             )
+            if blob.startswith(MAGIC):
+                # Damaged (it claims to be ours): delete it, if unchanged, so
+                # that claim() lets someone recompute and rewrite it. Values
+                # without our header never block a claim and are just overwritten.
+                with contextlib.suppress(StoreError):
+                    await self._call(
+                        "drop bad value",
+                        self._scripts["drop"](keys=[self.value_key(key)], args=[blob]),
+                    )
         return rec
 
     async def get_record(self, key: bytes) -> Record | None:
         """The whole record for ``key`` (with func, time), or None."""
         blob = await self._call("GET", self._conn().get(self.value_key(key)))
         self._counts["gets"] += 1
-        rec = self._check(key, blob)
+        rec = await self._check(key, blob)
         self._counts["hits" if rec is not None else "misses"] += 1
         return rec
 
@@ -475,7 +493,7 @@ class RedisStore(Store):
             blobs = await self._call("MGET", client.mget([self.value_key(k) for k in chunk]))
             self._counts["gets"] += len(chunk)
             for k, blob in zip(chunk, blobs, strict=True):
-                rec = self._check(k, blob)
+                rec = await self._check(k, blob)
                 if rec is None:
                     self._counts["misses"] += 1
                 else:
@@ -522,7 +540,7 @@ class RedisStore(Store):
             "claim",
             script(
                 keys=[self.lease_key(key), self.value_key(key)],
-                args=[owner, max(1, round(ttl * 1000))],
+                args=[owner, max(1, round(ttl * 1000)), MAGIC],
             ),
         )
         won = bool(got)
@@ -663,7 +681,7 @@ class RedisStore(Store):
                 pipe.pttl(lkey)
                 blob, lease_ms = await self._call("wait check", pipe.execute())
                 self._counts["wait_checks"] += 1
-                rec = self._check(key, blob)
+                rec = await self._check(key, blob)
                 if rec is not None:
                     return rec.value
                 if lease_ms == -2:  # no lease: nobody computes it
