@@ -8,10 +8,12 @@ cross-process collapse, one short-lived *lease* key per task being computed::
     {namespace}:events        pub/sub channel: "a result was put" / "a lease was released"
 
 Values
-    ``b"AMR\\x01"`` + 16-byte blake3 checksum over (task key + body) + body, where
+    ``b"AMR\x01"`` + 16-byte blake3 checksum over (task key + body) + body, where
     body = ``>dHI`` (time, len(func), len(digests)) + func + digests + encoded result.
     The checksum binds the value to its key: a damaged value, or one copied
-    under another key, reads as a miss and is counted (``stats()["bad_values"]``).
+    under another key, reads as a miss and is counted (``stats()["bad_values"]``);
+    a damaged value with our header is deleted (if unchanged) so the task can be
+    recomputed; a value without it is left alone and never blocks a claim.
     Nothing read from Redis is ever unpickled.
 
 Lease protocol (what a Memoizer does on a local miss)
@@ -24,8 +26,9 @@ Lease protocol (what a Memoizer does on a local miss)
        cancellation: ``release(key, owner)`` only.
     4. A process whose claim returned False calls ``wait_for(key, timeout)``: it
        returns the result as soon as it is put (woken by pub/sub, no busy poll),
-       or None when the lease is gone without a result (the holder failed or
-       died and its lease expired): then it claims again; exactly one wins.
+       or None when the lease is gone without a result (the holder failed, or
+       died and its lease expired: noticed right at the expiry time, found with
+       PTTL) or when ``timeout`` passed: then it claims again; exactly one wins.
 
 Faults
     Every Redis failure surfaces as :class:`~aiomemo.StoreError` (chained to the
@@ -150,7 +153,9 @@ def _checksum(key: bytes, body: bytes | memoryview) -> bytes:
 
 def encode_value(record: Record) -> bytes:
     """The bytes RedisStore keeps for ``record`` (header, checksum, body)."""
-    func = record.func.encode("utf-8")[:0xFFFF]
+    func = record.func.encode("utf-8")
+    if len(func) > 0xFFFF:  # absurd, but keep it decodable
+        func = func[:0xFFFF].decode("utf-8", "ignore").encode("utf-8")
     head = _HEAD.pack(record.time, len(func), len(record.digests))
     h = blake3(record.key)
     for part in (head, func, record.digests, record.value):
@@ -182,11 +187,14 @@ def decode_value(key: bytes, blob: bytes) -> Record | None:
     return Record(key=key, value=bytes(mv[pos:]), func=func, time=t, digests=digests)
 
 
+_KLEN = struct.Struct(">H")
+
+
 def _key_list(kind: bytes, keys: Sequence[bytes]) -> bytes:
-    # Event message: kind byte, then (length byte + key) per key.
+    # Event message: kind byte (b"p" put, b"r" released), then (u16 length + key) per key.
     parts = [kind]
     for k in keys:
-        parts.append(bytes((len(k),)))
+        parts.append(_KLEN.pack(len(k)))
         parts.append(k)
     return b"".join(parts)
 
@@ -195,9 +203,9 @@ def _parse_key_list(msg: bytes) -> list[bytes]:
     out: list[bytes] = []
     pos = 1
     n = len(msg)
-    while pos < n:
-        ln = msg[pos]
-        pos += 1
+    while pos + _KLEN.size <= n:
+        (ln,) = _KLEN.unpack_from(msg, pos)
+        pos += _KLEN.size
         out.append(msg[pos : pos + ln])
         pos += ln
     return out
@@ -220,8 +228,9 @@ class RedisStore(Store):
         ttl: seconds a result lives in Redis (None: until evicted/deleted).
         lease_ttl: the lease time a Memoizer should pass to :meth:`claim`
             (a dead holder delays its waiters by at most this long).
-        recheck_interval: how often :meth:`wait_for` re-reads the key in case a
-            message was lost or a lease expired silently (default ``lease_ttl/4``).
+        recheck_interval: longest sleep of :meth:`wait_for` between two reads of
+            the key, in case a wake-up message was lost (default ``lease_ttl/4``;
+            an expiring lease is looked at when it expires, whatever this is).
         socket_timeout, connect_timeout: seconds before a Redis call gives up;
             a failing call raises ``StoreError`` after about this long.
         batch_size: records per pipelined round trip in :meth:`put_many`.
