@@ -282,7 +282,10 @@ class Memoizer:
         self._drain_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake: asyncio.Event | None = None
-        self._commit: asyncio.Future[None] | None = None  # the batch now filling
+        # callers waiting for the batch now filling (task_exit group commit);
+        # one future each, so a cancelled caller cannot cancel the others
+        self._commit_waiters: list[asyncio.Future[None]] = []
+        self._func_names: dict[object, str] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._warned_types: set[str] = set()
 
@@ -468,7 +471,8 @@ class Memoizer:
             UnhashableInputError: an input has no key (says where and why).
             MemoizerClosedError: after ``close()``.
         """
-        await self._ensure_started()
+        if self._state is not _State.STARTED:
+            await self._ensure_started()
         task = cast(MutableMapping[str, Any], task)
         if not self.memoize or not task.get("memoize", True):
             task["hashsum"] = None
@@ -781,11 +785,13 @@ class Memoizer:
                 logger.warning("%s", msg)
             return None
         func = task.get("func")
-        name = (
-            f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
-            if func is not None
-            else "?"
-        )
+        try:
+            name = self._func_names[func]
+        except (KeyError, TypeError):
+            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+            if len(self._func_names) < 10_000:
+                with contextlib.suppress(TypeError):
+                    self._func_names[func] = name
         digests = arg_digests(task) if self.explain_digests else b""
         return Record(bytes.fromhex(key), value, name, time.time(), digests)
 
@@ -829,18 +835,17 @@ class Memoizer:
     async def _await_commit(self) -> None:
         loop = self._loop
         assert loop is not None and self._wake is not None
-        if self._commit is None:
-            self._commit = loop.create_future()
-        commit = self._commit
+        mine: asyncio.Future[None] = loop.create_future()
+        self._commit_waiters.append(mine)
         self._wake.set()
-        # shield: a cancelled caller must not cancel the shared batch
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(commit)
+        await mine
 
-    def _release_commit(self) -> None:
-        if self._commit is not None and not self._commit.done():
-            self._commit.set_result(None)
-        self._commit = None
+    def _release_commit(self, waiters: list[asyncio.Future[None]] | None = None) -> None:
+        if waiters is None:
+            waiters, self._commit_waiters = self._commit_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     async def _drain_loop(self) -> None:
         assert self._wake is not None
@@ -859,14 +864,13 @@ class Memoizer:
             self._wake.clear()
             if self._stopping:
                 return  # close() makes the final pass
-            commit, self._commit = self._commit, None
+            waiters, self._commit_waiters = self._commit_waiters, []
             try:
                 await self._flush()
             except Exception:  # the drain must survive anything a store does
                 logger.exception("checkpoint drain failed")
             finally:
-                if commit is not None and not commit.done():
-                    commit.set_result(None)
+                self._release_commit(waiters)
 
     async def _flush(self, final: bool = False) -> int:
         """Write every sink's queue; return records written (to the first sink)."""

@@ -1,0 +1,562 @@
+#!/usr/bin/env python
+"""aiomemo benchmarks, each against Parsl's BasicMemoizer in the same run.
+
+Usage: scripts/bench [keys|memo|parsl|redis|all ...] [--quick] [--out DIR]
+
+Prints one table per section (figure, aiomemo, Parsl or reference, ratio,
+target, ok) and writes JSON to DIR (default bench-results/). The machines
+are shared and noisy: ratios measured side by side are what count.
+Memory figures come from child processes so one measurement cannot hide
+another's garbage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def best_of(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
+    """Best per-call seconds over `repeat` rounds of `number` calls."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
+
+
+def task_fn(a: Any, b: Any = None, c: Any = None, **kw: Any) -> None:
+    """The benchmark tasks' function."""
+
+
+def small_task() -> dict[str, Any]:
+    # 3 positional scalars + a kwargs dict with a list and a dict (MEASURED.md's task)
+    return {
+        "func": task_fn,
+        "args": (1, 2.5, "x"),
+        "kwargs": {"items": [1, 2, 3], "opts": {"k": 1, "j": "v"}},
+        "ignore_for_cache": [],
+        "memoize": True,
+        "id": 1,
+    }
+
+
+class Table:
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.rows: list[dict[str, Any]] = []
+
+    def add(
+        self,
+        figure: str,
+        aiomemo: str,
+        other: str = "",
+        ratio: float | None = None,
+        target: str = "",
+        ok: bool | None = None,
+        **extra: Any,
+    ) -> None:
+        self.rows.append(
+            {
+                "figure": figure,
+                "aiomemo": aiomemo,
+                "reference": other,
+                "ratio": None if ratio is None else round(ratio, 2),
+                "target": target,
+                "ok": ok,
+                **extra,
+            }
+        )
+
+    def print(self) -> None:
+        cols = ["figure", "aiomemo", "reference", "ratio", "target", "ok"]
+        cells = [[str(r[c]) if r[c] is not None else "" for c in cols] for r in self.rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        print(f"\n## {self.title}\n")
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |")
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in cells:
+            print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        sys.stdout.flush()
+
+
+async def max_loop_lag(work: Callable[[], Any], tick: float = 0.001) -> tuple[float, Any, int]:
+    """Run the awaitable `work()` while a ticker measures the event loop's worst lag."""
+    lag = 0.0
+    ticks = 0
+    stop = False
+
+    async def ticker() -> None:
+        nonlocal lag, ticks
+        while not stop:
+            t0 = time.perf_counter()
+            await asyncio.sleep(tick)
+            lag = max(lag, time.perf_counter() - t0 - tick)
+            ticks += 1
+
+    tk = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    lag = 0.0
+    result = await work()
+    stop = True
+    await tk
+    return lag, result, ticks
+
+
+# ---------------------------------------------------------------------------- keys
+def bench_keys(quick: bool) -> Table:
+    import blake3
+    import numpy as np
+    from parsl.dataflow.memoization import make_hash as parsl_make_hash
+
+    import aiomemo
+    from aiomemo._hashing import make_hash_async
+
+    t = Table("keys: task hashing (scripts/bench keys)")
+    task = small_task()
+    assert len(aiomemo.make_hash(task)) == 64
+    n = 5_000 if quick else 20_000
+    ours = best_of(lambda: aiomemo.make_hash(task), n)
+    theirs = best_of(lambda: parsl_make_hash(task), n)  # type: ignore[arg-type]
+    t.add(
+        "small task make_hash",
+        f"{ours * 1e6:.2f} µs",
+        f"{theirs * 1e6:.2f} µs (Parsl)",
+        theirs / ours,
+        ">= 3x faster",
+        theirs / ours >= 3,
+    )
+
+    size = 100 * 1000 * 1000
+    buf = os.urandom(1 << 20) * (size // (1 << 20) + 1)
+    buf = buf[:size]
+    arr = np.frombuffer(buf, dtype=np.uint8).copy()
+    text = "a" * size
+
+    def timed(fn: Callable[[], Any], repeat: int = 3) -> float:
+        return min(_time_once(fn) for _ in range(repeat))
+
+    raw = timed(lambda: blake3.blake3(buf).digest())
+    for label, value in (("100 MB bytes", buf), ("100 MB numpy array", arr)):
+        tk = {"func": task_fn, "args": (value,), "kwargs": {}}
+        ours_s = timed(lambda tk=tk: aiomemo.make_hash(tk))  # type: ignore[misc]
+        tracemalloc.start()
+        aiomemo.make_hash(tk)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        t.add(
+            f"{label}: time vs raw blake3",
+            f"{ours_s * 1e3:.1f} ms",
+            f"{raw * 1e3:.1f} ms (blake3(buf))",
+            ours_s / raw,
+            "<= 1.5x raw",
+            ours_s / raw <= 1.5,
+        )
+        t.add(
+            f"{label}: extra peak memory",
+            f"{peak / 2**20:.3f} MiB",
+            "",
+            None,
+            "< 1 MiB",
+            peak < 2**20,
+        )
+    ptask = {"func": task_fn, "args": (text,), "kwargs": {}, "ignore_for_cache": []}
+    parsl_s = timed(lambda: parsl_make_hash(ptask), 1)  # type: ignore[arg-type]
+    tracemalloc.start()
+    parsl_make_hash(ptask)  # type: ignore[arg-type]
+    _, ppeak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    ours_b = timed(lambda: aiomemo.make_hash({"func": task_fn, "args": (buf,), "kwargs": {}}))
+    t.add(
+        "100 MB input vs Parsl (100 MB str)",
+        f"{ours_b * 1e3:.1f} ms",
+        f"{parsl_s * 1e3:.1f} ms, +{ppeak / 2**20:.0f} MiB (Parsl)",
+        parsl_s / ours_b,
+        ">= 10x faster",
+        parsl_s / ours_b >= 10,
+    )
+    del text, arr
+
+    gib = bytes(1 << 30)
+
+    async def in_loop() -> tuple[float, Any, int]:
+        return await max_loop_lag(
+            lambda: make_hash_async({"func": task_fn, "args": (gib,), "kwargs": {}})
+        )
+
+    lag, _, ticks = asyncio.run(in_loop())
+    t.add(
+        "1 GiB hashed inside a running loop: max lag",
+        f"{lag * 1e3:.2f} ms",
+        f"{ticks} ticks during",
+        None,
+        "< 5 ms",
+        lag < 0.005,
+    )
+    return t
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- memo
+def _child(code: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+_LOAD_AIOMEMO = """
+import asyncio, gc, json, time, sys
+sys.path.insert(0, {scripts!r})
+from bench import rss
+import aiomemo
+gc.collect(); base = rss()
+async def main():
+    m = aiomemo.Memoizer(checkpoint_files=[{path!r}], run_dir={run!r})
+    t0 = time.perf_counter(); await m.start(); dt = time.perf_counter() - t0
+    gc.collect()
+    n = m.stats().entries
+    print(json.dumps({{"seconds": dt, "entries": n, "bytes_per_entry": (rss() - base) / n}}))
+    await m.close()
+asyncio.run(main())
+"""
+
+_LOAD_PARSL = """
+import gc, json, time, sys
+sys.path.insert(0, {scripts!r})
+from bench import rss
+from parsl.dataflow.memoization import BasicMemoizer
+gc.collect(); base = rss()
+m = BasicMemoizer()
+t0 = time.perf_counter(); table = m.load_checkpoints([{path!r}]); dt = time.perf_counter() - t0
+gc.collect()
+n = len(table)
+print(json.dumps({{"seconds": dt, "entries": n, "bytes_per_entry": (rss() - base) / n}}))
+"""
+
+
+def bench_memo(quick: bool) -> Table:
+    from parsl.dataflow.memoization import BasicMemoizer
+    from parsl.dataflow.memoization import make_hash as parsl_make_hash
+
+    import aiomemo
+    from aiomemo._checkpoint import SegmentWriter
+    from aiomemo._codec import encode
+    from aiomemo.stores import Record
+
+    t = Table("memo: lookups and checkpoints (scripts/bench memo)")
+    tmp = Path(tempfile.mkdtemp(prefix="aiomemo-bench-"))
+
+    # -- check_memo hit
+    async def ours_hit() -> float:
+        async with aiomemo.Memoizer(run_dir=tmp / "hit") as memo:
+            task = small_task()
+            assert await memo.check_memo(task) is None
+            await memo.update_memo_result(task, 42)
+            n = 5_000 if quick else 20_000
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    await memo.check_memo(task)
+                best = min(best, (time.perf_counter() - t0) / n)
+            fut = await memo.check_memo(task)
+            assert fut is not None and fut.result() == 42
+            return best
+
+    ours = asyncio.run(ours_hit())
+    pm = BasicMemoizer()
+    pm.start(run_dir=str(tmp / "phit"), config_run_dir=str(tmp / "phit"))
+    ptask = small_task()
+    f: Future[Any] = Future()
+    f.set_result(42)
+    pm.memo_lookup_table[parsl_make_hash(ptask)] = f  # type: ignore[arg-type]
+    assert pm.check_memo(ptask) is f  # type: ignore[arg-type]
+    theirs = best_of(lambda: pm.check_memo(ptask), 5_000 if quick else 20_000)  # type: ignore[arg-type]
+    pm.close()
+    t.add(
+        "check_memo hit, small task",
+        f"{ours * 1e6:.2f} µs",
+        f"{theirs * 1e6:.2f} µs (Parsl)",
+        theirs / ours,
+        ">= 3x faster",
+        theirs / ours >= 3,
+    )
+
+    # -- load N records
+    n = 200_000 if quick else 1_000_000
+    ours_dir = tmp / "ours" / "checkpoint"
+    parsl_dir = tmp / "parsl" / "checkpoint"
+
+    async def write_ours() -> None:
+        w = await SegmentWriter.create(ours_dir)
+        now = time.time()
+        for lo in range(0, n, 10_000):
+            recs = [
+                Record(i.to_bytes(32, "big"), encode(i), "bench.task_fn", now)
+                for i in range(lo, min(n, lo + 10_000))
+            ]
+            await w.write_batch(recs, fsync=False)
+        await w.sync()
+        await w.close()
+
+    asyncio.run(write_ours())
+    parsl_dir.mkdir(parents=True)
+    with open(parsl_dir / "tasks.pkl", "wb") as fh:
+        for i in range(n):
+            pickle.dump({"hash": f"{i:032x}", "exception": None, "result": i}, fh)
+    scripts = str(ROOT / "scripts")
+    ours_load = _child(
+        _LOAD_AIOMEMO.format(scripts=scripts, path=str(ours_dir), run=str(tmp / "lrun"))
+    )
+    parsl_load = _child(_LOAD_PARSL.format(scripts=scripts, path=str(parsl_dir)))
+    assert ours_load["entries"] == n == parsl_load["entries"], (ours_load, parsl_load)
+    ratio = parsl_load["seconds"] / ours_load["seconds"]
+    t.add(
+        f"load {n:,} records",
+        f"{ours_load['seconds']:.2f} s",
+        f"{parsl_load['seconds']:.2f} s (Parsl)",
+        ratio,
+        ">= 10x faster",
+        ratio >= 10,
+    )
+    t.add(
+        f"load {n:,} records: RSS per entry",
+        f"{ours_load['bytes_per_entry']:.0f} B",
+        f"{parsl_load['bytes_per_entry']:.0f} B (Parsl)",
+        parsl_load["bytes_per_entry"] / ours_load["bytes_per_entry"],
+        "<= 250 B",
+        ours_load["bytes_per_entry"] <= 250,
+    )
+
+    # -- task_exit with fsync, 64 concurrent completions
+    seconds = 1.5 if quick else 4.0
+
+    async def ours_task_exit() -> float:
+        async with aiomemo.Memoizer(run_dir=tmp / "te", checkpoint_mode="task_exit") as memo:
+            done = 0
+            stop_at = time.perf_counter() + seconds
+            counter = iter(range(10**9))
+
+            async def worker() -> None:
+                nonlocal done
+                while time.perf_counter() < stop_at:
+                    task = {"func": task_fn, "args": (next(counter),), "kwargs": {}}
+                    assert await memo.check_memo(task) is None
+                    await memo.update_memo_result(task, 1)
+                    done += 1
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(64)))
+            rate = done / (time.perf_counter() - t0)
+            assert memo.stats().checkpointed == done
+            return rate
+
+    ours_rate = asyncio.run(ours_task_exit())
+    pm = BasicMemoizer(checkpoint_mode="task_exit")
+    pm.start(run_dir=str(tmp / "pte"), config_run_dir=str(tmp / "pte-root"))
+    done = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        task = {"func": task_fn, "args": (done,), "kwargs": {}, "ignore_for_cache": [],
+                "memoize": True, "id": done}
+        pm.check_memo(task)  # type: ignore[arg-type]
+        task["app_fu"] = None
+        pm.update_memo_result(task, 1)  # type: ignore[arg-type]
+        done += 1
+    parsl_rate = done / (time.perf_counter() - t0)
+    pm.close()
+    t.add(
+        "task_exit, 64 concurrent completions",
+        f"{ours_rate:,.0f} rec/s (fsync)",
+        f"{parsl_rate:,.0f} rec/s (Parsl, no fsync)",
+        ours_rate / parsl_rate,
+        "> 1x Parsl",
+        ours_rate > parsl_rate,
+    )
+
+    # -- periodic drain of 100k records: loop lag
+    m = 100_000
+
+    async def drain_lag() -> tuple[float, int]:
+        memo = aiomemo.Memoizer(
+            run_dir=tmp / "pd", checkpoint_mode="periodic", checkpoint_period=3600, max_pending=10**9
+        )
+        async with memo:
+            for i in range(m):
+                task = {"func": task_fn, "args": (i,), "kwargs": {}}
+                await memo.check_memo(task)
+                await memo.update_memo_result(task, i)
+
+            async def drain() -> int:
+                return await memo.checkpoint_queue()
+
+            lag, written, _ = await max_loop_lag(drain)
+            return lag, written
+
+    lag, written = asyncio.run(drain_lag())
+    assert written == m, written
+    t.add(
+        f"periodic drain of {m:,} records: max loop lag",
+        f"{lag * 1e3:.2f} ms",
+        "",
+        None,
+        "< 10 ms",
+        lag < 0.010,
+    )
+    return t
+
+
+# ---------------------------------------------------------------------------- parsl
+def bench_parsl(quick: bool) -> Table:
+    t = Table("parsl: 5,000 cached apps, run twice (scripts/bench parsl)")
+    n = 1000 if quick else 5000
+    rows = []
+    for memoizer in ("BasicMemoizer", "ParslMemoizer"):
+        for mode in ("task_exit", "periodic"):
+            with tempfile.TemporaryDirectory(prefix="aiomemo-parsl-") as d:
+                code = _PARSL_RUN.format(memoizer=memoizer, mode=mode, n=n, root=d)
+                runs = [_child(code) for _ in range(2)]
+            rows.append((memoizer, mode, runs))
+    by = {(m, mode): runs for m, mode, runs in rows}
+    for mode in ("task_exit", "periodic"):
+        base = by[("BasicMemoizer", mode)]
+        ours = by[("ParslMemoizer", mode)]
+        for i, label in ((0, "first run"), (1, "second run (from checkpoints)")):
+            ratio = base[i]["seconds"] / ours[i]["seconds"]
+            t.add(
+                f"{mode}, {label}",
+                f"{ours[i]['seconds']:.2f} s ({ours[i]['hits']} hits)",
+                f"{base[i]['seconds']:.2f} s ({base[i]['hits']} hits, BasicMemoizer)",
+                ratio,
+                "not slower" if i == 1 else "",
+                ratio >= 0.95 if i == 1 else None,
+            )
+    return t
+
+
+_PARSL_RUN = """
+import json, os, time, logging
+os.chdir({root!r})
+import parsl
+from parsl.config import Config
+from parsl.executors import ThreadPoolExecutor
+from parsl.dataflow.memoization import BasicMemoizer
+logging.getLogger("parsl").setLevel(logging.WARNING)
+if {memoizer!r} == "ParslMemoizer":
+    from aiomemo.parsl import ParslMemoizer as M
+else:
+    M = BasicMemoizer
+kw = dict(checkpoint_mode={mode!r})
+if {mode!r} == "periodic":
+    kw["checkpoint_period"] = "00:00:01"
+@parsl.python_app(cache=True)
+def inc(x):
+    return x + 1
+cfg = Config(executors=[ThreadPoolExecutor(max_threads=4)], memoizer=M(**kw),
+             run_dir=os.path.join({root!r}, "runinfo"), initialize_logging=False)
+t0 = time.perf_counter()
+with parsl.load(cfg) as dfk:
+    futs = [inc(i) for i in range({n})]
+    assert [f.result() for f in futs] == [i + 1 for i in range({n})]
+    hits = sum(1 for t in dfk.tasks.values() if t.get("from_memo"))
+dt = time.perf_counter() - t0
+print(json.dumps({{"seconds": dt, "hits": hits}}))
+"""
+
+
+# ---------------------------------------------------------------------------- redis
+def bench_redis(quick: bool) -> Table:
+    t = Table("redis: RedisStore over loopback (scripts/bench redis)")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_redis.py")]
+    if quick:
+        cmd.append("--quick")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        t.add("bench_redis.py", "failed", out.stderr.strip().splitlines()[-1] if out.stderr else "")
+        return t
+    data = json.loads(out.stdout)
+    _redis_rows(t, data)
+    return t
+
+
+def _redis_rows(t: Table, data: dict[str, Any]) -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                t.add(f"{k}.{k2}", str(v2))
+        else:
+            t.add(k, str(v))
+
+
+SECTIONS: dict[str, Callable[[bool], Table]] = {
+    "keys": bench_keys,
+    "memo": bench_memo,
+    "parsl": bench_parsl,
+    "redis": bench_redis,
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="aiomemo benchmarks against Parsl, side by side")
+    ap.add_argument("sections", nargs="*", default=["all"], help="keys, memo, parsl, redis, all")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    ap.add_argument("--out", default=str(ROOT / "bench-results"), help="where JSON goes")
+    args = ap.parse_args()
+    names = list(SECTIONS) if "all" in args.sections else args.sections
+    for name in names:
+        if name not in SECTIONS:
+            ap.error(f"unknown section {name!r} (choose from {', '.join(SECTIONS)}, all)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    failed = 0
+    for name in names:
+        gc.collect()
+        table = SECTIONS[name](args.quick)
+        table.print()
+        failed += sum(1 for r in table.rows if r["ok"] is False)
+        (out / f"{name}.json").write_text(
+            json.dumps({"meta": meta, "section": name, "rows": table.rows}, indent=2)
+        )
+    print(f"\nJSON written to {out}/; {failed} target(s) missed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
