@@ -785,3 +785,28 @@ async def test_memoizer_recomputes_over_a_corrupt_shared_value(
             assert await reader.get(key) is not None  # rewritten, sound
         assert reader.stats()["bad_values"] == 0
     assert store.stats()["bad_values"] >= 2
+
+
+async def test_memoizer_starts_and_runs_with_redis_down(
+    make_redis_server: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    from aiomemo import Memoizer
+
+    server = make_redis_server()
+    server.stop()
+    memo = Memoizer(
+        store=RedisStore(server.url, namespace="down", connect_timeout=0.5),
+        checkpoint_mode=None,
+        config_run_dir=tmp_path / "runinfo",
+    )
+
+    @memo.cached
+    async def work(i: int) -> int:
+        return -i
+
+    t0 = time.monotonic()
+    async with memo:
+        assert [await work(i) for i in range(3)] == [0, -1, -2]
+        assert await work(1) == -1  # local hit
+        assert memo.stats().store_errors >= 3
+    assert time.monotonic() - t0 < 5
