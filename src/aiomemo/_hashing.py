@@ -194,12 +194,12 @@ class _Unhashable(Exception):
 class _Ctx:
     # No __init__ and class-level defaults: one is made per task hashed, and
     # most tasks never touch it (~0.3 µs saved per key).
-    oob: list[object] = []  # replaced by a fresh list on first use
+    oob: list[object] = []  # noqa: RUF012 - never mutated: add() swaps in a fresh list
     oob_bytes = 0
     output_ref = False
 
     def add(self, item: object, nbytes: int) -> None:
-        if not self.oob_bytes and not self.oob:
+        if self.oob is _Ctx.oob:
             self.oob = []
         self.oob.append(item)
         self.oob_bytes += nbytes
