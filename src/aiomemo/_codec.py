@@ -513,7 +513,8 @@ def _check_dtype(obj: object, dtype: Any) -> str:
 def _conv_ndarray(obj: Any, np: Any) -> object:
     dtype_str = _check_dtype(obj, obj.dtype)
     header = _pack([dtype_str, list(obj.shape)])
-    return msgpack.ExtType(EXT_NDARRAY, header + obj.tobytes(order="C"))
+    raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)  # no copy if C-contiguous
+    return msgpack.ExtType(EXT_NDARRAY, b"".join([header, raw]))
 
 
 def _conv_npscalar(obj: Any, np: Any) -> object:
