@@ -1,0 +1,523 @@
+"""Why did a task miss? Compare its inputs with the nearest recorded call.
+
+Every checkpoint record keeps (unless the Memoizer was made with
+``explain=False``) a short digest of each argument: ``msgpack([[d_arg0, ...],
+{kwarg: d, ...}])`` with 8-byte blake3 digests (see
+:func:`aiomemo._hashing.arg_digests`). :func:`explain` computes the same
+digests for a task, finds the recorded calls of the same function, and names
+the inputs that differ from the *nearest* one (the call with the most
+matching inputs; the newest of equals)::
+
+    >>> print(explain(task, get_all_checkpoints("runinfo")))
+    kwargs['n'] differs from the nearest recorded call of mod.fn (2 of 3 inputs match)
+
+:func:`explain` is synchronous and only reads files: from a coroutine, call it
+as ``await asyncio.to_thread(explain, task, paths)``. It is thread-safe.
+
+This module also holds :func:`find_segments`, which turns a path (a runinfo
+root, a run directory, a checkpoint directory or a segment file) into the
+segment files it holds, for ``explain`` and the ``aiomemo`` command.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import msgpack
+
+from aiomemo._checkpoint import FILE_MAGIC, SEGMENT_SUFFIX, RecordInfo, iter_segment, list_segments
+from aiomemo._exceptions import UnhashableInputError
+from aiomemo._hashing import arg_digests, hash_task
+from aiomemo._rundir import get_all_checkpoints
+
+__all__ = [
+    "CheckpointPathError",
+    "Explanation",
+    "InputMatch",
+    "PathKind",
+    "ResolvedPath",
+    "explain",
+    "find_segments",
+    "func_name",
+]
+
+PathKind = Literal["segment", "checkpoint dir", "run dir", "runinfo root"]
+Status = Literal["match", "differs", "missing", "extra", "unknown"]
+
+_PARSL_PICKLE = "tasks.pkl"
+_IMPORT_HINT = "convert it with `aiomemo import-parsl RUNINFO --trust`"
+
+
+# --------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------
+
+
+class CheckpointPathError(ValueError):
+    """A path given as a checkpoint holds none: missing, empty, or not aiomemo's.
+
+    The message is one line naming the path and what is wrong with it.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPath:
+    """What a path given by a user turned out to be.
+
+    Attributes:
+        path: the path as given.
+        kind: ``"segment"``, ``"checkpoint dir"``, ``"run dir"`` or
+            ``"runinfo root"``.
+        segments: its segment files in load order (older first).
+        checkpoint_dirs: the checkpoint directories involved (one, or one per
+            run of a runinfo root; the segment's directory for a segment).
+    """
+
+    path: Path
+    kind: PathKind
+    segments: tuple[Path, ...]
+    checkpoint_dirs: tuple[Path, ...]
+
+
+def _has_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(FILE_MAGIC)) == FILE_MAGIC
+
+
+def _pickles_under(d: Path) -> list[Path]:
+    found = [p for p in (d / _PARSL_PICKLE, d / "checkpoint" / _PARSL_PICKLE) if p.is_file()]
+    try:
+        children = sorted(c for c in d.iterdir() if c.is_dir())
+    except OSError:
+        children = []
+    found += [c / "checkpoint" / _PARSL_PICKLE for c in children]
+    return [p for p in found if p.is_file()]
+
+
+def find_segments(path: str | os.PathLike[str], *, strict: bool = True) -> ResolvedPath | None:
+    """Resolve ``path`` to the checkpoint segments it holds.
+
+    ``path`` may be a segment file, a checkpoint directory (holding
+    ``*.amlog`` segments), a run directory (holding ``checkpoint/``) or a
+    runinfo root (numbered run directories, each with ``checkpoint/``; their
+    segments come oldest run first, as the Memoizer loads them).
+
+    With ``strict`` (the CLI), raises :class:`CheckpointPathError` with one
+    clear line for a missing path, a directory holding no segments, a Parsl
+    ``tasks.pkl`` and a file that is not an aiomemo segment (neither the
+    ``.amlog`` suffix nor the aiomemo file header). Without it, such a path
+    gives ``None``. Raises ``OSError`` only for unreadable file systems.
+    """
+    p = Path(path)
+    shown = os.fspath(path)
+
+    def fail(msg: str) -> None:
+        if strict:
+            raise CheckpointPathError(f"{shown}: {msg}")
+
+    if not p.exists():
+        fail("no such file or directory")
+        return None
+    if p.is_file():
+        if p.name == _PARSL_PICKLE:
+            fail(f"a Parsl pickle checkpoint, not an aiomemo one; {_IMPORT_HINT}")
+            return None
+        if p.name.endswith(SEGMENT_SUFFIX) or _has_magic(p):
+            return ResolvedPath(p, "segment", (p,), (p.parent,))
+        fail("not an aiomemo checkpoint segment (no aiomemo file header)")
+        return None
+    if not p.is_dir():
+        fail("not a file or directory")
+        return None
+    segs = list_segments(p)
+    if segs:
+        return ResolvedPath(p, "checkpoint dir", tuple(segs), (p,))
+    ckpt = p / "checkpoint"
+    if ckpt.is_dir():
+        segs = list_segments(ckpt)
+        if segs:
+            return ResolvedPath(p, "run dir", tuple(segs), (ckpt,))
+    dirs = [Path(d) for d in get_all_checkpoints(p)]
+    segs = [s for d in dirs for s in list_segments(d)]
+    if segs:
+        used = tuple(d for d in dirs if list_segments(d))
+        return ResolvedPath(p, "runinfo root", tuple(segs), used)
+    pickles = _pickles_under(p)
+    if pickles:
+        fail(f"holds no aiomemo checkpoints, only Parsl's {pickles[0]}; {_IMPORT_HINT}")
+    else:
+        fail(
+            "holds no aiomemo checkpoints (expected a runinfo root, a run directory, "
+            "a checkpoint directory or a segment file)"
+        )
+    return None
+
+
+def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        r = find_segments(p, strict=strict)
+        if r is not None:
+            out.extend(r.segments)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Explanation
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InputMatch:
+    """How one input of the task compares with the nearest recorded call.
+
+    Attributes:
+        name: ``"args[0]"`` or ``"kwargs['n']"``.
+        status: ``"match"``; ``"differs"``; ``"extra"`` (the task has it, the
+            recorded call did not); ``"missing"`` (the recorded call had it,
+            the task does not); ``"unknown"`` (a digest is empty on one side:
+            the value could not be keyed).
+    """
+
+    name: str
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a task hits or misses the checkpoints (``str()`` says it in one sentence).
+
+    Attributes:
+        hit: the task's key is recorded.
+        func: the function's ``"module.qualname"`` as records name it.
+        key: the task's key (hex), or None when it could not be computed.
+        nearest_time: when the nearest recorded call (the hit itself, on a
+            hit) finished, seconds since the epoch; None when there is none.
+        nearest_key: that record's key (hex), or None.
+        inputs: one :class:`InputMatch` per argument position and keyword
+            (the union of the task's and the nearest call's), empty when
+            nothing could be compared.
+        matched: inputs whose digests match.
+        records_of_func: records of ``func`` found (duplicates included).
+        records_with_digests: those of them that keep per-argument digests.
+        records_scanned: every record read.
+        similar_funcs: recorded function names close to ``func`` (when it
+            has no record at all: a typo, or a renamed module).
+        note: an extra remark (e.g. why the key could not be computed).
+    """
+
+    hit: bool
+    func: str
+    key: str | None
+    nearest_time: float | None
+    nearest_key: str | None
+    inputs: tuple[InputMatch, ...]
+    matched: int
+    records_of_func: int
+    records_with_digests: int
+    records_scanned: int
+    similar_funcs: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def differing(self) -> tuple[str, ...]:
+        """Names of the inputs that are not a match (differs, extra, missing, unknown)."""
+        return tuple(i.name for i in self.inputs if i.status != "match")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``aiomemo explain --json`` prints)."""
+        return {
+            "hit": self.hit,
+            "func": self.func,
+            "key": self.key,
+            "nearest_time": self.nearest_time,
+            "nearest_key": self.nearest_key,
+            "inputs": [{"name": i.name, "status": i.status} for i in self.inputs],
+            "matched": self.matched,
+            "compared": len(self.inputs),
+            "records_of_func": self.records_of_func,
+            "records_with_digests": self.records_with_digests,
+            "records_scanned": self.records_scanned,
+            "similar_funcs": list(self.similar_funcs),
+            "note": self.note,
+            "message": str(self),
+        }
+
+    def __str__(self) -> str:
+        f = self.func
+        when = _when(self.nearest_time)
+        if self.hit:
+            return f"hit: {f} has a recorded result for these inputs (recorded {when})"
+        if not self.records_of_func:
+            msg = (
+                f"no recorded call of {f} in the checkpoints ({self.records_scanned} records read)"
+            )
+            if self.similar_funcs:
+                msg += "; recorded functions with similar names: " + ", ".join(self.similar_funcs)
+            return _with_note(msg, self.note)
+        if not self.records_with_digests:
+            return _with_note(
+                f"{self.records_of_func} recorded call(s) of {f}, but none keeps per-argument "
+                "digests (written with Memoizer(explain=False)), so which input changed "
+                "cannot be told",
+                self.note,
+            )
+        total = len(self.inputs)
+        tally = f"{self.matched} of {total} inputs match"
+        by: dict[str, list[str]] = {}
+        for i in self.inputs:
+            by.setdefault(i.status, []).append(i.name)
+        nearest = f"the nearest recorded call of {f}"
+        if not self.differing:
+            return _with_note(
+                f"all {total} inputs match {nearest} (recorded {when}), yet the key differs: "
+                "the function's version, ignore_for_cache or output refs changed, or the "
+                "content of a File or of a buffer over 2 MiB (digests keep a File's path "
+                "and a large buffer's head and tail only)",
+                self.note,
+            )
+        clauses: list[str] = []
+        if "differs" in by:
+            names = by["differs"]
+            clauses.append(f"{_join(names)} {'differs' if len(names) == 1 else 'differ'}")
+        if "extra" in by:
+            names = by["extra"]
+            clauses.append(f"{_join(names)} {'is' if len(names) == 1 else 'are'} new")
+        if "missing" in by:
+            names = by["missing"]
+            clauses.append(
+                f"{_join(names)} {'is' if len(names) == 1 else 'are'} not given (the recorded "
+                "call had it)"
+            )
+        if "unknown" in by:
+            names = by["unknown"]
+            clauses.append(f"{_join(names)} cannot be compared (no digest)")
+        head = "; ".join(clauses)
+        link = "from" if len(clauses) == 1 and "differs" in by else "compared with"
+        return _with_note(f"{head} {link} {nearest} ({tally})", self.note)
+
+
+def _with_note(msg: str, note: str) -> str:
+    return f"{msg} ({note})" if note else msg
+
+
+def _join(names: Sequence[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "at an unknown time"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class _FuncName:
+    """Stands in for a function known only by its recorded ``module.qualname``."""
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.__module__ = module
+        self.__qualname__ = qualname
+
+
+def func_name(func: object) -> str:
+    """``"module.qualname"`` of ``func`` exactly as the Memoizer names it in records."""
+    if isinstance(func, str):
+        return func
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+
+
+def _candidate_keys(task: Mapping[str, Any]) -> set[bytes]:
+    """The task's possible keys (one per module/qualname split for a func given as str)."""
+    func = task.get("func")
+    if not isinstance(func, str):
+        return {hash_task(task)}
+    parts = func.split(".")
+    keys: set[bytes] = set()
+    for i in range(1, len(parts)):
+        shim = _FuncName(".".join(parts[:i]), ".".join(parts[i:]))
+        keys.add(hash_task({**task, "func": shim}))
+    return keys
+
+
+def _unpack_digests(raw: bytes) -> tuple[list[bytes], dict[str, bytes]] | None:
+    try:
+        pos, kw = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
+    except Exception:
+        return None
+    if type(pos) is not list or type(kw) is not dict:
+        return None
+    return pos, kw
+
+
+def _compare(
+    mine: tuple[list[bytes], dict[str, bytes]], theirs: tuple[list[bytes], dict[str, bytes]]
+) -> tuple[int, list[InputMatch]]:
+    out: list[InputMatch] = []
+    matched = 0
+
+    def one(name: str, a: bytes | None, b: bytes | None) -> None:
+        nonlocal matched
+        status: Status
+        if a is None:
+            status = "missing"
+        elif b is None:
+            status = "extra"
+        elif not a or not b or type(a) is not bytes or type(b) is not bytes:
+            status = "unknown"
+        elif a == b:
+            status = "match"
+            matched += 1
+        else:
+            status = "differs"
+        out.append(InputMatch(name, status))
+
+    pa, ka = mine
+    pb, kb = theirs
+    for i in range(max(len(pa), len(pb))):
+        one(f"args[{i}]", pa[i] if i < len(pa) else None, pb[i] if i < len(pb) else None)
+    for name in sorted(set(ka) | set(kb), key=str):
+        one(f"kwargs[{name!r}]", ka.get(name), kb.get(name))
+    return matched, out
+
+
+def explain(
+    task: Mapping[str, Any],
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    key: bytes | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Explanation:
+    """Say whether ``task`` is recorded in the checkpoints at ``paths`` and, if not, why.
+
+    Args:
+        task: a task mapping as given to the Memoizer (``func``, ``args``,
+            ``kwargs``, optionally ``ignore_for_cache`` and ``version``).
+            ``func`` may also be the recorded ``"module.qualname"`` string (the
+            CLI's way: the function need not be importable).
+        paths: runinfo roots, run directories, checkpoint directories or
+            segment files (e.g. ``get_all_checkpoints(...)``); paths that do
+            not exist or hold no checkpoints are skipped.
+        key: the task's key (raw or hex) when known; computed otherwise.
+        progress: called now and then with (bytes read, total bytes).
+
+    Returns:
+        An :class:`Explanation`; ``str()`` of it is one human sentence.
+
+    Synchronous (reads every segment once, about a second per million
+    records): call it via ``asyncio.to_thread`` from a coroutine. Thread-safe.
+    Raises ``TypeError`` for a task without ``func``; ``OSError`` only when a
+    segment cannot be read.
+    """
+    if "func" not in task:
+        raise TypeError("task has no 'func'")
+    name = func_name(task["func"])
+    note = ""
+    keys: set[bytes]
+    if key is not None:
+        keys = {bytes.fromhex(key) if isinstance(key, str) else bytes(key)}
+    else:
+        try:
+            keys = _candidate_keys(task)
+        except (UnhashableInputError, TypeError) as exc:
+            keys = set()
+            note = f"the task's key cannot be computed: {exc}"
+    mine = _unpack_digests(arg_digests(task))
+    assert mine is not None  # arg_digests always packs [list, dict]
+
+    segments = _all_segments(paths, strict=False)
+    sizes = []
+    for s in segments:
+        try:
+            sizes.append(s.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    total_bytes = sum(sizes)
+    done_bytes = 0
+
+    hit_rec = None
+    scanned = 0
+    of_func = 0
+    with_digests = 0
+    best: tuple[int, float] | None = None
+    best_rec = None
+    best_inputs: list[InputMatch] = []
+    names: set[str] = set()
+    parsed: dict[bytes, tuple[list[bytes], dict[str, bytes]] | None] = {}
+    for seg, size in zip(segments, sizes, strict=True):
+        for item in iter_segment(seg, verify_records=False):
+            if not isinstance(item, RecordInfo):
+                continue
+            rec = item.record
+            scanned += 1
+            if progress is not None and not scanned & 0x3FFF:
+                progress(done_bytes + item.offset, total_bytes)
+            if rec.key in keys:
+                hit_rec = rec
+            if rec.func != name:
+                if len(names) < 10_000:
+                    names.add(rec.func)
+                continue
+            of_func += 1
+            if not rec.digests:
+                continue
+            with_digests += 1
+            if rec.digests in parsed:
+                theirs = parsed[rec.digests]
+            else:
+                theirs = parsed[rec.digests] = _unpack_digests(rec.digests)
+            if theirs is None:
+                continue
+            matched, inputs = _compare(mine, theirs)
+            score = (matched, rec.time)
+            if best is None or score >= best:
+                best, best_rec, best_inputs = score, rec, inputs
+        done_bytes += size
+    if progress is not None:
+        progress(total_bytes, total_bytes)
+
+    task_key = None
+    if len(keys) == 1:
+        task_key = next(iter(keys)).hex()
+    elif hit_rec is not None:
+        task_key = hit_rec.key.hex()
+    similar: tuple[str, ...] = ()
+    if not of_func and names:
+        similar = tuple(difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6))
+    if hit_rec is not None:
+        theirs_hit = _unpack_digests(hit_rec.digests) if hit_rec.digests else None
+        inputs = _compare(mine, theirs_hit)[1] if theirs_hit is not None else []
+        return Explanation(
+            hit=True,
+            func=name,
+            key=task_key,
+            nearest_time=hit_rec.time,
+            nearest_key=hit_rec.key.hex(),
+            inputs=tuple(inputs),
+            matched=sum(1 for i in inputs if i.status == "match"),
+            records_of_func=of_func,
+            records_with_digests=with_digests,
+            records_scanned=scanned,
+            note=note,
+        )
+    return Explanation(
+        hit=False,
+        func=name,
+        key=task_key,
+        nearest_time=best_rec.time if best_rec is not None else None,
+        nearest_key=best_rec.key.hex() if best_rec is not None else None,
+        inputs=tuple(best_inputs),
+        matched=best[0] if best is not None else 0,
+        records_of_func=of_func,
+        records_with_digests=with_digests,
+        records_scanned=scanned,
+        similar_funcs=similar,
+        note=note,
+    )
