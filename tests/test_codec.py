@@ -194,7 +194,7 @@ json_like = st.recursive(
     max_leaves=20,
 )
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---------------------------------------------------------------------------
 # round trips
@@ -212,7 +212,7 @@ def test_roundtrip_json_like(value: Any) -> None:
     roundtrip(value)
 
 
-@FAST
+@settings(FAST, max_examples=60)
 @given(st.dictionaries(hashables, values, max_size=5))
 def test_dict_keys_of_any_hashable_type_keep_order(value: dict[Any, Any]) -> None:
     back = roundtrip(value)
@@ -486,7 +486,7 @@ def test_decode_random_bytes(data: bytes) -> None:
     _assert_data_or_codec_error(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values, st.data())
 def test_decode_mutated_encodings(value: Any, data: st.DataObject) -> None:
     raw = bytearray(encode(value))
