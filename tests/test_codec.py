@@ -719,3 +719,20 @@ def test_signalling_nan_decimal_and_nan_keys() -> None:
     nan_a, nan_b = float("nan"), float("nan")
     back = roundtrip({nan_a: 1, nan_b: 2})
     assert len(back) == 2 and all(math.isnan(k) for k in back)
+
+
+def test_deep_caller_stack_gives_unencodable_not_recursion_error() -> None:
+    value: Any = 0
+    for _ in range(MAX_DEPTH):
+        value = (value,)
+
+    def recurse(n: int) -> bytes:
+        return recurse(n - 1) if n else encode(value)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(250)
+    try:
+        with pytest.raises(UnencodableResultError, match="too deeply nested"):
+            recurse(50)
+    finally:
+        sys.setrecursionlimit(limit)

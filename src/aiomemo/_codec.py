@@ -252,12 +252,19 @@ def encode(obj: object) -> bytes:
     a cycle, or nesting deeper than :data:`MAX_DEPTH`. Thread-safe.
     """
     t = type(obj)
-    if t in _LEAVES or ((t is list or t is dict) and _plain(obj, 1)):
-        try:
-            return _pack(obj)
-        except UnicodeEncodeError:
-            return _encode_walk(obj, True)
-    return _encode_walk(obj, False)
+    try:
+        if t in _LEAVES or ((t is list or t is dict) and _plain(obj, 1)):
+            try:
+                return _pack(obj)
+            except UnicodeEncodeError:
+                return _encode_walk(obj, True)
+        return _encode_walk(obj, False)
+    except RecursionError:  # called from an already deep stack
+        raise UnencodableResultError(
+            f"cannot encode {_type_name(t)} at result: too deeply nested for the "
+            "current Python stack",
+            type_name=_type_name(t),
+        ) from None
 
 
 def _encode_walk(obj: object, surrogates: bool) -> bytes:
