@@ -1,0 +1,1061 @@
+"""The ``aiomemo`` command (also ``python -m aiomemo``).
+
+Subcommands: ``demo``, ``inspect``, ``verify``, ``compact``, ``explain`` and
+``import-parsl``; ``aiomemo SUBCOMMAND --help`` describes each. A PATH may be
+a runinfo root (numbered run dirs), a run dir (holding ``checkpoint/``), a
+checkpoint dir or a segment file.
+
+Exit codes: 0 success; 1 a finding (damaged records, or data that could not
+be converted); 2 a usage or input error (a missing path, a directory with no
+checkpoints, a file that is not aiomemo's, a refused operation). Errors are
+one line on stderr. ``--json`` prints one JSON document on stdout. Progress
+bars go to stderr, only when it is a terminal.
+
+Everything here is synchronous (plain file I/O) except ``demo``, which runs
+its workflow with :func:`asyncio.run`. :func:`main` takes an argv list and
+returns the exit code, so tests and other programs can call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import pickle
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from aiomemo import _codec
+from aiomemo._checkpoint import (
+    SEGMENT_SUFFIX,
+    BadSpan,
+    RecordInfo,
+    _file_header,
+    encode_batch,
+    is_segment_in_use,
+    iter_segment,
+)
+from aiomemo._explain import CheckpointPathError, ResolvedPath, explain, find_segments
+from aiomemo._rundir import ensure_dir, get_all_checkpoints, make_run_dir
+from aiomemo.stores._base import Record
+
+__all__ = ["CliError", "Progress", "compact", "import_parsl", "main"]
+
+_PROG = "aiomemo"
+_WRITE_CHUNK = 10_000  # records per batch when rewriting segments
+_TMP_PREFIX = ".compact-"
+
+
+class CliError(Exception):
+    """An error the command reports as one line on stderr, with exit ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------
+# Progress and formatting
+# --------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only on a terminal.
+
+    Nothing is drawn during the first 0.3 s (short jobs stay silent) and at
+    most 10 times a second; :meth:`close` erases the line.
+    """
+
+    def __init__(self, label: str, *, stream: IO[str] | None = None) -> None:
+        """``label`` starts the line; ``stream`` defaults to ``sys.stderr``."""
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(isatty and isatty())
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._shown = False
+
+    def update(self, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` bytes."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._start < 0.3 or now - self._last < 0.1:
+            return
+        self._last = now
+        frac = min(1.0, done / total) if total else 1.0
+        bar = "#" * int(frac * 30)
+        self.stream.write(
+            f"\r{self.label} [{bar:<30}] {frac:4.0%} {_size(done)} / {_size(total)}\x1b[K"
+        )
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        """Erase the bar (if it was drawn)."""
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    try:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _emit_json(obj: object) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _resolve(paths: Sequence[str]) -> list[ResolvedPath]:
+    out = []
+    for p in paths:
+        r = find_segments(p, strict=True)
+        assert r is not None  # strict: raises instead
+        out.append(r)
+    return out
+
+
+def _total_size(segments: Sequence[Path]) -> int:
+    total = 0
+    for s in segments:
+        with contextlib.suppress(OSError):
+            total += s.stat().st_size
+    return total
+
+
+def _scan(
+    segments: Sequence[Path], *, verify_records: bool, progress: Progress | None
+) -> Iterator[tuple[Path, int, RecordInfo | BadSpan]]:
+    """(segment, its index, item) for every record and bad span, in load order."""
+    total = _total_size(segments) if progress is not None else 0
+    base = 0
+    n = 0
+    for i, seg in enumerate(segments):
+        for item in iter_segment(seg, verify_records=verify_records):
+            n += 1
+            if progress is not None and not n & 0x3FFF:
+                progress.update(base + item.offset, total)
+            yield seg, i, item
+        if progress is not None:
+            base += _total_size([seg])
+            progress.update(base, total)
+
+
+# --------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _SegStats:
+    path: Path
+    size: int = 0
+    records: int = 0
+    recovered: int = 0
+    bad_spans: int = 0
+    lost: int = 0
+    first: float | None = None
+    last: float | None = None
+    in_use: bool = False
+
+
+@dataclass(slots=True)
+class _FuncStats:
+    records: int = 0
+    value_bytes: int = 0
+    record_bytes: int = 0
+    keys: set[bytes] = field(default_factory=set)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    resolved = _resolve(args.paths)
+    segments = [s for r in resolved for s in r.segments]
+    segs = [_SegStats(s, _total_size([s]), in_use=is_segment_in_use(s)) for s in segments]
+    funcs: dict[str, _FuncStats] = {}
+    keys: set[bytes] = set()
+    records = recovered = with_digests = parsl = 0
+    first: float | None = None
+    last: float | None = None
+    problems: list[dict[str, Any]] = []
+    progress = Progress("inspect")
+    try:
+        for seg, i, item in _scan(segments, verify_records=False, progress=progress):
+            st = segs[i]
+            if isinstance(item, BadSpan):
+                st.bad_spans += 1
+                st.lost += item.lost
+                problems.append(_span_dict(seg, item, st.in_use))
+                continue
+            rec = item.record
+            records += 1
+            st.records += 1
+            if item.recovered:
+                recovered += 1
+                st.recovered += 1
+            keys.add(rec.key)
+            f = funcs.get(rec.func)
+            if f is None:
+                f = funcs[rec.func] = _FuncStats()
+            f.records += 1
+            f.value_bytes += len(rec.value)
+            f.record_bytes += item.length
+            f.keys.add(rec.key)
+            if rec.digests:
+                with_digests += 1
+            if len(rec.key) == 16:
+                parsl += 1
+            t = rec.time
+            if st.first is None or t < st.first:
+                st.first = t
+            if st.last is None or t > st.last:
+                st.last = t
+    finally:
+        progress.close()
+    for st in segs:
+        if st.first is not None and (first is None or st.first < first):
+            first = st.first
+        if st.last is not None and (last is None or st.last > last):
+            last = st.last
+    report: dict[str, Any] = {
+        "paths": [{"path": os.fspath(r.path), "kind": r.kind} for r in resolved],
+        "checkpoint_dirs": sorted({os.fspath(d) for r in resolved for d in r.checkpoint_dirs}),
+        "segments": len(segs),
+        "segments_in_use": sum(s.in_use for s in segs),
+        "bytes": sum(s.size for s in segs),
+        "records": records,
+        "unique_keys": len(keys),
+        "recovered_records": recovered,
+        "records_with_digests": with_digests,
+        "parsl_records": parsl,
+        "first_time": first,
+        "last_time": last,
+        "first_time_iso": _iso(first),
+        "last_time_iso": _iso(last),
+        "bad_spans": sum(s.bad_spans for s in segs),
+        "skipped_records": sum(s.lost for s in segs),
+        "problems": problems,
+        "functions": {
+            name: {
+                "records": f.records,
+                "unique_keys": len(f.keys),
+                "value_bytes": f.value_bytes,
+                "record_bytes": f.record_bytes,
+            }
+            for name, f in sorted(funcs.items(), key=lambda kv: (-kv[1].records, kv[0]))
+        },
+        "segment_list": [
+            {
+                "path": os.fspath(s.path),
+                "bytes": s.size,
+                "records": s.records,
+                "recovered_records": s.recovered,
+                "bad_spans": s.bad_spans,
+                "skipped_records": s.lost,
+                "in_use": s.in_use,
+                "first_time": s.first,
+                "last_time": s.last,
+            }
+            for s in segs
+        ],
+    }
+    if args.json:
+        _emit_json(report)
+    else:
+        _print_inspect(report)
+    return 0
+
+
+def _print_inspect(r: dict[str, Any]) -> None:
+    for p in r["paths"]:
+        print(f"{p['path']} ({p['kind']})")
+    in_use = f" ({r['segments_in_use']} open in a writer)" if r["segments_in_use"] else ""
+    rows = [
+        ("segments", f"{r['segments']:,}{in_use} in {len(r['checkpoint_dirs'])} checkpoint dir(s)"),
+        ("bytes", f"{r['bytes']:,} ({_size(r['bytes'])})"),
+        ("records", f"{r['records']:,}"),
+        ("unique keys", f"{r['unique_keys']:,}"),
+        ("with digests", f"{r['records_with_digests']:,} (explain can name changed inputs)"),
+    ]
+    if r["parsl_records"]:
+        rows.append(("parsl keys", f"{r['parsl_records']:,} (imported from Parsl)"))
+    if r["first_time_iso"]:
+        rows.append(("time range", f"{r['first_time_iso']} .. {r['last_time_iso']}"))
+    rows.append(
+        (
+            "damaged",
+            f"{r['bad_spans']} span(s), {r['skipped_records']} record(s) skipped, "
+            f"{r['recovered_records']} recovered from damaged batches",
+        )
+    )
+    for k, v in rows:
+        print(f"  {k:<13} {v}")
+    if r["functions"]:
+        print(f"  {'records':>10} {'unique':>10} {'value bytes':>12}  function")
+        for name, f in r["functions"].items():
+            print(f"  {f['records']:>10,} {f['unique_keys']:>10,} {f['value_bytes']:>12,}  {name}")
+    for p in r["problems"][:20]:
+        print(f"  ! {p['path']}: offset {p['offset']}: {p['reason']}")
+    if len(r["problems"]) > 20:
+        print(f"  ! ... {len(r['problems']) - 20} more (see `aiomemo verify`)")
+
+
+def _span_dict(seg: Path, span: BadSpan, in_use: bool) -> dict[str, Any]:
+    return {
+        "path": os.fspath(seg),
+        "offset": span.offset,
+        "length": span.length,
+        "reason": span.reason,
+        "lost": span.lost,
+        "torn": span.torn,
+        # a torn tail in a segment a writer holds open is a write in flight
+        "in_flight": bool(span.torn and in_use),
+    }
+
+
+# --------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    resolved = _resolve(args.paths)
+    segments = [s for r in resolved for s in r.segments]
+    in_use = {s: is_segment_in_use(s) for s in segments}
+    bad: list[dict[str, Any]] = []
+    in_flight: list[dict[str, Any]] = []
+    records = 0
+    progress = Progress("verify")
+    try:
+        for seg, _i, item in _scan(segments, verify_records=True, progress=progress):
+            if isinstance(item, BadSpan):
+                d = _span_dict(seg, item, in_use[seg])
+                (in_flight if d["in_flight"] else bad).append(d)
+                continue
+            records += 1
+            if args.decode:
+                try:
+                    _codec.decode(item.record.value)
+                except _codec.CodecError as exc:
+                    bad.append(
+                        {
+                            "path": os.fspath(seg),
+                            "offset": item.offset,
+                            "length": item.length,
+                            "reason": f"record {item.record.key.hex()}: value does not decode: "
+                            f"{exc}",
+                            "lost": 1,
+                            "torn": False,
+                            "in_flight": False,
+                        }
+                    )
+    finally:
+        progress.close()
+    report = {
+        "ok": not bad,
+        "segments": len(segments),
+        "records": records,
+        "bad": bad,
+        "in_flight": in_flight,
+        "lost_records": sum(b["lost"] for b in bad),
+    }
+    if args.json:
+        _emit_json(report)
+    else:
+        for b in bad:
+            print(f"{b['path']}: offset {b['offset']} ({b['length']} bytes): {b['reason']}")
+        for b in in_flight:
+            print(
+                f"{b['path']}: offset {b['offset']}: tail still being written "
+                "(the segment is open in a writer); not counted"
+            )
+        verdict = "OK" if not bad else f"BAD: {len(bad)} damaged span(s)"
+        print(f"{verdict}: {records:,} sound records in {len(segments)} segment(s)")
+    return 0 if not bad else 1
+
+
+# --------------------------------------------------------------------------
+# compact
+# --------------------------------------------------------------------------
+
+
+def _segment_name() -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"seg-{stamp}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
+
+
+def _compacted_name(last: Path) -> str:
+    # Sorts right after the newest segment it replaces ("~" > "."), so it keeps
+    # that segment's place in load order: segments a writer starts later still
+    # sort (and override) after it. Repeated compactions sort later each time.
+    base = last.name[: -len(SEGMENT_SUFFIX)].split("~", 1)[0]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{base}~compacted-{stamp}{SEGMENT_SUFFIX}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp_segment(directory: Path, records: Sequence[Record]) -> tuple[Path, int, int]:
+    """Write ``records`` as a segment to a temp file in ``directory``; fsync it.
+
+    Returns (temp path, open fd holding an exclusive flock on it, size). The
+    temp name starts with a dot, so loaders never read it.
+    """
+    tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.write(_file_header())
+            for i in range(0, len(records), _WRITE_CHUNK):
+                f.write(encode_batch(records[i : i + _WRITE_CHUNK]))
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp, fd, size
+
+
+def _check_written(path: Path, expected: int) -> None:
+    """Read a freshly written segment back: every record sound, none missing."""
+    n = 0
+    for item in iter_segment(path, verify_records=True):
+        if isinstance(item, BadSpan):
+            raise CliError(f"{path}: the new segment reads back damaged ({item.reason})")
+        n += 1
+    if n != expected:
+        raise CliError(f"{path}: the new segment holds {n} records, not {expected}")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give the temp segment its real name, durably."""
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _remove_old(segments: Sequence[Path], directory: Path) -> None:
+    """Delete the segments the compacted one replaces, then fsync the directory."""
+    for s in segments:
+        with contextlib.suppress(FileNotFoundError):
+            s.unlink()
+    _fsync_dir(directory)
+
+
+def _remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files of compactions that died (no process holds their lock)."""
+    removed = []
+    for p in directory.glob(f"{_TMP_PREFIX}*.tmp"):
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a compaction in progress
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock_segments(segments: Sequence[Path]) -> list[int]:
+    """Take an exclusive flock on every segment (so no writer holds one); refuse otherwise."""
+    fds: list[int] = []
+    try:
+        for s in segments:
+            if is_segment_in_use(s):
+                raise CliError(
+                    f"{s}: a writer holds this segment open (a run is still checkpointing "
+                    "here); compact once it has finished, or use -o OUT to write a copy"
+                )
+            fd = os.open(s, os.O_RDONLY)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CliError(
+                    f"{s}: another process holds this segment (a writer or another "
+                    "compaction); try again later"
+                ) from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def compact(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    drop_damaged: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Rewrite the segments under ``path`` as one segment, newest record per key.
+
+    "Newest" is load order: a later segment's record for a key wins, exactly
+    as loading picks it, so the compacted segment loads to the same table.
+
+    In place (``out`` None; ``path`` must resolve to one checkpoint dir):
+    refuses (:class:`CliError`, code 2) while any segment is open in a writer,
+    then locks every segment, writes the new segment to a temp file in the
+    same dir, fsyncs it, reads it back, renames it into place, fsyncs the dir,
+    and only then deletes the old segments. A crash at any step leaves either
+    the old segments alone (plus an ignored temp file, removed by the next
+    compaction) or old and new segments that load to the same table.
+
+    With ``out`` (a checkpoint dir, created if missing) the new segment is
+    written there the same atomic way and the input is left alone.
+
+    Damaged spans make it refuse (code 1) unless ``drop_damaged``: the
+    compacted segment then holds what loads today, and the damaged bytes are
+    gone with the old segments. Returns a JSON-ready summary.
+    """
+    resolved = find_segments(path, strict=True)
+    assert resolved is not None
+    segments = list(resolved.segments)
+    shown = os.fspath(path)
+    if out is None:
+        if resolved.kind == "segment" or len(resolved.checkpoint_dirs) != 1:
+            what = "a segment file" if resolved.kind == "segment" else "several checkpoint dirs"
+            raise CliError(
+                f"{shown}: is {what}; compacting in place needs one checkpoint dir "
+                "(or run dir): pass it, or write a copy with -o OUT"
+            )
+        target = resolved.checkpoint_dirs[0]
+        _remove_stale_temps(target)
+        fds = _lock_segments(segments)
+    else:
+        target = Path(out)
+        if target.exists() and not target.is_dir():
+            raise CliError(f"{os.fspath(out)}: exists and is not a directory")
+        ensure_dir(target)
+        fds = []
+    try:
+        table: dict[bytes, Record] = {}
+        bad: list[BadSpan] = []
+        records_in = 0
+        for _seg, _i, item in _scan(segments, verify_records=True, progress=progress):
+            if isinstance(item, BadSpan):
+                bad.append(item)
+            else:
+                records_in += 1
+                table[item.record.key] = item.record
+        if progress is not None:
+            progress.close()
+        if bad and not drop_damaged:
+            lost = sum(b.lost for b in bad)
+            raise CliError(
+                f"{shown}: {len(bad)} damaged span(s) ({lost} record(s) lost) found; "
+                "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
+                code=1,
+            )
+        records = list(table.values())
+        bytes_in = _total_size(segments)
+        tmp, tmp_fd, size = _write_temp_segment(target, records)
+        try:
+            try:
+                _check_written(tmp, len(records))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            final = target / (_segment_name() if out is not None else _compacted_name(segments[-1]))
+            _publish(tmp, final)
+            removed: list[Path] = []
+            if out is None:
+                old = [s for s in segments if s != final]
+                _remove_old(old, target)
+                removed = old
+        finally:
+            os.close(tmp_fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {
+        "input": shown,
+        "output": os.fspath(final),
+        "in_place": out is None,
+        "segments_in": len(segments),
+        "records_in": records_in,
+        "records_out": len(records),
+        "bytes_in": bytes_in,
+        "bytes_out": size,
+        "damaged_spans_dropped": len(bad),
+        "removed": [os.fspath(p) for p in removed],
+    }
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    progress = Progress("compact")
+    try:
+        summary = compact(args.path, args.output, drop_damaged=args.drop_damaged, progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(
+            f"compacted {summary['records_in']:,} records in {summary['segments_in']} segment(s) "
+            f"({_size(summary['bytes_in'])}) into {summary['records_out']:,} records "
+            f"({_size(summary['bytes_out'])}): {summary['output']}"
+        )
+        if summary["damaged_spans_dropped"]:
+            print(f"dropped {summary['damaged_spans_dropped']} damaged span(s)")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# explain
+# --------------------------------------------------------------------------
+
+
+def _json_arg(text: str | None, what: str, kind: type) -> Any:
+    if text is None:
+        return kind()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--{what}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if type(value) is not kind:
+        want = "a JSON array, e.g. '[1, \"a\"]'" if kind is list else "a JSON object"
+        raise CliError(f"--{what}: must be {want}, not {type(value).__name__}")
+    return value
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    resolved = _resolve(args.paths)
+    fargs = _json_arg(args.args, "args", list)
+    fkwargs = _json_arg(args.kwargs, "kwargs", dict)
+    key: bytes | None = None
+    if args.key is not None:
+        try:
+            key = bytes.fromhex(args.key)
+        except ValueError:
+            raise CliError(f"--key: not a hex string: {args.key!r}") from None
+        if len(key) not in (16, 32):
+            raise CliError(f"--key: a key is 64 hex digits (32 for a Parsl key), not {len(key)}")
+    task: dict[str, Any] = {"func": args.func, "args": fargs, "kwargs": fkwargs}
+    if args.ignore:
+        task["ignore_for_cache"] = list(args.ignore)
+    if args.version is not None:
+        try:
+            task["version"] = json.loads(args.version)
+        except json.JSONDecodeError:
+            task["version"] = args.version  # a plain string, e.g. --version v2
+    progress = Progress("explain")
+    try:
+        ex = explain(task, [r.path for r in resolved], key=key, progress=progress.update)
+    finally:
+        progress.close()
+    if args.json:
+        _emit_json(ex.to_dict())
+    else:
+        print(ex)
+        for i in ex.inputs:
+            print(f"  {i.name:<24} {i.status}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# import-parsl
+# --------------------------------------------------------------------------
+
+
+_PARSL_PICKLE = "tasks.pkl"
+
+
+def _find_pickles(path: Path) -> tuple[list[Path], Path | None]:
+    """The ``tasks.pkl`` files under ``path`` and the runinfo root (None if not a root)."""
+    if path.is_file():
+        if path.name != _PARSL_PICKLE:
+            raise CliError(f"{path}: not a Parsl checkpoint (expected {_PARSL_PICKLE})")
+        return [path], None
+    if (path / _PARSL_PICKLE).is_file():
+        return [path / _PARSL_PICKLE], None
+    if (path / "checkpoint" / _PARSL_PICKLE).is_file():
+        return [path / "checkpoint" / _PARSL_PICKLE], None
+    found = [Path(d) / _PARSL_PICKLE for d in get_all_checkpoints(path)]
+    return [p for p in found if p.is_file()], path
+
+
+@dataclass(slots=True)
+class _ImportCounts:
+    entries: int = 0
+    unencodable: int = 0
+    malformed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    types: dict[str, int] = field(default_factory=dict)
+
+
+def _read_pickle_stream(pkl: Path, counts: _ImportCounts, into: dict[bytes, Record]) -> None:
+    when = pkl.stat().st_mtime
+    size = pkl.stat().st_size
+    with open(pkl, "rb") as f:
+        while True:
+            at = f.tell()
+            try:
+                entry = pickle.load(f)  # the user passed --trust
+            except EOFError:
+                if at < size:
+                    counts.unreadable.append(f"{pkl}: offset {at}: cut short (torn tail)")
+                return
+            except Exception as exc:
+                counts.unreadable.append(
+                    f"{pkl}: offset {at}: cannot unpickle ({type(exc).__name__}: {exc}); "
+                    "the rest of the file is skipped"
+                )
+                return
+            counts.entries += 1
+            h = entry.get("hash") if isinstance(entry, dict) else None
+            if (
+                not isinstance(h, str)
+                or len(h) != 32
+                or entry.get("exception") is not None
+                or "result" not in entry
+            ):
+                counts.malformed += 1
+                continue
+            try:
+                key = bytes.fromhex(h)
+            except ValueError:
+                counts.malformed += 1
+                continue
+            try:
+                value = _codec.encode(entry["result"])
+            except _codec.UnencodableResultError as exc:
+                counts.unencodable += 1
+                tname = exc.type_name or type(entry["result"]).__name__
+                counts.types[tname] = counts.types.get(tname, 0) + 1
+                continue
+            into.pop(key, None)  # keep file order: the newest entry last
+            into[key] = Record(key=key, value=value, func="parsl:?", time=when)
+
+
+def import_parsl(
+    runinfo: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, trust: bool
+) -> dict[str, Any]:
+    """Convert Parsl's pickled ``tasks.pkl`` checkpoints into one aiomemo segment.
+
+    ``runinfo`` is a runinfo root (every ``NNN/checkpoint/tasks.pkl``, oldest
+    run first), a run or checkpoint dir, or a ``tasks.pkl``. Each entry
+    becomes a record keyed by Parsl's md5 (16 bytes; a Memoizer made with
+    ``parsl_keys=True`` looks misses up under it) with func ``"parsl:?"``
+    (Parsl does not record it) and the file's mtime as its time; a later
+    entry for a key replaces an earlier one, as Parsl's loader does. Results
+    aiomemo's codec refuses are skipped and counted by type.
+
+    Output: ``out`` (a checkpoint dir), or by default a new numbered run
+    ``<runinfo>/NNN/checkpoint`` so the Memoizer's default
+    ``get_all_checkpoints`` finds it. Written atomically (temp, fsync, rename).
+
+    Unpickling runs code from the file: without ``trust`` this raises
+    :class:`CliError` before opening any pickle.
+    """
+    root = Path(runinfo)
+    if not root.exists():
+        raise CliError(f"{os.fspath(runinfo)}: no such file or directory")
+    pickles, runinfo_root = _find_pickles(root)
+    if not pickles:
+        raise CliError(f"{os.fspath(runinfo)}: no Parsl checkpoint ({_PARSL_PICKLE}) found here")
+    if not trust:
+        raise CliError(
+            f"refusing to read {len(pickles)} Parsl pickle file(s) without --trust: unpickling "
+            "runs code stored in the file, so only import checkpoints you (or someone you "
+            "trust) wrote"
+        )
+    if out is None and runinfo_root is None:
+        raise CliError(
+            f"{os.fspath(runinfo)}: is not a runinfo root; say where the converted "
+            "checkpoint goes with -o OUT"
+        )
+    counts = _ImportCounts()
+    table: dict[bytes, Record] = {}
+    for pkl in pickles:
+        _read_pickle_stream(pkl, counts, table)
+    records = list(table.values())
+    if out is not None:
+        target = Path(out)
+        if target.exists() and not target.is_dir():
+            raise CliError(f"{os.fspath(out)}: exists and is not a directory")
+        ensure_dir(target)
+    else:
+        assert runinfo_root is not None
+        target = make_run_dir(runinfo_root) / "checkpoint"
+        ensure_dir(target)
+    final: Path | None = None
+    if records:
+        tmp, fd, _ = _write_temp_segment(target, records)
+        try:
+            _check_written(tmp, len(records))
+            final = target / _segment_name()
+            _publish(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        finally:
+            os.close(fd)
+    return {
+        "input": [os.fspath(p) for p in pickles],
+        "output_dir": os.fspath(target),
+        "segment": os.fspath(final) if final is not None else None,
+        "entries": counts.entries,
+        "imported": len(records),
+        "skipped_unencodable": counts.unencodable,
+        "unencodable_types": counts.types,
+        "skipped_malformed": counts.malformed,
+        "unreadable": counts.unreadable,
+    }
+
+
+def _cmd_import_parsl(args: argparse.Namespace) -> int:
+    summary = import_parsl(args.runinfo, args.output, trust=args.trust)
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(
+            f"imported {summary['imported']:,} records ({summary['entries']:,} entries in "
+            f"{len(summary['input'])} tasks.pkl) into {summary['output_dir']}"
+        )
+        if summary["skipped_unencodable"]:
+            types = ", ".join(f"{t} x{n}" for t, n in summary["unencodable_types"].items())
+            print(f"skipped {summary['skipped_unencodable']} result(s) the codec refuses: {types}")
+        if summary["skipped_malformed"]:
+            print(f"skipped {summary['skipped_malformed']} malformed entries")
+        for line in summary["unreadable"]:
+            print(f"! {line}")
+        print("load them with Memoizer(parsl_keys=True) (ParslMemoizer does so by itself)")
+    return 1 if summary["unreadable"] else 0
+
+
+# --------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from aiomemo._demo import format_report, run_demo
+
+    if args.tasks < 4:
+        raise CliError(f"--tasks: at least 4, not {args.tasks}")
+    if args.dir is None:
+        directory = tempfile.mkdtemp(prefix="aiomemo-demo-")
+    else:
+        directory = os.fspath(args.dir)
+        p = Path(directory)
+        if p.exists() and not p.is_dir():
+            raise CliError(f"{directory}: exists and is not a directory")
+    if not args.json:
+        print(f"runinfo directory: {directory}")
+        sys.stdout.flush()
+    result = asyncio.run(run_demo(directory, tasks=args.tasks))
+    if args.json:
+        _emit_json(result)
+    else:
+        print(format_report(result))
+        print(f"look at it: aiomemo inspect {directory}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# parser and entry point
+# --------------------------------------------------------------------------
+
+_PATH_HELP = (
+    "a runinfo root (numbered run dirs), a run dir (holding checkpoint/), "
+    "a checkpoint dir or a segment file"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line (plus the usage line argparse always gives), exit 2
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=_PROG,
+        description="Look after aiomemo checkpoints: inspect, verify, compact, explain "
+        "misses, import Parsl checkpoints, or run the demo.",
+        epilog="Exit codes: 0 success, 1 a finding (damaged records), 2 usage or input error.",
+    )
+    from aiomemo import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str, desc: str) -> Any:
+        p = sub.add_parser(name, help=help, description=desc)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return p
+
+    p = add(
+        "demo",
+        _cmd_demo,
+        "run a small workflow twice against one runinfo dir",
+        "Run a small async workflow (a few hundred tasks in a DAG, with duplicates) twice "
+        "against one runinfo directory: the first run computes and checkpoints on a 0.2 s "
+        "timer, the second loads the checkpoints and finishes from the memo.",
+    )
+    p.add_argument("--tasks", type=int, default=300, help="task calls per run (default 300)")
+    p.add_argument("--dir", help="runinfo directory (default: a fresh temp dir)")
+
+    p = add(
+        "inspect",
+        _cmd_inspect,
+        "summarise checkpoints",
+        "Segments, records, unique keys, bytes, per-function counts and sizes, time range, "
+        "and skipped (damaged) records.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help=_PATH_HELP)
+
+    p = add(
+        "verify",
+        _cmd_verify,
+        "check every record",
+        "Check every record's checksum (and that its value decodes). Exit 0 when all are "
+        "sound, 1 listing the file and offset of each damaged span.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help=_PATH_HELP)
+    p.add_argument(
+        "--no-decode",
+        dest="decode",
+        action="store_false",
+        help="check checksums only (skip decoding every value)",
+    )
+
+    p = add(
+        "compact",
+        _cmd_compact,
+        "rewrite into one segment, newest record per key",
+        "Rewrite a checkpoint dir into one segment holding the newest record per key, "
+        "atomically: the new segment is written to a temp file, fsynced, renamed into place "
+        "and the dir fsynced before the old segments are deleted. Refuses while a writer "
+        "holds a segment open.",
+    )
+    p.add_argument("path", metavar="PATH", help=_PATH_HELP)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="write the compacted segment into checkpoint dir OUT and leave PATH alone",
+    )
+    p.add_argument(
+        "--drop-damaged",
+        action="store_true",
+        help="compact even when damaged spans are found (keeps what loads today)",
+    )
+
+    p = add(
+        "explain",
+        _cmd_explain,
+        "why did a task miss? name the inputs that differ",
+        "Compare a call with the nearest recorded call of the same function and name the "
+        "inputs that differ. Arguments are JSON (ints, floats, strings, lists, objects, "
+        "null, booleans digest as the same Python values would; a Python tuple argument "
+        "is not a JSON list).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help=_PATH_HELP)
+    p.add_argument("--func", required=True, help='the function as recorded: "module.qualname"')
+    p.add_argument("--args", help="positional arguments as a JSON array, e.g. '[1, \"a\"]'")
+    p.add_argument("--kwargs", help="keyword arguments as a JSON object, e.g. '{\"n\": 3}'")
+    p.add_argument("--key", help="the task's key (hex), if known: decides hit or miss")
+    p.add_argument("--version", help="the version= given to memo.cached (JSON or a string)")
+    p.add_argument("--ignore", nargs="*", help="kwargs left out of the key (ignore_for_cache)")
+
+    p = add(
+        "import-parsl",
+        _cmd_import_parsl,
+        "convert Parsl tasks.pkl checkpoints (needs --trust)",
+        "Convert Parsl's pickled checkpoints (RUNINFO/NNN/checkpoint/tasks.pkl) into an "
+        "aiomemo segment keyed by Parsl's hashes (load with Memoizer(parsl_keys=True)). "
+        "Reading pickle runs code from the file, so this refuses without --trust.",
+    )
+    p.add_argument("runinfo", metavar="RUNINFO", help="Parsl's runinfo dir (or a run dir)")
+    p.add_argument(
+        "--trust", action="store_true", help="I trust these files: unpickling runs their code"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="checkpoint dir to write (default: a new numbered run dir under RUNINFO)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``aiomemo`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        code: int = args.handler(args)
+        sys.stdout.flush()
+        return code
+    except (CliError, CheckpointPathError) as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return exc.code if isinstance(exc, CliError) else 2
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not an error
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{_PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
