@@ -190,7 +190,8 @@ class Memoizer:
             imported from Parsl's checkpoints).
         max_pending: in ``'periodic'`` mode, drain early once this many
             records wait, so memory stays bounded.
-        lease_ttl: seconds a cross-process lease lives without renewal.
+        lease_ttl: seconds a cross-process lease lives without renewal
+            (default: the store's own ``lease_ttl``, else 30).
         explain: keep a short digest per argument in each record (8 bytes
             per argument, about 1 µs each when the result is recorded) so
             that ``explain`` can say which input changed; False saves both.
@@ -220,7 +221,7 @@ class Memoizer:
         collapse: bool = True,
         parsl_keys: bool = False,
         max_pending: int = 100_000,
-        lease_ttl: float = 30.0,
+        lease_ttl: float | None = None,
         explain: bool = True,
     ) -> None:
         if checkpoint_mode not in _MODES:
@@ -245,8 +246,6 @@ class Memoizer:
             self.checkpoint_files = files
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
-        if not lease_ttl > 0:
-            raise ValueError(f"lease_ttl must be positive, not {lease_ttl}")
         stores: list[Store]
         if store is None:
             stores = []
@@ -257,6 +256,11 @@ class Memoizer:
             for i, s in enumerate(stores):
                 if not isinstance(s, Store):
                     raise TypeError(f"store[{i}] is a {type(s).__name__}, not an aiomemo Store")
+        if lease_ttl is None:
+            ttls = [getattr(st, "lease_ttl", None) for st in stores]
+            lease_ttl = next((float(t) for t in ttls if isinstance(t, int | float)), 30.0)
+        if not lease_ttl > 0:
+            raise ValueError(f"lease_ttl must be positive, not {lease_ttl}")
         self.memoize = memoize
         self.collapse = collapse
         self.parsl_keys = parsl_keys
@@ -622,7 +626,14 @@ class Memoizer:
 
     async def _await_remote(self, store: Store, key: str, raw: bytes, flight: _Flight) -> None:
         try:
-            enc = await store.wait_for(raw, self.lease_ttl * 2)
+            while True:
+                # wait_for returns early with None only when the lease is gone;
+                # a None after the full wait means the holder is still running
+                window = max(self.lease_ttl * 2, 1.0)
+                t0 = time.monotonic()
+                enc = await store.wait_for(raw, window)
+                if enc is not None or time.monotonic() - t0 < window * 0.9:
+                    break
             if enc is None:
                 with contextlib.suppress(StoreError):
                     enc = await store.get(raw)
@@ -754,13 +765,14 @@ class Memoizer:
 
     async def _publish(self, store: Store, record: Record, key: str) -> None:
         try:
-            await store.put_many([record])
+            # the result and the lease's release in one step: waiters never
+            # see the lease gone without the result
+            await store.put_and_release(record, self._owner)
         except StoreError as exc:
             self._store_error(store, exc)
             for s in self._sinks:  # keep it for the drain to retry
                 if s.store is store:
                     s.queue.append(record)
-        finally:
             await self._release(store, key)
 
     async def _release(self, store: Store, key: str) -> None:

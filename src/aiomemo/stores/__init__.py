@@ -11,7 +11,7 @@ __all__ = ["LoadReport", "LogStore", "MemoryStore", "Record", "RedisStore", "Sto
 if TYPE_CHECKING:
     from aiomemo.stores._log import LogStore
     from aiomemo.stores._memory import MemoryStore
-    from aiomemo.stores._redis import RedisStore  # type: ignore[import-not-found,unused-ignore]
+    from aiomemo.stores._redis import RedisStore
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return MemoryStore
     if name == "RedisStore":
-        from aiomemo.stores._redis import RedisStore  # type: ignore[import-not-found,unused-ignore]
+        from aiomemo.stores._redis import RedisStore
 
         return RedisStore
     raise AttributeError(f"module 'aiomemo.stores' has no attribute {name!r}")

@@ -122,6 +122,16 @@ class Store(abc.ABC):
     async def release(self, key: bytes, owner: str) -> None:  # noqa: B027
         """Give the lease up (the task finished, failed or was cancelled)."""
 
+    async def put_and_release(self, record: Record, owner: str) -> bool:
+        """Store a leader's result and drop its lease (stores may do it atomically).
+
+        Returns whether the lease was still ``owner``'s. The default calls
+        :meth:`put_many` then :meth:`release`.
+        """
+        await self.put_many([record])
+        await self.release(record.key, owner)
+        return True
+
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:  # noqa: ASYNC109
         """Wait until ``key`` has a result (return it) or its lease is gone (None)."""
         return None
