@@ -268,7 +268,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _lock_exclusive(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        # Some network file systems have no flock. The segment is still ours
+        # alone (O_EXCL, unique name); only the "in use" hint for tools is lost.
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
 class SegmentWriter:
@@ -490,7 +496,10 @@ class SegmentWriter:
             self._closed = True
             f, self._file = self._file, None
             if f is not None:
-                await f.close()
+                try:
+                    await f.close()
+                except OSError as exc:  # e.g. NFS reporting a deferred write error
+                    raise CheckpointError(f"error closing {self._path}: {exc}") from exc
 
 
 def _consume_result(task: asyncio.Future[int]) -> None:
@@ -607,6 +616,17 @@ def _header_ok(raw: bytes) -> bool:
     )
 
 
+def _header_within(src: _Source, start: int, end: int) -> int:
+    """Offset of the first sound batch header that starts in ``[start, end)``, or -1."""
+    window = src.read(start, end - start + BATCH_HEADER_SIZE - 1)
+    i = window.find(BATCH_MAGIC)
+    while i != -1 and start + i < end:
+        if _header_ok(window[i : i + BATCH_HEADER_SIZE]):
+            return start + i
+        i = window.find(BATCH_MAGIC, i + 1)
+    return -1
+
+
 def _check_record(obj: Any, raw: memoryview) -> Record | None:
     """The record ``obj`` unpacked from ``raw`` if it is well-formed and its checksum verifies."""
     if type(obj) is not tuple or len(obj) != 6:
@@ -614,7 +634,7 @@ def _check_record(obj: Any, raw: memoryview) -> Record | None:
     key, value, func, when, digests, checksum = obj
     if not (
         type(key) is bytes
-        and key
+        and 0 < len(key) <= MAX_KEY_SIZE
         and type(value) is bytes
         and type(func) is str
         and type(when) is float
@@ -631,16 +651,88 @@ def _check_record(obj: Any, raw: memoryview) -> Record | None:
 
 
 def _unpacker(bio: io.BytesIO, limit: int) -> msgpack.Unpacker:
-    # Small read_size: a resync tries many candidate offsets and each attempt
-    # should cost little unless the record there is really that long.
     return msgpack.Unpacker(
         bio,
-        read_size=min(4096, max(1, limit)),
+        read_size=min(64 * 1024, max(1, limit)),
         use_list=False,
         raw=False,
         strict_map_key=False,
         max_buffer_size=max(1, limit),
     )
+
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_F64 = struct.Struct(">d")
+
+
+def _span(data: bytes, p: int, limit: int, *, text: bool) -> tuple[int, int] | None:
+    """(start, end) of the msgpack bin (or str, with ``text``) at ``p``, within ``limit``."""
+    if p >= limit:
+        return None
+    tag = data[p]
+    if text and 0xA0 <= tag <= 0xBF:
+        start, length = p + 1, tag & 0x1F
+    elif tag == (0xD9 if text else 0xC4):
+        if p + 2 > limit:
+            return None
+        start, length = p + 2, data[p + 1]
+    elif tag == (0xDA if text else 0xC5):
+        if p + 3 > limit:
+            return None
+        start, length = p + 3, _U16.unpack_from(data, p + 1)[0]
+    elif tag == (0xDB if text else 0xC6):
+        if p + 5 > limit:
+            return None
+        start, length = p + 5, _U32.unpack_from(data, p + 1)[0]
+    else:
+        return None
+    end = start + length
+    return (start, end) if end <= limit else None
+
+
+def _record_at(data: bytes, view: memoryview, pos: int, limit: int) -> tuple[Record, int] | None:
+    """The record starting at ``pos`` and its end, if well-formed with a verified checksum.
+
+    Parses the six msgpack headers by hand, so a candidate made of garbage
+    costs O(1) (every declared length is checked against ``limit`` before
+    anything is read or hashed) and only a well-formed one is hashed.
+    """
+    if pos + 2 > limit or data[pos] != 0x96:
+        return None
+    key = _span(data, pos + 1, limit, text=False)
+    if key is None or not 0 < key[1] - key[0] <= MAX_KEY_SIZE:
+        return None
+    value = _span(data, key[1], limit, text=False)
+    if value is None:
+        return None
+    func = _span(data, value[1], limit, text=True)
+    if func is None:
+        return None
+    t = func[1]
+    if t + 9 > limit or data[t] != 0xCB:
+        return None
+    digests = _span(data, t + 9, limit, text=False)
+    if digests is None:
+        return None
+    c = digests[1]
+    end = c + 2 + RECORD_CHECKSUM_SIZE
+    if end > limit or data[c : c + 2] != _CHECKSUM_BIN_HEADER:
+        return None
+    if blake3(view[pos : c + 2]).digest(RECORD_CHECKSUM_SIZE) != data[c + 2 : end]:
+        return None
+    try:
+        name = data[func[0] : func[1]].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    rec = Record(
+        key=data[key[0] : key[1]],
+        value=data[value[0] : value[1]],
+        func=name,
+        time=_F64.unpack_from(data, t + 1)[0],
+        digests=data[digests[0] : digests[1]],
+    )
+    return rec, end
 
 
 def _walk(
@@ -660,47 +752,25 @@ def _walk(
     """
     view = memoryview(data)
     n = len(data)
-    bio = io.BytesIO(data)
     pos = 0
-    if skip_array_header:
-        try:
-            up = _unpacker(bio, n)
-            up.read_array_header()
-            pos = up.tell()
-        except Exception:
-            pos = 0
+    if skip_array_header and n:
+        # the payload's array header: fixarray, array 16 or array 32
+        tag = data[0]
+        pos = 1 if 0x90 <= tag <= 0x9F else 3 if tag == 0xDC else 5 if tag == 0xDD else 0
     bad_from: int | None = None
     while pos < n:
-        if data[pos : pos + 2] != _RECORD_START:
-            if bad_from is None:
-                bad_from = pos
-            pos = data.find(_RECORD_START, pos + 1)
-            if pos == -1:
-                break
-        bio.seek(pos)
-        up = _unpacker(bio, n - pos)
-        start = pos
-        # Read records in sequence with one unpacker while they verify.
-        while start < n:
-            try:
-                obj = up.unpack()
-            except Exception:
-                break
-            end = pos + up.tell()
-            rec = _check_record(obj, view[start:end])
-            if rec is None:
-                break
+        found = _record_at(data, view, pos, n)
+        if found is not None:
+            rec, end = found
             if bad_from is not None:
-                yield (base + bad_from, base + start)
+                yield (base + bad_from, base + pos)
                 bad_from = None
-            yield RecordInfo(rec, base + start, end - start, batch_offset, recovered=True)
-            start = end
-        if start >= n:
-            pos = n
-            break
+            yield RecordInfo(rec, base + pos, end - pos, batch_offset, recovered=True)
+            pos = end
+            continue
         if bad_from is None:
-            bad_from = start
-        pos = data.find(_RECORD_START, start + 1)
+            bad_from = pos
+        pos = data.find(_RECORD_START, pos + 1)
         if pos == -1:
             break
     if bad_from is not None:
@@ -728,6 +798,14 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
                 pos = body_at + length
                 continue
             torn = len(payload) < length
+            # A sound batch header inside the claimed payload: this batch was cut
+            # short and another follows (e.g. a torn write, then a later append).
+            # The damage ends there; reading on from that header keeps every
+            # record of the next batch (a record walk across it could cut one).
+            inner = _header_within(src, body_at, body_at + len(payload))
+            if inner != -1:
+                payload = payload[: inner - body_at]
+                torn = False
             recovered = 0
             spans: list[tuple[int, int]] = []
             for item in _walk(payload, body_at, pos, skip_array_header=True):
