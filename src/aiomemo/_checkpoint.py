@@ -23,18 +23,29 @@ Byte layout (all integers little-endian)::
       16  16 payload digest   blake3(payload), first 16 bytes
       32  8  header digest    blake3(bytes 0..32 of this header), first 8 bytes
       40  .. payload          one msgpack array of ``count`` records
-    record (a msgpack array of 6; the first byte is therefore 0x96)
-      [key: bin, value: bin, func: str, time: float64, digests: bin,
+    record (a msgpack array of 6, so it starts 0x96 0xc4: fixarray 6, bin 8 key)
+      [key: bin 8 (1..255 bytes: 32 blake3, 16 imported Parsl md5),
+       value: bin, func: str, time: float64 (0xcb), digests: bin,
        checksum: bin 16 = blake3(every byte of the packed record before the
        checksum's own 16 bytes, i.e. including its 0xc4 0x10 bin header)]
 
 Loading a sound batch costs one blake3 call and one ``msgpack.unpackb`` (C);
 the per-record checksums are read only to recover what a damaged batch still
 holds: the record walk keeps every record whose own checksum verifies and
-resynchronises on the next byte 0x96 after garbage, and the batch walk
-resynchronises on the next batch magic whose header digest verifies. Loading
-never raises and never yields a value that was not written for its key; every
-problem becomes one line in :attr:`LoadReport.errors`.
+resynchronises on the next ``0x96 0xc4`` after garbage (candidates are parsed
+by hand, every declared length checked before anything is hashed, so garbage
+costs linear time), and the batch walk resynchronises on the next batch magic
+whose header digest verifies. A damaged *file* header is read on as format 1
+(every batch carries its own digests); only a sound header of another version
+stops the reader. Loading never raises and never yields a value that was not
+written for its key; every problem becomes one line in
+:attr:`LoadReport.errors`.
+
+Crash safety: a writer appends whole batches (``write`` loop, then ``fsync``
+when asked); a crash mid-batch leaves a torn tail that the reader reports and
+skips, keeping every complete record before it. A failed write is cut back
+(``ftruncate``) to the last complete batch, a failed ``fsync`` abandons the
+segment, so a retried batch is never half-present twice.
 
 Parsl's pickled ``tasks.pkl`` is never loaded here (unpickling runs code);
 ``aiomemo import-parsl --trust`` converts it.
@@ -114,6 +125,7 @@ MAX_BATCH_PAYLOAD: Final = 256 * 1024 * 1024
 _MAX_PAYLOAD_FIELD: Final = 0xFFFF_FFFF
 #: encode_batch runs on the event loop only below this many value bytes
 _INLINE_ENCODE_LIMIT: Final = 256 * 1024
+_INLINE_ENCODE_RECORDS: Final = 512
 _READ_BUFFER: Final = 1024 * 1024
 _SCAN_CHUNK: Final = 1024 * 1024
 
@@ -406,8 +418,10 @@ class SegmentWriter:
         """
         if not records:
             return 0
+        # Small batches are cheaper to encode here than a thread hop (~90 µs);
+        # big ones (many records or large values) go to a worker thread.
         total = sum(len(r.value) for r in records)
-        if total > _INLINE_ENCODE_LIMIT:
+        if total > _INLINE_ENCODE_LIMIT or len(records) > _INLINE_ENCODE_RECORDS:
             data = await asyncio.to_thread(encode_batch, records)
         else:
             data = encode_batch(records)
