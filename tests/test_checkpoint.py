@@ -542,3 +542,14 @@ async def test_verify_records_flags_a_bad_record_in_a_sound_batch(tmp_path: Path
     assert [type(i) for i in items] == [RecordInfo, BadSpan]
     assert [type(i) for i in iter_segment(seg, verify_records=False)] == [RecordInfo, RecordInfo]
     assert load_paths([seg]).table == {rec(1).key: rec(1).value, rec(2).key: rec(2).value}
+
+
+async def test_eager_create(tmp_path: Path) -> None:
+    """create(lazy=False) makes the locked segment at once, or raises CheckpointError."""
+    w = await SegmentWriter.create(tmp_path / "ck", lazy=False)
+    assert w.path is not None and w.path.exists() and is_segment_in_use(w.path)
+    await w.close()
+    assert load_paths([tmp_path / "ck"]).errors == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError):
+        await SegmentWriter.create(tmp_path / "file" / "ck", lazy=False)

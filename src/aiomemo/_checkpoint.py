@@ -324,11 +324,20 @@ class SegmentWriter:
 
     @classmethod
     async def create(cls, directory: str | os.PathLike[str], *, lazy: bool = True) -> SegmentWriter:
-        """A writer for ``directory``; with ``lazy=False`` the segment is created now."""
+        """A writer for ``directory``; with ``lazy=False`` the segment is created now.
+
+        Raises :class:`CheckpointError` (from the ``OSError``) when ``lazy=False``
+        and the directory or segment cannot be created.
+        """
         self = cls(directory)
         if not lazy:
             async with self._lock:
-                await self._open()
+                try:
+                    await self._open()
+                except OSError as exc:
+                    raise CheckpointError(
+                        f"could not create a checkpoint segment in {self._dir}: {exc}"
+                    ) from exc
         return self
 
     @property
