@@ -53,6 +53,7 @@ from typing import Any, Literal, TypeVar
 
 try:
     import parsl.dataflow.memoization as _parsl_memoization
+    from parsl.dataflow.errors import BadCheckpoint as _BadCheckpoint
     from parsl.dataflow.memoization import Memoizer as _ParslMemoizerBase
     from parsl.dataflow.taskrecord import TaskRecord
     from parsl.errors import ConfigurationError as _ParslConfigurationError
@@ -62,7 +63,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
         "install aiomemo with the parsl extra, e.g. pip install 'aiomemo[parsl]'"
     ) from _exc
 
-from aiomemo import _hashing
+from aiomemo import _checkpoint, _codec, _hashing, _rundir
 from aiomemo._exceptions import (
     CheckpointError,
     LeaderCancelledError,
@@ -152,6 +153,9 @@ _install_hook()
 # --------------------------------------------------------------------------
 
 _BASH_VERSION_PREFIX = "parsl.bash_app:"
+
+#: seconds the loop waits for more hits on loaded results before recording a batch
+_LEARN_DELAY = 0.02
 
 
 def _bash_app_version(func: object) -> str | None:
@@ -282,6 +286,31 @@ class _LoopThread:
 # --------------------------------------------------------------------------
 
 
+def _translate(exc: BaseException, hook_errors: list[BaseException]) -> BaseException:
+    """The error a task gets when its key cannot be made: Parsl's, where Parsl has one.
+
+    An error raised by a Parsl ``id_for_memo`` registration reaches the task
+    as itself (even if hashing wrapped it); an input nobody can key gives
+    :class:`ParslUnhashableInputError`, a ValueError as with Parsl.
+    """
+    if hook_errors and exc is not hook_errors[0]:
+        return hook_errors[0]
+    if isinstance(exc, UnhashableInputError) and not isinstance(exc, ValueError):
+        err = ParslUnhashableInputError(str(exc), where=exc.where, type_name=exc.type_name)
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
+    """Done callback of a call nobody waits for: log what went wrong, quietly at close."""
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None and not isinstance(exc, MemoizerClosedError):
+        logger.error("aiomemo call failed: %r", exc, exc_info=exc)
+
+
 def _settle(cf: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
     """Complete ``cf`` unless it is done already (a racing settle)."""
     try:
@@ -360,10 +389,22 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._followers: dict[str, list[concurrent.futures.Future[Any]]] = {}
         # keys whose record this run has written or queued already
         self._recorded: set[str] = set()
+        # the fast path: outcomes of finished tasks, (result, exception) by
+        # key, written on the loop thread, read by any thread without a hop
+        self._fast: dict[str, tuple[Any, BaseException | None]] = {}
+        # checkpoint records loaded at start (raw key -> encoded result),
+        # decoded on their first hit in the calling thread
+        self._loaded: dict[bytes, bytes] = {}
+        self._loaded_parsl_keys = False
+        self._fast_hits = 0
+        self._load_errors = 0
+        # loaded results used, on their way to the aiomemo Memoizer (under _lock)
+        self._learn_queue: list[tuple[dict[str, Any], Any]] = []
         self._completer: concurrent.futures.ThreadPoolExecutor | None = None
         self._timer: asyncio.Task[None] | None = None
         self._timer_stop: asyncio.Event | None = None
         self._early: asyncio.Future[None] | None = None
+        self._pass_lock: asyncio.Lock | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self, *, run_dir: str, config_run_dir: str) -> None:
@@ -382,18 +423,26 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._leaders = {}
         self._followers = {}
         self._recorded = set()
+        self._fast = {}
+        self._fast_hits = 0
+        self._learn_queue = []
+        self._pass_lock = None  # made on the new loop
+        try:
+            self._load(config_run_dir)
+        except BaseException:
+            self._state = "closed"
+            raise
         # 'periodic' is driven from here, so the passes are logged in Parsl's words
         mode = "manual" if self.checkpoint_mode == "periodic" else self.checkpoint_mode
         try:
             self._memo = Memoizer(
                 memoize=self.memoize,
-                checkpoint_files=self.checkpoint_files,
+                checkpoint_files=[],  # loaded above, served by the fast path
                 checkpoint_mode=mode,
                 run_dir=run_dir,
                 config_run_dir=config_run_dir,
                 store=self.store,
                 collapse=self.collapse,
-                parsl_keys=True,
             )
         except (ValueError, TypeError) as exc:
             self._state = "closed"
@@ -417,6 +466,41 @@ class ParslMemoizer(_ParslMemoizerBase):
             assert self._period_seconds is not None
             self._loop.call(self._start_timer(self._period_seconds))
 
+    def _load(self, config_run_dir: str) -> None:
+        """Load the checkpoints to start from (as BasicMemoizer: at start, all at once).
+
+        ``checkpoint_files`` as given, or with a mode set and none given,
+        every checkpoint under the config's run dir. A missing path raises
+        Parsl's BadCheckpoint; damaged records are skipped with a warning (the
+        good ones around them are kept).
+        """
+        self._loaded = {}
+        self._loaded_parsl_keys = False
+        self._load_errors = 0
+        if self.checkpoint_files is not None:
+            paths = [os.fspath(p) for p in self.checkpoint_files]
+        elif self.checkpoint_mode is not None:
+            paths = _rundir.get_all_checkpoints(config_run_dir)
+        else:
+            paths = []
+        for p in paths:
+            if not os.path.exists(p):
+                logger.error("Checkpoint file was not found: %s", p)
+                raise _BadCheckpoint(f"Checkpoint file was not found: {p}")
+        if not self.memoize or not paths:
+            return
+        for p in paths:
+            logger.info("Loading checkpoints from %s", p)
+        report = _checkpoint.load_paths(paths)
+        self._loaded = report.table
+        self._loaded_parsl_keys = any(len(k) == 16 for k in report.table)
+        self._load_errors = report.skipped
+        for line in report.errors:
+            logger.warning("%s", line)
+        logger.info(
+            "Completed loading checkpoints: %d records, %d tasks", report.records, len(report.table)
+        )
+
     def close(self) -> None:
         """Make the final checkpoint and stop the loop. Idempotent.
 
@@ -438,13 +522,11 @@ class ParslMemoizer(_ParslMemoizerBase):
                 loop.call(self._stop_timer())
             if self.checkpoint_mode is not None:
                 logger.info("Making final checkpoint")
-                try:
-                    self._log_pass(loop.call(memo.checkpoint_queue()))
-                except CheckpointError as exc:
-                    logger.error("Final checkpoint failed: %s", exc)
-            self._ensure_checkpoint_dir()
+            before = memo.stats().checkpointed
             try:
-                loop.call(memo.close())
+                # the Memoizer's close makes the final pass itself (after its
+                # drain's last pass: an extra pass here could race that one)
+                loop.call(self._close_memo())
             except CheckpointError as exc:
                 logger.error(
                     "aiomemo could not save %d checkpoint record(s) at close: %s",
@@ -453,6 +535,9 @@ class ParslMemoizer(_ParslMemoizerBase):
                 )
             except Exception:
                 logger.exception("aiomemo close failed")
+            if self.checkpoint_mode is not None:
+                self._log_pass(memo.stats().checkpointed - before)
+            self._ensure_checkpoint_dir()
         finally:
             loop.stop()
             with self._lock:
@@ -512,11 +597,122 @@ class ParslMemoizer(_ParslMemoizerBase):
             t["hashsum"] = None
             return None
         view = _view(task)
+        hit = self._fast_check(task, view)
+        if hit is not None:
+            return hit
         try:
             return loop.call(self._check(task, view))
         except (_LoopClosedError, MemoizerClosedError):
             t["hashsum"] = None
             return None
+
+    def _fast_check(
+        self, task: TaskRecord, view: dict[str, Any]
+    ) -> concurrent.futures.Future[Any] | None:
+        """Answer a hit on a finished task in the calling thread, without a hop to the loop.
+
+        None: not known to be finished (a miss, or in flight); the loop decides.
+        """
+        if not self._fast and not self._loaded:
+            return None
+        box: list[BaseException] = []
+        token = _hook_errors.set(box)
+        try:
+            raw = _hashing.hash_task(view)
+        except BaseException as exc:
+            raise _translate(exc, box) from None
+        finally:
+            _hook_errors.reset(token)
+        key = raw.hex()
+        outcome = self._fast.get(key)
+        if outcome is None:
+            outcome = self._from_loaded(view, raw, key)
+            if outcome is None:
+                return None
+        t: Any = task
+        t["hashsum"] = key
+        view["hashsum"] = key
+        logger.info("Task %s using result from cache", t.get("id"))
+        with self._lock:
+            self._fast_hits += 1
+        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        _settle(cf, outcome[0], outcome[1])
+        return cf
+
+    def _from_loaded(
+        self, view: dict[str, Any], raw: bytes, key: str
+    ) -> tuple[Any, BaseException | None] | None:
+        """A loaded checkpoint record for the task (its aiomemo key, or Parsl's), decoded."""
+        enc = self._loaded.get(raw)
+        if enc is None and self._loaded_parsl_keys:
+            try:
+                t: Any = dict(view)
+                t.pop("hashsum", None)
+                raw = bytes.fromhex(_parsl_memoization.make_hash(t))
+                enc = self._loaded.get(raw)
+            except Exception:  # Parsl cannot key it: no Parsl record either
+                enc = None
+        if enc is None:
+            # lost a race with a thread that just decoded it (see below)?
+            return self._fast.get(key)
+        try:
+            value = _codec.decode(enc)
+        except _codec.CodecError as exc:
+            logger.warning("checkpointed result for %s could not be decoded: %s", key, exc)
+            with self._lock:
+                self._load_errors += 1
+            self._loaded.pop(raw, None)
+            return None
+        outcome = self._fast.setdefault(key, (value, None))
+        self._loaded.pop(raw, None)  # held decoded from now on (set before popped)
+        # the aiomemo Memoizer learns it too, which (with a mode set) writes
+        # it into this run's checkpoint, as Parsl does for every task that
+        # used a result: get_last_checkpoint() then still finds it next time
+        view["hashsum"] = key
+        with self._lock:
+            self._learn_queue.append((view, outcome[0]))
+            first = len(self._learn_queue) == 1
+        loop = self._loop
+        if first and loop is not None:
+            # one hop for a whole burst of hits, not one per hit
+            with contextlib.suppress(_LoopClosedError):
+                loop.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
+        return outcome
+
+    async def _learn(self, delay: float = 0.0) -> None:
+        """Hand the loaded results used since the last call to the aiomemo Memoizer.
+
+        With a mode set, it writes them into this run's checkpoint (as Parsl
+        does for every task that used a result). Also called before every
+        checkpoint pass and before close, so none is left behind.
+        """
+        if delay:
+            await asyncio.sleep(delay)  # let a burst of hits gather into one batch
+        memo = self._memo
+        assert memo is not None
+        with self._lock:
+            batch, self._learn_queue = self._learn_queue, []
+        if not batch or memo.closed:
+            return
+        todo = []
+        for view, value in batch:
+            key = view["hashsum"]
+            if key not in self._recorded:
+                self._recorded.add(key)
+                todo.append(memo.update_memo_result(view, value))
+        if self.checkpoint_mode == "task_exit":
+            # concurrently: they share one group commit
+            results: list[Any] = await asyncio.gather(*todo, return_exceptions=True)
+        else:
+            results = []  # these do not wait for anything: no task each
+            for coro in todo:
+                try:
+                    await coro
+                except Exception as exc:
+                    results.append(exc)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, MemoizerClosedError):
+                logger.error("aiomemo could not record a result used from a checkpoint: %r", r)
 
     async def _check(
         self, task: TaskRecord, view: dict[str, Any]
@@ -529,13 +725,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         try:
             afut = await memo.check_memo(view)
         except BaseException as exc:
-            if box and exc is not box[0]:
-                raise box[0] from None  # the registration's own error, as Parsl
-            if isinstance(exc, UnhashableInputError) and not isinstance(exc, ValueError):
-                raise ParslUnhashableInputError(
-                    str(exc), where=exc.where, type_name=exc.type_name
-                ) from exc
-            raise
+            raise _translate(exc, box) from None
         finally:
             _hook_errors.reset(token)
         hashsum = view.get("hashsum")
@@ -553,7 +743,11 @@ class ParslMemoizer(_ParslMemoizerBase):
             if afut.cancelled():
                 _settle(cf, None, LeaderCancelledError("the memoized task was cancelled"))
             else:
-                _settle(cf, afut.result() if afut.exception() is None else None, afut.exception())
+                error = afut.exception()
+                value = afut.result() if error is None else None
+                _settle(cf, value, error)
+                if isinstance(hashsum, str):
+                    self._fast.setdefault(hashsum, (value, error))
             if (
                 self.checkpoint_mode is not None
                 and isinstance(hashsum, str)
@@ -631,10 +825,14 @@ class ParslMemoizer(_ParslMemoizerBase):
             return
         view = entry[1]
         try:
-            if loop.on_loop_thread():
-                loop.submit(self._record_outcome(view, result, exc))
-            else:
+            if self.checkpoint_mode == "task_exit" and exc is None and not loop.on_loop_thread():
+                # returns once the record is durable, as BasicMemoizer's write
                 loop.call(self._record_outcome(view, result, exc))
+            else:
+                # nothing to wait for: later calls queue behind it on the loop
+                loop.submit(self._record_outcome(view, result, exc)).add_done_callback(
+                    _log_failure
+                )
         except (_LoopClosedError, MemoizerClosedError):
             self._after_close(hashsum, result, exc)
         except Exception:
@@ -646,13 +844,22 @@ class ParslMemoizer(_ParslMemoizerBase):
     ) -> None:
         memo = self._memo
         assert memo is not None
-        if exc is not None:
-            await memo.update_memo_exception(view, exc)
-            return
         key = view.get("hashsum")
-        if isinstance(key, str):
-            self._recorded.add(key)
-        await memo.update_memo_result(view, result)
+        try:
+            if exc is not None:
+                await memo.update_memo_exception(view, exc)
+            else:
+                if isinstance(key, str):
+                    self._recorded.add(key)
+                await memo.update_memo_result(view, result)
+        except MemoizerClosedError:
+            if isinstance(key, str):  # closed under us: complete the followers anyway
+                threading.Thread(
+                    target=self._after_close, args=(key, result, exc), daemon=True
+                ).start()
+            return
+        if isinstance(key, str) and memo.memoize:
+            self._fast[key] = (result, exc)
         if self.checkpoint_mode == "task_exit":
             logger.debug("Task %s checkpointed", view.get("id"))
         elif self.checkpoint_mode == "periodic" and memo.stats().pending >= memo.max_pending:
@@ -668,7 +875,11 @@ class ParslMemoizer(_ParslMemoizerBase):
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
         """Log a checkpoint pass the way Parsl's BasicMemoizer does."""
-        self.checkpointed_tasks += count
+        memo = self._memo
+        # every record aiomemo wrote in this run (task_exit writes them as tasks end)
+        self.checkpointed_tasks = (
+            memo.stats().checkpointed if memo is not None else self.checkpointed_tasks + count
+        )
         if count == 0:
             if self.checkpointed_tasks == 0:
                 logger.warning(
@@ -679,13 +890,30 @@ class ParslMemoizer(_ParslMemoizerBase):
         else:
             logger.info("Done checkpointing %d tasks", count)
 
+    async def _close_memo(self) -> None:
+        memo = self._memo
+        assert memo is not None
+        async with self._pass_guard():
+            await self._learn()
+            await memo.close()
+
+    def _pass_guard(self) -> asyncio.Lock:
+        """One checkpoint pass at a time (timer, early drain, manual, close): on the loop."""
+        if self._pass_lock is None:
+            self._pass_lock = asyncio.Lock()
+        return self._pass_lock
+
     async def _pass(self) -> None:
         memo = self._memo
         assert memo is not None
-        try:
-            self._log_pass(await memo.checkpoint_queue())
-        except CheckpointError as exc:
-            logger.error("Checkpoint pass failed (records stay queued): %s", exc)
+        async with self._pass_guard():
+            if memo.closed:
+                return
+            await self._learn()
+            try:
+                self._log_pass(await memo.checkpoint_queue())
+            except CheckpointError as exc:
+                logger.error("Checkpoint pass failed (records stay queued): %s", exc)
 
     async def _start_timer(self, period: float) -> None:
         self._timer_stop = asyncio.Event()
@@ -736,4 +964,9 @@ class ParslMemoizer(_ParslMemoizerBase):
         memo = self._memo
         if memo is None:
             return None
-        return memo.stats()
+        st = memo.stats()
+        return st._replace(
+            hits=st.hits + self._fast_hits,
+            entries=st.entries + len(self._loaded),
+            load_errors=st.load_errors + self._load_errors,
+        )
