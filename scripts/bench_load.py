@@ -17,7 +17,8 @@ prints one JSON object:
 * ``fsync_write``: batches/s and records/s of ``write_batch(fsync=True)``
   with batches of ``--fsync-batch`` records (64) for ``--fsync-seconds``.
 
-Usage: ``python scripts/bench_load.py [--records 1000000] [--json-only]``.
+Usage: ``python scripts/bench_load.py [--records 1000000] [--load-batch 1024] [--repeat 3]``
+(JSON on stdout only, for the main benchmark to read).
 No psutil needed (reads /proc, Linux only).
 """
 
