@@ -178,6 +178,8 @@ def test_inspect_every_kind_of_path(capsys: pytest.CaptureFixture[str], runinfo:
         assert r["records"] == n
     code, r = run_json(capsys, "inspect", runinfo / "000", runinfo / "001")
     assert code == 0 and r["records"] == 36
+    code, r = run_json(capsys, "inspect", runinfo, runinfo / "000", seg)  # overlapping
+    assert code == 0 and r["records"] == 36 and r["segments"] == 3
     code, out, _ = run(capsys, "inspect", runinfo)
     assert code == 0
     assert "unique keys   35" in out and FUNC in out
@@ -386,6 +388,8 @@ def test_compact_to_output_leaves_input(capsys: pytest.CaptureFixture[str], runi
     assert code == 2 and "-o OUT" in one_line_error(err)
     code, _, err = run(capsys, "compact", list_segments(out)[0])
     assert code == 2 and "segment file" in one_line_error(err)
+    code, _, err = run(capsys, "compact", runinfo / "001", "-o", runinfo / "001" / "checkpoint")
+    assert code == 2 and "leave out -o" in one_line_error(err)
 
 
 def test_compact_damaged(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

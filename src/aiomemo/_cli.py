@@ -47,7 +47,13 @@ from aiomemo._checkpoint import (
     is_segment_in_use,
     iter_segment,
 )
-from aiomemo._explain import CheckpointPathError, ResolvedPath, explain, find_segments
+from aiomemo._explain import (
+    CheckpointPathError,
+    ResolvedPath,
+    explain,
+    find_segments,
+    unique_segments,
+)
 from aiomemo._rundir import ensure_dir, get_all_checkpoints, make_run_dir
 from aiomemo.stores._base import Record
 
@@ -197,7 +203,7 @@ class _FuncStats:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     resolved = _resolve(args.paths)
-    segments = [s for r in resolved for s in r.segments]
+    segments = unique_segments(resolved)
     segs = [_SegStats(s, _total_size([s]), in_use=is_segment_in_use(s)) for s in segments]
     funcs: dict[str, _FuncStats] = {}
     keys: set[bytes] = set()
@@ -347,7 +353,7 @@ def _span_dict(seg: Path, span: BadSpan, in_use: bool) -> dict[str, Any]:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     resolved = _resolve(args.paths)
-    segments = [s for r in resolved for s in r.segments]
+    segments = unique_segments(resolved)
     in_use = {s: is_segment_in_use(s) for s in segments}
     bad: list[dict[str, Any]] = []
     in_flight: list[dict[str, Any]] = []
@@ -587,6 +593,13 @@ def compact(
         target = Path(out)
         if target.exists() and not target.is_dir():
             raise CliError(f"{os.fspath(out)}: exists and is not a directory")
+        if target.is_dir() and any(
+            os.path.samefile(target, d) for d in resolved.checkpoint_dirs if d.is_dir()
+        ):
+            raise CliError(
+                f"{os.fspath(out)}: is the input's own checkpoint dir; to compact in place, "
+                "leave out -o"
+            )
         ensure_dir(target)
         fds = []
     try:
@@ -962,7 +975,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "timer, the second loads the checkpoints and finishes from the memo.",
     )
     p.add_argument("--tasks", type=int, default=300, help="task calls per run (default 300)")
-    p.add_argument("--dir", help="runinfo directory (default: a fresh temp dir)")
+    p.add_argument(
+        "--dir",
+        help="runinfo directory (default: a fresh temp dir); runs already in it are loaded too",
+    )
 
     p = add(
         "inspect",

@@ -45,6 +45,7 @@ __all__ = [
     "explain",
     "find_segments",
     "func_name",
+    "unique_segments",
 ]
 
 PathKind = Literal["segment", "checkpoint dir", "run dir", "runinfo root"]
@@ -159,13 +160,23 @@ def find_segments(path: str | os.PathLike[str], *, strict: bool = True) -> Resol
     return None
 
 
-def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
+def unique_segments(resolved: Iterable[ResolvedPath | None]) -> list[Path]:
+    """The segments of several resolved paths in order, each once (first place wins)."""
     out: list[Path] = []
-    for p in paths:
-        r = find_segments(p, strict=strict)
-        if r is not None:
-            out.extend(r.segments)
+    seen: set[str] = set()
+    for r in resolved:
+        if r is None:
+            continue
+        for s in r.segments:
+            real = os.path.realpath(s)
+            if real not in seen:
+                seen.add(real)
+                out.append(s)
     return out
+
+
+def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
+    return unique_segments(find_segments(p, strict=strict) for p in paths)
 
 
 # --------------------------------------------------------------------------
