@@ -553,3 +553,18 @@ async def test_eager_create(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError):
         await SegmentWriter.create(tmp_path / "file" / "ck", lazy=False)
+
+
+async def test_stamp_places_a_segment_in_load_order(tmp_path: Path) -> None:
+    """A writer given an older segment's stamp sorts before newer segments (for compaction)."""
+    old = await write_segment(tmp_path, [[rec(1, b"old")]])
+    await write_segment(tmp_path, [[rec(1, b"new")]])
+    stamp = ck.segment_stamp(old)
+    assert stamp is not None and ck.segment_stamp(tmp_path / "x.txt") is None
+    w = await SegmentWriter.create(tmp_path, stamp=stamp)
+    await w.write_batch([rec(1, b"compacted")], fsync=False)
+    await w.close()
+    old.unlink()
+    assert load_paths([tmp_path]).table[rec(1).key] == b"new"
+    with pytest.raises(ValueError):
+        await SegmentWriter.create(tmp_path, stamp="a-b")

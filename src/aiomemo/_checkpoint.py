@@ -95,6 +95,7 @@ __all__ = [
     "load_paths",
     "load_paths_async",
     "read_segment_header",
+    "segment_stamp",
 ]
 
 FILE_MAGIC: Final = b"\x89AMLOG\r\n"
@@ -265,10 +266,25 @@ def _file_header() -> bytes:
 # --------------------------------------------------------------------------
 
 
-def _segment_name() -> str:
+def _segment_name(stamp: str | None = None) -> str:
     # Fixed-width UTC time first, so that sorting names sorts segments by start.
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    if stamp is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"{_SEGMENT_PREFIX}{stamp}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
+
+
+def segment_stamp(path: str | os.PathLike[str]) -> str | None:
+    """The time stamp part of a segment's name (what it sorts by), or None.
+
+    A compaction tool that replaces segments should pass the stamp of the
+    first segment it replaces to ``SegmentWriter.create(..., stamp=...)``, so
+    that its output sorts where its inputs did (newer segments still override).
+    """
+    name = Path(path).name
+    if not (name.startswith(_SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
+        return None
+    stamp = name[len(_SEGMENT_PREFIX) :].split("-", 1)[0]
+    return stamp or None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -318,18 +334,26 @@ class SegmentWriter:
         self._closed = False
         self._synced_dirs = False
         self._created_dirs: list[Path] = []
+        self._stamp: str | None = None
         self.batches_written = 0
         self.records_written = 0
         self.bytes_written = 0
 
     @classmethod
-    async def create(cls, directory: str | os.PathLike[str], *, lazy: bool = True) -> SegmentWriter:
+    async def create(
+        cls, directory: str | os.PathLike[str], *, lazy: bool = True, stamp: str | None = None
+    ) -> SegmentWriter:
         """A writer for ``directory``; with ``lazy=False`` the segment is created now.
 
-        Raises :class:`CheckpointError` (from the ``OSError``) when ``lazy=False``
-        and the directory or segment cannot be created.
+        ``stamp`` replaces the UTC time at the front of the segment's name (see
+        :func:`segment_stamp`; no ``-`` in it). Raises :class:`CheckpointError`
+        (from the ``OSError``) when ``lazy=False`` and the directory or segment
+        cannot be created.
         """
+        if stamp is not None and (not stamp or "-" in stamp or "/" in stamp):
+            raise ValueError(f"bad segment stamp {stamp!r}")
         self = cls(directory)
+        self._stamp = stamp
         if not lazy:
             async with self._lock:
                 try:
@@ -359,7 +383,7 @@ class SegmentWriter:
         created = await asyncio.to_thread(ensure_dir, self._dir)
         self._created_dirs.extend(created)
         for _ in range(5):
-            name = _segment_name()
+            name = _segment_name(self._stamp)
             tmp = self._dir / f".{name}.tmp"
             try:
                 f = await aiofiles.open(tmp, "xb", buffering=0)
