@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -480,9 +481,10 @@ async def test_concurrent_writes_in_one_writer(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- many processes
 
 
-def _child_writer(directory: str, proc: int, n: int) -> None:
+def _child_writer(directory: str, proc: int, n: int, go: Any) -> None:
     async def run() -> None:
-        w = await SegmentWriter.create(directory)
+        w = await SegmentWriter.create(directory, lazy=False)
+        go.wait(30)  # all writers hold their segments open before anyone writes
         for lo in range(0, n, 10):
             await w.write_batch(
                 [rec(proc * 100_000 + i) for i in range(lo, min(n, lo + 10))], fsync=lo % 50 == 0
@@ -495,9 +497,15 @@ def _child_writer(directory: str, proc: int, n: int) -> None:
 def test_several_processes_one_directory(tmp_path: Path) -> None:
     """Processes writing one checkpoint dir at once each get a segment, and every record is there."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_child_writer, args=(str(tmp_path), p, 300)) for p in range(3)]
+    go = ctx.Event()
+    procs = [ctx.Process(target=_child_writer, args=(str(tmp_path), p, 300, go)) for p in range(3)]
     for p in procs:
         p.start()
+    deadline = 30.0
+    while deadline > 0 and sum(map(is_segment_in_use, list_segments(tmp_path))) < 3:
+        time.sleep(0.02)
+        deadline -= 0.02
+    go.set()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -510,8 +518,6 @@ def test_several_processes_one_directory(tmp_path: Path) -> None:
 
 def test_garbage_costs_linear_time(tmp_path: Path) -> None:
     """Megabytes of record-like garbage (huge declared lengths) load in well under a second each."""
-    import time
-
     header = ck._file_header()
     cases = {
         "random": os.urandom(2_000_000),
