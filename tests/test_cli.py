@@ -546,6 +546,33 @@ def test_import_parsl(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert code == 2 and "no such file" in one_line_error(err)
 
 
+def test_import_parsl_skips_an_entry_it_cannot_unpickle(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result whose class is not importable here costs that entry only."""
+    import types
+
+    gone = types.ModuleType("aiomemo_test_gone_module")
+
+    class Thing:
+        pass
+
+    Thing.__module__ = gone.__name__
+    Thing.__qualname__ = "Thing"
+    gone.Thing = Thing  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, gone.__name__, gone)
+    root = tmp_path / "runinfo"
+    parsl_checkpoint(root / "000", [(h(1), 1), (h(2), Thing()), (h(3), 3)])
+    monkeypatch.delitem(sys.modules, gone.__name__)
+    code, r = run_json(capsys, "import-parsl", root, "--trust")
+    assert code == 1
+    assert r["entries"] == 2 and r["imported"] == 2
+    (line,) = r["unreadable"]
+    assert "ModuleNotFoundError" in line and "skipped" in line
+    t = table(root / "001")
+    assert sorted(_codec.decode(v) for v in t.values()) == [1, 3]
+
+
 def parsl_task(x: int) -> int:
     """A task function as Parsl would key it."""
     return x

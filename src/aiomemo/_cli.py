@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import mmap
 import os
 import pickle
 import secrets
@@ -710,11 +711,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     task: dict[str, Any] = {"func": args.func, "args": fargs, "kwargs": fkwargs}
     if args.ignore:
         task["ignore_for_cache"] = list(args.ignore)
-    if args.version is not None:
+    if args.func_version is not None:
         try:
-            task["version"] = json.loads(args.version)
+            task["version"] = json.loads(args.func_version)
         except json.JSONDecodeError:
-            task["version"] = args.version  # a plain string, e.g. --version v2
+            task["version"] = args.func_version  # a plain string, e.g. --func-version v2
     progress = Progress("explain")
     try:
         ex = explain(task, [r.path for r in resolved], key=key, progress=progress.update)
@@ -760,48 +761,76 @@ class _ImportCounts:
     types: dict[str, int] = field(default_factory=dict)
 
 
+def _next_pickle(mm: mmap.mmap, marker: bytes, start: int) -> int:
+    """Offset of the next pickle that starts like the file's first one, or -1."""
+    return mm.find(marker, start) if marker else -1
+
+
 def _read_pickle_stream(pkl: Path, counts: _ImportCounts, into: dict[bytes, Record]) -> None:
-    when = pkl.stat().st_mtime
-    size = pkl.stat().st_size
-    with open(pkl, "rb") as f:
-        while True:
-            at = f.tell()
+    """Add the entries of one ``tasks.pkl`` (a stream of pickled dicts) to ``into``.
+
+    An entry that cannot be unpickled (e.g. its result's class is not
+    importable here) is reported with its offset and skipped: reading goes on
+    at the next offset where a pickle of the same protocol starts.
+    """
+    st = pkl.stat()
+    when, size = st.st_mtime, st.st_size
+    if not size:
+        return
+    with open(pkl, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        head = mm[:3]
+        # protocol >= 4 dumps start with PROTO n, FRAME; 2 and 3 with PROTO n
+        marker = head if head[:1] == b"\x80" and head[2:3] == b"\x95" else head[:2]
+        if marker[:1] != b"\x80":
+            marker = b""
+        at = 0
+        while at < size:
+            f.seek(at)
             try:
                 entry = pickle.load(f)  # the user passed --trust
             except EOFError:
-                if at < size:
-                    counts.unreadable.append(f"{pkl}: offset {at}: cut short (torn tail)")
+                counts.unreadable.append(f"{pkl}: offset {at}: cut short (torn tail)")
                 return
             except Exception as exc:
+                nxt = _next_pickle(mm, marker, at + 1)
+                skipped = "the rest of the file" if nxt < 0 else f"{nxt - at} bytes"
                 counts.unreadable.append(
                     f"{pkl}: offset {at}: cannot unpickle ({type(exc).__name__}: {exc}); "
-                    "the rest of the file is skipped"
+                    f"skipped {skipped}"
                 )
-                return
+                if nxt < 0:
+                    return
+                at = nxt
+                continue
+            at = f.tell()
             counts.entries += 1
-            h = entry.get("hash") if isinstance(entry, dict) else None
-            if (
-                not isinstance(h, str)
-                or len(h) != 32
-                or entry.get("exception") is not None
-                or "result" not in entry
-            ):
-                counts.malformed += 1
-                continue
-            try:
-                key = bytes.fromhex(h)
-            except ValueError:
-                counts.malformed += 1
-                continue
-            try:
-                value = _codec.encode(entry["result"])
-            except _codec.UnencodableResultError as exc:
-                counts.unencodable += 1
-                tname = exc.type_name or type(entry["result"]).__name__
-                counts.types[tname] = counts.types.get(tname, 0) + 1
-                continue
-            into.pop(key, None)  # keep file order: the newest entry last
-            into[key] = Record(key=key, value=value, func="parsl:?", time=when)
+            _add_entry(entry, when, counts, into)
+
+
+def _add_entry(entry: Any, when: float, counts: _ImportCounts, into: dict[bytes, Record]) -> None:
+    h = entry.get("hash") if isinstance(entry, dict) else None
+    if (
+        not isinstance(h, str)
+        or len(h) != 32
+        or entry.get("exception") is not None
+        or "result" not in entry
+    ):
+        counts.malformed += 1
+        return
+    try:
+        key = bytes.fromhex(h)
+    except ValueError:
+        counts.malformed += 1
+        return
+    try:
+        value = _codec.encode(entry["result"])
+    except _codec.UnencodableResultError as exc:
+        counts.unencodable += 1
+        tname = exc.type_name or type(entry["result"]).__name__
+        counts.types[tname] = counts.types.get(tname, 0) + 1
+        return
+    into.pop(key, None)  # keep file order: the newest entry last
+    into[key] = Record(key=key, value=value, func="parsl:?", time=when)
 
 
 def import_parsl(
@@ -846,17 +875,17 @@ def import_parsl(
     for pkl in pickles:
         _read_pickle_stream(pkl, counts, table)
     records = list(table.values())
+    target: Path | None = None
+    final: Path | None = None
     if out is not None:
         target = Path(out)
         if target.exists() and not target.is_dir():
             raise CliError(f"{os.fspath(out)}: exists and is not a directory")
-        ensure_dir(target)
-    else:
-        assert runinfo_root is not None
-        target = make_run_dir(runinfo_root) / "checkpoint"
-        ensure_dir(target)
-    final: Path | None = None
     if records:
+        if target is None:
+            assert runinfo_root is not None
+            target = make_run_dir(runinfo_root) / "checkpoint"
+        ensure_dir(target)
         tmp = _write_temp_segment(target, records)
         try:
             _check_written(tmp)
@@ -870,7 +899,7 @@ def import_parsl(
             os.close(tmp.fd)
     return {
         "input": [os.fspath(p) for p in pickles],
-        "output_dir": os.fspath(target),
+        "output_dir": os.fspath(target) if records and target is not None else None,
         "segment": os.fspath(final) if final is not None else None,
         "entries": counts.entries,
         "imported": len(records),
@@ -886,9 +915,10 @@ def _cmd_import_parsl(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(summary)
     else:
+        where = summary["output_dir"] or "nothing written"
         print(
             f"imported {summary['imported']:,} records ({summary['entries']:,} entries in "
-            f"{len(summary['input'])} tasks.pkl) into {summary['output_dir']}"
+            f"{len(summary['input'])} tasks.pkl): {where}"
         )
         if summary["skipped_unencodable"]:
             types = ", ".join(f"{t} x{n}" for t, n in summary["unencodable_types"].items())
@@ -1040,8 +1070,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--args", help="positional arguments as a JSON array, e.g. '[1, \"a\"]'")
     p.add_argument("--kwargs", help="keyword arguments as a JSON object, e.g. '{\"n\": 3}'")
     p.add_argument("--key", help="the task's key (hex), if known: decides hit or miss")
-    p.add_argument("--version", help="the version= given to memo.cached (JSON or a string)")
-    p.add_argument("--ignore", nargs="*", help="kwargs left out of the key (ignore_for_cache)")
+    p.add_argument(
+        "--func-version",
+        metavar="VERSION",
+        help="the version= given to memo.cached (JSON, or else taken as a string)",
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        metavar="NAME",
+        help="a kwarg left out of the key (ignore_for_cache); repeat for more",
+    )
 
     p = add(
         "import-parsl",
