@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -766,7 +767,12 @@ def _next_pickle(mm: mmap.mmap, marker: bytes, start: int) -> int:
     return mm.find(marker, start) if marker else -1
 
 
-def _read_pickle_stream(pkl: Path, counts: _ImportCounts, into: dict[bytes, Record]) -> None:
+def _read_pickle_stream(
+    pkl: Path,
+    counts: _ImportCounts,
+    into: dict[bytes, Record],
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Add the entries of one ``tasks.pkl`` (a stream of pickled dicts) to ``into``.
 
     An entry that cannot be unpickled (e.g. its result's class is not
@@ -805,6 +811,12 @@ def _read_pickle_stream(pkl: Path, counts: _ImportCounts, into: dict[bytes, Reco
             at = f.tell()
             counts.entries += 1
             _add_entry(entry, when, counts, into)
+            if progress is not None:
+                progress(at)
+
+
+def _offset_progress(progress: Progress, base: int, total: int, offset: int) -> None:
+    progress.update(base + offset, total)
 
 
 def _add_entry(entry: Any, when: float, counts: _ImportCounts, into: dict[bytes, Record]) -> None:
@@ -834,7 +846,11 @@ def _add_entry(entry: Any, when: float, counts: _ImportCounts, into: dict[bytes,
 
 
 def import_parsl(
-    runinfo: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, trust: bool
+    runinfo: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    trust: bool,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Convert Parsl's pickled ``tasks.pkl`` checkpoints into one aiomemo segment.
 
@@ -872,8 +888,16 @@ def import_parsl(
         )
     counts = _ImportCounts()
     table: dict[bytes, Record] = {}
+    total = _total_size(pickles)
+    base = 0
     for pkl in pickles:
-        _read_pickle_stream(pkl, counts, table)
+        report = None
+        if progress is not None:
+            report = functools.partial(_offset_progress, progress, base, total)
+        _read_pickle_stream(pkl, counts, table, report)
+        base += _total_size([pkl])
+    if progress is not None:
+        progress.close()
     records = list(table.values())
     target: Path | None = None
     final: Path | None = None
@@ -911,7 +935,11 @@ def import_parsl(
 
 
 def _cmd_import_parsl(args: argparse.Namespace) -> int:
-    summary = import_parsl(args.runinfo, args.output, trust=args.trust)
+    progress = Progress("import-parsl")
+    try:
+        summary = import_parsl(args.runinfo, args.output, trust=args.trust, progress=progress)
+    finally:
+        progress.close()
     if args.json:
         _emit_json(summary)
     else:
