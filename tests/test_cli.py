@@ -366,12 +366,16 @@ async def test_compact_refuses_while_a_writer_holds_a_segment(
         assert "a writer holds this segment open" in one_line_error(err)
         assert sorted(p.name for p in d.iterdir()) == before
         # a copy elsewhere is fine while the run goes on
+        with open(w.path or "", "ab") as f:  # a batch half written
+            f.write(encode_batch([make_record(10, 10)])[:30])
         code, r = run_json(capsys, "compact", d, "-o", tmp_path / "copy")
         assert code == 0 and r["records_out"] == 6
+        assert r["segments_in_use"] == 1 and r["tails_in_flight"] == 1
         assert sorted(p.name for p in d.iterdir()) == before
     finally:
         await w.close()
-    assert run(capsys, "compact", d)[0] == 0
+    assert run(capsys, "compact", d)[0] == 1  # the writer died mid-batch: a torn tail
+    assert run(capsys, "compact", d, "--drop-damaged")[0] == 0
     assert len(table(d)) == 6
 
 

@@ -571,7 +571,9 @@ def compact(
     compaction) or old and new segments that load to the same table.
 
     With ``out`` (a checkpoint dir, created if missing) the new segment is
-    written there the same atomic way and the input is left alone.
+    written there the same atomic way and the input is left alone; segments
+    open in a writer are copied as they are now (a batch still being written
+    is left out, not counted as damage).
 
     Damaged spans make it refuse (code 1) unless ``drop_damaged``: the
     compacted segment then holds what loads today, and the damaged bytes are
@@ -608,9 +610,14 @@ def compact(
         table: dict[bytes, Record] = {}
         bad: list[BadSpan] = []
         records_in = 0
-        for _seg, _i, item in _scan(segments, verify_records=True, progress=progress):
+        live = {s for s in segments if out is not None and is_segment_in_use(s)}
+        in_flight = 0
+        for seg, _i, item in _scan(segments, verify_records=True, progress=progress):
             if isinstance(item, BadSpan):
-                bad.append(item)
+                if item.torn and seg in live:
+                    in_flight += 1  # a writer's batch still being written: not damage
+                else:
+                    bad.append(item)
             else:
                 records_in += 1
                 table[item.record.key] = item.record
@@ -656,6 +663,8 @@ def compact(
         "bytes_in": bytes_in,
         "bytes_out": size,
         "damaged_spans_dropped": len(bad),
+        "segments_in_use": len(live),
+        "tails_in_flight": in_flight,
         "removed": [os.fspath(p) for p in removed],
     }
 
@@ -676,6 +685,11 @@ def _cmd_compact(args: argparse.Namespace) -> int:
         )
         if summary["damaged_spans_dropped"]:
             print(f"dropped {summary['damaged_spans_dropped']} damaged span(s)")
+        if summary["segments_in_use"]:
+            print(
+                f"{summary['segments_in_use']} segment(s) are open in a writer: "
+                "records written from now on are not in the copy"
+            )
     return 0
 
 
