@@ -422,8 +422,10 @@ def explain(
     Returns:
         An :class:`Explanation`; ``str()`` of it is one human sentence.
 
-    Synchronous (reads every segment once, about a second per million
-    records): call it via ``asyncio.to_thread`` from a coroutine. Thread-safe.
+    Synchronous: it reads every record of every segment once (about 3 s per
+    million records), so from a coroutine call it via ``asyncio.to_thread``.
+    Thread-safe; it only reads. It sees what is on disk, not results still
+    queued in a Memoizer.
     Raises ``TypeError`` for a task without ``func``; ``OSError`` only when a
     segment cannot be read.
     """
