@@ -311,6 +311,16 @@ def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
         logger.error("aiomemo call failed: %r", exc, exc_info=exc)
 
 
+def _done_future(result: Any, exc: BaseException | None) -> concurrent.futures.Future[Any]:
+    """A finished Future holding ``result`` or ``exc``."""
+    cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    if exc is not None:
+        cf.set_exception(exc)
+    else:
+        cf.set_result(result)
+    return cf
+
+
 def _settle(cf: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
     """Complete ``cf`` unless it is done already (a racing settle)."""
     try:
@@ -389,9 +399,9 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._followers: dict[str, list[concurrent.futures.Future[Any]]] = {}
         # keys whose record this run has written or queued already
         self._recorded: set[str] = set()
-        # the fast path: outcomes of finished tasks, (result, exception) by
+        # the fast path: finished tasks by key, as done Futures shared by all hits;
         # key, written on the loop thread, read by any thread without a hop
-        self._fast: dict[str, tuple[Any, BaseException | None]] = {}
+        self._fast: dict[str, concurrent.futures.Future[Any]] = {}
         # checkpoint records loaded at start (raw key -> encoded result),
         # decoded on their first hit in the calling thread
         self._loaded: dict[bytes, bytes] = {}
@@ -583,23 +593,22 @@ class ParslMemoizer(_ParslMemoizerBase):
             t["hashsum"] = None
             logger.debug("Task %s will not be memoized", t.get("id"))
             return None
-        with self._lock:
-            if id(task) in self._leaders:
-                # a retry of a task this memoizer let run: run it again
-                return None
-            running = self._running()
-            loop = self._loop
-        if not running or loop is None:
-            t["hashsum"] = None  # shutting down: run it, record nothing
+        # plain reads: a dict lookup and an attribute are atomic
+        if id(task) in self._leaders:
+            # a retry of a task this memoizer let run: run it again
             return None
-        if loop.on_loop_thread():  # never expected: Parsl does not launch from here
-            logger.warning("check_memo on the aiomemo loop thread; task %s not memoized", t.get("id"))
-            t["hashsum"] = None
+        loop = self._loop
+        if self._state != "running" or loop is None:
+            t["hashsum"] = None  # shutting down: run it, record nothing
             return None
         view = _view(task)
         hit = self._fast_check(task, view)
         if hit is not None:
             return hit
+        if loop.on_loop_thread():  # never expected: Parsl does not launch from here
+            logger.warning("check_memo on the aiomemo loop thread; task %s not memoized", t.get("id"))
+            t["hashsum"] = None
+            return None
         try:
             return loop.call(self._check(task, view))
         except (_LoopClosedError, MemoizerClosedError):
@@ -624,24 +633,21 @@ class ParslMemoizer(_ParslMemoizerBase):
         finally:
             _hook_errors.reset(token)
         key = raw.hex()
-        outcome = self._fast.get(key)
-        if outcome is None:
-            outcome = self._from_loaded(view, raw, key)
-            if outcome is None:
+        done = self._fast.get(key)
+        if done is None:
+            done = self._from_loaded(view, raw, key)
+            if done is None:
                 return None
         t: Any = task
         t["hashsum"] = key
-        view["hashsum"] = key
         logger.info("Task %s using result from cache", t.get("id"))
         with self._lock:
             self._fast_hits += 1
-        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        _settle(cf, outcome[0], outcome[1])
-        return cf
+        return done  # shared, done: as BasicMemoizer shares its memo futures
 
     def _from_loaded(
         self, view: dict[str, Any], raw: bytes, key: str
-    ) -> tuple[Any, BaseException | None] | None:
+    ) -> concurrent.futures.Future[Any] | None:
         """A loaded checkpoint record for the task (its aiomemo key, or Parsl's), decoded."""
         enc = self._loaded.get(raw)
         if enc is None and self._loaded_parsl_keys:
@@ -663,21 +669,21 @@ class ParslMemoizer(_ParslMemoizerBase):
                 self._load_errors += 1
             self._loaded.pop(raw, None)
             return None
-        outcome = self._fast.setdefault(key, (value, None))
+        done = self._fast.setdefault(key, _done_future(value, None))
         self._loaded.pop(raw, None)  # held decoded from now on (set before popped)
         # the aiomemo Memoizer learns it too, which (with a mode set) writes
         # it into this run's checkpoint, as Parsl does for every task that
         # used a result: get_last_checkpoint() then still finds it next time
         view["hashsum"] = key
         with self._lock:
-            self._learn_queue.append((view, outcome[0]))
+            self._learn_queue.append((view, done.result()))
             first = len(self._learn_queue) == 1
         loop = self._loop
         if first and loop is not None:
             # one hop for a whole burst of hits, not one per hit
             with contextlib.suppress(_LoopClosedError):
                 loop.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
-        return outcome
+        return done
 
     async def _learn(self, delay: float = 0.0) -> None:
         """Hand the loaded results used since the last call to the aiomemo Memoizer.
@@ -747,7 +753,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                 value = afut.result() if error is None else None
                 _settle(cf, value, error)
                 if isinstance(hashsum, str):
-                    self._fast.setdefault(hashsum, (value, error))
+                    self._fast.setdefault(hashsum, cf)
             if (
                 self.checkpoint_mode is not None
                 and isinstance(hashsum, str)
@@ -859,7 +865,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                 ).start()
             return
         if isinstance(key, str) and memo.memoize:
-            self._fast[key] = (result, exc)
+            self._fast[key] = _done_future(result, exc)
         if self.checkpoint_mode == "task_exit":
             logger.debug("Task %s checkpointed", view.get("id"))
         elif self.checkpoint_mode == "periodic" and memo.stats().pending >= memo.max_pending:
