@@ -45,16 +45,24 @@ async def _work(seed: int) -> None:
         await asyncio.sleep(base * (0.5 + (seed * 37 % 11) / 10))
 
 
+def _source(i: int) -> list[int]:
+    return [(i * 7919 + k * 104729) % 1000 for k in range(16)]
+
+
+def _clean(xs: list[int]) -> list[int]:
+    return sorted(x for x in xs if x % 3)
+
+
 async def fetch(i: int) -> list[int]:
     """A source: 16 pseudo-random numbers derived from ``i``."""
     await _work(i)
-    return [(i * 7919 + k * 104729) % 1000 for k in range(16)]
+    return _source(i)
 
 
 async def clean(xs: list[int]) -> list[int]:
     """Drop multiples of 3 and sort."""
     await _work(sum(xs))
-    return sorted(x for x in xs if x % 3)
+    return _clean(xs)
 
 
 async def score(xs: list[int], *, weight: int) -> float:
@@ -108,7 +116,6 @@ async def _one_run(directory: str, pipelines: int, sources: int, period: float) 
         "checkpointed_on_timer": on_timer,
         "seconds": round(seconds, 3),
         "summary": summary,
-        "sample": list(scores[:1]),
     }
 
 
@@ -161,13 +168,8 @@ async def run_demo(
         rows.append(row)
         if on_run is not None:
             on_run(row)
-    # Why would a changed call miss? Ask explain about score() with a new weight.
-    probe_src = [(0 * 7919 + k * 104729) % 1000 for k in range(16)]
-    probe = {
-        "func": score,
-        "args": (sorted(x for x in probe_src if x % 3),),
-        "kwargs": {"weight": 7},
-    }
+    # What would explain say about score() called with a weight no run used?
+    probe = {"func": score, "args": (_clean(_source(0)),), "kwargs": {"weight": 7}}
     paths = await asyncio.to_thread(get_all_checkpoints, directory)
     why = await asyncio.to_thread(explain, probe, paths)
     return {
