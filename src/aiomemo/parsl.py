@@ -43,6 +43,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import datetime
 import functools
 import logging
 import os
@@ -70,7 +71,7 @@ from aiomemo._exceptions import (
     MemoizerClosedError,
     UnhashableInputError,
 )
-from aiomemo._memoizer import Memoizer
+from aiomemo._memoizer import Memoizer, MemoStats
 from aiomemo.stores._base import Store
 
 __all__ = [
@@ -361,12 +362,16 @@ class ParslMemoizer(_ParslMemoizerBase):
         self,
         *,
         checkpoint_files: Sequence[str] | None = None,
-        checkpoint_period: str | None = None,
+        checkpoint_period: str | float | datetime.timedelta | None = None,
         checkpoint_mode: CheckpointMode | None = None,
         memoize: bool = True,
         store: Store | Sequence[Store] | None = None,
         collapse: bool = True,
     ) -> None:
+        if isinstance(checkpoint_files, str | os.PathLike):
+            raise ParslConfigurationError(
+                "checkpoint_files must be a list of checkpoint directories, not a single path"
+            )
         self.checkpoint_files = checkpoint_files
         self.checkpoint_period = checkpoint_period
         self.checkpoint_mode = checkpoint_mode
@@ -399,8 +404,8 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._followers: dict[str, list[concurrent.futures.Future[Any]]] = {}
         # keys whose record this run has written or queued already
         self._recorded: set[str] = set()
-        # the fast path: finished tasks by key, as done Futures shared by all hits;
-        # key, written on the loop thread, read by any thread without a hop
+        # the fast path: finished tasks by key, as done Futures shared by all
+        # their hits; read by any thread without a hop to the loop
         self._fast: dict[str, concurrent.futures.Future[Any]] = {}
         # checkpoint records loaded at start (raw key -> encoded result),
         # decoded on their first hit in the calling thread
@@ -868,7 +873,11 @@ class ParslMemoizer(_ParslMemoizerBase):
             self._fast[key] = _done_future(result, exc)
         if self.checkpoint_mode == "task_exit":
             logger.debug("Task %s checkpointed", view.get("id"))
-        elif self.checkpoint_mode == "periodic" and memo.stats().pending >= memo.max_pending:
+        elif (
+            self.checkpoint_mode == "periodic"
+            and (self._early is None or self._early.done())
+            and memo.stats().pending >= memo.max_pending
+        ):
             self._early = asyncio.ensure_future(self._pass())  # memory bound: drain early
 
     def _after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
@@ -965,8 +974,12 @@ class ParslMemoizer(_ParslMemoizerBase):
         """The aiomemo Memoizer of the current run (None before start)."""
         return self._memo
 
-    def stats(self) -> Any:
-        """aiomemo's counters for this run (hits, misses, collapsed, checkpointed, ...)."""
+    def stats(self) -> MemoStats | None:
+        """aiomemo's counters for this run (hits, misses, collapsed, checkpointed, ...).
+
+        None before the first start. Hits answered without the loop and
+        records loaded at start are included.
+        """
         memo = self._memo
         if memo is None:
             return None
