@@ -48,6 +48,7 @@ from aiomemo._checkpoint import (
     encode_batch,
     is_segment_in_use,
     iter_segment,
+    segment_stamp,
 )
 from aiomemo._explain import (
     CheckpointPathError,
@@ -414,16 +415,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 
-def _segment_name() -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+def _segment_name(stamp: str | None = None) -> str:
+    stamp = stamp or datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"seg-{stamp}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
 
 
-def _compacted_name(last: Path) -> str:
-    # Sorts right after the newest segment it replaces ("~" > "."), so it keeps
-    # that segment's place in load order: segments a writer starts later still
-    # sort (and override) after it. Repeated compactions sort later each time.
-    base = last.name[: -len(SEGMENT_SUFFIX)].split("~", 1)[0]
+def _compacted_name(segments: Sequence[Path]) -> str:
+    """A name that sorts where the replaced segments did.
+
+    The first replaced segment's stamp: every segment not replaced (one a
+    writer starts during or after the compaction) has a later stamp, so it
+    still sorts, and overrides, after the compacted one. While old and new
+    segments coexist (a crash before the old ones are deleted), the old ones
+    load after the new one and give the same values. Segments with names not
+    made by aiomemo: right after the last one instead ("~" sorts after ".").
+    """
+    stamp = segment_stamp(segments[0])
+    if stamp is not None:
+        return _segment_name(stamp)
+    base = segments[-1].name[: -len(SEGMENT_SUFFIX)].split("~", 1)[0]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"{base}~compacted-{stamp}{SEGMENT_SUFFIX}"
 
@@ -641,7 +651,7 @@ def compact(
                 with contextlib.suppress(OSError):
                     tmp.path.unlink()
                 raise
-            final = target / (_segment_name() if out is not None else _compacted_name(segments[-1]))
+            final = target / (_segment_name() if out is not None else _compacted_name(segments))
             _publish(tmp.path, final)
             removed: list[Path] = []
             if out is None:
