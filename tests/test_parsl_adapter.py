@@ -386,6 +386,49 @@ def test_memoizer_restarts_for_a_new_dfk(tmp_path: Path) -> None:
     assert _calls["uuid_app"] == 1
 
 
+# ---------------------------------------------------------------- moving from BasicMemoizer
+
+
+def test_switching_from_basic_memoizer_keeps_old_results(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Old tasks.pkl checkpoints: skipped with a hint, then used after import-parsl."""
+    from parsl.dataflow.memoization import BasicMemoizer
+
+    with parsl.load(_config(tmp_path, BasicMemoizer(checkpoint_mode="task_exit"))):
+        first = uuid_app(11).result()
+
+    # not converted yet: the pickle is never loaded, and the log says what to do
+    with (
+        caplog.at_level(logging.WARNING, logger="parsl.aiomemo"),
+        parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))),
+    ):
+        assert uuid_app(11).result() != first
+    assert any("import-parsl" in r.getMessage() for r in caplog.records)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "aiomemo", "import-parsl", "--trust", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    _calls.clear()
+    converted = [
+        d
+        for d in sorted(tmp_path.iterdir())
+        if (d / "checkpoint").is_dir()
+        and not (d / "checkpoint" / "tasks.pkl").exists()
+        and _records(d / "checkpoint") == 1
+        and len(next(iter(_keys(d / "checkpoint")))) == 16
+    ]
+    assert converted, "import-parsl wrote a segment keyed by Parsl's hash"
+    memoizer = ParslMemoizer(checkpoint_files=[str(converted[0] / "checkpoint")])
+    with parsl.load(_config(tmp_path, memoizer)):
+        assert uuid_app(11).result() == first  # found under its Parsl key
+    assert "uuid_app" not in _calls
+
+
 # ---------------------------------------------------------------- keys
 
 
@@ -538,4 +581,3 @@ def test_check_memo_never_blocks_the_calling_threads_forever(tmp_path: Path) -> 
     finally:
         memoizer.close()
     assert _records(tmp_path / "000" / "checkpoint") == 7
-

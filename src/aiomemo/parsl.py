@@ -611,7 +611,9 @@ class ParslMemoizer(_ParslMemoizerBase):
         if hit is not None:
             return hit
         if loop.on_loop_thread():  # never expected: Parsl does not launch from here
-            logger.warning("check_memo on the aiomemo loop thread; task %s not memoized", t.get("id"))
+            logger.warning(
+                "check_memo on the aiomemo loop thread; task %s not memoized", t.get("id")
+            )
             t["hashsum"] = None
             return None
         try:
@@ -841,9 +843,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                 loop.call(self._record_outcome(view, result, exc))
             else:
                 # nothing to wait for: later calls queue behind it on the loop
-                loop.submit(self._record_outcome(view, result, exc)).add_done_callback(
-                    _log_failure
-                )
+                loop.submit(self._record_outcome(view, result, exc)).add_done_callback(_log_failure)
         except (_LoopClosedError, MemoizerClosedError):
             self._after_close(hashsum, result, exc)
         except Exception:

@@ -106,7 +106,9 @@ def _swap() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if MODE not in ("aiomemo", "basic"):
-        raise pytest.UsageError(f"AIOMEMO_PARSL_MEMOIZER must be 'aiomemo' or 'basic', not {MODE!r}")
+        raise pytest.UsageError(
+            f"AIOMEMO_PARSL_MEMOIZER must be 'aiomemo' or 'basic', not {MODE!r}"
+        )
     if MODE == "aiomemo":
         _swap()
 
@@ -170,7 +172,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             tr.write_line(f"exempt: {node}: {reason}")
     for node, (kw, reason) in ADAPTED.items():
         if any(s.endswith(node) for s in _adapted_run):
-                tr.write_line(f"adapted: {node}: runs with ParslMemoizer({kw}): {reason}")
+            tr.write_line(f"adapted: {node}: runs with ParslMemoizer({kw}): {reason}")
     bad = [m for m in _dfk_memoizers if m != "ok"]
     tr.write_line(
         f"DataFlowKernels started: {len(_dfk_memoizers)}, with ParslMemoizer: "
