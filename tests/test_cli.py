@@ -359,6 +359,66 @@ def test_compact_crash_after_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(list_segments(d)) == 1 and table(d) == before
 
 
+@pytest.mark.parametrize("pid", ["0", "9"])  # the new segment sorts before / after the oldest
+@pytest.mark.parametrize("deleted", [0, 1, 2])
+def test_compact_crash_at_every_deletion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pid: str, deleted: int
+) -> None:
+    d = tmp_path / "ck"
+    write_seg(d, [make_record(("a", i), i) for i in range(30)])
+    write_seg(d, [make_record(("b", i), i) for i in range(0, 30, 2)])
+    write_seg(d, [make_record(("c", i), i) for i in range(0, 30, 3)])
+    before = table(d)
+    real_name, real_fsync = _cli._segment_name, _cli._fsync_dir
+    calls = []
+
+    def name(stamp: str | None = None) -> str:
+        return real_name(stamp).replace(f"-{os.getpid()}-", f"-{pid}-")
+
+    def fsync_then_die(path: Path) -> None:
+        # fsync 1 follows the rename, fsync 1 + k the k-th deletion: die there
+        real_fsync(path)
+        calls.append(path)
+        if len(calls) == 1 + deleted:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cli, "_segment_name", name)
+    monkeypatch.setattr(_cli, "_fsync_dir", fsync_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _cli.compact(d)
+    assert len(list_segments(d)) == 4 - deleted
+    assert table(d) == before
+
+
+@pytest.mark.parametrize("step", ["_publish", "_fsync_dir"])
+def test_compact_killed_process(tmp_path: Path, step: str) -> None:
+    """A process that dies hard (no finally blocks, no cleanup) mid-compaction loses nothing."""
+    d = tmp_path / "ck"
+    _, before = _two_segment_dir(d)
+    hook = {
+        # dies once the temp segment is written and fsynced, before its rename
+        "_publish": "def _publish(*a):\n    os._exit(9)\n_cli._publish = _publish\n",
+        # dies once the rename and the first (oldest) deletion are durable
+        "_fsync_dir": (
+            "real = _cli._fsync_dir\n"
+            "def _fsync_dir(d):\n"
+            "    real(d)\n"
+            "    if len(list(d.glob('*.amlog'))) == 2:\n"
+            "        os._exit(9)\n"
+            "_cli._fsync_dir = _fsync_dir\n"
+        ),
+    }[step]
+    script = f"import os, sys\nfrom aiomemo import _cli\n{hook}_cli.compact(sys.argv[1])\n"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-c", script, str(d)], env=env, timeout=60, check=False)
+    assert p.returncode == 9
+    assert table(d) == before
+    assert _cli.main(["compact", str(d)]) == 0
+    assert table(d) == before and len(list_segments(d)) == 1
+    assert [x.name for x in d.iterdir() if x.name.startswith(".")] == []
+
+
 async def test_compact_refuses_while_a_writer_holds_a_segment(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

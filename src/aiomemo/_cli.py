@@ -506,11 +506,18 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _remove_old(segments: Sequence[Path], directory: Path) -> None:
-    """Delete the segments the compacted one replaces, then fsync the directory."""
+    """Delete the segments the compacted one replaces, oldest first, each durably.
+
+    The order matters: the compacted segment sorts where the oldest one did,
+    so the segments still present after a crash must be the newest ones (a
+    stale value left in an old segment is then always overridden by a later
+    one). The directory is fsynced after each unlink so a power cut cannot
+    persist the deletions out of order.
+    """
     for s in segments:
         with contextlib.suppress(FileNotFoundError):
             s.unlink()
-    _fsync_dir(directory)
+        _fsync_dir(directory)
 
 
 def _remove_stale_temps(directory: Path) -> list[Path]:
