@@ -582,10 +582,13 @@ def compact(
     In place (``out`` None; ``path`` must resolve to one checkpoint dir):
     refuses (:class:`CliError`, code 2) while any segment is open in a writer,
     then locks every segment, writes the new segment to a temp file in the
-    same dir, fsyncs it, reads it back, renames it into place, fsyncs the dir,
-    and only then deletes the old segments. A crash at any step leaves either
-    the old segments alone (plus an ignored temp file, removed by the next
-    compaction) or old and new segments that load to the same table.
+    same dir, fsyncs it, reads it back, renames it into place (named with the
+    first replaced segment's stamp, so segments started meanwhile still load
+    after it), fsyncs the dir, and only then deletes the old segments, oldest
+    first, fsyncing the dir after each. A crash at any step leaves either the
+    old segments alone (plus an ignored temp file, removed by the next
+    compaction) or the new segment and the newest old ones, which load to the
+    same table.
 
     With ``out`` (a checkpoint dir, created if missing) the new segment is
     written there the same atomic way and the input is left alone; segments
