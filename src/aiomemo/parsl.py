@@ -48,6 +48,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import types
 from collections.abc import Coroutine, Sequence
 from typing import Any, Literal, TypeVar
@@ -428,6 +429,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         Called by the DataFlowKernel when it starts. A ParslMemoizer that was
         closed can be started again (a Config reused by a new DataFlowKernel).
         """
+        started = time.monotonic()  # the checkpoint period counts from here, as Parsl's
         with self._lock:
             if self._state in ("running", "closing"):
                 raise RuntimeError("this ParslMemoizer is already running for a DataFlowKernel")
@@ -479,7 +481,7 @@ class ParslMemoizer(_ParslMemoizerBase):
             logger.info("App caching disabled for all apps")
         if self.checkpoint_mode == "periodic":
             assert self._period_seconds is not None
-            self._loop.call(self._start_timer(self._period_seconds))
+            self._loop.call(self._start_timer(self._period_seconds, started))
 
     def _load(self, config_run_dir: str) -> None:
         """Load the checkpoints to start from (as BasicMemoizer: at start, all at once).
@@ -930,10 +932,11 @@ class ParslMemoizer(_ParslMemoizerBase):
             except CheckpointError as exc:
                 logger.error("Checkpoint pass failed (records stay queued): %s", exc)
 
-    async def _start_timer(self, period: float) -> None:
+    async def _start_timer(self, period: float, started: float) -> None:
         self._timer_stop = asyncio.Event()
         self._timer = asyncio.create_task(
-            self._periodic(period, self._timer_stop), name="aiomemo-parsl-checkpoint-timer"
+            self._periodic(period, self._timer_stop, started),
+            name="aiomemo-parsl-checkpoint-timer",
         )
 
     async def _stop_timer(self) -> None:
@@ -944,15 +947,24 @@ class ParslMemoizer(_ParslMemoizerBase):
             await self._timer
         self._timer = self._timer_stop = None
 
-    async def _periodic(self, period: float, stop: asyncio.Event) -> None:
-        """Checkpoint every ``period`` seconds, like Parsl's checkpoint Timer."""
+    async def _periodic(self, period: float, stop: asyncio.Event, started: float) -> None:
+        """Checkpoint every ``period`` seconds from ``started`` (``time.monotonic()``).
+
+        Fixed rate: passes at started + k * period, whatever a pass takes (a
+        tick missed while a pass ran is skipped), so they do not drift.
+        """
+        tick = 1
         while True:
-            try:
-                await asyncio.wait_for(stop.wait(), period)
-            except TimeoutError:
-                await self._pass()
-            else:
-                return
+            delay = started + tick * period - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                else:
+                    return
+            await self._pass()
+            tick = max(tick + 1, int((time.monotonic() - started) // period) + 1)
 
     def checkpoint_queue(self) -> None:
         """Write every queued record now (as ``BasicMemoizer.checkpoint_queue``)."""
