@@ -517,6 +517,9 @@ def test_basic_memoizer_attributes_kept() -> None:
     assert (m.checkpoint_mode, m.checkpoint_period, m.memoize) == ("periodic", "00:00:05", True)
     assert m.checkpoint_files is None
     assert m.stats() is None
+    assert repr(m).startswith("ParslMemoizer(checkpoint_mode='periodic'")
+    with pytest.raises(ParslConfigurationError):
+        ParslMemoizer(checkpoint_files="runinfo/000/checkpoint")  # type: ignore[arg-type]
 
 
 def test_logger_is_under_parsl() -> None:

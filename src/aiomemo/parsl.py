@@ -422,6 +422,16 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._early: asyncio.Future[None] | None = None
         self._pass_lock: asyncio.Lock | None = None
 
+    def __repr__(self) -> str:
+        args = [
+            f"{name}={getattr(self, name)!r}"
+            for name in ("checkpoint_mode", "checkpoint_period", "checkpoint_files", "memoize")
+        ]
+        args.append(f"collapse={self.collapse!r}")
+        if self.store is not None:
+            args.append(f"store={self.store!r}")
+        return f"ParslMemoizer({', '.join(args)})"
+
     # ------------------------------------------------------------ lifecycle
     def start(self, *, run_dir: str, config_run_dir: str) -> None:
         """Start the private loop and the aiomemo Memoizer; load checkpoints.
