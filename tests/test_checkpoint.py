@@ -574,3 +574,12 @@ async def test_stamp_places_a_segment_in_load_order(tmp_path: Path) -> None:
     assert load_paths([tmp_path]).table[rec(1).key] == b"new"
     with pytest.raises(ValueError):
         await SegmentWriter.create(tmp_path, stamp="a-b")
+
+
+async def test_sliced_encoding_same_bytes() -> None:
+    """encode_batch_sliced gives exactly encode_batch's bytes."""
+    from aiomemo._checkpoint import encode_batch, encode_batch_sliced
+    from aiomemo.stores._base import Record
+
+    recs = [Record(i.to_bytes(32, "big"), b"v" * (i % 7), "m.f", 1.5, b"") for i in range(1000)]
+    assert await encode_batch_sliced(recs) == encode_batch(recs)

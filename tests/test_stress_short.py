@@ -173,7 +173,7 @@ async def test_lease_holder_killed_one_takes_over(
     _ok(res)
 
 
-# -- bugs found in _memoizer.py (left to its owner; xfail until fixed) ---------------
+# -- regressions: bugs found in _memoizer.py by the stress work, now fixed -------------
 
 
 class _GatedStore(Store):
@@ -199,13 +199,8 @@ async def _complete(memo: Memoizer, i: int) -> None:
     await memo.update_memo_result(task, stress.expected(i))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_memoizer.py _flush_sink: concurrent flushes take the same chunk and each "
-    "deletes len(chunk) from the queue head after its await: records queued meanwhile "
-    "are dropped unwritten (and counted as checkpointed)",
-)
 async def test_concurrent_checkpoints_lose_nothing(tmp_path: Path) -> None:
+    """Overlapping checkpoint() calls write every record, those queued meanwhile too."""
     store = _GatedStore()
     async with Memoizer(checkpoint_mode="manual", store=store, config_run_dir=tmp_path) as memo:
         for i in range(10):
@@ -250,13 +245,8 @@ class _SharedStore(_GatedStore):
         self.records.extend(records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_memoizer.py update_memo_result: with a lease the record goes to the shared "
-    "store through a spawned _publish and is skipped in the queue, so task_exit returns "
-    "before the record is stored anywhere (RedisStore as the only store)",
-)
 async def test_task_exit_with_only_a_shared_store_returns_once_stored(tmp_path: Path) -> None:
+    """task_exit with a leased shared store returns only once the store holds the record."""
     store = _SharedStore()
     async with Memoizer(checkpoint_mode="task_exit", store=store, config_run_dir=tmp_path) as memo:
         await _complete(memo, 1)
@@ -276,13 +266,8 @@ class _FlakySharedStore(_SharedStore):
         self.records.extend(records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_memoizer.py: with checkpoint_mode=None a result whose _publish failed is "
-    "queued, but mode None has no drain task and close() skips the final flush, so it "
-    "is never retried and close() raises CheckpointError with an empty reason",
-)
 async def test_mode_none_retries_a_failed_publish(tmp_path: Path) -> None:
+    """With mode None a publish that failed is retried once the shared store is back."""
     store = _FlakySharedStore()
     memo = Memoizer(checkpoint_mode=None, store=store, config_run_dir=tmp_path)
     async with memo:

@@ -140,6 +140,9 @@ class _Sink:
     failures: int = 0
     last_error: str = ""
     retry_at: float = 0.0
+    # one flush at a time per store: the drain, checkpoint() and close() may
+    # overlap, and each takes records from the head of the queue
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
@@ -371,7 +374,10 @@ class Memoizer:
             self._absorb(rep)
         self._sinks = [_Sink(s) for s in stores]
         self._shared = [s for s in stores if s.shared]
-        if self.checkpoint_mode in ("periodic", "task_exit"):
+        if self.checkpoint_mode in ("periodic", "task_exit") or (
+            self.collapse and any(st.supports_claims for st in self._shared)
+        ):
+            # (mode None with a shared store: the drain only retries failed publishes)
             self._drain_task = asyncio.create_task(self._drain_loop(), name="aiomemo-drain")
         self._state = _State.STARTED
         logger.info(
@@ -384,7 +390,11 @@ class Memoizer:
     def _absorb(self, rep: LoadReport) -> None:
         if any(len(k) == 16 for k in rep.table):
             self._has_parsl_keys = True
-        self._loaded.update(rep.table)
+        if self._loaded:
+            self._loaded.update(rep.table)
+        else:
+            self._loaded = rep.table  # no copy: a million entries cost ~40 MB of dict
+
         self._load_errors += max(rep.skipped, len(rep.errors))
         for line in rep.errors:
             warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=3)
@@ -418,7 +428,7 @@ class Memoizer:
             # give background publishes a moment (bounded) so shared results land
             if self._bg:
                 await asyncio.wait(list(self._bg), timeout=5)
-            if self.checkpoint_mode is not None:
+            if self.checkpoint_mode is not None or any(s.queue for s in self._sinks):
                 await asyncio.shield(self._flush(final=True))
             unsaved = sum(len(s.queue) for s in self._sinks)
             errors = [f"{type(s.store).__name__}: {s.last_error}" for s in self._sinks if s.queue]
@@ -719,11 +729,17 @@ class Memoizer:
             if flight is not None and flight.lease_store is not None:
                 self._spawn(self._release(flight.lease_store, key))
             return
-        if flight is not None and flight.lease_store is not None:
-            self._spawn(self._publish(flight.lease_store, record, key))
+        lease_store = flight.lease_store if flight is not None else None
+        if lease_store is not None:
+            if self.checkpoint_mode == "task_exit":
+                # durable before we return: the shared store has it (or, if it
+                # failed, the record is queued for retry like any other)
+                await self._publish(lease_store, record, key)
+            else:
+                self._spawn(self._publish(lease_store, record, key))
         if self.checkpoint_mode is None:
             return
-        self._queue(record, key, skip=flight.lease_store if flight is not None else None)
+        self._queue(record, key, skip=lease_store)
         if self.checkpoint_mode == "task_exit":
             await self._await_commit()
         elif self.checkpoint_mode == "periodic" and self._pending() >= self.max_pending:
@@ -773,6 +789,11 @@ class Memoizer:
             for s in self._sinks:  # keep it for the drain to retry
                 if s.store is store:
                     s.queue.append(record)
+                    s.failures += 1
+                    s.last_error = str(exc)
+                    s.retry_at = time.monotonic() + 0.1
+            if self._wake is not None:
+                self._wake.set()  # the drain schedules the retry
             await self._release(store, key)
 
     async def _release(self, store: Store, key: str) -> None:
@@ -905,6 +926,10 @@ class Memoizer:
         return written
 
     async def _flush_sink(self, sink: _Sink) -> int:
+        async with sink.lock:
+            return await self._flush_sink_locked(sink)
+
+    async def _flush_sink_locked(self, sink: _Sink) -> int:
         written = 0
         while sink.queue:
             chunk = sink.queue[:_CHUNK]
