@@ -513,3 +513,34 @@ class TestCheckpoints:
         async with Memoizer(run_dir=tmp_path, checkpoint_mode="task_exit", store=store) as memo:
             await run(memo, mk(1), 1)
         assert not any(tmp_path.iterdir())
+
+
+async def scale(a: int, n: int = 1) -> int:
+    """A cached coroutine for explain."""
+    return a * n
+
+
+class TestExplain:
+    """memo.explain names the input that made a task miss."""
+
+    async def test_names_differing_kwarg(self, tmp_path: pathlib.Path) -> None:
+        """After a run, a call with another n is explained by kwargs['n']; the same call is a hit."""
+        async with Memoizer(checkpoint_mode="task_exit", config_run_dir=tmp_path) as memo:
+            await memo.cached(scale)(2, n=3)
+        async with Memoizer(checkpoint_mode="task_exit", config_run_dir=tmp_path) as memo:
+            miss = await memo.explain({"func": scale, "args": (2,), "kwargs": {"n": 4}})
+            assert not miss.hit
+            assert "kwargs['n']" in str(miss)
+            hit = await memo.explain({"func": scale, "args": (2,), "kwargs": {"n": 3}})
+            assert hit.hit
+
+    async def test_without_digests(self, tmp_path: pathlib.Path) -> None:
+        """With explain=False records carry no digests and explain says so."""
+        async with Memoizer(
+            checkpoint_mode="task_exit", config_run_dir=tmp_path, explain=False
+        ) as memo:
+            await memo.cached(scale)(2, n=3)
+        async with Memoizer(checkpoint_mode="task_exit", config_run_dir=tmp_path) as memo:
+            res = await memo.explain({"func": scale, "args": (2,), "kwargs": {"n": 4}})
+            assert not res.hit
+            assert "digest" in str(res).lower()

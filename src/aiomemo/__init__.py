@@ -14,6 +14,7 @@ from aiomemo._exceptions import (
     StoreError,
     UnhashableInputError,
 )
+from aiomemo._explain import Explanation
 from aiomemo._hashing import File, id_for_memo, make_hash
 from aiomemo._memoizer import CheckpointMode, Memoizer, MemoStats, Task, TaskRecord
 from aiomemo._rundir import get_all_checkpoints, get_last_checkpoint
@@ -24,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMode",
     "CorruptCheckpointError",
+    "Explanation",
     "File",
     "LeaderCancelledError",
     "MemoError",

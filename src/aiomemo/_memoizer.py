@@ -17,7 +17,17 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, ParamSpec, TypedDict, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Literal,
+    NamedTuple,
+    ParamSpec,
+    TypedDict,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from aiomemo import _codec
 from aiomemo._exceptions import (
@@ -28,6 +38,9 @@ from aiomemo._exceptions import (
 )
 from aiomemo._hashing import arg_digests, hash_task_async
 from aiomemo.stores._base import LoadReport, Record, Store
+
+if TYPE_CHECKING:
+    from aiomemo._explain import Explanation
 
 __all__ = ["CheckpointMode", "MemoStats", "Memoizer", "Task", "TaskRecord"]
 
@@ -285,6 +298,7 @@ class Memoizer:
         self._inflight: dict[str, _Flight] = {}
         self._queued_keys: set[str] = set()
         self._has_parsl_keys = False
+        self._loaded_paths: list[str] = []
 
         self._drain_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -359,6 +373,7 @@ class Memoizer:
                 paths = self.checkpoint_files
             elif self.checkpoint_mode is not None:
                 paths = await asyncio.to_thread(_rundir.get_all_checkpoints, self.config_run_dir)
+            self._loaded_paths = list(paths)
             reports: list[LoadReport] = []
             if self.memoize and paths:
                 reports.append(await asyncio.to_thread(_checkpoint.load_paths, paths))
@@ -1020,6 +1035,25 @@ class Memoizer:
         if self.memoize:
             self._absorb(rep)
         return _LazyTable(self, keys)
+
+    async def explain(self, task: Task) -> Explanation:
+        """Why did this task miss? Compare it with the recorded calls of its function.
+
+        Reads the checkpoints this Memoizer loaded and the ones it wrote (in a
+        worker thread) and names the inputs that differ from the nearest
+        recorded call of the same function, e.g. ``kwargs['n'] differs from
+        the nearest recorded call of mod.fn (2 of 3 inputs match)``. Records
+        carry per-argument digests unless the Memoizer was made with
+        ``explain=False``. Results still queued in memory are not on disk yet.
+        """
+        from aiomemo._explain import explain as explain_task
+
+        await self._ensure_started()
+        paths = list(self._loaded_paths)
+        if self._run_dir is not None:
+            paths.append(os.fspath(self._run_dir))
+        snapshot = dict(cast(Mapping[str, Any], task))
+        return await asyncio.to_thread(explain_task, snapshot, paths)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> MemoStats:
