@@ -395,6 +395,21 @@ class TestCheckpoints:
             assert len(store.records) == 64
             assert len(store.calls) < 64 / 4
 
+    async def test_cancelled_committer_leaves_batch_alone(self, tmp_path: pathlib.Path) -> None:
+        """A task_exit caller cancelled while its batch is written cancels nobody else's."""
+        store = FlakyStore()
+        async with Memoizer(run_dir=tmp_path, checkpoint_mode="task_exit", store=store) as memo:
+            tasks = [mk(i) for i in range(8)]
+            for t in tasks:
+                assert await memo.check_memo(t) is None
+            calls = [asyncio.create_task(memo.update_memo_result(t, 1)) for t in tasks]
+            await asyncio.sleep(0)
+            calls[0].cancel()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert isinstance(results[0], asyncio.CancelledError)
+            assert results[1:] == [None] * 7
+            assert len(store.records) == 8  # the cancelled caller's record too
+
     async def test_default_loads_all_checkpoints(self, tmp_path: pathlib.Path) -> None:
         """With a mode and no checkpoint_files, every run under config_run_dir is loaded."""
         root = tmp_path / "runinfo"

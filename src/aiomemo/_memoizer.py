@@ -144,6 +144,18 @@ class _Flight:
     remote: bool = False  # another process runs it; we wait for its result
 
 
+class _Commit(asyncio.Future[None]):
+    """The batch now filling in task_exit mode, awaited by all of its callers.
+
+    Cancelling a caller must not cancel the batch the others wait on, so this
+    Future refuses ``cancel()``: a cancelled caller gets its CancelledError
+    when the batch is durable (milliseconds), the others are unaffected.
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 @dataclass(slots=True)
 class _Sink:
     """A store and the records still to write to it."""
@@ -303,9 +315,8 @@ class Memoizer:
         self._drain_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake: asyncio.Event | None = None
-        # callers waiting for the batch now filling (task_exit group commit);
-        # one future each, so a cancelled caller cannot cancel the others
-        self._commit_waiters: list[asyncio.Future[None]] = []
+        # the batch now filling (task_exit group commit), awaited by its callers
+        self._commit: _Commit | None = None
         self._func_names: dict[object, str] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._warned_types: set[str] = set()
@@ -720,9 +731,12 @@ class Memoizer:
 
         In ``'task_exit'`` mode this returns once the record is durable
         (written and fsynced, shared with concurrent completions). A failed
-        write does not fail the task: the record stays queued for retry.
+        write does not fail the task: the record stays queued for retry. A
+        caller cancelled while it waits gets its CancelledError once the
+        batch is written (the write itself is never cancelled).
         """
-        self._check_open()
+        if self._state is not _State.STARTED:
+            self._check_open()
         key = task.get("hashsum")
         if not self.memoize or not task.get("memoize", True) or not isinstance(key, str):
             return
@@ -756,7 +770,11 @@ class Memoizer:
             return
         self._queue(record, key, skip=lease_store)
         if self.checkpoint_mode == "task_exit":
-            await self._await_commit()
+            commit = self._commit
+            if commit is None:
+                commit = self._commit = _Commit(loop=loop)
+            self._wake.set()  # type: ignore[union-attr]
+            await commit
         elif self.checkpoint_mode == "periodic" and self._pending() >= self.max_pending:
             assert self._wake is not None
             self._wake.set()
@@ -880,20 +898,11 @@ class Memoizer:
     def _pending(self) -> int:
         return max((len(s.queue) for s in self._sinks), default=0)
 
-    async def _await_commit(self) -> None:
-        loop = self._loop
-        assert loop is not None and self._wake is not None
-        mine: asyncio.Future[None] = loop.create_future()
-        self._commit_waiters.append(mine)
-        self._wake.set()
-        await mine
-
-    def _release_commit(self, waiters: list[asyncio.Future[None]] | None = None) -> None:
-        if waiters is None:
-            waiters, self._commit_waiters = self._commit_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+    def _release_commit(self, commit: _Commit | None = None) -> None:
+        if commit is None:
+            commit, self._commit = self._commit, None
+        if commit is not None and not commit.done():
+            commit.set_result(None)
 
     async def _drain_loop(self) -> None:
         assert self._wake is not None
@@ -912,13 +921,13 @@ class Memoizer:
             self._wake.clear()
             if self._stopping:
                 return  # close() makes the final pass
-            waiters, self._commit_waiters = self._commit_waiters, []
+            commit, self._commit = self._commit, None
             try:
                 await self._flush()
             except Exception:  # the drain must survive anything a store does
                 logger.exception("checkpoint drain failed")
             finally:
-                self._release_commit(waiters)
+                self._release_commit(commit)
 
     async def _flush(self, final: bool = False) -> int:
         """Write every sink's queue; return records written (to the first sink)."""
