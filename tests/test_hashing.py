@@ -314,7 +314,7 @@ class TestRegistry:
         class Opaque:
             pass
 
-        def hook(obj: object) -> object:
+        def hook(obj: object, output_ref: bool) -> object:
             return "opaque" if isinstance(obj, Opaque) else H.NOT_HANDLED
 
         H.fallback_hooks.append(hook)
@@ -533,3 +533,19 @@ class TestLargeInputs:
         assert k == make_hash(task(buf))
         # inline hashing would give the ticker no turn at all while it runs
         assert during >= 3, (during, elapsed)
+
+
+def test_registration_errors_pass_through() -> None:
+    """An error raised inside an id_for_memo registration reaches the caller as itself."""
+
+    class Touchy:
+        pass
+
+    @id_for_memo.register(Touchy)
+    def _(obj: Touchy, output_ref: bool = False) -> object:
+        raise TypeError("touchy refuses")
+
+    with pytest.raises(TypeError, match="touchy refuses"):
+        key(Touchy())
+    with pytest.raises(TypeError, match="must be a sequence"):
+        make_hash({"func": f, "args": 5, "kwargs": {}})

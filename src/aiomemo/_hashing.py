@@ -129,8 +129,9 @@ class _NotHandled:
 NOT_HANDLED: Final = _NotHandled()
 
 #: hooks tried, in order, for a value no built-in rule or ``id_for_memo``
-#: registration covers; each returns a keyable stand-in or ``NOT_HANDLED``
-fallback_hooks: list[Callable[[object], object]] = []
+#: registration covers: ``hook(obj, output_ref)`` returns a keyable stand-in
+#: or ``NOT_HANDLED``
+fallback_hooks: list[Callable[[object, bool], object]] = []
 
 
 @functools.singledispatch
@@ -519,7 +520,7 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
                 raise _Unhashable(x, "numpy object scalar")
             return [_M_NPSCALAR, x.dtype.str, x.tobytes()]
     for hook in fallback_hooks:
-        value = hook(x)
+        value = hook(x, ctx.output_ref)
         if value is not NOT_HANDLED:
             return [_M_HOOK, _qualname(t), _canon(value, ctx, depth)]
     # subclasses of builtins: the type's name + the builtin value
@@ -673,12 +674,12 @@ def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
         fid = _func_identity(func, None if version is None else _canon(version, ctx, 0))
     except _Unhashable as exc:
         raise _error(exc, "version") from None
+    if type(args) is not tuple and type(args) is not list and not isinstance(args, Sequence):
+        raise TypeError(f"task['args'] must be a sequence, not {type(args).__name__}")
     try:
         cargs = _canon_list(args, ctx, 0)
     except _Unhashable as exc:
         raise _error(exc, "args") from None
-    except TypeError:
-        raise TypeError(f"task['args'] must be a sequence, not {type(args).__name__}") from None
     try:
         ckw = _canon_dict(kwargs, ctx, 0)
     except _Unhashable as exc:

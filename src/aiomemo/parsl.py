@@ -125,7 +125,7 @@ _hook_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.C
 )
 
 
-def _parsl_id_for_memo_hook(obj: object) -> object:
+def _parsl_id_for_memo_hook(obj: object, output_ref: bool = False) -> object:
     """aiomemo fallback hook: key ``obj`` with Parsl's ``id_for_memo`` when Parsl has a registration.
 
     Returns Parsl's value (usually bytes) or :data:`aiomemo._hashing.NOT_HANDLED`.
@@ -134,7 +134,7 @@ def _parsl_id_for_memo_hook(obj: object) -> object:
     if impl in _PARSL_BUILTIN_IMPLS:
         return _hashing.NOT_HANDLED
     try:
-        return impl(obj, output_ref=False)
+        return impl(obj, output_ref=output_ref)
     except BaseException as exc:
         box = _hook_errors.get()
         if box is not None:
