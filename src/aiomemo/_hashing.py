@@ -237,6 +237,20 @@ def _bigint(x: Any) -> msgpack.ExtType:
 def _canon_list(x: Any, ctx: _Ctx, depth: int) -> list[object]:
     if depth > MAX_DEPTH:
         raise _Unhashable(x, "nesting too deep")
+    for e in x:
+        te = type(e)
+        if not (
+            te is str
+            or te is bool
+            or e is None
+            or (te is int and _INT_MIN <= e <= _INT_MAX)
+            or (te is float and e == e)
+        ):
+            break
+    else:
+        # every item is already canonical: pack the list as it is (a tuple or
+        # another sequence becomes a list, which msgpack needs)
+        return x if type(x) is list else list(x)
     out = []
     i = 0
     try:
@@ -576,9 +590,20 @@ def _packb(obj: object) -> bytes:
         raise
 
 
+_FID_CACHE: dict[object, list[object]] = {}
+
+
 def _func_identity(func: object, version: object) -> list[object]:
+    if version is None:
+        try:
+            return _FID_CACHE[func]
+        except (KeyError, TypeError):
+            pass
     if type(func) is types.FunctionType:
-        return [func.__module__ or "?", func.__qualname__, version]
+        fid: list[object] = [func.__module__ or "?", func.__qualname__, version]
+        if version is None and len(_FID_CACHE) < 4096:
+            _FID_CACHE[func] = fid  # never mutated: packed as it is
+        return fid
     if isinstance(func, types.FunctionType | types.BuiltinFunctionType | type):
         return [func.__module__ or "?", func.__qualname__, version]
     if isinstance(func, types.MethodType):
