@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import itertools
 import json
 import logging
@@ -869,6 +870,8 @@ async def diskfull_case(
                 res.fail(f"{label}: nothing stayed queued on a full disk")
             if st.write_errors == 0:
                 res.fail(f"{label}: no write error seen on a full disk")
+            if injector is not None and injector.raised == 0:
+                res.fail(f"{label}: the fault injection point was never reached")
             close_error: CheckpointError | None = None
             if space_returns:
                 if filler is not None:
@@ -1069,8 +1072,6 @@ def write_records(directory: Path, n: int, batch: int = 100_000) -> float:
 
 async def load_and_check(directory: Path, n: int, samples: int, seed: int) -> dict[str, Any]:
     """Load ``n`` records through a Memoizer; time, RSS per entry, sampled hits checked."""
-    import gc
-
     gc.collect()
     rss0 = rss()
     t0 = time.monotonic()
@@ -1156,11 +1157,17 @@ async def _run_json(argv: list[str], limit: float) -> dict[str, Any]:
     return result
 
 
-async def soak(directory: Path, seconds: float, rate: int, period: float = 0.01) -> dict[str, Any]:
-    """Periodic drains every ``period`` s under ``rate`` completions/s for ``seconds``."""
+async def soak(
+    directory: Path, seconds: float, rate: int, period: float = 0.01, *, drains: bool = True
+) -> dict[str, Any]:
+    """Periodic drains every ``period`` s under ``rate`` completions/s for ``seconds``.
+
+    ``drains=False`` is the control: the same stream with no checkpoints, so
+    the memo table's own growth can be told from the drain machinery's.
+    """
     memo = Memoizer(
-        checkpoint_mode="periodic",
-        checkpoint_period=period,
+        checkpoint_mode="periodic" if drains else None,
+        checkpoint_period=period if drains else None,
         run_dir=directory / "run",
         config_run_dir=directory,
     )
@@ -1197,9 +1204,22 @@ async def soak(directory: Path, seconds: float, rate: int, period: float = 0.01)
             t_next += tick
             await asyncio.sleep(max(0.0, t_next - time.monotonic()))
 
+    gc_pauses: list[float] = []
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        elif info.get("generation") == 2:
+            gc_pauses.append(time.perf_counter() - gc_start[0])
+
     side = [asyncio.create_task(lag_monitor()), asyncio.create_task(sampler())]
+    gc.callbacks.append(on_gc)
     t0 = time.monotonic()
-    await producer()
+    try:
+        await producer()
+    finally:
+        gc.callbacks.remove(on_gc)
     wall = time.monotonic() - t0
     stop.set()
     await asyncio.gather(*side)
@@ -1219,6 +1239,8 @@ async def soak(directory: Path, seconds: float, rate: int, period: float = 0.01)
         "growth_per_completion": round((warm[-1] - warm[0]) / max(1, done), 1),
         "lag_max_ms": round(max(lags, default=0) * 1000, 2),
         "lag_p99_ms": round(lags_sorted[int(len(lags_sorted) * 0.99)] * 1000, 2) if lags else 0,
+        "gc_full_passes": len(gc_pauses),
+        "gc_full_max_ms": round(max(gc_pauses, default=0) * 1000, 2),
     }
 
 
@@ -1228,12 +1250,28 @@ async def scenario_soak(
     """The soak, then every completion checked on disk."""
     res = Result(f"soak {seconds:g} s, periodic 10 ms")
     tmp = Path(tempfile.mkdtemp(prefix="aiomemo-soak-", dir=workdir))
+    control_s = min(seconds, 30.0)
     try:
         if subprocess_:
             out = await _run_json(
                 [sys.executable, str(SCRIPT), "_soak-worker", str(tmp), str(seconds), str(rate)],
                 limit=seconds * 4 + 120,
             )
+            ctl = tmp / "control"
+            ctl.mkdir()
+            control = await _run_json(
+                [
+                    sys.executable,
+                    str(SCRIPT),
+                    "_soak-worker",
+                    str(ctl),
+                    str(control_s),
+                    str(rate),
+                    "0",
+                ],
+                limit=control_s * 4 + 120,
+            )
+            out["control_growth_per_completion"] = control["growth_per_completion"]
         else:
             out = await soak(tmp, seconds, rate)
         n = out["completions"]
@@ -1253,10 +1291,15 @@ async def scenario_soak(
     allowed = 16 * 2**20 + 1024 * n
     if out["rss_end"] - out["rss_start"] > allowed:
         res.fail(f"memory grew {mib(out['rss_end'] - out['rss_start'])} for {n} completions")
+    ctl_txt = ""
+    if "control_growth_per_completion" in out:
+        ctl_txt = f", {out['control_growth_per_completion']:.0f} B without drains"
     res.figure = (
-        f"{n:,} completions; RSS {mib(out['rss_start'])} -> {mib(out['rss_end'])} "
-        f"(max {mib(out['rss_max'])}, {out['growth_per_completion']:.0f} B/entry = the memo "
-        f"table); loop lag max {out['lag_max_ms']:.1f} ms, p99 {out['lag_p99_ms']:.1f} ms"
+        f"{n:,} completions, {res.cases:,} drain periods; RSS {mib(out['rss_start'])} -> "
+        f"{mib(out['rss_end'])} (max {mib(out['rss_max'])}; "
+        f"{out['growth_per_completion']:.0f} B/entry{ctl_txt}: the memo table); "
+        f"loop lag max {out['lag_max_ms']:.1f} ms (longest full GC pass "
+        f"{out.get('gc_full_max_ms', 0):.0f} ms), p99 {out['lag_p99_ms']:.1f} ms"
     )
     return res
 
@@ -1746,7 +1789,8 @@ def _worker_main(argv: list[str]) -> int:
         out["write_s"] = round(write_s, 2)
         print(json.dumps(out))
     elif kind == "_soak-worker":
-        print(json.dumps(asyncio.run(soak(Path(a[0]), float(a[1]), int(a[2])))))
+        drains = len(a) < 4 or a[3] != "0"
+        print(json.dumps(asyncio.run(soak(Path(a[0]), float(a[1]), int(a[2]), drains=drains))))
     elif kind == _LEASE_WORKER:
         asyncio.run(_lease_worker(a[0], a[1], a[2], int(a[3]), float(a[4]), a[5] == "1"))
     else:
