@@ -75,17 +75,19 @@ stress_task.__module__ = "aiomemo_stress"
 stress_task.__qualname__ = "stress_task"
 
 
+#: tasks from here on have ~64 KiB results (multi-page writes a kill can cut short)
+BIG = 10_000_000
+_PAD = bytes(range(256)) * 300
+
+
 def expected(i: int) -> Any:
-    """The one right result of task ``i`` (sizes vary: 0..112 bytes, some ~1 KiB)."""
+    """The one right result of task ``i`` (0..112 bytes, some ~1 KiB; ~64 KiB from BIG)."""
     n = (i * 37) % 113
     if i % 11 == 0:
         n += 600 + (i * 7) % 900
-    return {
-        "i": i,
-        "sq": i * i,
-        "t": (i, -i, str(i)),
-        "pad": bytes((i + j) & 0xFF for j in range(n)),
-    }
+    if i >= BIG:
+        n = 65_536 + i % 4096
+    return {"i": i, "sq": i * i, "t": (i, -i, str(i)), "pad": _PAD[i % 256 : i % 256 + n]}
 
 
 def task_for(i: int) -> dict[str, Any]:
@@ -153,9 +155,9 @@ def _quiet() -> Iterator[None]:
 class KeyBook:
     """Hex key -> task index for ``range(n)`` (hashing is the slow part: done once)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, big: int = 0) -> None:
         self.n = n
-        self.index = {key_of(i): i for i in range(n)}
+        self.index = {key_of(i): i for i in [*range(n), *range(BIG, BIG + big)]}
 
     def check_table(self, table: Any, res: Result) -> set[int]:
         """Verify a ``load_checkpoints`` mapping; return the task indices it holds."""
@@ -206,7 +208,10 @@ async def load_dirs(dirs: list[str]) -> dict[str, asyncio.Future[Any] | None]:
 # Scenario 1: kill -9 of a checkpointing writer
 # --------------------------------------------------------------------------
 
-KILL_MODES = ("task_exit", "periodic", "manual", "dfk_exit")
+#: dfk_exit_64k: dfk_exit with ~64 KiB results, so that each close() writes one
+#: batch of megabytes and a kill can land inside that write (a torn tail)
+KILL_MODES = ("task_exit", "periodic", "manual", "dfk_exit", "dfk_exit_64k")
+BIG_UNIVERSE = 2_000
 
 
 def _say(line: str) -> None:
@@ -219,19 +224,24 @@ async def _kill_worker(runinfo: str, mode: str, seed: int, universe: int) -> Non
     warnings.simplefilter("ignore")
     deadline = time.monotonic() + 120  # bounded even if nobody kills us
     while time.monotonic() < deadline:
+        base = 0
+        if mode == "dfk_exit_64k":
+            mode, base, universe = "dfk_exit", BIG, BIG_UNIVERSE
         kwargs: dict[str, Any] = {"checkpoint_mode": mode, "config_run_dir": runinfo}
         if mode == "periodic":
             kwargs["checkpoint_period"] = 0.01
         memo = Memoizer(**kwargs)
         await memo.start()
         _say("S")
-        await _kill_epoch(memo, mode, rng, universe)
+        await _kill_epoch(memo, mode, rng, universe, base)
         _say("C")
 
 
-async def _kill_epoch(memo: Memoizer, mode: str, rng: random.Random, universe: int) -> None:
+async def _kill_epoch(
+    memo: Memoizer, mode: str, rng: random.Random, universe: int, base: int
+) -> None:
     start = rng.randrange(universe)
-    idx = [(start + j) % universe for j in range(min(rng.randint(20, 400), universe))]
+    idx = [base + (start + j) % universe for j in range(min(rng.randint(20, 400), universe))]
     rng.shuffle(idx)
     completed: list[int] = []
     acked = 0
@@ -314,7 +324,7 @@ async def scenario_kill(
     res = Result("kill -9 (writer)")
     rng = random.Random(seed)
     t0 = time.monotonic()
-    book = KeyBook(universe)
+    book = KeyBook(universe, big=BIG_UNIVERSE if "dfk_exit_64k" in modes else 0)
     tmp = tempfile.mkdtemp(prefix="aiomemo-kill-", dir=workdir)
     acked: dict[str, set[int]] = {m: set() for m in modes}
     checked = 0
