@@ -184,8 +184,10 @@ async def test_checkpoint_one_during_flush_loses_nothing(tmp_path: pathlib.Path)
         manual = asyncio.create_task(memo.checkpoint())
         await spin_until(lambda: store.calls == 1)  # writing [t0, t1], blocked
         await run(memo, tasks[2], 2)  # queued after the chunk was taken
-        assert await memo.checkpoint_one(task=tasks[0]) == 1
+        one = asyncio.create_task(memo.checkpoint_one(task=tasks[0]))
+        await spin()
         store.gate.set()
+        assert await one == 1
         await manual
     assert len(store.records) == 3
 
