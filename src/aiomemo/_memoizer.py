@@ -171,19 +171,41 @@ class _Sink:
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
-    """Read-only view of loaded records as hex key -> done Future (decoded on access)."""
+    """Read-only view of loaded records as hex key -> done Future (decoded on access).
 
-    def __init__(self, memo: Memoizer, keys: Sequence[bytes]) -> None:
+    With ``own`` (the Memoizer keeps nothing: ``memoize=False``) the view
+    decodes from its own table; otherwise it asks the Memoizer, which holds
+    the records and may already have decoded them.
+    """
+
+    def __init__(
+        self, memo: Memoizer, keys: Sequence[bytes], own: dict[bytes, bytes] | None = None
+    ) -> None:
         self._memo = memo
         self._keys = [k.hex() for k in keys]
         self._set = set(self._keys)
+        self._own = own
+        self._cache: dict[str, asyncio.Future[Any]] = {}
 
     def __getitem__(self, key: str) -> asyncio.Future[Any]:
         if key not in self._set:
             raise KeyError(key)
-        fut = self._memo._lookup_done(key)
+        if self._own is None:
+            fut = self._memo._lookup_done(key)
+            if fut is None:
+                raise KeyError(key)
+            return fut
+        fut = self._cache.get(key)
         if fut is None:
-            raise KeyError(key)
+            loop = self._memo._loop
+            assert loop is not None
+            fut = loop.create_future()
+            try:
+                fut.set_result(_codec.decode(self._own[bytes.fromhex(key)]))
+            except _codec.CodecError as exc:
+                fut.set_exception(exc)
+                fut.exception()
+            self._cache[key] = fut
         return fut
 
     def __iter__(self) -> Iterator[str]:
@@ -391,6 +413,8 @@ class Memoizer:
             for s in stores:
                 if self.memoize and not s.shared:
                     reports.append(await s.load())
+            if self._state is _State.CLOSED:
+                raise MemoizerClosedError("the Memoizer was closed while it was starting")
         except BaseException:
             for s in opened:
                 with contextlib.suppress(Exception):
@@ -437,7 +461,9 @@ class Memoizer:
         """
         if self._state is _State.CLOSED:
             return
-        if self._state is _State.NEW:
+        if self._state is not _State.STARTED:
+            # never started; a start() in progress sees CLOSED when it ends
+            # and closes what it opened
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
@@ -458,8 +484,8 @@ class Memoizer:
                 await asyncio.shield(self._flush(final=True))
             unsaved = sum(len(s.queue) for s in self._sinks)
             errors = [f"{type(s.store).__name__}: {s.last_error}" for s in self._sinks if s.queue]
-            self._release_commit()
         finally:
+            self._release_commit()  # whatever happened, no task_exit caller waits forever
             for fl in self._inflight.values():
                 if fl.renew_task is not None:
                     fl.renew_task.cancel()
@@ -540,7 +566,21 @@ class Memoizer:
         if self.collapse:
             self._inflight[key] = flight
         if self._shared:
-            return await self._check_shared(task, key, raw, flight)
+            try:
+                return await self._check_shared(task, key, raw, flight)
+            except BaseException:
+                # cancelled (or a store failed unexpectedly) before anyone
+                # was told to run it: drop the entry so nobody waits on it
+                if self._inflight.get(key) is flight:
+                    del self._inflight[key]
+                if flight.renew_task is not None:
+                    flight.renew_task.cancel()
+                if not flight.future.done():
+                    flight.future.set_exception(
+                        LeaderCancelledError(f"the lookup of {key[:12]}… was interrupted")
+                    )
+                    flight.future.exception()
+                raise
         self._misses += 1
         return None
 
@@ -759,17 +799,24 @@ class Memoizer:
                 self._spawn(self._release(flight.lease_store, key))
             return
         lease_store = flight.lease_store if flight is not None else None
+        if self.checkpoint_mode is not None:
+            # queued before any await: a cancelled caller or a close() in
+            # between cannot lose it for the other stores
+            self._queue(record, key, skip=lease_store)
         if lease_store is not None:
+            publish = asyncio.ensure_future(self._publish(lease_store, record, key))
+            self._bg.add(publish)
+            publish.add_done_callback(self._bg.discard)
             if self.checkpoint_mode == "task_exit":
                 # durable before we return: the shared store has it (or, if it
-                # failed, the record is queued for retry like any other)
-                await self._publish(lease_store, record, key)
-            else:
-                self._spawn(self._publish(lease_store, record, key))
-        if self.checkpoint_mode is None:
+                # failed, the record is queued for retry like any other); the
+                # write itself is never cancelled with its caller
+                await asyncio.shield(publish)
+        if self.checkpoint_mode is None or self._state is not _State.STARTED:
             return
-        self._queue(record, key, skip=lease_store)
         if self.checkpoint_mode == "task_exit":
+            if self._stopping:
+                return  # close() is making the final pass with this record
             commit = self._commit
             if commit is None:
                 commit = self._commit = _Commit(loop=loop)
@@ -808,6 +855,12 @@ class Memoizer:
         fut = flight.future if flight is not None and not flight.future.done() else None
         if fut is None:
             fut = loop.create_future()
+        if isinstance(e, StopIteration):
+            # a Future refuses StopIteration (as a coroutine turns it into
+            # RuntimeError); memoize what awaiting the task would have raised
+            wrapped = RuntimeError(f"the task raised StopIteration: {e!r}")
+            wrapped.__cause__ = e
+            e = wrapped
         fut.set_exception(e)
         fut.exception()  # mark retrieved: it is a memo entry, not a lost error
         self._done[key] = fut
@@ -1015,17 +1068,17 @@ class Memoizer:
             return 0
         if not self._sinks:
             self._add_default_sink()
-        for s in self._sinks:
-            s.queue = [r for r in s.queue if r.key != record.key]
         self._queued_keys.add(key)
         for s in self._sinks:
-            try:
-                await s.store.put_many([record])
-            except (CheckpointError, StoreError, OSError) as exc:
-                s.queue.append(record)
-                raise CheckpointError(
-                    f"could not checkpoint task {key}: {exc}; it stays queued", unsaved=1
-                ) from exc
+            async with s.lock:  # a flush takes records from this queue's head
+                s.queue[:] = [r for r in s.queue if r.key != record.key]
+                try:
+                    await s.store.put_many([record])
+                except (CheckpointError, StoreError, OSError) as exc:
+                    s.queue.append(record)
+                    raise CheckpointError(
+                        f"could not checkpoint task {key}: {exc}; it stays queued", unsaved=1
+                    ) from exc
         self._checkpointed += 1
         self._last_checkpoint = time.time()
         return 1
@@ -1041,8 +1094,9 @@ class Memoizer:
             return {}
         rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
         keys = list(rep.table)
-        if self.memoize:
-            self._absorb(rep)
+        if not self.memoize:
+            return _LazyTable(self, keys, own=rep.table)
+        self._absorb(rep)
         return _LazyTable(self, keys)
 
     async def explain(self, task: Task) -> Explanation:
@@ -1139,9 +1193,12 @@ class Memoizer:
                     if not self.closed:
                         await self.update_memo_result(task, result)
                     return result
+                following = not fut.done()  # a done Future is a memoized outcome
                 try:
                     return await fut  # type: ignore[no-any-return]
                 except LeaderCancelledError:
+                    if not following:
+                        raise
                     continue  # the leader was cancelled: resubmit, one of us leads
 
         async def key(*args: P.args, **kwargs: P.kwargs) -> str:
