@@ -1,4 +1,4 @@
-"""Review findings on the asyncio Memoizer: each test pins one bug (xfail until fixed)."""
+"""Review findings on the asyncio Memoizer, kept as regression tests (each pinned one bug)."""
 
 from __future__ import annotations
 
@@ -112,15 +112,6 @@ class ClaimStore(Store):
         return self.records.get(key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.close() on a NEW memo that is mid start() (start_lock held, awaiting a "
-        "store's open / a to_thread) just sets CLOSED and returns; _start() then finishes "
-        "and sets _state = STARTED, so the memo is live again after close() (drain task "
-        "and stores leak, calls no longer raise MemoizerClosedError)"
-    ),
-)
 async def test_close_during_start_stays_closed(tmp_path: pathlib.Path) -> None:
     """A close() that lands while start() is still opening stores leaves the Memoizer closed."""
     store = SlowOpenStore()
@@ -140,15 +131,6 @@ async def test_close_during_start_stays_closed(tmp_path: pathlib.Path) -> None:
             await memo.close()  # cleanup: the memo came back to life
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.check_memo registers the _Flight in _inflight before awaiting "
-        "_check_shared (store.get / store.claim); if the caller is cancelled there (or the "
-        "store raises anything but StoreError) the entry is never removed, so every later "
-        "identical check_memo collapses onto a Future that never completes"
-    ),
-)
 async def test_cancelled_shared_lookup_leaves_no_orphan_flight(tmp_path: pathlib.Path) -> None:
     """A check_memo cancelled during the shared-store lookup does not leave an orphan in-flight entry."""
     store = ClaimStore(block_get=True)
@@ -167,15 +149,6 @@ async def test_cancelled_shared_lookup_leaves_no_orphan_flight(tmp_path: pathlib
                 again.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.checkpoint_one rebinds sink.queue to a filtered copy without taking "
-        "sink.lock; a concurrent _flush_sink_locked then runs `del sink.queue[:len(chunk)]` "
-        "on the new list, deleting records queued after its chunk was taken: they are "
-        "never written, pending drops to 0 and close() raises nothing"
-    ),
-)
 async def test_checkpoint_one_during_flush_loses_nothing(tmp_path: pathlib.Path) -> None:
     """checkpoint_one racing a checkpoint() in progress does not drop records queued meanwhile."""
     store = GateStore()
@@ -194,16 +167,6 @@ async def test_checkpoint_one_during_flush_loses_nothing(tmp_path: pathlib.Path)
     assert len(store.records) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.update_memo_result (task_exit, lease held) awaits self._publish() before "
-        "_queue(); a caller cancelled during the shared-store write aborts put_and_release "
-        "(not shielded) and never queues the record for the other sinks, so the result is "
-        "lost from every checkpoint without a CheckpointError (the docstring promises the "
-        "write is never cancelled)"
-    ),
-)
 async def test_cancelled_task_exit_publish_still_checkpoints(tmp_path: pathlib.Path) -> None:
     """Cancelling a task_exit leader while it publishes to a shared store still checkpoints its result locally."""
     local = MemoryStore()
@@ -221,15 +184,6 @@ async def test_cancelled_task_exit_publish_still_checkpoints(tmp_path: pathlib.P
     assert bytes.fromhex(task["hashsum"]) in local.records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.update_memo_result (task_exit, lease held) suspended in _publish() across "
-        "close() resumes after the drain task has stopped and close() released the commit: "
-        "it creates a fresh _Commit (uncancellable), sets _wake and awaits it forever; any "
-        "local sink's copy is appended after the final flush and silently lost"
-    ),
-)
 async def test_task_exit_publish_across_close_does_not_hang(tmp_path: pathlib.Path) -> None:
     """An update_memo_result still publishing when close() runs completes after close instead of hanging."""
     shared = ClaimStore(block_put=True)
@@ -250,16 +204,6 @@ async def test_task_exit_publish_across_close_does_not_hang(tmp_path: pathlib.Pa
         await asyncio.gather(upd, return_exceptions=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.close() calls _release_commit() only at the end of its try block, and "
-        "_drain_loop returns on _stopping without releasing self._commit; if close() is "
-        "cancelled (or the final _flush raises a non-Store exception) the batch that "
-        "filled during the drain's last pass is never released and its task_exit "
-        "callers await the uncancellable _Commit forever"
-    ),
-)
 async def test_cancelled_close_releases_task_exit_waiters(tmp_path: pathlib.Path) -> None:
     """Cancelling close() does not leave task_exit callers waiting forever on their batch."""
     store = GateStore()
@@ -288,14 +232,6 @@ async def test_cancelled_close_releases_task_exit_waiters(tmp_path: pathlib.Path
         await asyncio.gather(a, b, return_exceptions=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.load_checkpoints with memoize=False returns a _LazyTable listing every "
-        "loaded key, but _absorb is skipped so __getitem__ raises KeyError for each of "
-        "them: the Mapping is inconsistent (dict(table), table.items(), `k in table` break)"
-    ),
-)
 async def test_load_checkpoints_mapping_consistent_without_memoize(tmp_path: pathlib.Path) -> None:
     """The mapping from load_checkpoints can be read for every key it lists, even with memoize=False."""
     async with Memoizer(run_dir=tmp_path / "a", checkpoint_mode="dfk_exit") as memo:
@@ -306,15 +242,6 @@ async def test_load_checkpoints_mapping_consistent_without_memoize(tmp_path: pat
         assert len(items) == len(table)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "memo.cached's wrapper retries on any LeaderCancelledError from `await fut`, even "
-        "when fut is a done hit carrying a memoized LeaderCancelledError raised by the "
-        "function itself: check_memo and the done Future never yield, so it spins forever "
-        "and freezes the event loop"
-    ),
-)
 async def test_cached_memoized_leader_cancelled_error_does_not_spin(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,15 +269,6 @@ async def test_cached_memoized_leader_cancelled_error_does_not_spin(
             await work(1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.update_memo_exception pops the _Flight, then Future.set_exception("
-        "StopIteration()) raises TypeError (asyncio refuses StopIteration): the leader's "
-        "Future is never completed, so collapsed followers hang forever and the engine's "
-        "report call fails"
-    ),
-)
 async def test_stop_iteration_exception_completes_followers(tmp_path: pathlib.Path) -> None:
     """A task that ended with StopIteration still completes its collapsed followers."""
     async with Memoizer(run_dir=tmp_path) as memo:
@@ -397,15 +315,6 @@ class FrozenClock:
         return time.time()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer._flush (non-final, as _drain_loop calls it for a task_exit commit) skips a "
-        "sink whose earlier batch failed until its retry_at, yet the drain still releases the "
-        "commit: every update_memo_result in the backoff window returns at once with its "
-        "record never written nor even attempted (not durable, although the store is fine)"
-    ),
-)
 async def test_task_exit_after_a_failed_batch_still_writes(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -439,15 +348,6 @@ class HeldElsewhereStore(ClaimStore):
         return None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Memoizer.close() does `await asyncio.wait(self._bg, timeout=5)` before failing the "
-        "in-flight entries, and _bg holds the _await_remote tasks of followers of a remote "
-        "leader (which wait lease_ttl*2 windows, indefinitely while the holder renews): "
-        "close() stalls the full 5 s whenever a local task follows a remote one"
-    ),
-)
 async def test_close_does_not_wait_for_remote_followers(tmp_path: pathlib.Path) -> None:
     """close() fails local followers of a remote leader at once instead of waiting on them."""
     store = HeldElsewhereStore()

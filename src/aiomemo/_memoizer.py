@@ -340,7 +340,9 @@ class Memoizer:
         # the batch now filling (task_exit group commit), awaited by its callers
         self._commit: _Commit | None = None
         self._func_names: dict[object, str] = {}
-        self._bg: set[asyncio.Task[Any]] = set()
+        self._bg: set[asyncio.Future[Any]] = set()  # publishes and releases
+        self._remote_waits: set[asyncio.Future[Any]] = set()  # followers of other processes
+        self._closing: asyncio.Future[None] | None = None
         self._warned_types: set[str] = set()
 
         self._hits = 0
@@ -459,6 +461,11 @@ class Memoizer:
         Raises:
             CheckpointError: records that could not be saved (how many).
         """
+        if self._closing is not None:
+            # another close() is making the final checkpoint: wait for it
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._closing)
+            return
         if self._state is _State.CLOSED:
             return
         if self._state is not _State.STARTED:
@@ -467,6 +474,14 @@ class Memoizer:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
+        assert self._loop is not None
+        self._closing = self._loop.create_future()
+        try:
+            await self._close_started()
+        finally:
+            self._closing.set_result(None)
+
+    async def _close_started(self) -> None:
         unsaved = 0
         errors: list[str] = []
         try:
@@ -477,6 +492,15 @@ class Memoizer:
                 self._wake.set()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._drain_task)
+            # followers of other processes' tasks stop waiting (they get
+            # MemoizerClosedError); leases our unfinished tasks hold are let go
+            for w in list(self._remote_waits):
+                w.cancel()
+            for key, fl in list(self._inflight.items()):
+                if fl.lease_store is not None:
+                    if fl.renew_task is not None:
+                        fl.renew_task.cancel()
+                    self._spawn(self._release(fl.lease_store, key))
             # give background publishes a moment (bounded) so shared results land
             if self._bg:
                 await asyncio.wait(list(self._bg), timeout=5)
@@ -676,7 +700,9 @@ class Memoizer:
                     break
                 # another process runs it: wait for its result
                 flight.remote = True
-                self._spawn(self._await_remote(store, key, raw, flight))
+                wait = asyncio.ensure_future(self._await_remote(store, key, raw, flight))
+                self._remote_waits.add(wait)
+                wait.add_done_callback(self._remote_waits.discard)
                 self._collapsed += 1
                 return self._follow(flight.future)
         self._misses += 1
@@ -713,7 +739,7 @@ class Memoizer:
             if enc is None:
                 with contextlib.suppress(StoreError):
                     enc = await store.get(raw)
-        except StoreError as exc:
+        except Exception as exc:  # StoreError, or anything a store does wrong
             self._store_error(store, exc)
             enc = None
         except asyncio.CancelledError:
@@ -761,6 +787,7 @@ class Memoizer:
             )
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
+        """Run a publish or release in the background; close() waits for them (bounded)."""
         t = asyncio.ensure_future(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
@@ -870,7 +897,7 @@ class Memoizer:
             # the result and the lease's release in one step: waiters never
             # see the lease gone without the result
             await store.put_and_release(record, self._owner)
-        except StoreError as exc:
+        except Exception as exc:  # StoreError, or anything a store does wrong
             self._store_error(store, exc)
             for s in self._sinks:  # keep it for the drain to retry
                 if s.store is store:
@@ -885,7 +912,7 @@ class Memoizer:
     async def _release(self, store: Store, key: str) -> None:
         try:
             await store.release(bytes.fromhex(key), self._owner)
-        except StoreError as exc:
+        except Exception as exc:  # the lease then expires by itself
             self._store_error(store, exc)
 
     def _record(self, task: Mapping[str, Any], key: str, r: Any) -> Record | None:
@@ -976,7 +1003,9 @@ class Memoizer:
                 return  # close() makes the final pass
             commit, self._commit = self._commit, None
             try:
-                await self._flush()
+                # a pass that carries task_exit callers tries every store now,
+                # even one in back-off: they return on the strength of this try
+                await self._flush(final=commit is not None)
             except Exception:  # the drain must survive anything a store does
                 logger.exception("checkpoint drain failed")
             finally:
@@ -1012,7 +1041,7 @@ class Memoizer:
             chunk = sink.queue[:_CHUNK]
             try:
                 await sink.store.put_many(chunk)
-            except (CheckpointError, StoreError, OSError) as exc:
+            except Exception as exc:  # CheckpointError, StoreError, or a store's bug
                 sink.failures += 1
                 self._write_errors += 1
                 sink.last_error = str(exc)
