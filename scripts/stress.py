@@ -790,16 +790,19 @@ class Injector:
         self._saved: list[tuple[Any, str, Any]] = []
 
     def __enter__(self) -> Injector:
-        orig_write_all = SegmentWriter._write_all
+        import aiomemo._checkpoint as ck
+
+        orig_write = ck._os_write
         inj = self
 
-        async def write_all(f: Any, data: bytes) -> None:
+        def write(fd: int, data: Any) -> int:
             if inj.on and not inj.fsync:
                 inj.raised += 1
                 if inj.partial and len(data) > 1:
-                    await orig_write_all(f, bytes(data)[: len(data) // 2])  # a short write
+                    orig_write(fd, bytes(data)[: len(data) // 2])  # a short write
                 raise OSError(inj.code, os.strerror(inj.code))
-            await orig_write_all(f, data)
+            n: int = orig_write(fd, data)
+            return n
 
         orig_fsync = os.fsync
 
@@ -810,10 +813,10 @@ class Injector:
             orig_fsync(fd)
 
         self._saved = [
-            (SegmentWriter, "_write_all", SegmentWriter.__dict__["_write_all"]),
+            (ck, "_os_write", orig_write),
             (os, "fsync", orig_fsync),
         ]
-        SegmentWriter._write_all = staticmethod(write_all)  # type: ignore[method-assign]
+        ck._os_write = write
         os.fsync = fsync
         return self
 

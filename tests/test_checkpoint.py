@@ -331,35 +331,34 @@ def test_parsl_pickle_is_never_loaded(tmp_path: Path) -> None:
 
 
 class FailingWrites:
-    """Replaces a writer's file.write: writes part of the data, then raises ENOSPC once."""
+    """Stands in for the writer's os.write: a short write first, then ENOSPC once."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
         self.calls = 0
 
-    async def __call__(self, data: Any) -> int:
+    def __call__(self, fd: int, data: Any) -> int:
         self.calls += 1
         if self.calls == 1:
-            n: int = await self.real(data[: len(data) // 2])  # a partial write first
+            n: int = self.real(fd, bytes(data)[: len(data) // 2])  # a partial write first
             return n
         if self.calls == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        n = await self.real(data)
+        n = self.real(fd, data)
         return n
 
 
-async def test_write_failure_then_retry(tmp_path: Path) -> None:
+async def test_write_failure_then_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC mid-batch raises CheckpointError with the count; a retry lands each record exactly once."""
     w = await SegmentWriter.create(tmp_path)
     await w.write_batch([rec(0)], fsync=True)
     batch = [rec(i, b"r" * 40) for i in range(1, 9)]
-    real = w._file.write
-    w._file.write = FailingWrites(real)
+    monkeypatch.setattr(ck, "_os_write", FailingWrites(os.write))
     with pytest.raises(CheckpointError) as info:
         await w.write_batch(batch, fsync=True)
     assert info.value.unsaved == len(batch)
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
-    w._file.write = real
+    monkeypatch.undo()
     await w.write_batch(batch, fsync=True)
     await w.close()
     segs = list_segments(tmp_path)
@@ -377,7 +376,7 @@ async def test_failed_truncate_abandons_segment(
     await w.write_batch([rec(0)], fsync=False)
     first = w.path
     batch = [rec(i) for i in range(1, 5)]
-    w._file.write = FailingWrites(w._file.write)
+    monkeypatch.setattr(ck, "_os_write", FailingWrites(os.write))
 
     def no_truncate(fd: int, n: int) -> None:
         raise OSError(errno.EIO, "I/O error")

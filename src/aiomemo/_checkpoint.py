@@ -425,7 +425,7 @@ class SegmentWriter:
             # Lock before the file gets its real name: a compaction tool that
             # sees a ``seg-*.amlog`` name can trust ``flock`` to say it is live.
             await asyncio.to_thread(_lock_exclusive, f.fileno())
-            await self._write_all(f, _file_header())
+            await _write_and_sync(f.fileno(), _file_header(), False)
             final = self._dir / name
             await aiofiles.os.rename(tmp, final)
         except BaseException:
@@ -436,18 +436,6 @@ class SegmentWriter:
             raise
         self._file, self._path, self._offset = f, final, FILE_HEADER_SIZE
         self._synced_dirs = False
-
-    @staticmethod
-    async def _write_all(f: Any, data: bytes) -> None:
-        # Unbuffered file: a write may be short (e.g. just before ENOSPC), so
-        # loop; there is no hidden buffer that could later flush stale bytes.
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            n = await f.write(view[done:])
-            if not n:
-                raise OSError(errno.EIO, "write wrote nothing")
-            done += n
 
     async def _abandon(self) -> None:
         f, self._file, self._path = self._file, None, None
@@ -517,23 +505,27 @@ class SegmentWriter:
             start = self._offset
             path = self._path
             try:
-                await self._write_all(self._file, data)
-                # No flush() call: the file is unbuffered, write() went to the OS.
+                # One trip to a worker thread for write + fsync (aiofiles' wrap):
+                # a group commit's latency is what its callers wait for.
+                await _write_and_sync(self._file.fileno(), data, fsync)
+            except _FsyncFailed as exc:
+                # After a failed fsync the kernel may have dropped dirty pages
+                # and a later fsync can "succeed" without them: never trust
+                # this segment again.
+                await self._roll_back(start, abandon=True)
+                raise CheckpointError(
+                    f"could not fsync {count} records to {path}: {exc.__cause__}", unsaved=count
+                ) from exc.__cause__
             except OSError as exc:
                 await self._roll_back(start, abandon=False)
                 raise CheckpointError(
                     f"could not write {count} records to {path}: {exc}", unsaved=count
                 ) from exc
-            if fsync:
+            if fsync and not self._synced_dirs:
                 try:
-                    await asyncio.to_thread(os.fsync, self._file.fileno())
-                    if not self._synced_dirs:
-                        await asyncio.to_thread(self._sync_dirs)
-                        self._synced_dirs = True
+                    await asyncio.to_thread(self._sync_dirs)
+                    self._synced_dirs = True
                 except OSError as exc:
-                    # After a failed fsync the kernel may have dropped dirty pages
-                    # and a later fsync can "succeed" without them: never trust
-                    # this segment again.
                     await self._roll_back(start, abandon=True)
                     raise CheckpointError(
                         f"could not fsync {count} records to {path}: {exc}", unsaved=count
@@ -576,6 +568,34 @@ class SegmentWriter:
                     await f.close()
                 except OSError as exc:  # e.g. NFS reporting a deferred write error
                     raise CheckpointError(f"error closing {self._path}: {exc}") from exc
+
+
+class _FsyncFailed(Exception):
+    """Internal: the write went through, its fsync did not (the OSError is the cause)."""
+
+
+#: the one place bytes reach a segment (tests inject faults here)
+_os_write = os.write
+
+
+def _write_then_sync(fd: int, data: bytes, fsync: bool) -> None:
+    # The file is unbuffered: a write may be short (e.g. just before ENOSPC),
+    # so loop; there is no hidden buffer that could later flush stale bytes.
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = _os_write(fd, view[done:])
+        if not n:
+            raise OSError(errno.EIO, "write wrote nothing")
+        done += n
+    if fsync:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise _FsyncFailed() from exc
+
+
+_write_and_sync = aiofiles.os.wrap(_write_then_sync)
 
 
 def _consume_result(task: asyncio.Future[int]) -> None:
