@@ -301,7 +301,7 @@ def bench_memo(quick: bool) -> Table:
     assert pm.check_memo(ptask) is f  # type: ignore[arg-type]
 
     async def hits() -> tuple[float, float]:
-        async with aiomemo.Memoizer(run_dir=tmp / "hit", config_run_dir=tmp) as memo:
+        async with aiomemo.Memoizer(run_dir=tmp / "hit", config_run_dir=tmp / "hit-root") as memo:
             task = small_task()
             assert await memo.check_memo(task) is None
             await memo.update_memo_result(task, 42)
@@ -448,7 +448,7 @@ def bench_memo(quick: bool) -> Table:
 
     async def drain_lag() -> tuple[float, int]:
         memo = aiomemo.Memoizer(
-            run_dir=tmp / "pd", config_run_dir=tmp, checkpoint_mode="periodic", checkpoint_period=3600, max_pending=10**9
+            run_dir=tmp / "pd", config_run_dir=tmp / "pd-root", checkpoint_mode="periodic", checkpoint_period=3600, max_pending=10**9
         )
         async with memo:
             for i in range(m):

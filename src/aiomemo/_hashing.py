@@ -802,16 +802,22 @@ _DIGEST_SAMPLE: Final = 1 << 20
 ARG_DIGEST_SIZE: Final = 8
 
 
+_DIGEST_PAIR = struct.Struct("<II")
+_CRC_SEED: Final = 0x9E3779B9
+
+
 def _arg_digest(value: object, output_ref: bool = False) -> bytes:
+    t = type(value)
+    if t is str or t is bool or value is None or (t is int and _INT_MIN <= value <= _INT_MAX):  # type: ignore[operator]
+        head = _packb(value)  # already canonical: no walk
+        return _DIGEST_PAIR.pack(zlib.crc32(head), zlib.crc32(head, _CRC_SEED))
     ctx = _Ctx()
     ctx.output_ref = output_ref
     head = _packb(_canon(value, ctx, 0))
     if ctx.oob is _Ctx.oob:
         # advisory only (explain): two CRC-32s are ~10x cheaper than a
         # blake3 object for the small arguments most tasks have
-        return (zlib.crc32(head) ^ (len(head) << 16) & 0xFFFFFFFF).to_bytes(
-            4, "little"
-        ) + zlib.crc32(head, 0x9E3779B9).to_bytes(4, "little")
+        return _DIGEST_PAIR.pack(zlib.crc32(head), zlib.crc32(head, _CRC_SEED))
     h = blake3.blake3(head)
     for item in ctx.oob:
         if isinstance(item, File):
@@ -847,13 +853,14 @@ def arg_digests(task: Mapping[str, Any]) -> bytes:
         except (_Unhashable, TypeError, ValueError):
             pos.append(b"")
     kw: dict[str, bytes] = {}
-    for name in sorted(kwargs):
-        if name in ignore:
-            continue
-        try:
-            kw[name] = _arg_digest(kwargs[name], output_ref=name == "outputs")
-        except (_Unhashable, TypeError, ValueError):
-            kw[name] = b""
+    if kwargs:
+        for name in sorted(kwargs):
+            if name in ignore:
+                continue
+            try:
+                kw[name] = _arg_digest(kwargs[name], output_ref=name == "outputs")
+            except (_Unhashable, TypeError, ValueError):
+                kw[name] = b""
     return _packb([pos, kw])
 
 
