@@ -479,13 +479,19 @@ def bench_memo(quick: bool) -> Table:
 def bench_parsl(quick: bool) -> Table:
     t = Table("parsl: 5,000 cached apps, run twice (scripts/bench parsl)")
     n = 1000 if quick else 5000
-    rows = []
-    for memoizer in ("BasicMemoizer", "ParslMemoizer"):
-        for mode in ("task_exit", "periodic"):
-            with tempfile.TemporaryDirectory(prefix="aiomemo-parsl-") as d:
-                code = _PARSL_RUN.format(memoizer=memoizer, mode=mode, n=n, root=d)
-                runs = [_child(code) for _ in range(2)]
-            rows.append((memoizer, mode, runs))
+    # rounds alternate between the memoizers; the best of each run is kept
+    best: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(2 if quick else 3):
+        for memoizer in ("BasicMemoizer", "ParslMemoizer"):
+            for mode in ("task_exit", "periodic"):
+                with tempfile.TemporaryDirectory(prefix="aiomemo-parsl-") as d:
+                    code = _PARSL_RUN.format(memoizer=memoizer, mode=mode, n=n, root=d)
+                    runs = [_child(code) for _ in range(2)]
+                prev = best.setdefault((memoizer, mode), runs)
+                for i in range(2):
+                    if runs[i]["seconds"] < prev[i]["seconds"]:
+                        prev[i] = runs[i]
+    rows = [(m, mode, runs) for (m, mode), runs in best.items()]
     by = {(m, mode): runs for m, mode, runs in rows}
     for mode in ("task_exit", "periodic"):
         base = by[("BasicMemoizer", mode)]
