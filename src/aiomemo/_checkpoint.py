@@ -242,11 +242,15 @@ def encode_batch(records: Sequence[Record]) -> bytes:
     Returns ``b""`` for no records.
     """
     packer = msgpack.Packer(use_bin_type=True)  # one per call: Packer is not thread-safe
+    return _frame_all(packer, [_record_bytes(packer, rec) for rec in records])
+
+
+def _frame_all(packer: msgpack.Packer, raws: list[bytes]) -> bytes:
+    """Packed records framed as batches, a new batch whenever one would pass the limit."""
     out: list[bytes] = []
     parts: list[bytes] = []
     size = 0
-    for rec in records:
-        raw = _record_bytes(packer, rec)
+    for raw in raws:
         if parts and size + len(raw) > MAX_BATCH_PAYLOAD:
             out.append(_frame(packer, parts))
             parts, size = [], 0
@@ -268,21 +272,12 @@ async def encode_batch_sliced(records: Sequence[Record]) -> bytes:
     so a drain of many thousand small records never stalls the loop.
     """
     packer = msgpack.Packer(use_bin_type=True)
-    out: list[bytes] = []
-    parts: list[bytes] = []
-    size = 0
+    raws: list[bytes] = []
     for i, rec in enumerate(records):
         if i and i % _ENCODE_SLICE == 0:
             await asyncio.sleep(0)
-        raw = _record_bytes(packer, rec)
-        if parts and size + len(raw) > MAX_BATCH_PAYLOAD:
-            out.append(_frame(packer, parts))
-            parts, size = [], 0
-        parts.append(raw)
-        size += len(raw)
-    if parts:
-        out.append(_frame(packer, parts))
-    return b"".join(out)
+        raws.append(_record_bytes(packer, rec))
+    return _frame_all(packer, raws)
 
 
 def _file_header() -> bytes:

@@ -726,6 +726,14 @@ def _abspath(path: str) -> str:
     return os.path.normpath(os.path.join(os.getcwd(), path))
 
 
+def _file_error(f: File, exc: OSError) -> UnhashableInputError:
+    return UnhashableInputError(
+        f"File({f.path!r}): cannot read it to make the key: {exc}",
+        where=f"File({f.path!r})",
+        type_name="aiomemo.File",
+    )
+
+
 def _file_part_sync(f: File) -> bytes:
     try:
         if f.by == "stat":
@@ -737,11 +745,7 @@ def _file_part_sync(f: File) -> bytes:
                 fh.update(chunk)
         return fh.digest()
     except OSError as exc:
-        raise UnhashableInputError(
-            f"File({f.path!r}): cannot read it to make the key: {exc}",
-            where=f"File({f.path!r})",
-            type_name="aiomemo.File",
-        ) from exc
+        raise _file_error(f, exc) from exc
 
 
 async def _file_part_async(f: File) -> bytes:
@@ -755,11 +759,7 @@ async def _file_part_async(f: File) -> bytes:
                 fh.update(chunk)
         return fh.digest()
     except OSError as exc:
-        raise UnhashableInputError(
-            f"File({f.path!r}): cannot read it to make the key: {exc}",
-            where=f"File({f.path!r})",
-            type_name="aiomemo.File",
-        ) from exc
+        raise _file_error(f, exc) from exc
 
 
 def hash_task(task: Mapping[str, Any]) -> bytes:
