@@ -1045,7 +1045,9 @@ class Memoizer:
                 sink.failures += 1
                 self._write_errors += 1
                 sink.last_error = str(exc)
-                sink.retry_at = time.monotonic() + min(5.0, 0.05 * 2 ** min(sink.failures, 7))
+                # back-off 0.1 s, 0.2 s, ... capped at 1 s: a disk that frees up
+                # is used again within a second
+                sink.retry_at = time.monotonic() + min(1.0, 0.05 * 2 ** min(sink.failures, 5))
                 if sink.failures == 1 or sink.failures % 100 == 0:
                     msg = (
                         f"aiomemo: checkpoint write to {type(sink.store).__name__} failed "
