@@ -144,6 +144,18 @@ class _Flight:
     remote: bool = False  # another process runs it; we wait for its result
 
 
+_MISSING: Any = object()
+
+
+class _Raised:
+    """A memoized exception (the same object is raised on every hit)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class _Commit(asyncio.Future[None]):
     """The batch now filling in task_exit mode, awaited by all of its callers.
 
@@ -327,7 +339,10 @@ class Memoizer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
-        self._done: dict[str, asyncio.Future[Any]] = {}
+        # key -> result, or _Raised(exception): plain values rather than one
+        # Future per entry, so a big memo costs less memory and the garbage
+        # collector has far less to walk; hits get a fresh done Future
+        self._done: dict[str, Any] = {}
         self._loaded: dict[bytes, bytes] = {}
         self._inflight: dict[str, _Flight] = {}
         self._queued_keys: set[str] = set()
@@ -563,20 +578,24 @@ class Memoizer:
         """
         if self._state is not _State.STARTED:
             await self._ensure_started()
-        task = cast(MutableMapping[str, Any], task)
-        if not self.memoize or not task.get("memoize", True):
-            task["hashsum"] = None
+        t: Any = task  # any mutable mapping (Parsl's TaskRecord, a dict...)
+        if not self.memoize or not t.get("memoize", True):
+            t["hashsum"] = None
             return None
-        raw = await hash_task_async(task)
+        raw = await hash_task_async(t)
         key = raw.hex()
-        task["hashsum"] = key
-        fut = self._done.get(key)
-        if fut is not None:
+        t["hashsum"] = key
+        value = self._done.get(key, _MISSING)
+        if value is not _MISSING:
             self._hits += 1
+            if type(value) is _Raised:
+                return self._hit(value)
+            fut = self._loop.create_future()  # type: ignore[union-attr]
+            fut.set_result(value)
             return fut
         fut = self._from_loaded(key, raw)
         if fut is None and self._has_parsl_keys and self.parsl_keys:
-            fut = self._from_parsl_key(task, key)
+            fut = self._from_parsl_key(t, key)
         if fut is not None:
             self._hits += 1
             return fut
@@ -591,7 +610,7 @@ class Memoizer:
             self._inflight[key] = flight
         if self._shared:
             try:
-                return await self._check_shared(task, key, raw, flight)
+                return await self._check_shared(t, key, raw, flight)
             except BaseException:
                 # cancelled (or a store failed unexpectedly) before anyone
                 # was told to run it: drop the entry so nobody waits on it
@@ -622,18 +641,26 @@ class Memoizer:
             self._load_errors += 1
             logger.warning("checkpointed result for %s could not be decoded: %s", key, exc)
             return None
+        self._done[key] = value
+        self._loaded.pop(raw, None)  # now held decoded in _done
+        return self._hit(value)
+
+    def _hit(self, value: Any) -> asyncio.Future[Any]:
+        """A done Future for a memo entry (the same exception object for a _Raised)."""
         loop = self._loop
         assert loop is not None
         fut: asyncio.Future[Any] = loop.create_future()
-        fut.set_result(value)
-        self._done[key] = fut
-        self._loaded.pop(raw, None)  # now held decoded in _done
+        if type(value) is _Raised:
+            fut.set_exception(value.exc)
+            fut.exception()  # a memo entry, not a lost error: no "never retrieved" log
+        else:
+            fut.set_result(value)
         return fut
 
     def _lookup_done(self, key: str) -> asyncio.Future[Any] | None:
-        fut = self._done.get(key)
-        if fut is not None:
-            return fut
+        value = self._done.get(key, _MISSING)
+        if value is not _MISSING:
+            return self._hit(value)
         return self._from_loaded(key, bytes.fromhex(key))
 
     def _from_parsl_key(self, task: Mapping[str, Any], key: str) -> asyncio.Future[Any] | None:
@@ -721,7 +748,7 @@ class Memoizer:
         self._inflight.pop(key, None)
         if not flight.future.done():
             flight.future.set_result(value)
-        self._done[key] = flight.future
+        self._done[key] = value
         self._hits += 1
         self._remote_hits += 1
         return flight.future
@@ -759,7 +786,7 @@ class Memoizer:
                 enc = None
             else:
                 flight.future.set_result(value)
-                self._done[key] = flight.future
+                self._done[key] = value
                 self._remote_hits += 1
                 return
         # the remote holder died or gave up: followers resubmit, one takes over
@@ -810,14 +837,9 @@ class Memoizer:
         flight = self._inflight.pop(key, None)
         loop = self._loop
         assert loop is not None
-        if flight is not None:
-            fut = flight.future
-            if fut.done():  # a remote result won the race; ours is as good
-                fut = loop.create_future()
-        else:
-            fut = loop.create_future()
-        fut.set_result(r)
-        self._done[key] = fut
+        if flight is not None and not flight.future.done():
+            flight.future.set_result(r)  # followers get it
+        self._done[key] = r
         if flight is not None and flight.renew_task is not None:
             flight.renew_task.cancel()
         record = self._record(task, key, r)
@@ -879,18 +901,16 @@ class Memoizer:
                 )
                 flight.future.exception()
             return
-        fut = flight.future if flight is not None and not flight.future.done() else None
-        if fut is None:
-            fut = loop.create_future()
         if isinstance(e, StopIteration):
             # a Future refuses StopIteration (as a coroutine turns it into
             # RuntimeError); memoize what awaiting the task would have raised
             wrapped = RuntimeError(f"the task raised StopIteration: {e!r}")
             wrapped.__cause__ = e
             e = wrapped
-        fut.set_exception(e)
-        fut.exception()  # mark retrieved: it is a memo entry, not a lost error
-        self._done[key] = fut
+        if flight is not None and not flight.future.done():
+            flight.future.set_exception(e)  # followers get it
+            flight.future.exception()  # mark retrieved: a memo entry, not a lost error
+        self._done[key] = _Raised(e)
 
     async def _publish(self, store: Store, record: Record, key: str) -> None:
         try:
@@ -953,10 +973,10 @@ class Memoizer:
         key = task.get("hashsum")
         if not isinstance(key, str) or key in self._queued_keys:
             return
-        fut = self._done.get(key)
-        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+        value = self._done.get(key, _MISSING)
+        if value is _MISSING or type(value) is _Raised:
             return
-        record = self._record(task, key, fut.result())
+        record = self._record(task, key, value)
         if record is not None:
             self._queue(record, key)
 
@@ -1091,10 +1111,10 @@ class Memoizer:
         key = task.get("hashsum")
         if not isinstance(key, str):
             return 0
-        fut = self._done.get(key)
-        if fut is None or fut.cancelled() or fut.exception() is not None:
+        value = self._done.get(key, _MISSING)
+        if value is _MISSING or type(value) is _Raised:
             return 0
-        record = self._record(task, key, fut.result())
+        record = self._record(task, key, value)
         if record is None:
             return 0
         if not self._sinks:
