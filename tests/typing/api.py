@@ -1,0 +1,75 @@
+"""Type-checks the documented usage (mypy --strict tests/typing; never run)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiomemo
+from aiomemo import File, Memoizer, MemoStats, TaskRecord, id_for_memo, make_hash
+from aiomemo.stores import LogStore, MemoryStore, RedisStore
+
+
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+
+@id_for_memo.register(Point)
+def _(obj: Point, output_ref: bool = False) -> object:
+    return (obj.x, obj.y)
+
+
+async def engine() -> None:
+    memo = Memoizer(checkpoint_mode="periodic", checkpoint_period="00:00:30")
+    await memo.start()
+    task: TaskRecord = {"func": print, "args": (1,), "kwargs": {"f": File("x.csv")}}
+    fut = await memo.check_memo(task)
+    if fut is None:
+        await memo.update_memo_result(task, 42)
+    else:
+        result: Any = await fut
+        print(result)
+    plain: dict[str, Any] = {"func": print, "args": [], "kwargs": {}}
+    await memo.check_memo(plain)
+    key: str = await memo.make_hash(task)
+    assert key == make_hash(task)
+    stats: MemoStats = memo.stats()
+    print(stats.hits, stats.checkpointed)
+    n: int = await memo.checkpoint()
+    print(n)
+    await memo.close()
+
+
+async def decorated() -> float:
+    async with Memoizer(store=[LogStore(), MemoryStore()]) as memo:
+
+        @memo.cached
+        async def simulate(model: str, steps: int) -> float:
+            return steps * 0.5
+
+        @memo.cached(ignore=["log"], version="2")
+        async def fetch(url: str, log: bool = False) -> bytes:
+            return url.encode()
+
+        value: float = await simulate("m", 3)
+        data: bytes = await fetch("u")
+        print(data)
+        return value
+
+
+def shared() -> RedisStore:
+    return RedisStore("redis://127.0.0.1:6379/0", namespace="wf", ttl=3600)
+
+
+def errors() -> None:
+    try:
+        make_hash({"func": print, "args": (object(),), "kwargs": {}})
+    except aiomemo.UnhashableInputError as exc:
+        print(exc.where, exc.type_name)
+    except aiomemo.MemoError:
+        pass
+
+
+if __name__ == "__main__":
+    asyncio.run(engine())
