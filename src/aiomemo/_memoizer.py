@@ -141,7 +141,6 @@ class _Flight:
     future: asyncio.Future[Any]
     lease_store: Store | None = None
     renew_task: asyncio.Task[None] | None = None
-    remote: bool = False  # another process runs it; we wait for its result
 
 
 _MISSING: Any = object()
@@ -180,6 +179,13 @@ class _Sink:
     # one flush at a time per store: the drain, checkpoint() and close() may
     # overlap, and each takes records from the head of the queue
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failed write; back off 0.1 s, 0.2 s, ... capped at 1 s, so a
+        store (or a disk) that recovers is used again within a second."""
+        self.failures += 1
+        self.last_error = str(exc)
+        self.retry_at = time.monotonic() + min(1.0, 0.05 * 2 ** min(self.failures, 5))
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
@@ -455,8 +461,9 @@ class Memoizer:
         )
 
     def _absorb(self, rep: LoadReport) -> None:
-        if any(len(k) == 16 for k in rep.table):
-            self._has_parsl_keys = True
+        # a scan of every key: only when Parsl-key lookups were asked for
+        if self.parsl_keys and not self._has_parsl_keys:
+            self._has_parsl_keys = any(len(k) == 16 for k in rep.table)
         if self._loaded:
             self._loaded.update(rep.table)
         else:
@@ -588,13 +595,9 @@ class Memoizer:
         value = self._done.get(key, _MISSING)
         if value is not _MISSING:
             self._hits += 1
-            if type(value) is _Raised:
-                return self._hit(value)
-            fut = self._loop.create_future()  # type: ignore[union-attr]
-            fut.set_result(value)
-            return fut
+            return self._hit(value)
         fut = self._from_loaded(key, raw)
-        if fut is None and self._has_parsl_keys and self.parsl_keys:
+        if fut is None and self._has_parsl_keys:
             fut = self._from_parsl_key(t, key)
         if fut is not None:
             self._hits += 1
@@ -678,8 +681,7 @@ class Memoizer:
         enc = self._loaded.get(raw)
         if enc is None:
             return None
-        fut = self._decode_into_done(key, raw, enc)
-        return fut
+        return self._decode_into_done(key, raw, enc)
 
     def _follow(self, leader: asyncio.Future[Any]) -> asyncio.Future[Any]:
         """A follower's own Future: cancelling it leaves the leader and other followers alone."""
@@ -726,10 +728,7 @@ class Memoizer:
                     flight.renew_task = asyncio.create_task(self._renew(store, raw, key))
                     break
                 # another process runs it: wait for its result
-                flight.remote = True
-                wait = asyncio.ensure_future(self._await_remote(store, key, raw, flight))
-                self._remote_waits.add(wait)
-                wait.add_done_callback(self._remote_waits.discard)
+                self._spawn(self._await_remote(store, key, raw, flight), self._remote_waits)
                 self._collapsed += 1
                 return self._follow(flight.future)
         self._misses += 1
@@ -813,11 +812,16 @@ class Memoizer:
                 "%s unavailable (%s); carrying on with the local memo", type(store).__name__, exc
             )
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        """Run a publish or release in the background; close() waits for them (bounded)."""
+    def _spawn(
+        self, coro: Awaitable[Any], into: set[asyncio.Future[Any]] | None = None
+    ) -> asyncio.Future[Any]:
+        """Run ``coro`` in the background, held in ``into`` (default: the
+        publishes and releases close() waits for, bounded) until it ends."""
+        tasks = self._bg if into is None else into
         t = asyncio.ensure_future(coro)
-        self._bg.add(t)
-        t.add_done_callback(self._bg.discard)
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        return t
 
     # ------------------------------------------------------------------ completion
     async def update_memo_result(self, task: Task, r: Any) -> None:
@@ -853,9 +857,7 @@ class Memoizer:
             # between cannot lose it for the other stores
             self._queue(record, key, skip=lease_store)
         if lease_store is not None:
-            publish = asyncio.ensure_future(self._publish(lease_store, record, key))
-            self._bg.add(publish)
-            publish.add_done_callback(self._bg.discard)
+            publish = self._spawn(self._publish(lease_store, record, key))
             if self.checkpoint_mode == "task_exit":
                 # durable before we return: the shared store has it (or, if it
                 # failed, the record is queued for retry like any other); the
@@ -892,8 +894,6 @@ class Memoizer:
                 flight.renew_task.cancel()
             if flight.lease_store is not None:
                 self._spawn(self._release(flight.lease_store, key))
-        loop = self._loop
-        assert loop is not None
         if isinstance(e, asyncio.CancelledError):
             if flight is not None and not flight.future.done():
                 flight.future.set_exception(
@@ -922,9 +922,7 @@ class Memoizer:
             for s in self._sinks:  # keep it for the drain to retry
                 if s.store is store:
                     s.queue.append(record)
-                    s.failures += 1
-                    s.last_error = str(exc)
-                    s.retry_at = time.monotonic() + 0.1
+                    s.failed(exc)
             if self._wake is not None:
                 self._wake.set()  # the drain schedules the retry
             await self._release(store, key)
@@ -973,12 +971,16 @@ class Memoizer:
         key = task.get("hashsum")
         if not isinstance(key, str) or key in self._queued_keys:
             return
-        value = self._done.get(key, _MISSING)
-        if value is _MISSING or type(value) is _Raised:
-            return
-        record = self._record(task, key, value)
+        record = self._finished_record(task, key)
         if record is not None:
             self._queue(record, key)
+
+    def _finished_record(self, task: Mapping[str, Any], key: str) -> Record | None:
+        """The record of a task that finished with a result (None: no result, or not encodable)."""
+        value = self._done.get(key, _MISSING)
+        if value is _MISSING or type(value) is _Raised:
+            return None
+        return self._record(task, key, value)
 
     def _queue(self, record: Record, key: str, skip: Store | None = None) -> None:
         if not self._sinks and self._state is _State.STARTED:
@@ -1062,12 +1064,8 @@ class Memoizer:
             try:
                 await sink.store.put_many(chunk)
             except Exception as exc:  # CheckpointError, StoreError, or a store's bug
-                sink.failures += 1
+                sink.failed(exc)
                 self._write_errors += 1
-                sink.last_error = str(exc)
-                # back-off 0.1 s, 0.2 s, ... capped at 1 s: a disk that frees up
-                # is used again within a second
-                sink.retry_at = time.monotonic() + min(1.0, 0.05 * 2 ** min(sink.failures, 5))
                 if sink.failures == 1 or sink.failures % 100 == 0:
                     msg = (
                         f"aiomemo: checkpoint write to {type(sink.store).__name__} failed "
@@ -1111,10 +1109,7 @@ class Memoizer:
         key = task.get("hashsum")
         if not isinstance(key, str):
             return 0
-        value = self._done.get(key, _MISSING)
-        if value is _MISSING or type(value) is _Raised:
-            return 0
-        record = self._record(task, key, value)
+        record = self._finished_record(task, key)
         if record is None:
             return 0
         if not self._sinks:
