@@ -62,7 +62,7 @@ import operator
 import os
 import secrets
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -868,6 +868,21 @@ def _walk(
         yield (base + bad_from, base + n)
 
 
+def _recover(
+    data: bytes, base: int, batch_offset: int, *, skip_array_header: bool
+) -> Generator[tuple[str, int, Any], None, tuple[int, list[tuple[int, int]]]]:
+    """Yield the records of a damaged stretch that verify; return (count, bad spans)."""
+    recovered = 0
+    spans: list[tuple[int, int]] = []
+    for item in _walk(data, base, batch_offset, skip_array_header=skip_array_header):
+        if isinstance(item, RecordInfo):
+            recovered += 1
+            yield ("record", item.offset, item)
+        else:
+            spans.append(item)
+    return recovered, spans
+
+
 def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
     """The segment from ``start`` as events.
 
@@ -897,14 +912,7 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
             if inner != -1:
                 payload = payload[: inner - body_at]
                 torn = False
-            recovered = 0
-            spans: list[tuple[int, int]] = []
-            for item in _walk(payload, body_at, pos, skip_array_header=True):
-                if isinstance(item, RecordInfo):
-                    recovered += 1
-                    yield ("record", item.offset, item)
-                else:
-                    spans.append(item)
+            recovered, spans = yield from _recover(payload, body_at, pos, skip_array_header=True)
             end = body_at + len(payload)
             lost = max(0, count - recovered)
             if torn:
@@ -931,14 +939,7 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
             return
         nxt = src.next_header(pos + 1)
         region = src.read(pos, nxt - pos)
-        recovered = 0
-        spans = []
-        for item in _walk(region, pos, pos, skip_array_header=False):
-            if isinstance(item, RecordInfo):
-                recovered += 1
-                yield ("record", item.offset, item)
-            else:
-                spans.append(item)
+        recovered, spans = yield from _recover(region, pos, pos, skip_array_header=False)
         # A damaged header alone (its records all verified) loses nothing; any
         # other stretch no header vouches for counts as one lost record.
         lost = sum(

@@ -45,6 +45,7 @@ from aiomemo._checkpoint import (
     BadSpan,
     RecordInfo,
     _file_header,
+    _fsync_dir,
     encode_batch,
     is_segment_in_use,
     iter_segment,
@@ -436,14 +437,6 @@ def _compacted_name(segments: Sequence[Path]) -> str:
     base = segments[-1].name[: -len(SEGMENT_SUFFIX)].split("~", 1)[0]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"{base}~compacted-{stamp}{SEGMENT_SUFFIX}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
