@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,7 +53,13 @@ Status = Literal["match", "differs", "missing", "extra", "unknown"]
 
 
 def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
-    return unique_segments(find_segments(p, strict=strict) for p in paths)
+    found = []
+    for p in paths:
+        r = find_segments(p, strict=strict)
+        for note in r.notes if r is not None else ():  # e.g. a FIFO named like a segment
+            warnings.warn(f"aiomemo: {note}", RuntimeWarning, stacklevel=3)
+        found.append(r)
+    return unique_segments(found)
 
 
 # --------------------------------------------------------------------------
