@@ -38,7 +38,7 @@ from aiomemo import _codec
 from aiomemo._checkpoint import BadSpan, is_segment_in_use
 from aiomemo._exceptions import MaintenanceError, MemoError
 from aiomemo._explain import explain
-from aiomemo._maintenance import compact, import_parsl, scan_segments, total_size
+from aiomemo._maintenance import ProgressFn, compact, import_parsl, scan_segments, total_size
 from aiomemo._paths import ResolvedPath, find_segments, unique_segments
 
 __all__ = ["CliError", "Progress", "main"]
@@ -115,6 +115,15 @@ def _iso(t: float | None) -> str | None:
         return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def _with_progress(label: str, job: Callable[[ProgressFn], dict[str, Any]]) -> dict[str, Any]:
+    """Run a library function with a progress bar on stderr (erased afterwards)."""
+    progress = Progress(label)
+    try:
+        return job(progress.update)
+    finally:
+        progress.close()
 
 
 def _emit_json(obj: object) -> None:
@@ -377,13 +386,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    progress = Progress("compact")
-    try:
-        summary = compact(
-            args.path, args.output, drop_damaged=args.drop_damaged, progress=progress.update
-        )
-    finally:
-        progress.close()
+    summary = _with_progress(
+        "compact",
+        lambda bar: compact(args.path, args.output, drop_damaged=args.drop_damaged, progress=bar),
+    )
     if args.json:
         _emit_json(summary)
     else:
@@ -460,13 +466,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_parsl(args: argparse.Namespace) -> int:
-    progress = Progress("import-parsl")
-    try:
-        summary = import_parsl(
-            args.runinfo, args.output, trust=args.trust, progress=progress.update
-        )
-    finally:
-        progress.close()
+    summary = _with_progress(
+        "import-parsl",
+        lambda bar: import_parsl(args.runinfo, args.output, trust=args.trust, progress=bar),
+    )
     if args.json:
         _emit_json(summary)
     else:
