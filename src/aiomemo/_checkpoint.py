@@ -1098,7 +1098,6 @@ def _load_segment(path: Path, report: LoadReport) -> None:
 
 
 _unpackb = msgpack.unpackb
-_BATCH_FIELDS = struct.Struct("<8sII16s")
 
 
 def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) -> tuple[int, int]:
@@ -1109,7 +1108,7 @@ def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) ->
     irregular (bad magic, a digest mismatch, a torn tail, an odd payload)
     ends the run at that batch for :func:`_iter_batches` to handle.
     """
-    fields = _BATCH_FIELDS.unpack_from
+    fields = _BATCH_FIXED.unpack_from
     hsize = BATCH_HEADER_SIZE
     magic_expected = BATCH_MAGIC
     loaded = 0
