@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
+    Final,
     Literal,
     NamedTuple,
     ParamSpec,
@@ -30,11 +32,13 @@ from typing import (
 from aiomemo import _codec
 from aiomemo._exceptions import (
     CheckpointError,
+    CorruptCheckpointError,
     LeaderCancelledError,
     MemoizerClosedError,
     StoreError,
 )
 from aiomemo._hashing import arg_digests, hash_task_async
+from aiomemo._records import ValueRef
 from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record, Store
 
 if TYPE_CHECKING:
@@ -93,6 +97,12 @@ class MemoStats(NamedTuple):
     write_errors: int
     store_errors: int
     remote_hits: int
+    #: encoded bytes of results read from disk and now held within ``memory_limit``
+    bytes_held: int = 0
+    #: encoded bytes of loaded results left on disk (read on a hit)
+    bytes_on_disk: int = 0
+    #: results read from disk on a hit (each read verified)
+    disk_reads: int = 0
 
 
 class _State(enum.Enum):
@@ -109,7 +119,9 @@ def parse_period(value: object) -> float:
         TypeError: another type.
     """
     if isinstance(value, bool):
-        raise TypeError(f"checkpoint_period must be 'HH:MM:SS', seconds or a timedelta, not {value!r}")
+        raise TypeError(
+            f"checkpoint_period must be 'HH:MM:SS', seconds or a timedelta, not {value!r}"
+        )
     if isinstance(value, _dt.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float):
@@ -186,6 +198,17 @@ class _Sink:
         self.retry_at = time.monotonic() + min(1.0, 0.05 * 2 ** min(self.failures, 5))
 
 
+#: Memoizer(memory_limit=...) default: results read from disk kept up to this
+DEFAULT_MEMORY_LIMIT: Final = 256 * 2**20
+
+
+def _read_decode(ref: ValueRef) -> Any:
+    """Read a result left on disk, verify and decode it (blocking: a worker thread's job)."""
+    from aiomemo._checkpoint import read_value
+
+    return _codec.decode(read_value(ref))
+
+
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
     """Read-only view of loaded records as hex key -> done Future (decoded on access).
 
@@ -195,7 +218,10 @@ class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
     """
 
     def __init__(
-        self, memo: Memoizer, keys: Sequence[bytes], own: dict[bytes, bytes] | None = None
+        self,
+        memo: Memoizer,
+        keys: Sequence[bytes],
+        own: dict[bytes, bytes | ValueRef] | None = None,
     ) -> None:
         self._memo = memo
         self._keys = [k.hex() for k in keys]
@@ -217,8 +243,11 @@ class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
             assert loop is not None
             fut = loop.create_future()
             try:
-                fut.set_result(_codec.decode(self._own[bytes.fromhex(key)]))
-            except _codec.CodecError as exc:
+                enc = self._own[bytes.fromhex(key)]
+                fut.set_result(
+                    _read_decode(enc) if isinstance(enc, ValueRef) else _codec.decode(enc)
+                )
+            except (_codec.CodecError, CorruptCheckpointError) as exc:
                 fut.set_exception(exc)
                 fut.exception()
             self._cache[key] = fut
@@ -289,6 +318,7 @@ class Memoizer:
         max_pending: int = 100_000,
         lease_ttl: float | None = None,
         explain: bool = True,
+        memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         if checkpoint_mode not in _MODES:
             raise ValueError(
@@ -300,7 +330,9 @@ class Memoizer:
         if checkpoint_period is not None:
             self.checkpoint_period = parse_period(checkpoint_period)
         elif checkpoint_mode == "periodic":
-            raise ValueError("checkpoint_mode='periodic' needs a checkpoint_period (e.g. '00:05:00')")
+            raise ValueError(
+                "checkpoint_mode='periodic' needs a checkpoint_period (e.g. '00:05:00')"
+            )
         if isinstance(checkpoint_files, str | os.PathLike):
             raise TypeError("checkpoint_files must be a list of paths, not a single path")
         self.checkpoint_files: list[str] | None = None
@@ -310,6 +342,13 @@ class Memoizer:
                 if not os.path.exists(p):
                     raise ValueError(f"checkpoint_files[{i}]: {p!r} does not exist")
             self.checkpoint_files = files
+        if memory_limit is not None and (
+            isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 0
+        ):
+            raise ValueError(
+                f"memory_limit must be a number of bytes (int >= 0) or None, not {memory_limit!r}"
+            )
+        self.memory_limit = memory_limit
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         stores: list[Store]
@@ -347,7 +386,14 @@ class Memoizer:
         # Future per entry, so a big memo costs less memory and the garbage
         # collector has far less to walk; hits get a fresh done Future
         self._done: dict[str, Any] = {}
-        self._loaded: dict[bytes, bytes] = {}
+        self._loaded: dict[bytes, bytes | ValueRef] = {}
+        # hex key -> decoded result read from disk, least recently used first;
+        # the ValueRef stays in _loaded (evicting forgets the body only)
+        self._bodies: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._held = 0
+        self._reads: dict[str, asyncio.Future[Any]] = {}  # disk reads in progress
+        self._disk_reads = 0
+        self._warned_disk = False
         self._inflight: dict[str, _Flight] = {}
         self._queued_keys: set[str] = set()
         self._has_parsl_keys = False
@@ -594,9 +640,9 @@ class Memoizer:
         if value is not _MISSING:
             self._hits += 1
             return self._hit(value)
-        fut = self._from_loaded(key, raw)
+        fut = await self._from_loaded(key, raw) if self._loaded else None
         if fut is None and self._has_parsl_keys:
-            fut = self._from_parsl_key(t, key)
+            fut = await self._from_parsl_key(t, key)
         if fut is not None:
             self._hits += 1
             return fut
@@ -628,11 +674,65 @@ class Memoizer:
         self._misses += 1
         return None
 
-    def _from_loaded(self, key: str, raw: bytes) -> asyncio.Future[Any] | None:
+    async def _from_loaded(self, key: str, raw: bytes) -> asyncio.Future[Any] | None:
         enc = self._loaded.get(raw)
         if enc is None:
             return None
+        if type(enc) is ValueRef:
+            return await self._from_disk(key, raw, enc)
+        assert type(enc) is bytes
         return self._decode_into_done(key, raw, enc)
+
+    async def _from_disk(self, key: str, raw: bytes, ref: ValueRef) -> asyncio.Future[Any] | None:
+        """A hit on a result left on disk: read, verify and decode it off the loop."""
+        held = self._bodies.get(key)
+        if held is not None:
+            self._bodies.move_to_end(key)
+            return self._hit(held[0])
+        pending = self._reads.get(key)
+        if pending is None:
+            # concurrent hits on one key share one read (and one object)
+            pending = asyncio.ensure_future(asyncio.to_thread(_read_decode, ref))
+            self._reads[key] = pending
+            pending.add_done_callback(lambda _f: self._reads.pop(key, None))
+        try:
+            value = await asyncio.shield(pending)
+        except (CorruptCheckpointError, _codec.CodecError) as exc:
+            if self._loaded.get(raw) is ref:
+                del self._loaded[raw]
+                self._load_errors += 1
+            logger.warning("checkpointed result for %s is unusable (a miss): %s", key, exc)
+            if not self._warned_disk:
+                self._warned_disk = True
+                warnings.warn(
+                    f"aiomemo: a checkpointed result could not be read back ({exc}); "
+                    "it is a miss (further ones are logged only)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
+        if self._loaded.get(raw) is not ref:
+            return self._hit(value)  # forgotten or replaced meanwhile: serve, do not keep
+        if key not in self._bodies:
+            self._disk_reads += 1
+            if self.memory_limit is None:
+                self._done[key] = value
+                del self._loaded[raw]
+            else:
+                self._keep(key, value, ref.length)
+        return self._hit(value)
+
+    def _keep(self, key: str, value: Any, size: int) -> None:
+        """Hold ``value`` (``size`` encoded bytes) within memory_limit, evicting the oldest."""
+        limit = self.memory_limit
+        assert limit is not None
+        if size > limit:
+            return
+        self._bodies[key] = (value, size)
+        self._held += size
+        while self._held > limit:
+            _, (_, n) = self._bodies.popitem(last=False)
+            self._held -= n
 
     def _decode_into_done(self, key: str, raw: bytes, enc: bytes) -> asyncio.Future[Any] | None:
         try:
@@ -659,12 +759,33 @@ class Memoizer:
         return fut
 
     def _lookup_done(self, key: str) -> asyncio.Future[Any] | None:
+        """The entry for ``key`` as a done Future, synchronously (for :class:`_LazyTable`).
+
+        A result left on disk is read here, in the calling thread: the
+        mapping :meth:`load_checkpoints` returns is a synchronous API.
+        """
         value = self._done.get(key, _MISSING)
         if value is not _MISSING:
             return self._hit(value)
-        return self._from_loaded(key, bytes.fromhex(key))
+        held = self._bodies.get(key)
+        if held is not None:
+            return self._hit(held[0])
+        raw = bytes.fromhex(key)
+        enc = self._loaded.get(raw)
+        if enc is None:
+            return None
+        if type(enc) is ValueRef:
+            try:
+                return self._hit(_read_decode(enc))
+            except (CorruptCheckpointError, _codec.CodecError) as exc:
+                logger.warning("checkpointed result for %s is unusable: %s", key, exc)
+                return None
+        assert type(enc) is bytes
+        return self._decode_into_done(key, raw, enc)
 
-    def _from_parsl_key(self, task: Mapping[str, Any], key: str) -> asyncio.Future[Any] | None:
+    async def _from_parsl_key(
+        self, task: Mapping[str, Any], key: str
+    ) -> asyncio.Future[Any] | None:
         try:
             from parsl.dataflow.memoization import make_hash as parsl_make_hash
         except ImportError:
@@ -679,6 +800,9 @@ class Memoizer:
         enc = self._loaded.get(raw)
         if enc is None:
             return None
+        if type(enc) is ValueRef:
+            return await self._from_disk(key, raw, enc)
+        assert type(enc) is bytes
         return self._decode_into_done(key, raw, enc)
 
     def _follow(self, leader: asyncio.Future[Any]) -> asyncio.Future[Any]:
@@ -1189,6 +1313,9 @@ class Memoizer:
             write_errors=self._write_errors,
             store_errors=self._store_errors,
             remote_hits=self._remote_hits,
+            bytes_held=self._held,
+            bytes_on_disk=sum(v.length for v in self._loaded.values() if type(v) is ValueRef),
+            disk_reads=self._disk_reads,
         )
 
     # ------------------------------------------------------------------ decorator

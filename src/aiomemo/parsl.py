@@ -68,11 +68,13 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
 from aiomemo import _checkpoint, _codec, _hashing, _rundir
 from aiomemo._exceptions import (
     CheckpointError,
+    CorruptCheckpointError,
     LeaderCancelledError,
     MemoizerClosedError,
     UnhashableInputError,
 )
 from aiomemo._memoizer import Memoizer, MemoStats
+from aiomemo._records import ValueRef
 from aiomemo.stores._base import Store
 
 __all__ = [
@@ -410,7 +412,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._fast: dict[str, concurrent.futures.Future[Any]] = {}
         # checkpoint records loaded at start (raw key -> encoded result),
         # decoded on their first hit in the calling thread
-        self._loaded: dict[bytes, bytes] = {}
+        self._loaded: dict[bytes, bytes | ValueRef] = {}
         self._loaded_parsl_keys = False
         self._fast_hits = 0
         self._load_errors = 0
@@ -681,8 +683,9 @@ class ParslMemoizer(_ParslMemoizerBase):
             # lost a race with a thread that just decoded it (see below)?
             return self._fast.get(key)
         try:
-            value = _codec.decode(enc)
-        except _codec.CodecError as exc:
+            # a large result left on disk is read here, in the engine's thread
+            value = _codec.decode(_checkpoint.read_value(enc) if isinstance(enc, ValueRef) else enc)
+        except (_codec.CodecError, CorruptCheckpointError) as exc:
             logger.warning("checkpointed result for %s could not be decoded: %s", key, exc)
             with self._lock:
                 self._load_errors += 1
