@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from aiomemo import LeaderCancelledError, Memoizer, MemoizerClosedError, StoreError, _memoizer
-from aiomemo.stores import MemoryStore, Record, Store
+from aiomemo import LeaderCancelledError, Memoizer, MemoizerClosedError, StoreError, _drain
+from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
 from test_memoizer import mk, run  # the engine-playing helpers
 
 
@@ -59,11 +59,28 @@ class SlowOpenStore(MemoryStore):
         await self.gate.wait()
 
 
-class ClaimStore(Store):
-    """A shared store with leases (always granted); get/put_and_release may block on gates."""
+class ClaimLease(Lease):
+    """A lease of a ClaimStore: completing it puts the record (gated by ``put_gate``)."""
 
-    shared = True
-    supports_claims = True
+    def __init__(self, store: ClaimStore, key: bytes, ttl: float) -> None:
+        super().__init__(key, "token", ttl)
+        self.store = store
+
+    async def renew(self) -> bool:
+        return True
+
+    async def release(self) -> None:
+        return None
+
+    async def complete(self, record: Record) -> bool:
+        self.store.in_put += 1
+        await self.store.put_gate.wait()
+        await self.store.put_many([record])
+        return True
+
+
+class ClaimStore(LeaseStore):
+    """A shared store with leases (always granted); get/complete may block on gates."""
 
     def __init__(self, *, block_get: bool = False, block_put: bool = False) -> None:
         self.records: dict[bytes, bytes] = {}
@@ -85,11 +102,8 @@ class ClaimStore(Store):
         for r in records:
             self.records[r.key] = r.value
 
-    async def put_and_release(self, record: Record, owner: str) -> bool:
-        self.in_put += 1
-        await self.put_gate.wait()
-        await self.put_many([record])
-        return True
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return ClaimLease(self, key, ttl)
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         return self.records.get(key)
@@ -286,7 +300,7 @@ class FailOnceStore(MemoryStore):
 
 
 class FrozenClock:
-    """Stands in for the ``time`` module inside aiomemo._memoizer: monotonic() never advances."""
+    """Stands in for the ``time`` module inside aiomemo._drain: monotonic() never advances."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -302,7 +316,7 @@ async def test_task_exit_after_a_failed_batch_still_writes(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In task_exit mode a record completed after an earlier failed batch is written before update_memo_result returns."""
-    monkeypatch.setattr(_memoizer, "time", FrozenClock())  # the backoff never expires on its own
+    monkeypatch.setattr(_drain, "time", FrozenClock())  # the backoff never expires on its own
     store = FailOnceStore()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -322,8 +336,8 @@ class HeldElsewhereStore(ClaimStore):
         self.never = asyncio.Event()
         self.waiting = 0
 
-    async def claim(self, key: bytes, owner: str, ttl: float) -> bool:
-        return False
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return None
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         self.waiting += 1

@@ -11,6 +11,7 @@ from aiomemo._exceptions import (
     LeaderCancelledError,
     MemoError,
     MemoizerClosedError,
+    MemoizerUsageError,
     StoreError,
     UnhashableInputError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "MemoStats",
     "Memoizer",
     "MemoizerClosedError",
+    "MemoizerUsageError",
     "StoreError",
     "Task",
     "TaskRecord",
