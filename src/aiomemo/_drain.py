@@ -12,8 +12,9 @@ one fsync each). Passes happen
 * when a failed store's back-off ends (0.1 s, 0.2 s, ... capped at 1 s),
 * on demand (``checkpoint()``) and at close (the final pass).
 
-After each pass the optional ``on_pass(written)`` callback runs (adapters
-log with it, e.g. Parsl's "Done checkpointing N tasks").
+Before each pass the optional ``before_pass()`` runs (an adapter queues
+what it gathered), after it ``on_pass(written)`` (adapters log with it, e.g.
+Parsl's "Done checkpointing N tasks").
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,7 @@ class Drain:
         periodic: float | None,
         max_pending: int,
         on_pass: Callable[[int], None] | None = None,
-        before_pass: Callable[[], Awaitable[None]] | None = None,
+        before_pass: Callable[[], None] | None = None,
     ) -> None:
         self.sinks: list[Sink] = []
         self.queued_keys: set[str] = set()
@@ -215,7 +216,7 @@ class Drain:
     async def flush(self, final: bool = False) -> int:
         """Write every sink's queue; return records written (to the first sink)."""
         if self.before_pass is not None:
-            await self.before_pass()
+            self.before_pass()  # e.g. an adapter queues what it gathered
         written = 0
         now = time.monotonic()
         for i, sink in enumerate(self.sinks):

@@ -355,6 +355,7 @@ class Memoizer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Future[None] | None = None
         self._loaded_paths: list[str] = []
+        self._warn_empty_dirs = True  # adapters whose engine is silent about it turn it off
         self._func_names: dict[object, str] = {}
         self._warned_types: set[str] = set()
 
@@ -456,7 +457,7 @@ class Memoizer:
         reports: list[LoadReport] = []
         if self.memoize and paths:
             rep = await asyncio.to_thread(_checkpoint.load_paths, paths)
-            if self.checkpoint_files is not None:
+            if self.checkpoint_files is not None and self._warn_empty_dirs:
                 # a directory the user named that holds nothing is worth a word
                 rep.errors.extend(await asyncio.to_thread(_empty_dirs, paths, rep))
             reports.append(rep)
@@ -823,6 +824,10 @@ class Memoizer:
         with ``checkpoint_mode=None`` and a manual ``checkpoint()``.
         """
         self._check_open()
+        self._queue_finished(task)
+
+    def _queue_finished(self, task: Mapping[str, Any]) -> None:
+        """Queue the record of a finished task unless it is queued already (also while closing)."""
         key = task.get("hashsum")
         if not isinstance(key, str) or key in self._drain.queued_keys:
             return
