@@ -14,7 +14,7 @@ import pytest
 
 from aiomemo import LeaderCancelledError, Memoizer, MemoizerClosedError, StoreError, _drain
 from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
-from test_memoizer import mk, run  # the engine-playing helpers
+from helpers import mk, run  # the engine-playing helpers
 
 
 async def spin(turns: int = 50) -> None:
@@ -59,8 +59,10 @@ class SlowOpenStore(MemoryStore):
         await self.gate.wait()
 
 
-class ClaimLease(Lease):
-    """A lease of a ClaimStore: completing it puts the record (gated by ``put_gate``)."""
+class GrantedLease(Lease):
+    """A lease of ClaimStore: complete() goes through the store's put gate."""
+
+    __slots__ = ("store",)
 
     def __init__(self, store: ClaimStore, key: bytes, ttl: float) -> None:
         super().__init__(key, "token", ttl)
@@ -80,7 +82,7 @@ class ClaimLease(Lease):
 
 
 class ClaimStore(LeaseStore):
-    """A shared store with leases (always granted); get/complete may block on gates."""
+    """A shared store with leases (always granted); get/lease completion may block on gates."""
 
     def __init__(self, *, block_get: bool = False, block_put: bool = False) -> None:
         self.records: dict[bytes, bytes] = {}
@@ -103,7 +105,7 @@ class ClaimStore(LeaseStore):
             self.records[r.key] = r.value
 
     async def claim(self, key: bytes, ttl: float) -> Lease | None:
-        return ClaimLease(self, key, ttl)
+        return GrantedLease(self, key, ttl)
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         return self.records.get(key)

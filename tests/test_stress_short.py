@@ -224,10 +224,12 @@ async def test_concurrent_checkpoints_lose_nothing(tmp_path: Path) -> None:
     assert want - written == set()
 
 
-class _SharedLease(Lease):
-    """A lease of a _SharedStore: completing it is a put (one round trip)."""
+class _PutLease(Lease):
+    """An always-held lease whose completion is a plain put_many of its store."""
 
-    def __init__(self, store: _SharedStore, key: bytes, ttl: float) -> None:
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store, key: bytes, ttl: float) -> None:
         super().__init__(key, "token", ttl)
         self.store = store
 
@@ -243,13 +245,15 @@ class _SharedLease(Lease):
 
 
 class _SharedStore(_GatedStore, LeaseStore):
-    """A shared store with leases (like RedisStore) whose writes take a round trip."""
+    """A shared store with claims (like RedisStore) whose writes take a round trip."""
+
+    shared = True
 
     async def get(self, key: bytes) -> bytes | None:
         return None
 
     async def claim(self, key: bytes, ttl: float) -> Lease | None:
-        return _SharedLease(self, key, ttl)
+        return _PutLease(self, key, ttl)
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         return None

@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from aiomemo._counters import Counters
 from aiomemo._exceptions import StoreError
@@ -40,11 +39,7 @@ class SharedTier:
         on_publish_failed: Callable[[Store, Record, BaseException], None],
     ) -> None:
         self.stores = [s for s in stores if s.shared]
-        self.lease_stores: list[Store] = [
-            s
-            for s in self.stores
-            if isinstance(s, LeaseStore) or getattr(s, "supports_claims", False)
-        ]
+        self.lease_stores = [s for s in self.stores if isinstance(s, LeaseStore)]
         self.ttl = ttl
         self._counters = counters
         self.on_publish_failed = on_publish_failed
@@ -75,7 +70,7 @@ class SharedTier:
                 return enc
         return None
 
-    async def claim(self, raw: bytes) -> tuple[Lease | None, Store | None]:
+    async def claim(self, raw: bytes) -> tuple[Lease | None, LeaseStore | None]:
         """Claim ``raw`` on the first lease store that answers.
 
         Returns ``(lease, store)`` when taken, ``(None, store)`` when another
@@ -84,10 +79,7 @@ class SharedTier:
         """
         for store in self.lease_stores:
             try:
-                if isinstance(store, LeaseStore):
-                    lease = await store.claim(raw, self.ttl)
-                else:
-                    lease = await _LegacyLease.claim(store, raw, self.ttl)
+                lease = await store.claim(raw, self.ttl)
             except StoreError as exc:
                 self.error(store, exc)
                 continue
@@ -109,7 +101,7 @@ class SharedTier:
             except StoreError as exc:
                 self.error(store, exc)
 
-    async def wait_remote(self, store: Store, raw: bytes) -> bytes | None:
+    async def wait_remote(self, store: LeaseStore, raw: bytes) -> bytes | None:
         """Wait for another process's result for ``raw``; None when its holder gave up."""
         try:
             while True:
@@ -117,7 +109,7 @@ class SharedTier:
                 # a None after the full wait means the holder is still running
                 window = max(self.ttl * 2, 1.0)
                 t0 = time.monotonic()
-                enc: bytes | None = await cast(Any, store).wait_for(raw, window)
+                enc = await store.wait_for(raw, window)
                 if enc is not None or time.monotonic() - t0 < window * 0.9:
                     break
             if enc is None:
@@ -177,29 +169,3 @@ class SharedTier:
     def cancel_all(self) -> None:
         for t in list(self._bg):
             t.cancel()
-
-
-class _LegacyLease(Lease):
-    """A lease over a store with the flag-style claim methods (``supports_claims``)."""
-
-    __slots__ = ("store",)
-
-    def __init__(self, store: Any, key: bytes, token: str, ttl: float) -> None:
-        super().__init__(key, token, ttl)
-        self.store = store
-
-    @classmethod
-    async def claim(cls, store: Any, key: bytes, ttl: float) -> Lease | None:
-        token = uuid.uuid4().hex
-        if await store.claim(key, token, ttl):
-            return cls(store, key, token, ttl)
-        return None
-
-    async def renew(self) -> bool:
-        return bool(await self.store.renew(self.key, self.token, self.ttl))
-
-    async def release(self) -> None:
-        await self.store.release(self.key, self.token)
-
-    async def complete(self, record: Record) -> bool:
-        return bool(await self.store.put_and_release(record, self.token))

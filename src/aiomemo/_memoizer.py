@@ -53,7 +53,7 @@ from aiomemo._flights import Flight, Flights, follow, settle
 from aiomemo._hashing import arg_digests, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._table import MISSING, MemoTable, Raised
-from aiomemo.stores._base import LoadReport, Record, Store
+from aiomemo.stores._base import LeaseStore, LoadReport, Record, Store
 
 if TYPE_CHECKING:
     from aiomemo._explain import Explanation
@@ -661,9 +661,9 @@ class Memoizer:
             return None
         if self.collapse:
             lease, store = await self._shared.claim(raw)
-            if lease is not None:
+            if lease is not None and store is not None:
                 flight.lease, flight.lease_store = lease, store
-                flight.renewal = self._shared.renew_forever(cast(Store, store), lease, key)
+                flight.renewal = self._shared.renew_forever(store, lease, key)
             elif store is not None:
                 # another process runs it: wait for its result
                 self._shared.spawn_wait(self._follow_remote(store, key, raw, flight))
@@ -683,7 +683,7 @@ class Memoizer:
         self._table.put(key, value)
         return value
 
-    async def _follow_remote(self, store: Store, key: str, raw: bytes, flight: Flight) -> None:
+    async def _follow_remote(self, store: LeaseStore, key: str, raw: bytes, flight: Flight) -> None:
         try:
             enc = await self._shared.wait_remote(store, raw)
         except asyncio.CancelledError:

@@ -12,8 +12,9 @@ the time it finished. The Memoizer owns one or more stores:
   raises :class:`~aiomemo.StoreError` (or ``CheckpointError``) and the caller
   keeps the records queued and retries them all later (a store must accept
   the same record twice; the newest record per key wins).
-* :class:`LeaseStore` (a shared store that also hands out :class:`Lease` s):
-  cross-process collapse.
+* :class:`LeaseStore` s (shared stores that collapse identical work across
+  processes) also hand out :class:`Lease` s with ``claim()`` and let other
+  processes ``wait_for()`` the holder's result.
 """
 
 from __future__ import annotations
