@@ -17,8 +17,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from aiomemo import _codec
 from aiomemo._counters import Counters
-from aiomemo._exceptions import StoreError
+from aiomemo._exceptions import LeaderCancelledError, MemoizerClosedError, StoreError
+from aiomemo._flights import Flight, Flights, follow
+from aiomemo._table import MISSING, MemoTable
 from aiomemo.stores._base import Lease, LeaseStore, Record, Store
 
 __all__ = ["SharedTier"]
@@ -29,7 +32,17 @@ logger = logging.getLogger("aiomemo")
 class SharedTier:
     """The shared stores of a Memoizer and the background work their leases need."""
 
-    __slots__ = ("_bg", "_counters", "_waits", "lease_stores", "on_publish_failed", "stores", "ttl")
+    __slots__ = (
+        "_bg",
+        "_counters",
+        "_flights",
+        "_table",
+        "_waits",
+        "lease_stores",
+        "on_publish_failed",
+        "stores",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -37,7 +50,11 @@ class SharedTier:
         counters: Counters,
         ttl: float,
         on_publish_failed: Callable[[Store, Record, BaseException], None],
+        table: MemoTable,
+        flights: Flights,
     ) -> None:
+        self._table = table
+        self._flights = flights
         self.stores = [s for s in stores if s.shared]
         self.lease_stores = [s for s in self.stores if isinstance(s, LeaseStore)]
         self.ttl = ttl
@@ -48,6 +65,67 @@ class SharedTier:
 
     def __bool__(self) -> bool:
         return bool(self.stores)
+
+    async def lookup(self, key: str, raw: bytes, flight: Flight) -> asyncio.Future[Any] | None:
+        """A local miss that leads ``flight``: another process's result, or its running task.
+
+        Returns the settled flight's Future on a shared hit, a follower's
+        Future when another process holds the lease, or None: run it here
+        (holding the lease, when one could be taken).
+        """
+        enc = await self.fetch(raw)
+        if enc is not None:
+            value = self._decode(key, enc)
+            if value is not MISSING:
+                self._flights.finish(key, flight, value=value)
+                self._counters.hits += 1
+                self._counters.remote_hits += 1
+                return flight.future
+            self._counters.misses += 1
+            return None
+        if self._flights.collapse:
+            lease, store = await self.claim(raw)
+            if lease is not None and store is not None:
+                flight.lease, flight.lease_store = lease, store
+                flight.renewal = self.renew_forever(store, lease, key)
+            elif store is not None:
+                # another process runs it: wait for its result
+                self.spawn_wait(self._follow_remote(store, key, raw, flight))
+                self._counters.collapsed += 1
+                return follow(flight.future, asyncio.get_running_loop())
+        self._counters.misses += 1
+        return None
+
+    def _decode(self, key: str, enc: bytes) -> Any:
+        try:
+            value = _codec.decode(enc)
+        except _codec.CodecError as exc:
+            self._counters.load_errors += 1
+            logger.warning("shared result for %s could not be decoded: %s", key, exc)
+            return MISSING
+        self._table.put(key, value)
+        return value
+
+    async def _follow_remote(self, store: LeaseStore, key: str, raw: bytes, flight: Flight) -> None:
+        try:
+            enc = await self.wait_remote(store, raw)
+        except asyncio.CancelledError:
+            self._flights.finish(key, flight, exc=MemoizerClosedError("closed while waiting"))
+            raise
+        if flight.future.done():
+            self._flights.finish(key, flight)
+            return
+        value = self._decode(key, enc) if enc is not None else MISSING
+        if value is not MISSING:
+            self._counters.remote_hits += 1
+            self._flights.finish(key, flight, value=value)
+            return
+        # the remote holder died or gave up: followers resubmit, one takes over
+        self._flights.finish(
+            key,
+            flight,
+            exc=LeaderCancelledError("the process running this task stopped before it finished"),
+        )
 
     def error(self, store: Store, exc: BaseException) -> None:
         """Count a store failure (logged on the first and every 1000th)."""

@@ -23,7 +23,6 @@ import contextlib
 import datetime as _dt
 import logging
 import os
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import (
     overload,
 )
 
-from aiomemo import _codec
+from aiomemo import _setup
 from aiomemo._counters import Counters, Lifecycle
 from aiomemo._drain import Drain
 from aiomemo._exceptions import (
@@ -49,29 +48,33 @@ from aiomemo._exceptions import (
     MemoizerClosedError,
     MemoizerUsageError,
 )
-from aiomemo._flights import Flight, Flights, follow, settle
-from aiomemo._hashing import arg_digests, hash_task_async
+from aiomemo._flights import Flights, follow, settle
+from aiomemo._hashing import hash_task_async
 from aiomemo._leases import SharedTier
+from aiomemo._records import RecordMaker
+from aiomemo._setup import MIN_PERIOD, KeyHook, parse_period
 from aiomemo._table import MISSING, MemoTable, Raised
-from aiomemo.stores._base import LeaseStore, LoadReport, Record, Store
+from aiomemo.stores._base import LoadReport, Record, Store
 
 if TYPE_CHECKING:
     from aiomemo._explain import Explanation
 
-__all__ = ["CheckpointMode", "MemoStats", "Memoizer", "Task", "TaskRecord"]
+__all__ = [
+    "MIN_PERIOD",
+    "CheckpointMode",
+    "MemoStats",
+    "Memoizer",
+    "Task",
+    "TaskRecord",
+    "parse_period",
+]
 
 logger = logging.getLogger("aiomemo")
 
 CheckpointMode = Literal["task_exit", "periodic", "dfk_exit", "manual"]
-_MODES = ("task_exit", "periodic", "dfk_exit", "manual", None)
-
-#: the shortest checkpoint period: a drain waking faster only burns the CPU
-MIN_PERIOD = 0.01
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-KeyHook = Callable[[object, bool], object]
 
 
 class TaskRecord(TypedDict, total=False):
@@ -113,109 +116,6 @@ class MemoStats(NamedTuple):
     write_errors: int
     store_errors: int
     remote_hits: int
-
-
-def parse_period(value: object) -> float:
-    """Seconds from ``"HH:MM:SS"``, a number of seconds, or a timedelta.
-
-    Raises:
-        ValueError: malformed, not finite, or shorter than 0.01 s.
-        TypeError: another type.
-    """
-    if isinstance(value, bool):
-        raise TypeError(
-            f"checkpoint_period must be 'HH:MM:SS', seconds or a timedelta, not {value!r}"
-        )
-    if isinstance(value, _dt.timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        parts = value.split(":")
-        # ASCII digits only: str.isdigit() admits '²' and other digits int() refuses
-        if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
-            raise ValueError(
-                f"checkpoint_period {value!r} is not of the form 'HH:MM:SS' (e.g. '00:05:00')"
-            )
-        h, m, s = (int(p) for p in parts)
-        seconds = float(h * 3600 + m * 60 + s)
-    else:
-        raise TypeError(
-            "checkpoint_period must be 'HH:MM:SS', a number of seconds or a timedelta, "
-            f"not {type(value).__name__}"
-        )
-    if not seconds > 0:  # also rejects NaN
-        raise ValueError(f"checkpoint_period must be positive, got {value!r}")
-    if seconds == float("inf"):
-        raise ValueError(f"checkpoint_period must be finite, got {value!r}")
-    if seconds < MIN_PERIOD:
-        raise ValueError(
-            f"checkpoint_period {value!r} is shorter than {MIN_PERIOD} s: the drain would "
-            "do nothing but wake up; use checkpoint_mode='task_exit' to write every result at once"
-        )
-    return seconds
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {value!r}")
-    return value
-
-
-def _stores(store: Store | Sequence[Store] | None) -> list[Store]:
-    if store is None:
-        return []
-    if isinstance(store, Store):
-        return [store]
-    if isinstance(store, str | bytes) or not isinstance(store, Sequence):
-        raise TypeError(f"store must be an aiomemo Store or a list of them, not {store!r}")
-    stores = list(store)
-    for i, s in enumerate(stores):
-        if not isinstance(s, Store):
-            raise TypeError(f"store[{i}] is a {type(s).__name__}, not an aiomemo Store")
-    return stores
-
-
-def _checkpoint_files(files: object) -> list[str] | None:
-    if files is None:
-        return None
-    if isinstance(files, str | bytes | os.PathLike):
-        raise TypeError("checkpoint_files must be a list of paths, not a single path")
-    if not isinstance(files, Sequence):
-        raise TypeError(f"checkpoint_files must be a list of paths, not {type(files).__name__}")
-    out: list[str] = []
-    for i, p in enumerate(files):
-        if not isinstance(p, str | os.PathLike):
-            raise TypeError(f"checkpoint_files[{i}] must be a path, not {type(p).__name__}")
-        path = os.fspath(p)
-        if not isinstance(path, str):
-            raise TypeError(f"checkpoint_files[{i}] must be a str path, not bytes")
-        if not os.path.exists(path):
-            raise ValueError(f"checkpoint_files[{i}]: {path!r} does not exist")
-        out.append(path)
-    return out
-
-
-def _empty_dirs(paths: Sequence[str], rep: LoadReport) -> list[str]:
-    """Warnings for the given directories that hold no checkpoint at all (a worker thread)."""
-    from aiomemo import _checkpoint
-
-    lines = []
-    for i, p in enumerate(paths):
-        path = Path(p)
-        if not path.is_dir() or any(line.startswith(f"{p}:") for line in rep.errors):
-            continue  # a file, or a problem load_paths reported already
-        try:
-            found = bool(_checkpoint.list_segments(path)) or (path / "tasks.pkl").exists()
-            if not found and (path / "checkpoint").is_dir():
-                found = bool(_checkpoint.list_segments(path / "checkpoint"))
-        except OSError:
-            continue
-        if not found:
-            lines.append(
-                f"checkpoint_files[{i}]: {p!r} holds no checkpoints; nothing loaded from it"
-            )
-    return lines
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
@@ -312,11 +212,7 @@ class Memoizer:
         explain: bool = True,
         key_hooks: Sequence[KeyHook] = (),
     ) -> None:
-        if checkpoint_mode not in _MODES:
-            raise ValueError(
-                f"checkpoint_mode must be one of 'task_exit', 'periodic', 'dfk_exit', "
-                f"'manual' or None, not {checkpoint_mode!r}"
-            )
+        _setup.check_mode(checkpoint_mode)
         self.checkpoint_mode: CheckpointMode | None = checkpoint_mode
         self.checkpoint_period: float | None = None
         if checkpoint_period is not None:
@@ -325,28 +221,15 @@ class Memoizer:
             raise ValueError(
                 "checkpoint_mode='periodic' needs a checkpoint_period (e.g. '00:05:00')"
             )
-        self.checkpoint_files = _checkpoint_files(checkpoint_files)
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int):
-            raise TypeError(f"max_pending must be an int, not {max_pending!r}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
-        stores = _stores(store)
-        if lease_ttl is None:
-            ttls = [getattr(st, "lease_ttl", None) for st in stores]
-            lease_ttl = next((float(t) for t in ttls if isinstance(t, int | float)), 30.0)
-        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int | float):
-            raise TypeError(f"lease_ttl must be a number of seconds, not {lease_ttl!r}")
-        if not 0 < lease_ttl < float("inf"):
-            raise ValueError(f"lease_ttl must be positive and finite, not {lease_ttl}")
-        if isinstance(key_hooks, str | bytes) or not all(callable(h) for h in key_hooks):
-            raise TypeError("key_hooks must be a sequence of callables hook(obj, output_ref)")
-        self.memoize = _flag("memoize", memoize)
-        self.collapse = _flag("collapse", collapse)
-        self.parsl_keys = _flag("parsl_keys", parsl_keys)
-        self.explain_digests = _flag("explain", explain)
-        self.max_pending = max_pending
-        self.lease_ttl = float(lease_ttl)
-        self.key_hooks: tuple[KeyHook, ...] = tuple(key_hooks)
+        self.checkpoint_files = _setup.checkpoint_files_of(checkpoint_files)
+        self.max_pending = _setup.max_pending_of(max_pending)
+        stores = _setup.stores_of(store)
+        self.lease_ttl = _setup.lease_ttl_of(lease_ttl, stores)
+        self.key_hooks: tuple[KeyHook, ...] = _setup.hooks_of(key_hooks)
+        self.memoize = _setup.flag("memoize", memoize)
+        self.collapse = _setup.flag("collapse", collapse)
+        self.parsl_keys = _setup.flag("parsl_keys", parsl_keys)
+        self.explain_digests = _setup.flag("explain", explain)
         self.config_run_dir = os.fspath(config_run_dir)
         self._run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self._user_stores = stores
@@ -356,10 +239,9 @@ class Memoizer:
         self._closing: asyncio.Future[None] | None = None
         self._loaded_paths: list[str] = []
         self._warn_empty_dirs = True  # adapters whose engine is silent about it turn it off
-        self._func_names: dict[object, str] = {}
-        self._warned_types: set[str] = set()
 
         self._counters = Counters()
+        self._records = RecordMaker(self._counters, explain=self.explain_digests)
         self._table = MemoTable(self._counters, parsl_keys=parsl_keys)
         self._flights = Flights(collapse=collapse)
         self._drain = Drain(
@@ -367,7 +249,7 @@ class Memoizer:
             periodic=self.checkpoint_period if checkpoint_mode == "periodic" else None,
             max_pending=max_pending,
         )
-        self._shared = SharedTier([], self._counters, self.lease_ttl, self._drain.requeue)
+        self._shared = self._shared_tier([])
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -406,6 +288,11 @@ class Memoizer:
                 return
             await self._start()
 
+    def _shared_tier(self, stores: list[Store]) -> SharedTier:
+        return SharedTier(
+            stores, self._counters, self.lease_ttl, self._drain.requeue, self._table, self._flights
+        )
+
     async def _start(self) -> None:
         from aiomemo import _rundir
         from aiomemo.stores._log import LogStore
@@ -421,7 +308,14 @@ class Memoizer:
             for s in stores:
                 await s.open(run_dir=self._run_dir)
                 opened.append(s)
-            reports = await self._load_at_start(stores)
+            self._loaded_paths, reports = await _setup.load_at_start(
+                self.checkpoint_files,
+                self.checkpoint_mode,
+                self.config_run_dir,
+                stores,
+                memoize=self.memoize,
+                warn_empty=self._warn_empty_dirs,
+            )
             if self._state is Lifecycle.CLOSED:
                 raise MemoizerClosedError("the Memoizer was closed while it was starting")
         except BaseException:
@@ -431,7 +325,7 @@ class Memoizer:
             raise
         for rep in reports:
             self._absorb(rep)
-        self._shared = SharedTier(stores, self._counters, self.lease_ttl, self._drain.requeue)
+        self._shared = self._shared_tier(stores)
         # (mode None with a lease store: the drain only retries failed publishes)
         run = self.checkpoint_mode in ("periodic", "task_exit") or bool(
             self.collapse and self._shared.lease_stores
@@ -444,27 +338,6 @@ class Memoizer:
             self.checkpoint_mode,
             self._run_dir,
         )
-
-    async def _load_at_start(self, stores: list[Store]) -> list[LoadReport]:
-        from aiomemo import _checkpoint, _rundir
-
-        paths: list[str] = []
-        if self.checkpoint_files is not None:
-            paths = self.checkpoint_files
-        elif self.checkpoint_mode is not None:
-            paths = await asyncio.to_thread(_rundir.get_all_checkpoints, self.config_run_dir)
-        self._loaded_paths = list(paths)
-        reports: list[LoadReport] = []
-        if self.memoize and paths:
-            rep = await asyncio.to_thread(_checkpoint.load_paths, paths)
-            if self.checkpoint_files is not None and self._warn_empty_dirs:
-                # a directory the user named that holds nothing is worth a word
-                rep.errors.extend(await asyncio.to_thread(_empty_dirs, paths, rep))
-            reports.append(rep)
-        for s in stores:
-            if self.memoize and not s.shared:
-                reports.append(await s.load())
-        return reports
 
     def _absorb(self, rep: LoadReport) -> None:
         for line in self._table.absorb(rep):
@@ -621,7 +494,7 @@ class Memoizer:
         flight = self._flights.begin(key, loop)
         if self._shared:
             try:
-                return await self._check_shared(key, raw, flight)
+                return await self._shared.lookup(key, raw, flight)
             except BaseException:
                 # cancelled (or a store failed unexpectedly) before anyone
                 # was told to run it: drop the entry so nobody waits on it
@@ -646,64 +519,6 @@ class Memoizer:
             fut.set_result(value)
         return fut
 
-    async def _check_shared(
-        self, key: str, raw: bytes, flight: Flight
-    ) -> asyncio.Future[Any] | None:
-        enc = await self._shared.fetch(raw)
-        if enc is not None:
-            value = self._decode_shared(key, enc)
-            if value is not MISSING:
-                self._flights.finish(key, flight, value=value)
-                self._counters.hits += 1
-                self._counters.remote_hits += 1
-                return flight.future
-            self._counters.misses += 1
-            return None
-        if self.collapse:
-            lease, store = await self._shared.claim(raw)
-            if lease is not None and store is not None:
-                flight.lease, flight.lease_store = lease, store
-                flight.renewal = self._shared.renew_forever(store, lease, key)
-            elif store is not None:
-                # another process runs it: wait for its result
-                self._shared.spawn_wait(self._follow_remote(store, key, raw, flight))
-                self._counters.collapsed += 1
-                assert self._loop is not None
-                return follow(flight.future, self._loop)
-        self._counters.misses += 1
-        return None
-
-    def _decode_shared(self, key: str, enc: bytes) -> Any:
-        try:
-            value = _codec.decode(enc)
-        except _codec.CodecError as exc:
-            self._counters.load_errors += 1
-            logger.warning("shared result for %s could not be decoded: %s", key, exc)
-            return MISSING
-        self._table.put(key, value)
-        return value
-
-    async def _follow_remote(self, store: LeaseStore, key: str, raw: bytes, flight: Flight) -> None:
-        try:
-            enc = await self._shared.wait_remote(store, raw)
-        except asyncio.CancelledError:
-            self._flights.finish(key, flight, exc=MemoizerClosedError("closed while waiting"))
-            raise
-        if flight.future.done():
-            self._flights.finish(key, flight)
-            return
-        value = self._decode_shared(key, enc) if enc is not None else MISSING
-        if value is not MISSING:
-            self._counters.remote_hits += 1
-            self._flights.finish(key, flight, value=value)
-            return
-        # the remote holder died or gave up: followers resubmit, one takes over
-        self._flights.finish(
-            key,
-            flight,
-            exc=LeaderCancelledError("the process running this task stopped before it finished"),
-        )
-
     # ------------------------------------------------------------------ completion
     async def update_memo_result(self, task: Task, r: Any) -> None:
         """Record the result of a task the engine ran (exactly once per such task).
@@ -724,7 +539,7 @@ class Memoizer:
             return
         self._table.put(key, r)
         flight = self._flights.finish(key, value=r)  # followers get it
-        record = self._record(task, key, r)
+        record = self._records.make(task, key, r)
         lease_store = flight.lease_store if flight is not None else None
         if record is None:
             if flight is not None and flight.lease is not None and lease_store is not None:
@@ -789,32 +604,6 @@ class Memoizer:
         if flight is not None and flight.lease is not None and flight.lease_store is not None:
             self._shared.release(flight.lease_store, flight.lease)
 
-    def _record(self, task: Mapping[str, Any], key: str, r: Any) -> Record | None:
-        try:
-            value = _codec.encode(r)
-        except _codec.UnencodableResultError as exc:
-            self._counters.unserializable += 1
-            tname = exc.type_name
-            if tname not in self._warned_types:
-                self._warned_types.add(tname)
-                msg = (
-                    f"aiomemo: results of type {tname} cannot be checkpointed ({exc}); "
-                    "they stay memoized in memory for this run"
-                )
-                warnings.warn(msg, RuntimeWarning, stacklevel=3)
-                logger.warning("%s", msg)
-            return None
-        func = task.get("func")
-        try:
-            name = self._func_names[func]
-        except (KeyError, TypeError):
-            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
-            if len(self._func_names) < 10_000:
-                with contextlib.suppress(TypeError):
-                    self._func_names[func] = name
-        digests = arg_digests(task) if self.explain_digests else b""
-        return Record(bytes.fromhex(key), value, name, time.time(), digests)
-
     # ------------------------------------------------------------------ checkpoints
     def update_checkpoint(self, task: Task) -> None:
         """Queue a finished task's result for the next drain (non-blocking).
@@ -840,7 +629,7 @@ class Memoizer:
         value = self._table.finished(key)
         if value is MISSING or type(value) is Raised:
             return None
-        return self._record(task, key, value)
+        return self._records.make(task, key, value)
 
     def _queue(self, record: Record, key: str, skip: Store | None = None) -> None:
         if not self._drain.sinks and self._state is Lifecycle.STARTED:
