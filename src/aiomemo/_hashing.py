@@ -994,11 +994,51 @@ def _canon_ndarray_any(x: Any, ctx: _Ctx, depth: int, np: Any) -> object:
     )
 
 
+def _covered(dt: Any, base: int, cover: bytearray) -> None:
+    if dt.subdtype is not None:
+        sub, shape = dt.subdtype
+        n = 1
+        for d in shape:
+            n *= d
+        for i in range(n):
+            _covered(sub, base + i * sub.itemsize, cover)
+    elif dt.fields is None:
+        cover[base : base + dt.itemsize] = b"\x01" * dt.itemsize
+    else:
+        for name in dt.names:
+            fdt, off = dt.fields[name][:2]
+            _covered(fdt, base + off, cover)
+
+
+def _has_padding(dt: Any) -> bool:
+    """Whether some bytes of a structured dtype belong to no field."""
+    try:
+        return _PADDED[dt]
+    except (KeyError, TypeError):
+        pass
+    cover = bytearray(dt.itemsize)
+    _covered(dt, 0, cover)
+    padded = 0 in cover
+    if len(_PADDED) < 1024:
+        _PADDED[dt] = padded
+    return padded
+
+
+_PADDED: dict[Any, bool] = {}
+
+
 def _canon_ndarray(x: Any, ctx: _Ctx, depth: int) -> object:
+    np = sys.modules["numpy"]
     dt = x.dtype
     if dt.hasobject:
         raise _Unhashable(x, "numpy array of dtype object")
-    if not x.flags.c_contiguous:
+    if dt.fields is not None and _has_padding(dt):
+        # padding bytes are not data (numpy's own copy leaves them undefined):
+        # key the fields only, in a copy with zeroed padding
+        clean = np.zeros(x.shape, dtype=dt)
+        clean[...] = x
+        x = clean
+    elif not x.flags.c_contiguous:
         x = x.copy(order="C")  # a copy, but only for strided arrays
     meta: list[object] = [dt.str, list(x.shape)]
     if dt.fields is not None:
