@@ -144,7 +144,9 @@ values = st.recursive(
         | st.lists(st.tuples(hashables, c), max_size=3).map(_ordered)
         | st.sets(hashables, max_size=3)
         | st.frozensets(hashables, max_size=3)
-        | st.builds(lambda d: collections.defaultdict(list, d), st.dictionaries(hashables, c, max_size=2))
+        | st.builds(
+            lambda d: collections.defaultdict(list, d), st.dictionaries(hashables, c, max_size=2)
+        )
         | st.builds(functools.partial, st.sampled_from([f, g]), c)
     ),
     max_leaves=8,
@@ -172,7 +174,9 @@ def same(a: Any, b: Any) -> bool:
         return False
     t = type(a)
     if t is float:
-        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+        return (math.isnan(a) and math.isnan(b)) or (
+            a == b and math.copysign(1, a) == math.copysign(1, b)
+        )
     if t is decimal.Decimal:
         return str(a) == str(b)
     if t in (list, tuple, collections.deque):

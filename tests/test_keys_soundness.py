@@ -373,7 +373,9 @@ class TestNumpy:
             np.dtype({"names": ["a", "b"], "formats": ["u1", "i4"], "offsets": [4, 0]}),
             np.dtype({"names": ["a", "b"], "formats": ["i4", "i4"], "offsets": [0, 0]}),
             np.dtype([(("T", "a"), "u1"), ("b", "i4")]),
-            np.dtype({"names": ["a", "b"], "formats": ["u1", "i4"], "offsets": [0, 1], "itemsize": 8}),
+            np.dtype(
+                {"names": ["a", "b"], "formats": ["u1", "i4"], "offsets": [0, 1], "itemsize": 8}
+            ),
         ]
         keys = set()
         for d in dts:
@@ -477,7 +479,9 @@ class TestTypeDetail:
         plain = dt.datetime(2024, 1, 1, tzinfo=dt.timezone(off))
         named = dt.datetime(2024, 1, 1, tzinfo=dt.timezone(off, "CET"))
         assert key(plain) != key(named)
-        assert key(dt.time(1, tzinfo=dt.timezone(off))) != key(dt.time(1, tzinfo=dt.timezone(off, "X")))
+        assert key(dt.time(1, tzinfo=dt.timezone(off))) != key(
+            dt.time(1, tzinfo=dt.timezone(off, "X"))
+        )
         paris = dt.datetime(2024, 1, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
         berlin = dt.datetime(2024, 1, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Berlin"))
         assert key(paris) != key(berlin)
@@ -609,9 +613,20 @@ class TestSurrogates:
         fname = f"{name_len.__module__}.{name_len.__qualname__}"
         for arg in (s, os.fsdecode(b"caf\xe8")):
             res = subprocess.run(
-                [sys.executable, "-m", "aiomemo", "explain", "--json", str(tmp_path),
-                 "--func", fname, "--args", json.dumps([arg])],
-                capture_output=True, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "aiomemo",
+                    "explain",
+                    "--json",
+                    str(tmp_path),
+                    "--func",
+                    fname,
+                    "--args",
+                    json.dumps([arg]),
+                ],
+                capture_output=True,
+                text=True,
             )
             assert res.returncode == 0, res.stderr
             assert "Traceback" not in res.stderr

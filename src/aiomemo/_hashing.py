@@ -265,7 +265,10 @@ class _Pending:
     __slots__ = ("entries", "items", "offset", "out")
 
     def __init__(
-        self, out: list[object], offset: int, entries: list[tuple[bytes, list[object], list[object]]]
+        self,
+        out: list[object],
+        offset: int,
+        entries: list[tuple[bytes, list[object], list[object]]],
     ) -> None:
         self.out = out
         self.offset = offset
@@ -749,7 +752,12 @@ def _canon_chainmap(x: Any, ctx: _Ctx, depth: int) -> object:
 def _canon_range(x: Any, ctx: _Ctx, depth: int) -> object:
     # start/stop/step, not the items: range(0) and range(5, 5) compare equal
     # but a function can read .start
-    return [_M_RANGE, _canon(x.start, ctx, depth), _canon(x.stop, ctx, depth), _canon(x.step, ctx, depth)]
+    return [
+        _M_RANGE,
+        _canon(x.start, ctx, depth),
+        _canon(x.stop, ctx, depth),
+        _canon(x.step, ctx, depth),
+    ]
 
 
 def _canon_slice(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -1452,4 +1460,3 @@ def make_hash(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> str:
 async def make_hash_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> str:
     """:func:`make_hash` for coroutines: never stalls the event loop."""
     return (await hash_task_async(task, hooks)).hex()
-

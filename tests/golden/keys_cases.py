@@ -35,7 +35,7 @@ from aiomemo import File, make_hash
 golden_types = types.ModuleType("golden_types")
 sys.modules["golden_types"] = golden_types
 
-_CLASSES = '''
+_CLASSES = """
 import dataclasses, enum
 from typing import NamedTuple
 
@@ -59,7 +59,7 @@ class Pair(NamedTuple):
 
 class Tag(str):
     pass
-'''
+"""
 exec(_CLASSES, golden_types.__dict__)  # fixed source: defines the module
 
 
@@ -164,7 +164,9 @@ def cases(data_dir: str) -> dict[str, dict[str, Any]]:
             fractions.Fraction(1, 3),
             types.SimpleNamespace(a=1),
         ),
-        "fix_surrogate": _task(surrogate, {surrogate: [surrogate]}, pathlib.PurePosixPath(surrogate)),
+        "fix_surrogate": _task(
+            surrogate, {surrogate: [surrogate]}, pathlib.PurePosixPath(surrogate)
+        ),
     }
 
 
