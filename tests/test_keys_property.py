@@ -211,7 +211,11 @@ def same(a: Any, b: Any) -> bool:
         # padding bytes are not data: numpy's own copies leave them undefined
         return all(a[n].tobytes() == b[n].tobytes() for n in a.dtype.names)
     if isinstance(a, np.generic):
-        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        if a.dtype != b.dtype or repr(a.dtype) != repr(b.dtype):
+            return False
+        if a.dtype.fields is None:
+            return a.tobytes() == b.tobytes()
+        return all(a[n].tobytes() == b[n].tobytes() for n in a.dtype.names)
     if t is dt.datetime:
         return (
             a == b

@@ -700,3 +700,17 @@ class TestGolden:
     def test_format_version(self) -> None:
         """The fixes kept format version 1 (old keys of sound inputs are unchanged)."""
         assert aiomemo._hashing.FORMAT_VERSION == 1
+
+
+def test_structured_padding_is_not_data() -> None:
+    """Equal structured arrays and scalars with different padding bytes key alike."""
+    d = np.dtype([("a", "u1"), ("b", "<i4")], align=True)
+    raw = np.frombuffer(bytes([1, 0xAA, 0xBB, 0xCC, 2, 0, 0, 0]) * 2, dtype=d)
+    clean = np.zeros(2, dtype=d)
+    clean["a"], clean["b"] = 1, 2
+    assert raw.tobytes() != clean.tobytes()
+    assert key(raw) == key(clean)
+    assert key(raw[0]) == key(clean[0])
+    assert key(np.ma.masked_array(raw)) == key(np.ma.masked_array(clean))
+    clean["b"] = 3
+    assert key(raw) != key(clean)

@@ -4,10 +4,12 @@ The key of a task is ``blake3(stream).hexdigest()`` where ``stream`` is
 
 1. ``packb(tree)``: one msgpack document, the canonical form of
    ``[FORMAT, [module, qualname, version], args, kwargs, outputs]``, then
-2. the payload of every large buffer and every :class:`File` met while
-   building ``tree``, in the order met, fed to the hasher as they are (no
-   copy). ``tree`` holds a header for each (kind, dtype, shape, length), so
-   the stream stays unambiguous.
+2. the payload of every large buffer and every :class:`File` in ``tree``,
+   fed to the hasher as they are (no copy), in the canonical order of the
+   tree (outputs, version, func, args, kwargs, and inside sorted containers
+   the sorted order; members whose canonical form ties are ordered by the
+   digest of their content). ``tree`` holds a header for each (kind, dtype,
+   shape, length), so the stream stays unambiguous.
 
 Canonical form (format version 1; golden vectors in the tests pin it):
 
@@ -24,7 +26,11 @@ Canonical form (format version 1; golden vectors in the tests pin it):
 * bytes shorter than ``INLINE_LIMIT`` are msgpack bin; longer buffers
   (bytes, bytearray, memoryview, contiguous numpy arrays) go out of band.
 * everything else is tagged with its kind and, for user types, the type's
-  ``module.qualname``.
+  ``module.qualname`` (which must lead back to the class, or it raises).
+
+The rule every handler follows: two inputs share a key only when no
+function could tell them apart; what aiomemo cannot tell raises
+``UnhashableInputError`` naming where it sits.
 """
 
 from __future__ import annotations
@@ -965,7 +971,12 @@ def _canon_npscalar(x: Any, np: Any) -> object:
         raise _Unhashable(x, "numpy object scalar")
     if dt.fields is None and dt.subdtype is None:
         return [_M_NPSCALAR, dt.str, x.tobytes()]
-    return [_M_NPSCALAR, dt.str, x.tobytes(), _np_dtype(dt), type(x).__name__]
+    data = x.tobytes()
+    if dt.fields is not None and _has_padding(dt):
+        clean = np.zeros((), dtype=dt)  # padding is not data: zero it
+        clean[()] = x
+        data = clean.tobytes()
+    return [_M_NPSCALAR, dt.str, data, _np_dtype(dt), type(x).__name__]
 
 
 def _canon_ndarray_any(x: Any, ctx: _Ctx, depth: int, np: Any) -> object:
