@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from aiomemo._exceptions import (
     CheckpointError,
+    CheckpointPathError,
+    CodecError,
     CorruptCheckpointError,
     LeaderCancelledError,
+    MaintenanceError,
     MemoError,
     MemoizerClosedError,
     MemoizerUsageError,
     StoreError,
+    UnencodableResultError,
     UnhashableInputError,
 )
 from aiomemo._explain import Explanation
@@ -25,10 +29,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "CheckpointMode",
+    "CheckpointPathError",
+    "CodecError",
     "CorruptCheckpointError",
     "Explanation",
     "File",
     "LeaderCancelledError",
+    "MaintenanceError",
     "MemoError",
     "MemoStats",
     "Memoizer",
@@ -37,10 +44,10 @@ __all__ = [
     "StoreError",
     "Task",
     "TaskRecord",
+    "UnencodableResultError",
     "UnhashableInputError",
     "get_all_checkpoints",
     "get_last_checkpoint",
     "id_for_memo",
     "make_hash",
 ]
-

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiomemo._exceptions import LeaderCancelledError, MemoizerUsageError
+from aiomemo._hashing import IgnoreNames, check_ignore
 
 if TYPE_CHECKING:
     from aiomemo._memoizer import Memoizer
@@ -46,28 +47,14 @@ def _cycle_error(
     )
 
 
-def check_names(ignore: Sequence[str]) -> list[str]:
-    """``ignore`` as a list of kwarg names; a bare str is a TypeError (not its letters)."""
-    if isinstance(ignore, str | bytes):
-        raise TypeError(
-            f"ignore must be a list of keyword-argument names, not the string {ignore!r} "
-            f"(write ignore=[{ignore!r}])"
-        )
-    names = list(ignore)
-    for n in names:
-        if not isinstance(n, str):
-            raise TypeError(f"ignore must hold keyword-argument names (str), not {n!r}")
-    return names
-
-
 def cached(
-    memo: Memoizer, fn: Callable[P, Awaitable[R]], *, ignore: Sequence[str], version: object
+    memo: Memoizer, fn: Callable[P, Awaitable[R]], *, ignore: IgnoreNames, version: object
 ) -> Callable[P, Awaitable[R]]:
     """The wrapper ``memo.cached(fn, ...)`` returns (see :meth:`Memoizer.cached`)."""
     if not asyncio.iscoroutinefunction(fn):
         raise TypeError(f"memo.cached needs an async def function, got {fn!r}")
     func = fn
-    ignore_list = check_names(ignore)
+    ignore_list = check_ignore(ignore)  # a bare str would be read letter by letter
     memo_id = id(memo)
     name = getattr(func, "__qualname__", repr(func))
 

@@ -49,10 +49,10 @@ from aiomemo._exceptions import (
     MemoizerUsageError,
 )
 from aiomemo._flights import Flights, follow, settle
-from aiomemo._hashing import hash_task_async
+from aiomemo._hashing import IgnoreNames, KeyHook, check_ignore, hash_task_async
 from aiomemo._leases import SharedTier
-from aiomemo._records import RecordMaker
-from aiomemo._setup import MIN_PERIOD, KeyHook, parse_period
+from aiomemo._recorder import RecordMaker
+from aiomemo._setup import MIN_PERIOD, parse_period
 from aiomemo._table import MISSING, MemoTable, Raised
 from aiomemo.stores._base import LoadReport, Record, Store
 
@@ -93,7 +93,7 @@ class TaskRecord(TypedDict, total=False):
     kwargs: dict[str, Any]
     id: int
     memoize: bool
-    ignore_for_cache: Sequence[str]
+    ignore_for_cache: IgnoreNames
     version: object
     hashsum: str | None
 
@@ -241,7 +241,9 @@ class Memoizer:
         self._warn_empty_dirs = True  # adapters whose engine is silent about it turn it off
 
         self._counters = Counters()
-        self._records = RecordMaker(self._counters, explain=self.explain_digests)
+        self._records = RecordMaker(
+            self._counters, explain=self.explain_digests, hooks=self.key_hooks
+        )
         self._table = MemoTable(self._counters, parsl_keys=parsl_keys)
         self._flights = Flights(collapse=collapse)
         self._drain = Drain(
@@ -454,7 +456,7 @@ class Memoizer:
     async def make_hash(self, task: Task) -> str:
         """The task's key (64 hex chars); large inputs are hashed off the loop."""
         self._check_open()
-        return (await hash_task_async(cast(Mapping[str, Any], task))).hex()
+        return (await hash_task_async(cast(Mapping[str, Any], task), self.key_hooks)).hex()
 
     async def check_memo(self, task: Task) -> asyncio.Future[Any] | None:
         """Look the task up; sets ``task["hashsum"]``.
@@ -480,7 +482,7 @@ class Memoizer:
         if not self.memoize or not t.get("memoize", True):
             t["hashsum"] = None
             return None
-        raw = await hash_task_async(t)
+        raw = await hash_task_async(t, self.key_hooks)
         key = raw.hex()
         t["hashsum"] = key
         value = self._table.lookup(key, raw, t)
@@ -729,19 +731,19 @@ class Memoizer:
     # ------------------------------------------------------------------ decorator
     @overload
     def cached(
-        self, fn: Callable[P, Awaitable[R]], *, ignore: Sequence[str] = (), version: object = None
+        self, fn: Callable[P, Awaitable[R]], *, ignore: IgnoreNames = (), version: object = None
     ) -> Callable[P, Awaitable[R]]: ...
 
     @overload
     def cached(
-        self, fn: None = None, *, ignore: Sequence[str] = (), version: object = None
+        self, fn: None = None, *, ignore: IgnoreNames = (), version: object = None
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
     def cached(
         self,
         fn: Callable[P, Awaitable[R]] | None = None,
         *,
-        ignore: Sequence[str] = (),
+        ignore: IgnoreNames = (),
         version: object = None,
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
@@ -754,9 +756,9 @@ class Memoizer:
         with the same arguments raises :class:`~aiomemo.MemoizerUsageError`.
         ``wrapper.key(*args, **kwargs)`` gives the key a call would have.
         """
-        from aiomemo._cached import cached, check_names
+        from aiomemo._cached import cached
 
+        ignore = check_ignore(ignore)  # a bare str would be read letter by letter
         if fn is None:
-            check_names(ignore)
             return lambda f: cached(self, f, ignore=ignore, version=version)
         return cached(self, fn, ignore=ignore, version=version)

@@ -1,58 +1,43 @@
-"""Records: a finished task's result encoded for the stores, with its function's name."""
+"""What a checkpoint holds: the record types every layer above shares.
+
+The bottom of the format layer (records -> framing, reader, writer, paths ->
+stores -> memoizer -> adapters and the CLI): this module imports nothing of
+aiomemo's. ``aiomemo.stores`` re-exports both names.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import time
-import warnings
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
 
-from aiomemo import _codec
-from aiomemo._counters import Counters
-from aiomemo._hashing import arg_digests
-from aiomemo.stores._base import Record
-
-__all__ = ["RecordMaker"]
-
-logger = logging.getLogger("aiomemo")
+__all__ = ["LoadReport", "Record"]
 
 
-class RecordMaker:
-    """Encodes results into :class:`Record` s; warns once per type that cannot be encoded."""
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One finished task's result, as stores keep it.
 
-    __slots__ = ("_counters", "_func_names", "_warned_types", "explain")
+    Attributes:
+        key: the task key as raw bytes (32 bytes of blake3; 16 bytes for a
+            Parsl md5 key imported from Parsl's checkpoints).
+        value: the result encoded by ``aiomemo._codec.encode`` (opaque here).
+        func: ``"module.qualname"`` of the task's function.
+        time: when the task finished, seconds since the epoch.
+        digests: optional per-argument digests (for ``explain``); empty when off.
+    """
 
-    def __init__(self, counters: Counters, *, explain: bool) -> None:
-        self._counters = counters
-        self.explain = explain
-        self._func_names: dict[object, str] = {}
-        self._warned_types: set[str] = set()
+    key: bytes
+    value: bytes
+    func: str
+    time: float
+    digests: bytes = b""
 
-    def make(self, task: Mapping[str, Any], key: str, r: Any) -> Record | None:
-        """The record of ``task`` (hex ``key``) finished with ``r``; None when ``r`` cannot be encoded."""
-        try:
-            value = _codec.encode(r)
-        except _codec.UnencodableResultError as exc:
-            self._counters.unserializable += 1
-            tname = exc.type_name
-            if tname not in self._warned_types:
-                self._warned_types.add(tname)
-                msg = (
-                    f"aiomemo: results of type {tname} cannot be checkpointed ({exc}); "
-                    "they stay memoized in memory for this run"
-                )
-                warnings.warn(msg, RuntimeWarning, stacklevel=4)
-                logger.warning("%s", msg)
-            return None
-        func = task.get("func")
-        try:
-            name = self._func_names[func]
-        except (KeyError, TypeError):
-            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
-            if len(self._func_names) < 10_000:
-                with contextlib.suppress(TypeError):
-                    self._func_names[func] = name
-        digests = arg_digests(task) if self.explain else b""
-        return Record(bytes.fromhex(key), value, name, time.time(), digests)
+
+@dataclass(slots=True)
+class LoadReport:
+    """What a load found: the table plus counts for ``stats()`` and warnings."""
+
+    table: dict[bytes, bytes] = field(default_factory=dict)
+    records: int = 0
+    skipped: int = 0  # corrupt or torn records skipped
+    files: int = 0
+    errors: list[str] = field(default_factory=list)  # one line per problem found

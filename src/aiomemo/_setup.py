@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from aiomemo._hashing import KeyHook
 from aiomemo.stores._base import LoadReport, Store
 
 __all__ = ["MIN_PERIOD", "load_at_start", "parse_period"]
@@ -20,7 +21,6 @@ __all__ = ["MIN_PERIOD", "load_at_start", "parse_period"]
 #: the shortest checkpoint period: a drain waking faster only burns the CPU
 MIN_PERIOD = 0.01
 
-KeyHook = Callable[[object, bool], object]
 MODES = ("task_exit", "periodic", "dfk_exit", "manual", None)
 
 
@@ -158,8 +158,9 @@ def lease_ttl_of(value: object, stores: Sequence[Store]) -> float:
 def hooks_of(hooks: object) -> tuple[KeyHook, ...]:
     if isinstance(hooks, str | bytes) or not isinstance(hooks, Sequence):
         raise TypeError("key_hooks must be a sequence of callables hook(obj, output_ref)")
-    if not all(callable(h) for h in hooks):
-        raise TypeError("key_hooks must be a sequence of callables hook(obj, output_ref)")
+    for i, hook in enumerate(hooks):
+        if not callable(hook):
+            raise TypeError(f"key_hooks[{i}] is a {type(hook).__name__}, not a callable")
     return tuple(hooks)
 
 
