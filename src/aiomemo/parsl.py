@@ -254,6 +254,72 @@ def _settle(cf: concurrent.futures.Future[Any], result: Any, exc: BaseException 
         pass
 
 
+class _Followers:
+    """Parsl-side followers of running tasks, completed off the loop thread.
+
+    Completing a follower's Future runs the DataFlowKernel's callbacks, which
+    call back into the memoizer and block on the loop: so never on the loop
+    thread, always on a completer thread. A leader that completes after
+    close settles its followers directly (:meth:`after_close`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> followers' futures not completed yet
+        self._waiting: dict[str, list[concurrent.futures.Future[Any]]] = {}
+        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def open(self) -> None:
+        self._completer = concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix="aiomemo-parsl-complete"
+        )
+
+    def shutdown(self) -> None:
+        if self._completer is not None:
+            self._completer.shutdown(wait=False)
+
+    def add(self, key: str, cf: concurrent.futures.Future[Any], afut: asyncio.Future[Any]) -> None:
+        """``cf`` completes with the outcome of the leader's ``afut`` (on the loop)."""
+        with self._lock:
+            self._waiting.setdefault(key, []).append(cf)
+        afut.add_done_callback(functools.partial(self._relay, cf, key))
+
+    def _relay(
+        self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
+    ) -> None:
+        if afut.cancelled():
+            exc: BaseException | None = LeaderCancelledError("the identical task was cancelled")
+            result = None
+        else:
+            exc = afut.exception()
+            result = afut.result() if exc is None else None
+        if isinstance(exc, MemoizerClosedError):
+            # closed with the leader still running: its completion, which
+            # arrives later, settles cf (see after_close)
+            return
+        with self._lock:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                with contextlib.suppress(ValueError):
+                    waiting.remove(cf)
+                if not waiting:
+                    del self._waiting[key]
+        completer = self._completer
+        if completer is None:
+            return
+        try:
+            completer.submit(_settle, cf, result, exc)
+        except RuntimeError:  # completer shut down: settle from a fresh thread
+            threading.Thread(target=_settle, args=(cf, result, exc), daemon=True).start()
+
+    def after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
+        """A leader finished after close: complete its followers directly."""
+        with self._lock:
+            waiting = self._waiting.pop(key, [])
+        for cf in waiting:
+            _settle(cf, result, exc)
+
+
 class ParslMemoizer(_ParslMemoizerBase):
     """Parsl ``Memoizer`` backed by aiomemo: a drop-in for ``BasicMemoizer``.
 
@@ -320,15 +386,12 @@ class ParslMemoizer(_ParslMemoizerBase):
         # run (misses), until their update_memo_*; a leader's retry is let run
         # again instead of waiting on itself
         self._leaders: dict[int, tuple[TaskRecord, dict[str, Any]]] = {}
-        # key -> followers' futures not completed yet (settled directly when
-        # the leader completes after close)
-        self._followers: dict[str, list[concurrent.futures.Future[Any]]] = {}
+        self._followers = _Followers()
         # keys whose record this run has written or queued already
         self._recorded: set[str] = set()
         # views of hits answered in the calling thread, on their way into
         # this run's checkpoint (under _lock)
         self._learn_queue: list[dict[str, Any]] = []
-        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         args = [
@@ -359,7 +422,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.config_run_dir = config_run_dir
         self.checkpointed_tasks = 0
         self._leaders = {}
-        self._followers = {}
+        self._followers = _Followers()
         self._recorded = set()
         self._learn_queue = []
         try:
@@ -372,15 +435,13 @@ class ParslMemoizer(_ParslMemoizerBase):
         memo._drain.origin = started
         memo._drain.on_pass = self._log_pass
         memo._drain.before_pass = self._learn_now
-        self._completer = concurrent.futures.ThreadPoolExecutor(
-            thread_name_prefix="aiomemo-parsl-complete"
-        )
+        self._followers.open()
         self._portal = Portal(name="aiomemo-parsl-loop")
         try:
             self._portal.call(memo.start())
         except BaseException:
             self._portal.stop()
-            self._completer.shutdown(wait=False)
+            self._followers.shutdown()
             self._state = "closed"
             raise
         if memo.checkpoint_files:
@@ -462,8 +523,7 @@ class ParslMemoizer(_ParslMemoizerBase):
             with self._lock:
                 self._state = "closed"
                 self._leaders.clear()
-            if self._completer is not None:
-                self._completer.shutdown(wait=False)
+            self._followers.shutdown()
 
     def _ensure_checkpoint_dir(self) -> None:
         """Create ``<run_dir>/checkpoint/`` after a pass, as Parsl's memoizer does.
@@ -632,43 +692,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             return cf
         logger.info("Task %s waits for the identical task running now", t.get("id"))
         assert isinstance(hashsum, str)
-        with self._lock:
-            self._followers.setdefault(hashsum, []).append(cf)
-        afut.add_done_callback(functools.partial(self._relay, cf, hashsum))
+        self._followers.add(hashsum, cf, afut)
         return cf
-
-    def _relay(
-        self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
-    ) -> None:
-        """Loop callback: pass the leader's outcome to a follower, off the loop thread.
-
-        Completing ``cf`` runs the DataFlowKernel's callbacks, which call back
-        into this memoizer and block on the loop: never on the loop thread.
-        """
-        if afut.cancelled():
-            exc: BaseException | None = LeaderCancelledError("the identical task was cancelled")
-            result = None
-        else:
-            exc = afut.exception()
-            result = afut.result() if exc is None else None
-        if isinstance(exc, MemoizerClosedError):
-            # closed with the leader still running: its completion, which
-            # arrives later, settles cf (see _after_close)
-            return
-        with self._lock:
-            waiting = self._followers.get(key)
-            if waiting is not None:
-                with contextlib.suppress(ValueError):
-                    waiting.remove(cf)
-                if not waiting:
-                    del self._followers[key]
-        completer = self._completer
-        if completer is None:
-            return
-        try:
-            completer.submit(_settle, cf, result, exc)
-        except RuntimeError:  # completer shut down: settle from a fresh thread
-            threading.Thread(target=_settle, args=(cf, result, exc), daemon=True).start()
 
     # ------------------------------------------------------------ completions
     def update_memo_result(self, task: TaskRecord, r: Any) -> None:
@@ -689,7 +714,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         if not isinstance(hashsum, str):
             return  # not memoized, never looked up, or a dependency failure
         if not running or portal is None:
-            self._after_close(hashsum, result, exc)
+            self._followers.after_close(hashsum, result, exc)
             return
         if entry is None:
             # a hit or a collapsed follower: aiomemo has the result already
@@ -705,7 +730,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                     _log_failure
                 )
         except (PortalClosedError, MemoizerClosedError):
-            self._after_close(hashsum, result, exc)
+            self._followers.after_close(hashsum, result, exc)
         except Exception:
             # a memo that cannot record must never fail the task
             logger.exception("aiomemo could not record the outcome of task %s", t.get("id"))
@@ -726,18 +751,11 @@ class ParslMemoizer(_ParslMemoizerBase):
         except MemoizerClosedError:
             if isinstance(key, str):  # closed under us: complete the followers anyway
                 threading.Thread(
-                    target=self._after_close, args=(key, result, exc), daemon=True
+                    target=self._followers.after_close, args=(key, result, exc), daemon=True
                 ).start()
             return
         if self.checkpoint_mode == "task_exit":
             logger.debug("Task %s checkpointed", view.get("id"))
-
-    def _after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
-        """A leader finished after close: complete its followers directly."""
-        with self._lock:
-            waiting = self._followers.pop(key, [])
-        for cf in waiting:
-            _settle(cf, result, exc)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
