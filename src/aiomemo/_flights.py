@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from aiomemo._exceptions import MemoizerClosedError
 
 if TYPE_CHECKING:
     from aiomemo.stores._base import Lease, Store
@@ -129,6 +132,14 @@ class Flights:
         if exc is not None or value is not _NOTHING:
             settle(flight.future, value, exc)
         return flight
+
+    def abandon_all(self, why: str, release: Callable[[Flight], None] | None = None) -> None:
+        """End every flight: followers get MemoizerClosedError(``why``); ``release`` each lease."""
+        for _key, fl in self.drain():
+            fl.stop_renewal()
+            if release is not None:
+                release(fl)
+            settle(fl.future, exc=MemoizerClosedError(why))
 
     def drain(self) -> list[tuple[str, Flight]]:
         """Unregister and return every flight (close)."""

@@ -218,6 +218,11 @@ class SharedTier:
             self.on_publish_failed(store, record, exc)  # the drain retries it
             await self._release(store, lease)
 
+    def release_flight(self, flight: Flight) -> None:
+        """Let the lease ``flight`` holds (if any) go, in the background."""
+        if flight.lease is not None and flight.lease_store is not None:
+            self.release(flight.lease_store, flight.lease)
+
     def release(self, store: Store, lease: Lease) -> None:
         """Let ``lease`` go in the background (the task failed or was cancelled)."""
         self._spawn(self._release(store, lease), self._bg)

@@ -48,7 +48,7 @@ from aiomemo._exceptions import (
     MemoizerClosedError,
     MemoizerUsageError,
 )
-from aiomemo._flights import Flights, follow, settle
+from aiomemo._flights import Flights, follow
 from aiomemo._hashing import IgnoreNames, KeyHook, check_ignore, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._recorder import RecordMaker
@@ -116,6 +116,9 @@ class MemoStats(NamedTuple):
     write_errors: int
     store_errors: int
     remote_hits: int
+
+
+_CLOSED_MID_TASK = "the Memoizer closed before this task finished"
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
@@ -398,29 +401,17 @@ class Memoizer:
         errors: list[str] = []
         try:
             await self._drain.stop()
-            # followers of other processes' tasks stop waiting (they get
-            # MemoizerClosedError); leases our unfinished tasks hold are let go
+            # followers of other processes' tasks stop waiting, and so do
+            # followers of ours (MemoizerClosedError); our leases are let go
             self._shared.stop_waits()
-            for _key, fl in self._flights.drain():
-                fl.stop_renewal()
-                if fl.lease is not None and fl.lease_store is not None:
-                    self._shared.release(fl.lease_store, fl.lease)
-                settle(
-                    fl.future,
-                    exc=MemoizerClosedError("the Memoizer closed before this task finished"),
-                )
+            self._flights.abandon_all(_CLOSED_MID_TASK, self._shared.release_flight)
             await self._shared.settle(5)
             if self.checkpoint_mode is not None or self._drain.pending():
                 await asyncio.shield(self._drain.flush(final=True))
             unsaved, errors = self._drain.unsaved()
         finally:
             self._drain.release_commit()  # whatever happened, no task_exit caller waits forever
-            for _key, fl in self._flights.drain():
-                fl.stop_renewal()
-                settle(
-                    fl.future,
-                    exc=MemoizerClosedError("the Memoizer closed before this task finished"),
-                )
+            self._flights.abandon_all(_CLOSED_MID_TASK)
             self._shared.cancel_all()
             errors += await self._drain.close_stores()
         if unsaved:
@@ -544,8 +535,8 @@ class Memoizer:
         record = self._records.make(task, key, r)
         lease_store = flight.lease_store if flight is not None else None
         if record is None:
-            if flight is not None and flight.lease is not None and lease_store is not None:
-                self._shared.release(lease_store, flight.lease)
+            if flight is not None:
+                self._shared.release_flight(flight)
             return
         if self.checkpoint_mode is not None:
             # queued before any await: a cancelled caller or a close() in
@@ -603,8 +594,8 @@ class Memoizer:
                 e = wrapped
             self._table.put(key, Raised(e))
             flight = self._flights.finish(key, exc=e)  # followers get it
-        if flight is not None and flight.lease is not None and flight.lease_store is not None:
-            self._shared.release(flight.lease_store, flight.lease)
+        if flight is not None:
+            self._shared.release_flight(flight)
 
     # ------------------------------------------------------------------ checkpoints
     def update_checkpoint(self, task: Task) -> None:
