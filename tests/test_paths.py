@@ -168,6 +168,7 @@ class TestNonRegularFiles:
         d, fifos = odd_dir
         summary = no_hang(lambda: compact(d), fifos)
         assert summary["segments_in"] == 2 and summary["records_out"] == 2
+        assert len(summary["skipped_files"]) == 4
         assert [s.name for s in list_segments(d, [])] == [Path(summary["output"]).name]
         assert (d / "seg-2.amlog").exists() and (d / "seg-4.amlog").is_dir()
         assert load_paths([d]).table == {rec(1).key: rec(1).value, rec(2).key: rec(2).value}
@@ -238,6 +239,10 @@ class TestNonRegularFiles:
             _release([fifo])
         assert r.table == {rec(7).key: rec(7).value}
         assert len(r.errors) == 1 and "a FIFO" in r.errors[0]
+        summary = no_hang(lambda: compact(d), [fifo])
+        assert len(summary["skipped_files"]) == 1 and "a FIFO" in summary["skipped_files"][0]
+        assert not (d / "seg-1.amlog").exists() and real.exists()  # the link went, not its target
+        assert load_paths([d]).table == {rec(7).key: rec(7).value}
 
 
 class TestResolve:

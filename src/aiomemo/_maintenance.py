@@ -355,6 +355,7 @@ def compact(
         "segments_in_use": len(live),
         "tails_in_flight": in_flight,
         "removed": [os.fspath(p) for p in removed],
+        "skipped_files": list(resolved.notes),  # non-regular entries named like segments
     }
 
 
