@@ -22,10 +22,10 @@ from typing import TypeVar
 
 import pytest
 
-from aiomemo import CheckpointPathError, Memoizer, _cli, _codec
+from aiomemo import CheckpointPathError, MaintenanceError, Memoizer, _cli, _codec
 from aiomemo._checkpoint import is_segment_in_use, iter_segment, load_paths, read_segment_header
 from aiomemo._explain import explain
-from aiomemo._maintenance import compact
+from aiomemo._maintenance import compact, import_parsl
 from aiomemo._paths import (
     STAMP_FORMAT,
     find_segments,
@@ -275,3 +275,19 @@ class TestResolve:
         from datetime import datetime
 
         datetime.strptime(stamp, STAMP_FORMAT)  # parses with the one format
+
+
+class TestImportParsl:
+    """import-parsl reads only regular tasks.pkl files."""
+
+    def test_import_parsl_never_opens_a_fifo(self, tmp_path: Path) -> None:
+        """A FIFO named tasks.pkl is not a Parsl checkpoint: refused at once, not read."""
+        d = tmp_path / "000" / "checkpoint"
+        d.mkdir(parents=True)
+        fifo = d / "tasks.pkl"
+        os.mkfifo(fifo)
+        try:
+            with pytest.raises(MaintenanceError, match="no Parsl checkpoint"):
+                no_hang(lambda: import_parsl(tmp_path, trust=True), [fifo])
+        finally:
+            _release([fifo])
