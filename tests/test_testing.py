@@ -242,3 +242,21 @@ class TestMemoryLeaseStore:
             assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [49, 49]
             assert b.stats().remote_hits == 1
         assert ran == 1 and store.completions == 1 and store.refused_claims >= 1
+
+    def test_usable_from_one_loop_after_another(self) -> None:
+        """A wait that timed out in one event loop leaves nothing that breaks the next loop."""
+        store = MemoryLeaseStore()
+        k = rec(1).key
+
+        async def first() -> None:
+            assert await store.claim(k, 10) is not None
+            assert await store.wait_for(k, 0.01) is None  # times out
+
+        async def second() -> bytes | None:
+            waiter = asyncio.create_task(store.wait_for(k, 5))
+            await asyncio.sleep(0)
+            await store.put_many([rec(1)])
+            return await waiter
+
+        asyncio.run(first())
+        assert asyncio.run(second()) == rec(1).value

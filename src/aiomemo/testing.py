@@ -304,7 +304,8 @@ class MemoryLeaseStore(LeaseStore):
         self._clock = clock
         self._records: dict[bytes, Record] = {}
         self._leases: dict[bytes, tuple[str, float]] = {}  # key -> (token, expiry)
-        self._changed: dict[bytes, asyncio.Event] = {}
+        # one Event per waiting call, dropped when it returns: none outlives its loop
+        self._waiters: dict[bytes, set[asyncio.Event]] = {}
         self.claims = 0
         self.refused_claims = 0
         self.completions = 0
@@ -328,8 +329,7 @@ class MemoryLeaseStore(LeaseStore):
             self._notify(key)
 
     def _notify(self, key: bytes) -> None:
-        ev = self._changed.pop(key, None)
-        if ev is not None:
+        for ev in self._waiters.get(key, ()):
             ev.set()
 
     async def get(self, key: bytes) -> bytes | None:
@@ -364,9 +364,16 @@ class MemoryLeaseStore(LeaseStore):
             now = self._clock()
             if held is None or held[1] <= now or now >= deadline:
                 return None
-            ev = self._changed.setdefault(key, asyncio.Event())
-            with contextlib.suppress(TimeoutError):  # then look again
-                await asyncio.wait_for(ev.wait(), min(deadline, held[1]) - now)
+            ev = asyncio.Event()
+            waiters = self._waiters.setdefault(key, set())
+            waiters.add(ev)
+            try:
+                with contextlib.suppress(TimeoutError):  # then look again
+                    await asyncio.wait_for(ev.wait(), min(deadline, held[1]) - now)
+            finally:
+                waiters.discard(ev)
+                if not waiters:
+                    self._waiters.pop(key, None)
 
     def _renew(self, lease: Lease) -> bool:
         if self.holder(lease.key) != lease.token:
