@@ -71,7 +71,6 @@ def errors() -> None:
         pass
 
 
-
 async def fault_injection() -> None:
     from aiomemo.testing import DiskFullStore, FailingStore, MemoryLeaseStore, StallingStore
 
