@@ -714,3 +714,18 @@ def test_structured_padding_is_not_data() -> None:
     assert key(np.ma.masked_array(raw)) == key(np.ma.masked_array(clean))
     clean["b"] = 3
     assert key(raw) != key(clean)
+
+
+def test_generic_aliases_and_descriptors() -> None:
+    """list[int] never passes for list; unbound C methods key by class and name."""
+    assert key(str.upper) != key(str.lower)
+    assert key(str.upper) != key(bytes.upper)
+    assert key(str.__add__) == key(str.__add__)
+    assert key(dict.fromkeys) != key(dict)
+    with pytest.raises(UnhashableInputError):
+        key(list[int])
+    with pytest.raises(UnhashableInputError):
+        make_hash({"func": list[int], "args": (), "kwargs": {}})
+    assert key(np.add) != key(np.multiply)
+    cached_len = functools.lru_cache(len)
+    assert len(key(cached_len)) == 64

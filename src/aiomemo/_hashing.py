@@ -605,6 +605,26 @@ def _canon_function(x: Any, ctx: _Ctx, depth: int) -> object:
     return [_M_FUNC, getattr(x, "__module__", None) or "?", x.__qualname__]
 
 
+def _found_as(x: object, mod: object, qn: object) -> bool:
+    """Whether ``x`` is what its module.qualname leads to."""
+    if not isinstance(mod, str) or not isinstance(qn, str):
+        return False
+    obj: object = sys.modules.get(mod)
+    try:
+        for part in qn.split("."):
+            obj = getattr(obj, part, None)
+    except Exception:  # a module attribute that fails on access
+        return False
+    return obj is x
+
+
+def _canon_descriptor(x: Any, ctx: _Ctx, depth: int) -> object:
+    """An unbound C method (``str.upper``, ``str.__add__``): its class + name."""
+    owner = x.__objclass__
+    _named_class(x, owner)
+    return [_M_FUNC, owner.__module__, x.__qualname__]
+
+
 def _class_name(t: type) -> str | None:
     """``module.qualname`` of a class when that name leads back to it, else None.
 
@@ -618,12 +638,8 @@ def _class_name(t: type) -> str | None:
         pass
     mod = getattr(t, "__module__", None) or "?"
     qn = getattr(t, "__qualname__", None) or "?"
-    if t.__flags__ & _HEAPTYPE:
-        obj: object = sys.modules.get(mod)
-        for part in qn.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not t:
-            return None
+    if t.__flags__ & _HEAPTYPE and not _found_as(t, mod, qn):
+        return None
     # else a static C type: one per process, whatever its name
     name = f"{mod}.{qn}"
     if len(_CLASS_NAMES) < 4096:
@@ -817,6 +833,9 @@ _HANDLERS: dict[type, Callable[[Any, _Ctx, int], object]] = {
     types.FunctionType: _canon_function,
     types.BuiltinFunctionType: _canon_builtin,
     types.MethodWrapperType: _canon_builtin,
+    types.MethodDescriptorType: _canon_descriptor,
+    types.WrapperDescriptorType: _canon_descriptor,
+    types.ClassMethodDescriptorType: _canon_descriptor,
     types.MethodType: _canon_method,
     functools.partial: _canon_partial,
     File: _canon_file,
@@ -923,8 +942,14 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
                 conv: Any = base
                 inner = _canon(conv(x), ctx, depth)
             return [_M_SUBCLASS, qn, inner]
-    if callable(x) and hasattr(x, "__qualname__") and hasattr(x, "__module__"):
-        # C methods and descriptors, ufuncs, lru_cache wrappers...
+    if (
+        callable(x)
+        and hasattr(x, "__qualname__")
+        and hasattr(x, "__module__")
+        and (hasattr(x, "__wrapped__") or _found_as(x, x.__module__, x.__qualname__))
+    ):
+        # ufuncs, lru_cache wrappers...: found under their name (a
+        # list[int] alias is not: it would pass for the class list)
         return _canon_builtin(x, ctx, depth)
     if callable(x):
         raise _Unhashable(
@@ -1143,6 +1168,11 @@ def _func_identity(func: object, version: object, ctx: _Ctx) -> list[object]:
         (owner is None or type(owner) is types.ModuleType)
         and hasattr(func, "__qualname__")
         and hasattr(func, "__module__")
+        and (
+            tf is types.BuiltinFunctionType
+            or hasattr(func, "__wrapped__")
+            or _found_as(func, func.__module__, func.__qualname__)
+        )
     ):
         # C functions, ufuncs, lru_cache wrappers...: their name says which
         return [func.__module__ or "?", func.__qualname__, version]
