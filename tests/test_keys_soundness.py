@@ -729,3 +729,14 @@ def test_generic_aliases_and_descriptors() -> None:
     assert key(np.add) != key(np.multiply)
     cached_len = functools.lru_cache(len)
     assert len(key(cached_len)) == 64
+
+
+def test_parsl_task_with_bare_str_ignore() -> None:
+    """A Parsl task with ignore_for_cache='log' gets the TypeError, not letter-wise ignoring."""
+    from aiomemo import parsl as aparsl
+
+    view = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": "log"})  # type: ignore[arg-type,typeddict-item]
+    with pytest.raises(TypeError, match="bare str"):
+        H.hash_task(view, aparsl._KEY_HOOKS)
+    ok = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": ("log",)})  # type: ignore[arg-type,typeddict-item]
+    assert H.hash_task(ok) == H.hash_task(task())
