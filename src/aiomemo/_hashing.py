@@ -1259,12 +1259,16 @@ def _task_tree(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> tuple[
     kwargs = task.get("kwargs") or {}
     if type(kwargs) is not dict and not isinstance(kwargs, Mapping):
         raise TypeError(f"task['kwargs'] must be a mapping, not {type(kwargs).__name__}")
-    ignore = _ignored(task)
+    ignore = task.get("ignore_for_cache") or ()
+    if ignore and type(ignore) is not list:  # inline: the hot path has []
+        check_ignore(ignore, "task['ignore_for_cache']")
     ctx = _Ctx()
     if hooks:
         ctx.hooks = tuple(hooks)
     outputs: object = None
     if ignore or "outputs" in kwargs:
+        if ignore and not all(type(n) is str for n in ignore):
+            check_ignore(ignore, "task['ignore_for_cache']")
         kwargs = {k: v for k, v in kwargs.items() if k not in ignore}
         if "outputs" in kwargs:
             ctx.output_ref = True
