@@ -533,6 +533,10 @@ class TestTypeDetail:
         s.note = "x"  # type: ignore[attr-defined]
         with pytest.raises(UnhashableInputError, match="instance attributes"):
             key(s)
+        od = collections.OrderedDict(a=1)
+        od.note = "x"  # type: ignore[attr-defined]
+        with pytest.raises(UnhashableInputError, match="instance attributes"):
+            key(od)
 
     @pytest.mark.parametrize(
         ("a", "b"),

@@ -720,6 +720,7 @@ def _canon_file(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
     """OrderedDict: ``==`` sees the order, so the key does (as before when sorted)."""
+    _no_extra_attributes(x)
     keys = list(x)
     if all(type(k) is str for k in keys):
         in_order = keys == sorted(keys)
@@ -751,12 +752,18 @@ def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_defaultdict(x: Any, ctx: _Ctx, depth: int) -> object:
     """defaultdict: its content and its factory (``d[missing]`` tells factories apart)."""
+    _no_extra_attributes(x)
     try:
         factory = _canon(x.default_factory, ctx, depth)
     except _Unhashable as exc:
         exc.path.append(".default_factory")
         raise
     return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(x), ctx, depth), factory]
+
+
+def _no_extra_attributes(x: object) -> None:
+    if getattr(x, "__dict__", None):
+        raise _Unhashable(x, f"a {type(x).__name__} with instance attributes the key would not see")
 
 
 def _canon_deque(x: Any, ctx: _Ctx, depth: int) -> object:
