@@ -744,3 +744,14 @@ def test_parsl_task_with_bare_str_ignore() -> None:
         H.hash_task(view, aparsl._KEY_HOOKS)
     ok = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": ("log",)})  # type: ignore[arg-type,typeddict-item]
     assert H.hash_task(ok) == H.hash_task(task())
+
+
+async def test_async_threaded_path_orders_like_sync(tmp_path: pathlib.Path) -> None:
+    """Over the thread threshold, tied big members in sets and Files order as in make_hash."""
+    n = H.THREAD_THRESHOLD
+    p = tmp_path / "f"
+    p.write_bytes(b"z" * 10)
+    v = [{big(1, n), big(2, n)}, {0: big(3, n), 1: File(p)}, frozenset({(big(4, n), File(p))})]
+    w = [{big(2, n), big(1, n)}, {1: File(p), 0: big(3, n)}, frozenset({(big(4, n), File(p))})]
+    assert await akey(v) == key(v) == key(w) == await akey(w)
+    assert key(v) != key([{big(1, n), big(5, n)}, *v[1:]])
