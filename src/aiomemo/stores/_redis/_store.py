@@ -394,10 +394,13 @@ class RedisStore(LeaseStore):
         self._closed = False
         self._new_client()
         try:
-            await self.ping()
-        except StoreError as exc:
-            cause = exc.__cause__
-            if cause is not None and _is_auth_error(cause):
+            await self._conn().ping()
+        except (RedisError, OSError) as cause:
+            # one warning, here; later failures stay quiet until Redis answers
+            self._counts["errors"] += 1
+            self.last_error = f"PING: {type(cause).__name__}: {cause}"
+            self._failing = True
+            if _is_auth_error(cause):
                 log.warning(
                     "Redis at %s refused the credentials (%s): check the user and password "
                     "in the URL; continuing without it",
