@@ -14,7 +14,7 @@ import pytest
 
 from aiomemo import LeaderCancelledError, Memoizer, MemoizerClosedError, StoreError, _memoizer
 from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
-from test_memoizer import mk, run  # the engine-playing helpers
+from helpers import mk, run  # the engine-playing helpers
 
 
 async def spin(turns: int = 50) -> None:
