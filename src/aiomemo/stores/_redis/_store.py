@@ -21,7 +21,13 @@ from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from aiomemo._exceptions import StoreError
@@ -41,6 +47,10 @@ __all__ = ["RedisLease", "RedisStore"]
 log = logging.getLogger("aiomemo.redis")
 
 _T = TypeVar("_T")
+
+# what a failing redis-py call raises (the cluster client's topology errors
+# are not RedisErrors)
+_ERRORS = (RedisError, OSError, RedisClusterException)
 
 # KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] magic.
 # 1: taken; 0: held by another or a result (a value with our header) exists.
@@ -173,7 +183,7 @@ class RedisLease(Lease):
 
 
 async def _close_pubsub(pubsub: PubSub) -> None:
-    with contextlib.suppress(RedisError, OSError, RuntimeError):
+    with contextlib.suppress(*_ERRORS, RuntimeError):
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
@@ -395,7 +405,7 @@ class RedisStore(LeaseStore):
         self._new_client()
         try:
             await self._conn().ping()
-        except (RedisError, OSError) as cause:
+        except _ERRORS as cause:
             # one warning, here; later failures stay quiet until Redis answers
             self._counts["errors"] += 1
             self.last_error = f"PING: {type(cause).__name__}: {cause}"
@@ -449,7 +459,7 @@ class RedisStore(LeaseStore):
             await _close_pubsub(pubsub)
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*_ERRORS):
                 await client.aclose()
 
     @staticmethod
@@ -492,7 +502,7 @@ class RedisStore(LeaseStore):
         """Await a direct redis-py call, translating its errors into StoreError."""
         try:
             result = await aw
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             raise self._error(op, exc) from exc
         self._answered()
         return result
@@ -574,7 +584,7 @@ class RedisStore(LeaseStore):
         results: list[Any] = await pipe.execute(raise_on_error=False)
         if wake and self.cluster:
             # after the writes (they may be on other nodes): a second round trip
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*_ERRORS):
                 await client.execute_command("SPUBLISH", self.channel, key_list(b"p", wake))
                 self._counts["round_trips"] += 1
         return results
@@ -586,7 +596,7 @@ class RedisStore(LeaseStore):
                 self._counts["batch_max"] = len(ops)
             try:
                 results = await self._send(ops, use_eval=False)
-            except (RedisError, OSError) as exc:
+            except _ERRORS as exc:
                 err = self._error(f"pipeline of {len(ops)} operations", exc)
                 for op in ops:
                     self._settle(op, err)
@@ -608,7 +618,7 @@ class RedisStore(LeaseStore):
             if retry:
                 try:
                     results = await self._send(retry, use_eval=True)
-                except (RedisError, OSError) as exc:
+                except _ERRORS as exc:
                     err = self._error(f"pipeline of {len(retry)} operations", exc)
                     for op in retry:
                         self._settle(op, err)
@@ -879,7 +889,7 @@ class RedisStore(LeaseStore):
                 if woke:
                     self._counts["wait_wakeups"] += woke
                     self._wake_watcher()
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             # Lost the subscription: every waiter re-checks (the watcher
             # re-subscribes first, or reports the StoreError).
             self._counts["errors"] += 1
