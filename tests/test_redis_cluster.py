@@ -111,7 +111,7 @@ _CLUSTER_WORKER = textwrap.dedent(
     """
     import asyncio, sys
     sys.path.insert(0, {src!r})
-    from aiomemo import Memoizer
+    from aiomemo import CheckpointError, Memoizer
     from aiomemo.stores._redis import RedisStore
 
     async def main(url, ns, rundir, n, distinct, out):
@@ -127,12 +127,23 @@ _CLUSTER_WORKER = textwrap.dedent(
             return i * 7
 
         wrong = 0
-        async with memo:
-            for start in range(0, n, 100):  # waves of 100 concurrent calls
-                got = await asyncio.gather(*(work(i % distinct) for i in range(start, start + 100)))
-                wrong += sum(g != (i % distinct) * 7 for i, g in zip(range(start, start + 100), got))
-                await asyncio.sleep(0.02)
-            errors = memo.stats().store_errors
+        try:
+            async with memo:
+                print("ready", flush=True)
+                sys.stdin.readline()  # start together
+                for start in range(0, n, 100):  # waves of 100 concurrent calls
+                    got = await asyncio.gather(
+                        *(work(i % distinct) for i in range(start, start + 100))
+                    )
+                    wrong += sum(
+                        g != (i % distinct) * 7 for i, g in zip(range(start, start + 100), got)
+                    )
+                    await asyncio.sleep(0.05)
+                errors = memo.stats().store_errors
+        except CheckpointError as exc:
+            # close() reports results the shared store could not take at the
+            # end (its master was still down): they were returned all the same
+            print("unsaved at close:", exc, file=sys.stderr)
         with open(out, "w") as f:
             f.write(" ".join(map(str, ran)))
         print(wrong, errors, flush=True)
@@ -154,9 +165,10 @@ async def test_three_processes_survive_a_master_killed_and_restarted(
             cluster.url,
             redis_namespace,
             str(tmp_path / f"r{w}"),
-            "4000",
-            "300",
+            "3000",
+            "3000",  # every call a new key (shared by the 3 processes)
             str(tmp_path / f"ran{w}"),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -164,7 +176,14 @@ async def test_three_processes_survive_a_master_killed_and_restarted(
     ]
     victim = cluster.nodes[2]
     try:
-        await asyncio.sleep(0.6)
+        for p in procs:
+            assert p.stdout is not None and p.stdin is not None
+            assert (await asyncio.wait_for(p.stdout.readline(), 30)).strip() == b"ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            await p.stdin.drain()
+        await asyncio.sleep(0.4)
         victim.stop(kill=True)  # a master dies mid-run
         await asyncio.sleep(1.0)
         await asyncio.to_thread(victim.start)  # and comes back, empty
@@ -178,14 +197,18 @@ async def test_three_processes_survive_a_master_killed_and_restarted(
         if not victim.running:
             victim.start()
             cluster.wait_ok()
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all(p.returncode == 0 for p in procs), [
+        [ln for ln in o[1].decode().splitlines() if not ln.startswith(("Redis at", "RedisStore"))]
+        for o in outs
+    ]
     wrong_and_errors = [[int(x) for x in o[0].split()] for o in outs]
     assert [w for w, _ in wrong_and_errors] == [0, 0, 0]  # 0 wrong results
     assert sum(e for _, e in wrong_and_errors) > 0  # the kill did land mid-run
     ran = [int(x) for w in range(3) for x in (tmp_path / f"ran{w}").read_text().split()]
-    assert set(ran) == set(range(300))  # the workflow finished every key
-    # keys on the surviving masters ran once; the killed one's may have run again
-    assert len(ran) < 2 * 300
+    assert set(ran) == set(range(3000))  # the workflow finished every key
+    # keys on the surviving masters ran once; the killed one's may have run
+    # in each process while it was down
+    assert len(ran) < 2 * 3000
 
 
 async def test_an_unreachable_cluster_is_a_store_error(redis_namespace: str) -> None:

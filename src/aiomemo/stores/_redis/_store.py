@@ -572,10 +572,22 @@ class RedisStore(LeaseStore):
                 else:
                     pipe.execute_command(*cmd)
 
-    async def _send(self, ops: Sequence[_Op], *, use_eval: bool) -> list[Any]:
+    async def _send(self, ops: Sequence[_Op], *, use_eval: bool) -> list[list[Any]]:
+        """One round trip for ``ops``: the replies of each op's commands, in order."""
         client = self._client
         pipe = client.pipeline(transaction=False)
-        self._fill(pipe, ops, use_eval=use_eval)
+        gets: list[int] = []
+        if not self.cluster:
+            # plain lookups go as one MGET: far less client work than N GETs
+            # (a cluster cannot: its keys are in many slots)
+            gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
+            if len(gets) > 1:
+                pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
+            else:
+                gets = []
+        in_mget = set(gets)
+        rest = [i for i in range(len(ops)) if i not in in_mget]
+        self._fill(pipe, [ops[i] for i in rest], use_eval=use_eval)
         wake = [op.wake for op in ops if op.wake is not None]
         if wake and not self.cluster:
             # same connection, after the writes: a woken waiter sees them
@@ -587,7 +599,18 @@ class RedisStore(LeaseStore):
             with contextlib.suppress(*_ERRORS):
                 await client.execute_command("SPUBLISH", self.channel, key_list(b"p", wake))
                 self._counts["round_trips"] += 1
-        return results
+        out: list[list[Any]] = [[] for _ in ops]
+        pos = 0
+        if gets:
+            values = results[0]
+            pos = 1
+            for j, i in enumerate(gets):
+                out[i] = [values if isinstance(values, Exception) else values[j]]
+        for i in rest:
+            n = len(ops[i].cmds)
+            out[i] = results[pos : pos + n]
+            pos += n
+        return out
 
     async def _flush(self, ops: list[_Op]) -> None:
         try:
@@ -595,7 +618,7 @@ class RedisStore(LeaseStore):
             if len(ops) > self._counts["batch_max"]:
                 self._counts["batch_max"] = len(ops)
             try:
-                results = await self._send(ops, use_eval=False)
+                replies = await self._send(ops, use_eval=False)
             except _ERRORS as exc:
                 err = self._error(f"pipeline of {len(ops)} operations", exc)
                 for op in ops:
@@ -603,11 +626,7 @@ class RedisStore(LeaseStore):
                 return
             self._answered()
             retry: list[_Op] = []
-            pos = 0
-            for op in ops:
-                n = len(op.cmds)
-                res = results[pos : pos + n]
-                pos += n
+            for op, res in zip(ops, replies, strict=True):
                 failed = next((r for r in res if isinstance(r, Exception)), None)
                 if isinstance(failed, NoScriptError):
                     retry.append(op)  # the server lost its script cache (restart)
@@ -617,17 +636,13 @@ class RedisStore(LeaseStore):
                     self._settle(op, res)
             if retry:
                 try:
-                    results = await self._send(retry, use_eval=True)
+                    replies = await self._send(retry, use_eval=True)
                 except _ERRORS as exc:
                     err = self._error(f"pipeline of {len(retry)} operations", exc)
                     for op in retry:
                         self._settle(op, err)
                     return
-                pos = 0
-                for op in retry:
-                    n = len(op.cmds)
-                    res = results[pos : pos + n]
-                    pos += n
+                for op, res in zip(retry, replies, strict=True):
                     failed = next((r for r in res if isinstance(r, Exception)), None)
                     self._settle(op, res if failed is None else self._error("script", failed))
         except asyncio.CancelledError:
@@ -650,9 +665,6 @@ class RedisStore(LeaseStore):
             op.fut.set_exception(res)
         else:
             op.fut.set_result(res)
-
-    async def _one(self, cmds: list[_Cmd], **kw: Any) -> list[Any]:
-        return await self._submit(cmds, **kw)
 
     def _background(self, fut: asyncio.Future[Any]) -> None:
         self._bg.add(fut)
@@ -686,23 +698,41 @@ class RedisStore(LeaseStore):
 
     async def get_record(self, key: bytes) -> Record | None:
         """The whole record for ``key`` (with func, time), or None."""
-        (blob,) = await self._one([("GET", self.value_key(key))])
-        self._counts["gets"] += 1
+        (blob,) = await self._submit([("GET", self.value_key(key))])
+        counts = self._counts
+        counts["gets"] += 1
+        if blob is None:
+            counts["misses"] += 1
+            return None
         rec, drop = self._check(key, blob)
         if drop is not None:
             with contextlib.suppress(StoreError):
                 await drop
-        self._counts["hits" if rec is not None else "misses"] += 1
+        counts["hits" if rec is not None else "misses"] += 1
         return rec
 
     async def get(self, key: bytes) -> bytes | None:
         """The encoded result for ``key``, or None (absent, expired or damaged).
 
-        Batched with the other operations of this loop iteration. Raises
-        ``StoreError`` when Redis fails.
+        Batched with the other operations of this loop iteration (one MGET per
+        batch). Raises ``StoreError`` when Redis fails.
         """
-        rec = await self.get_record(key)
-        return None if rec is None else rec.value
+        # (get_record's body, inlined: this is the hot path of every hit)
+        (blob,) = await self._submit([("GET", self.value_key(key))])
+        counts = self._counts
+        counts["gets"] += 1
+        if blob is None:
+            counts["misses"] += 1
+            return None
+        rec, drop = self._check(key, blob)
+        if drop is not None:
+            with contextlib.suppress(StoreError):
+                await drop
+        if rec is None:
+            counts["misses"] += 1
+            return None
+        counts["hits"] += 1
+        return rec.value
 
     async def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
         """Encoded results for the keys present (``batch_size`` keys per round trip)."""
@@ -778,7 +808,7 @@ class RedisStore(LeaseStore):
             if res and res[0]:
                 self._background(self._submit([("script", "release", [lkey], [token])], wake=key))
 
-        (got,) = await self._one(
+        (got,) = await self._submit(
             [("script", "claim", [lkey, self.value_key(key)], [token, _ms(ttl), self._magic])],
             on_orphan=orphan,
         )
@@ -787,7 +817,7 @@ class RedisStore(LeaseStore):
         return RedisLease(self, key, token, float(ttl)) if won else None
 
     async def _renew(self, lease: RedisLease) -> bool:
-        (got,) = await self._one(
+        (got,) = await self._submit(
             [("script", "renew", [self.lease_key(lease.key)], [lease.token, _ms(lease.ttl)])]
         )
         if not got:
@@ -795,7 +825,7 @@ class RedisStore(LeaseStore):
         return bool(got)
 
     async def _release(self, lease: RedisLease) -> None:
-        (got,) = await self._one(
+        (got,) = await self._submit(
             [("script", "release", [self.lease_key(lease.key)], [lease.token])], wake=lease.key
         )
         if got:
@@ -813,7 +843,7 @@ class RedisStore(LeaseStore):
             [self.value_key(record.key), self.lease_key(record.key)],
             [encode_value(record, self._mac_key), self._px() or 0, lease.token],
         )
-        (got,) = await self._one([cmd], wake=record.key)
+        (got,) = await self._submit([cmd], wake=record.key)
         self._counts["puts"] += 1
         if got:
             self._counts["releases"] += 1
@@ -821,7 +851,7 @@ class RedisStore(LeaseStore):
 
     async def lease_token(self, key: bytes) -> str | None:
         """The token of the lease on ``key`` now (None: nobody holds it)."""
-        (raw,) = await self._one([("GET", self.lease_key(key))])
+        (raw,) = await self._submit([("GET", self.lease_key(key))])
         if raw is None or isinstance(raw, str):
             return raw
         return bytes(raw).decode("utf-8", "replace")
