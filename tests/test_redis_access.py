@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -41,8 +42,12 @@ def auth_server(redis_binary: str) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def tls_server(redis_binary: str) -> Iterator[RedisServer]:
     """A TLS-only server with a throwaway certificate (skipped when the build lacks TLS)."""
+    msg = ""
     if not tls_support(redis_binary):
         msg = f"{redis_binary} was built without TLS"
+    elif shutil.which("openssl") is None:
+        msg = "openssl is not installed (it makes the test certificate)"
+    if msg:
         if os.environ.get("CI"):
             pytest.fail(f"{msg}; CI is set, so the TLS test must run", pytrace=False)
         pytest.skip(msg)
