@@ -404,7 +404,13 @@ class RedisStore(LeaseStore):
         self._closed = False
         self._new_client()
         try:
-            await self._conn().ping()
+            client = self._conn()
+            await client.ping()
+            # load the Lua scripts now (on every master of a cluster), so the
+            # first batches need no NOSCRIPT retry; a server that lost them
+            # later (restart) is served by that retry
+            for lua in _SCRIPTS.values():
+                await client.script_load(lua)
         except _ERRORS as cause:
             # one warning, here; later failures stay quiet until Redis answers
             self._counts["errors"] += 1
