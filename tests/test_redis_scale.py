@@ -18,7 +18,7 @@ if not os.environ.get("CI"):  # redis-py is the optional extra aiomemo[redis]
 
 import redis.asyncio as aioredis
 
-from aiomemo import Memoizer
+from aiomemo import Memoizer, StoreError
 from aiomemo.stores import Record
 from aiomemo.stores._redis import RedisStore
 
@@ -264,3 +264,59 @@ async def test_memoizer_in_one_process_with_a_thousand_concurrent_misses(
     assert st.store_errors == 0
     # get + claim + complete per key, coalesced
     assert store.stats()["round_trips"] <= 3 * (1000 // 500 + 2) + 10, store.stats()
+
+
+# -- hostile use ---------------------------------------------------------------------
+
+
+async def test_aclose_with_operations_in_flight_fails_them_with_store_error(
+    redis_url: str, redis_namespace: str
+) -> None:
+    s = RedisStore(redis_url, namespace=redis_namespace, max_connections=1, batch_size=10)
+    await s.open()
+    ops = [asyncio.ensure_future(s.get(rec(i).key)) for i in range(2000)]
+    waits = [asyncio.ensure_future(s.wait_for(rec(i).key, 30)) for i in range(5000, 5100)]
+    await asyncio.sleep(0.005)  # some answered, most still queued
+    await s.aclose()
+    results = await asyncio.gather(*ops, *waits, return_exceptions=True)
+    # never a CancelledError that the caller did not ask for
+    assert not any(isinstance(r, asyncio.CancelledError) for r in results)
+    assert all(r is None or isinstance(r, StoreError) for r in results)
+    assert any(isinstance(r, StoreError) for r in results)
+    with pytest.raises(StoreError, match="closed"):
+        await s.get(rec(1).key)
+
+
+def test_a_store_used_from_a_second_event_loop(redis_url: str, redis_namespace: str) -> None:
+    s = RedisStore(redis_url, namespace=redis_namespace)
+
+    async def first() -> None:
+        await s.open()
+        await s.put_many([rec(1)])
+
+    async def second() -> bytes | None:
+        return await s.get(rec(1).key)
+
+    asyncio.run(first())
+    with pytest.raises(StoreError, match="another event loop"):
+        asyncio.run(second())
+
+    async def reopened() -> bytes | None:
+        await s.aclose()
+        await s.open()  # a store closed and opened again works in the new loop
+        try:
+            return await s.get(rec(1).key)
+        finally:
+            await s.aclose()
+
+    assert asyncio.run(reopened()) == rec(1).value
+
+
+async def test_wait_for_with_zero_or_negative_timeout_returns_none(
+    redis_url: str, redis_namespace: str
+) -> None:
+    async with RedisStore(redis_url, namespace=redis_namespace) as s:
+        assert await s.claim(rec(1).key, 5) is not None
+        for timeout in (0, -1.0):
+            assert await s.wait_for(rec(1).key, timeout) is None
+        assert s.stats()["waiting_keys"] == 0

@@ -438,35 +438,48 @@ class RedisStore(LeaseStore):
         return self._client
 
     async def aclose(self) -> None:
-        """Stop the event listener and close every connection. Idempotent."""
+        """Stop the event listener and close every connection. Idempotent.
+
+        From another event loop than the one the store was opened in (that
+        loop may be gone), it drops the store's connections without awaiting them.
+        """
         self._closed = True
+        try:
+            same_loop = self._loop is None or asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            same_loop = False
         closed = StoreError(f"{self!r} was closed")
-        for task in (self._watcher, self._reader, *self._flushes):
-            if task is not None:
+        tasks = [t for t in (self._watcher, self._reader, *self._flushes) if t is not None]
+        self._watcher = self._reader = None
+        if same_loop:
+            for task in tasks:
                 task.cancel()
-        for task in (self._watcher, self._reader, *self._flushes):
-            if task is not None:
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._watcher = self._reader = None
-        while self._queue:
-            op = self._queue.popleft()
-            if not op.fut.done():
-                op.fut.set_exception(closed)
-        for w in self._waiting.values():
-            for fut in w.futs:
-                if not fut.done():
-                    fut.set_exception(closed)
+            while self._queue:
+                op = self._queue.popleft()
+                if not op.fut.done():
+                    op.fut.set_exception(closed)
+            for w in self._waiting.values():
+                for fut in w.futs:
+                    if not fut.done():
+                        fut.set_exception(closed)
+        self._queue.clear()
+        self._flushes.clear()
+        self._in_flight = 0
+        self._kick_scheduled = False
         self._waiting.clear()
         self._due.clear()
         self._timers.clear()
         pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            await _close_pubsub(pubsub)
         client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(*_ERRORS):
-                await client.aclose()
+        if same_loop:
+            if pubsub is not None:
+                await _close_pubsub(pubsub)
+            if client is not None:
+                with contextlib.suppress(*_ERRORS):
+                    await client.aclose()
 
     @staticmethod
     def _strip(url: str) -> str:
@@ -487,6 +500,18 @@ class RedisStore(LeaseStore):
             # used without open(): connect lazily
             return self._new_client()
         return self._client
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        """The store's event loop (connecting lazily); StoreError when closed or in another loop."""
+        self._conn()
+        loop = self._loop
+        assert loop is not None
+        if asyncio.get_running_loop() is not loop:
+            raise StoreError(
+                f"{self!r} was opened in another event loop; open it (or aclose and "
+                "re-open it) in the loop that uses it"
+            )
+        return loop
 
     def _error(self, op: str, exc: BaseException) -> StoreError:
         """Count a failed Redis call and make the StoreError that reports it."""
@@ -544,9 +569,7 @@ class RedisStore(LeaseStore):
         on_orphan: Callable[[list[Any]], None] | None = None,
     ) -> asyncio.Future[list[Any]]:
         """Queue one operation; it goes out with the others of this loop iteration."""
-        self._conn()
-        loop = self._loop
-        assert loop is not None
+        loop = self._own_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
         self._queue.append(_Op(cmds, fut, wake, on_orphan))
         if not self._kick_scheduled:
@@ -652,9 +675,11 @@ class RedisStore(LeaseStore):
                     failed = next((r for r in res if isinstance(r, Exception)), None)
                     self._settle(op, res if failed is None else self._error("script", failed))
         except asyncio.CancelledError:
+            # only aclose() cancels a flush: its callers learn the store closed
+            closed = StoreError(f"{self!r} was closed before Redis answered")
             for op in ops:
                 if not op.fut.done():
-                    op.fut.cancel()
+                    op.fut.set_exception(closed)
             raise
         finally:
             self._in_flight -= 1
@@ -948,10 +973,8 @@ class RedisStore(LeaseStore):
         passes first (claim again, then wait again). Raises ``StoreError``
         when Redis fails: the caller may then compute the task itself.
         """
-        self._conn()
+        loop = self._own_loop()
         self._counts["waits"] += 1
-        loop = self._loop
-        assert loop is not None
         fut: asyncio.Future[bytes | None] = loop.create_future()
         w = self._waiting.get(key)
         if w is None:
