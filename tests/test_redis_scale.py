@@ -320,3 +320,31 @@ async def test_wait_for_with_zero_or_negative_timeout_returns_none(
         for timeout in (0, -1.0):
             assert await s.wait_for(rec(1).key, timeout) is None
         assert s.stats()["waiting_keys"] == 0
+
+
+async def test_waits_started_at_different_times_share_recheck_rounds(
+    redis_url: str, redis_namespace: str
+) -> None:
+    # 400 waits started 5 ms apart (2 s): their re-checks, every 0.5 s, coalesce
+    # into rounds (those due within 50 ms of each other), not one round per key
+    keys = [rec(i).key for i in range(400)]
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace) as leader,
+        RedisStore(redis_url, namespace=redis_namespace, recheck_interval=0.5) as follower,
+    ):
+        leases = await asyncio.gather(*(leader.claim(k, 30) for k in keys))
+        waiters = []
+        for k in keys:
+            waiters.append(asyncio.create_task(follower.wait_for(k, 30)))
+            await asyncio.sleep(0.005)
+        before = follower.stats()  # (each new wait checks at once: its own round)
+        await asyncio.sleep(1.0)
+        st = follower.stats()
+        rounds = st["wait_rounds"] - before["wait_rounds"]
+        checks = st["wait_checks"] - before["wait_checks"]
+        # 1 s = 2 periods: ~800 re-checks, in ~20 rounds (one per 50 ms), not ~800
+        assert checks >= 600 and rounds <= 60, (rounds, checks)
+        for lease, k in zip(leases, keys, strict=True):
+            assert lease is not None
+            await lease.complete(Record(k, b"x", "m.f", 0.0))
+        assert await asyncio.gather(*waiters) == [b"x"] * 400

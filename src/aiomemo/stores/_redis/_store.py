@@ -1006,14 +1006,19 @@ class RedisStore(LeaseStore):
             else:
                 fut.set_result(result)
 
+    def _slack(self) -> float:
+        return min(0.05, self.recheck_interval / 10)
+
     async def _watch(self) -> None:
         """The one task that checks every waited-for key: batched, when due."""
         wake = self._watch_wake
         assert wake is not None
+        # re-checks due within ``slack`` of each other go in the same round
+        slack = self._slack()
         while not self._closed:
             now = time.monotonic()
             timers = self._timers
-            while timers and timers[0][0] <= now:
+            while timers and timers[0][0] <= now + slack:
                 _, gen, k = heapq.heappop(timers)
                 w = self._waiting.get(k)
                 if w is not None and w.gen == gen:
@@ -1064,6 +1069,7 @@ class RedisStore(LeaseStore):
                     # look again right after the lease would expire: a dead
                     # holder is noticed within its lease time, a live one
                     # renews before that (every ttl/3), so this is no busy poll
-                    nap = min(nap, lease_ms / 1000 + 0.01)
+                    # (+ slack: a round taken up to ``slack`` early is still after it)
+                    nap = min(nap, lease_ms / 1000 + 0.01 + self._slack())
                 w.gen += 1
                 heapq.heappush(self._timers, (now + nap, w.gen, k))
