@@ -442,6 +442,42 @@ async def hit_throughput(url: str, n: int, rounds: int) -> dict[str, Any]:
     }
 
 
+async def many_waits(url: str, n: int, hold: float, recheck: float) -> dict[str, Any]:
+    """``n`` keys waited for in one process while another store holds their leases."""
+    ns = f"bench-waits-{uuid.uuid4().hex[:12]}"
+    keys = [i.to_bytes(8, "big") * 4 for i in range(n)]
+    async with (
+        RedisStore(url, namespace=ns) as leader,
+        RedisStore(url, namespace=ns, recheck_interval=recheck) as follower,
+    ):
+        leases = await asyncio.gather(*(leader.claim(k, 60) for k in keys))
+        waiters = [asyncio.create_task(follower.wait_for(k, 60)) for k in keys]
+        await asyncio.sleep(hold)
+        mid = follower.stats()
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                lease.complete(Record(k, b"r", "bench.f", 0.0))
+                for k, lease in zip(keys, leases, strict=True)
+                if lease is not None
+            )
+        )
+        got = await asyncio.gather(*waiters)
+        wake = time.perf_counter() - t0
+    periods = hold / recheck
+    return {
+        "waiting_keys": n,
+        "hold_s": hold,
+        "recheck_interval_s": recheck,
+        "check_rounds": mid["wait_rounds"],
+        "keys_checked": mid["wait_checks"],
+        "round_trips": mid["round_trips"],
+        "unbatched_round_trips": round(n * (periods + 1)),
+        "all_woken": sum(g == b"r" for g in got) == n,
+        "complete_and_wake_all_s": wake,
+    }
+
+
 _LEASE_WORKER = """
 import asyncio, os, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
@@ -602,6 +638,15 @@ def _targets(d: dict[str, Any]) -> list[dict[str, Any]]:
         ">= 5x one GET per hit",
         h["speedup"] >= 5,
     )
+    w = d["waits_10000"]
+    add(
+        "10,000 keys waited for in one process, 3 s, recheck 0.5 s",
+        f"{w['check_rounds']} check rounds, {w['round_trips']} round trips "
+        f"(one per key and check: {w['unbatched_round_trips']}); all woken in "
+        f"{w['complete_and_wake_all_s']:.2f} s",
+        "batched re-checks (round trips << keys x checks)",
+        w["all_woken"] and w["round_trips"] * 50 <= w["unbatched_round_trips"],
+    )
     k = d["lease_kill"]
     add(
         "kill -9 of a lease holder, 3 waiting processes, lease_ttl=2",
@@ -664,6 +709,7 @@ async def scale(url: str) -> dict[str, Any]:
     d["scale_8x2000"] = await scale_processes(url, url, 8, 2000, 1000)
     d["misses_10000"] = await misses_one_process(url, 10_000)
     d["hits_1000"] = await hit_throughput(url, 1000, 5)
+    d["waits_10000"] = await many_waits(url, 10_000, 3.0, 0.5)
     d["lease_kill"] = await lease_takeover(url, url)
     d["cluster"] = await cluster_collapse(url, 4, 1000, 500)
     d["targets"] = _targets(d)
