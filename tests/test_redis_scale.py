@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ if not os.environ.get("CI"):  # redis-py is the optional extra aiomemo[redis]
 
 import redis.asyncio as aioredis
 
+from _redis_server import RedisServer
 from aiomemo import Memoizer, StoreError
 from aiomemo.stores import Record
 from aiomemo.stores._redis import RedisStore
@@ -348,3 +350,27 @@ async def test_waits_started_at_different_times_share_recheck_rounds(
             assert lease is not None
             await lease.complete(Record(k, b"x", "m.f", 0.0))
         assert await asyncio.gather(*waiters) == [b"x"] * 400
+
+
+async def test_a_hung_server_fails_a_deep_queue_within_about_one_timeout(
+    make_redis_server: Callable[[], RedisServer], redis_namespace: str
+) -> None:
+    server = make_redis_server()
+    assert server.proc is not None
+    async with RedisStore(
+        server.url, namespace=redis_namespace, socket_timeout=0.3, batch_size=10
+    ) as s:
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            # 5,000 operations = 125 waves of 4 x 10: not 125 x 0.3 s
+            res = await asyncio.gather(
+                *(s.get(rec(i).key) for i in range(5000)), return_exceptions=True
+            )
+            took = time.monotonic() - t0
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert all(isinstance(r, StoreError) for r in res)
+        assert took < 0.3 * 3, took
+        await s.put_many([rec(1)])  # and it recovers
+        assert await s.get(rec(1).key) == rec(1).value

@@ -652,6 +652,11 @@ class RedisStore(LeaseStore):
                 err = self._error(f"pipeline of {len(ops)} operations", exc)
                 for op in ops:
                     self._settle(op, err)
+                # Redis is down or hung (redis-py already retried a broken
+                # connection once): what is queued behind this round trip
+                # fails now too, rather than one socket_timeout per batch
+                while self._queue:
+                    self._settle(self._queue.popleft(), err)
                 return
             self._answered()
             retry: list[_Op] = []
