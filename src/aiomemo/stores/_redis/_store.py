@@ -760,6 +760,11 @@ class RedisStore(LeaseStore):
         if blob is None:
             counts["misses"] += 1
             return None
+        if type(blob) is bytes:
+            rec = decode_value(key, blob, self._mac_key)
+            if rec is not None:
+                counts["hits"] += 1
+                return rec.value
         rec, drop = self._check(key, blob)
         if drop is not None:
             with contextlib.suppress(StoreError):
