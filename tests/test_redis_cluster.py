@@ -97,6 +97,8 @@ async def test_cluster_round_trip_claims_and_wake_ups(
         assert await asyncio.gather(*waiters) == [r.value for r in records[300:]]
         assert time.monotonic() - t0 < 3
         assert leader.stats()["errors"] == 0 and follower.stats()["errors"] == 0
+        # connections: per master at most max_connections (4) + pub/sub
+        assert 3 <= leader.stats()["connections"] <= 3 * 5, leader.stats()
     # the keys really are spread over the three masters
     for node in cluster.nodes:
         client = aioredis.Redis(host="127.0.0.1", port=node.port)

@@ -548,7 +548,7 @@ class RedisStore(LeaseStore):
         ``round_trips`` (pipelines sent), ``batched_ops`` (operations they
         carried; ``batched_ops / round_trips`` is the mean batch), ``batch_max``,
         ``in_flight_max`` (most round trips at once: the connections used, plus
-        one for pub/sub), ``max_connections``; gets, hits, misses, puts,
+        one for pub/sub), ``max_connections``, ``connections`` (open now); gets, hits, misses, puts,
         claims_won/lost, waits, wait_rounds (batched re-check rounds),
         wait_checks (keys checked), wait_wakeups (keys woken by an event);
         ``bad_values`` counts values that failed their checksum or signature
@@ -557,8 +557,24 @@ class RedisStore(LeaseStore):
         """
         out = dict(self._counts)
         out["max_connections"] = self.max_connections
+        out["connections"] = self._open_connections()
         out["waiting_keys"] = len(self._waiting)
         return out
+
+    def _open_connections(self) -> int:
+        """Connections open now (pub/sub included; all nodes of a cluster); -1 if unknown."""
+        client = self._client
+        if client is None:
+            return 0
+        try:  # redis-py internals: a count for stats only, never relied upon
+            if self.cluster:
+                conns = [c for node in client.get_nodes() for c in node._connections]
+            else:
+                pool = client.connection_pool
+                conns = [*pool._get_free_connections(), *pool._get_in_use_connections()]
+            return sum(1 for c in conns if c.is_connected)
+        except Exception:
+            return -1
 
     # -- batching -----------------------------------------------------------
     def _submit(
