@@ -657,44 +657,42 @@ class RedisStore(LeaseStore):
             pos += n
         return out
 
+    async def _round_trip(self, ops: list[_Op], *, use_eval: bool) -> list[_Op]:
+        """Send ``ops`` and settle them; return those that met NOSCRIPT (only without EVAL)."""
+        try:
+            replies = await self._send(ops, use_eval=use_eval)
+        except _ERRORS as exc:
+            err = self._error(f"pipeline of {len(ops)} operations", exc)
+            for op in ops:
+                self._settle(op, err)
+            # Redis is down or hung (redis-py already retried a broken
+            # connection once): what is queued behind this round trip
+            # fails now too, rather than one socket_timeout per batch
+            while self._queue:
+                self._settle(self._queue.popleft(), err)
+            return []
+        self._answered()
+        retry: list[_Op] = []
+        for op, res in zip(ops, replies, strict=True):
+            failed = next((r for r in res if isinstance(r, Exception)), None)
+            if isinstance(failed, NoScriptError) and not use_eval:
+                retry.append(op)
+            elif failed is not None:
+                self._settle(op, self._error("batched command", failed))
+            else:
+                self._settle(op, res)
+        return retry
+
     async def _flush(self, ops: list[_Op]) -> None:
         try:
             self._counts["batched_ops"] += len(ops)
             if len(ops) > self._counts["batch_max"]:
                 self._counts["batch_max"] = len(ops)
-            try:
-                replies = await self._send(ops, use_eval=False)
-            except _ERRORS as exc:
-                err = self._error(f"pipeline of {len(ops)} operations", exc)
-                for op in ops:
-                    self._settle(op, err)
-                # Redis is down or hung (redis-py already retried a broken
-                # connection once): what is queued behind this round trip
-                # fails now too, rather than one socket_timeout per batch
-                while self._queue:
-                    self._settle(self._queue.popleft(), err)
-                return
-            self._answered()
-            retry: list[_Op] = []
-            for op, res in zip(ops, replies, strict=True):
-                failed = next((r for r in res if isinstance(r, Exception)), None)
-                if isinstance(failed, NoScriptError):
-                    retry.append(op)  # the server lost its script cache (restart)
-                elif failed is not None:
-                    self._settle(op, self._error("batched command", failed))
-                else:
-                    self._settle(op, res)
+            # EVALSHA first; the operations whose script the server lost (a
+            # restart) go again with EVAL, once
+            retry = await self._round_trip(ops, use_eval=False)
             if retry:
-                try:
-                    replies = await self._send(retry, use_eval=True)
-                except _ERRORS as exc:
-                    err = self._error(f"pipeline of {len(retry)} operations", exc)
-                    for op in retry:
-                        self._settle(op, err)
-                    return
-                for op, res in zip(retry, replies, strict=True):
-                    failed = next((r for r in res if isinstance(r, Exception)), None)
-                    self._settle(op, res if failed is None else self._error("script", failed))
+                await self._round_trip(retry, use_eval=True)
         except asyncio.CancelledError:
             # only aclose() cancels a flush: its callers learn the store closed
             closed = StoreError(f"{self!r} was closed before Redis answered")
