@@ -375,3 +375,18 @@ async def test_a_hung_server_fails_a_deep_queue_within_about_one_timeout(
         assert took < 0.3 * 3, took
         await s.put_many([rec(1)])  # and it recovers
         assert await s.get(rec(1).key) == rec(1).value
+
+
+async def test_a_renewal_jumps_a_deep_queue(redis_url: str, redis_namespace: str) -> None:
+    async with RedisStore(
+        redis_url, namespace=redis_namespace, max_connections=1, batch_size=50
+    ) as s:
+        lease = await s.claim(rec(1).key, 5)
+        assert lease is not None
+        lookups = [asyncio.ensure_future(s.get(rec(i).key)) for i in range(20_000)]
+        renewed = asyncio.ensure_future(lease.renew())
+        done, _ = await asyncio.wait([renewed, *lookups], return_when=asyncio.FIRST_COMPLETED)
+        # the renewal went out in the first round trip, ahead of 400 batches of lookups
+        assert renewed in done and await renewed
+        assert sum(f.done() for f in lookups) <= 50
+        await asyncio.gather(*lookups)

@@ -583,11 +583,20 @@ class RedisStore(LeaseStore):
         *,
         wake: bytes | None = None,
         on_orphan: Callable[[list[Any]], None] | None = None,
+        urgent: bool = False,
     ) -> asyncio.Future[list[Any]]:
-        """Queue one operation; it goes out with the others of this loop iteration."""
+        """Queue one operation; it goes out with the others of this loop iteration.
+
+        ``urgent`` (lease renewals) jumps the queue: a deep backlog of lookups
+        must not let a live holder's lease expire.
+        """
         loop = self._own_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
-        self._queue.append(_Op(cmds, fut, wake, on_orphan))
+        op = _Op(cmds, fut, wake, on_orphan)
+        if urgent:
+            self._queue.appendleft(op)
+        else:
+            self._queue.append(op)
         if not self._kick_scheduled:
             self._kick_scheduled = True
             loop.call_soon(self._kick)
@@ -873,7 +882,8 @@ class RedisStore(LeaseStore):
 
     async def _renew(self, lease: RedisLease) -> bool:
         (got,) = await self._submit(
-            [("script", "renew", [self.lease_key(lease.key)], [lease.token, _ms(lease.ttl)])]
+            [("script", "renew", [self.lease_key(lease.key)], [lease.token, _ms(lease.ttl)])],
+            urgent=True,
         )
         if not got:
             self._counts["renewals_lost"] += 1
