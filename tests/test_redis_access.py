@@ -161,9 +161,13 @@ async def test_rediss_without_the_ca_is_refused(
             await s.get(rec(1).key)
 
 
-def test_tls_ca_file_needs_rediss() -> None:
+def test_tls_ca_file_needs_rediss_and_a_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rediss"):
         RedisStore("redis://127.0.0.1:1/0", tls_ca_file="/tmp/ca.pem")
+    with pytest.raises(ValueError, match="not a file"):
+        RedisStore("rediss://127.0.0.1:1/0", tls_ca_file=tmp_path / "missing.pem")
+    with pytest.raises(ValueError, match="secret"):
+        RedisStore("redis://127.0.0.1:1/0", secret="")
 
 
 # -- signed results ---------------------------------------------------------------------

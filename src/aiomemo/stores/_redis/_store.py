@@ -276,6 +276,8 @@ class RedisStore(LeaseStore):
             raise ValueError("a Redis Cluster is reached over TCP, not a unix socket URL")
         if tls_ca_file is not None and not url.startswith("rediss://"):
             raise ValueError(f"tls_ca_file needs a rediss:// URL, not {self._strip(url)!r}")
+        if tls_ca_file is not None and not os.path.isfile(tls_ca_file):
+            raise ValueError(f"tls_ca_file {os.fspath(tls_ca_file)!r} is not a file")
         self.url = url
         self.namespace = namespace
         self.ttl = ttl
