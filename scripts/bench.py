@@ -161,8 +161,8 @@ def bench_keys(quick: bool) -> Table:
         f"{ours * 1e6:.2f} µs",
         f"{theirs * 1e6:.2f} µs (Parsl)",
         theirs / ours,
-        ">= 3x faster",
-        theirs / ours >= 3,
+        ">= 3.5x faster",
+        theirs / ours >= 3.5,
     )
 
     size = 100 * 1000 * 1000
@@ -564,7 +564,11 @@ def bench_redis(quick: bool) -> Table:
 
 
 def _redis_rows(t: Table, data: dict[str, Any]) -> None:
+    for row in data.get("targets", []):  # the scale targets first, with their target column
+        t.add(row["figure"], row["value"], target=row["target"], ok=row["ok"])
     for k, v in data.items():
+        if k == "targets":
+            continue
         if isinstance(v, dict):
             for k2, v2 in v.items():
                 t.add(f"{k}.{k2}", str(v2))

@@ -336,8 +336,8 @@ class TestMemoizer:
             assert s.load_errors == 2 and s.misses == 2
             p.unlink()  # gone (e.g. compacted away): a miss, no exception
             held = {i for i, f in zip(vals, outcomes, strict=True) if f is not None}
-            memo._bodies.clear()
-            memo._held = 0
+            memo._table.bodies.clear()  # forget what is held: the next hits read again
+            memo._table.held = 0
             for i in held:
                 assert await memo.check_memo(value_task(i)) is None
 

@@ -1,0 +1,283 @@
+"""The memo table: finished tasks by key, decoded on their first hit.
+
+Two dicts: ``done`` (hex key -> result, or :class:`Raised`) for what this
+run finished or already decoded, and ``loaded`` (raw key -> encoded result)
+for checkpoint records not used yet. A hit on a loaded record decodes it
+once and moves it to ``done``. Plain values rather than one Future per
+entry: a big memo costs less memory and the garbage collector has far less
+to walk; callers wrap a hit in the kind of Future they need.
+
+:meth:`MemoTable.lookup` is safe from any thread (an adapter answers hits in
+the engine's own thread with it): dict reads are atomic, and the one
+compound step (decode, then move from ``loaded`` to ``done``) runs under a
+lock that guards no I/O. Writers (the Memoizer, on its loop) only ever add
+to ``done`` and remove from ``loaded``.
+
+Large results of format-2 checkpoints stay on disk: ``loaded`` holds a
+:class:`~aiomemo._records.ValueRef` for them (the *index*), and a hit reads
+the value back (its checksum verified), decodes it and keeps it in
+``bodies``, least recently used first, within ``memory_limit`` encoded
+bytes (None: a value read once moves into ``done`` for good). The event
+loop's caller asks with ``read=False`` and gets an :class:`OnDisk` to await
+:meth:`MemoTable.read` on (a worker thread reads; concurrent hits on one key
+share one read and one object); a thread's caller reads in place. A value
+that is damaged or gone is a miss: counted, logged, warned once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, cast
+
+from aiomemo import _codec
+from aiomemo._counters import Counters
+from aiomemo._exceptions import CorruptCheckpointError
+from aiomemo._records import LoadReport, ValueRef
+
+__all__ = ["MISSING", "MemoTable", "OnDisk", "Raised"]
+
+logger = logging.getLogger("aiomemo")
+
+#: "no entry" (a stored None is a result)
+MISSING: Any = object()
+
+
+class Raised:
+    """A memoized exception: the same object is raised on every hit.
+
+    Raising an exception appends the raising frames to its traceback, so an
+    exception re-raised on every hit would grow without end (two entries per
+    hit). The traceback it had when it was memoized is kept and put back
+    before each hit hands it out: every hit shows the original failure plus
+    its own frames only.
+    """
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.tb: TracebackType | None = exc.__traceback__
+
+    def rearm(self) -> BaseException:
+        """The exception with its memoized traceback back in place."""
+        self.exc.__traceback__ = self.tb
+        return self.exc
+
+
+class OnDisk:
+    """:meth:`MemoTable.lookup` with ``read=False``: the entry is on disk, await :meth:`MemoTable.read`."""
+
+    __slots__ = ("raw", "ref")
+
+    def __init__(self, raw: bytes, ref: ValueRef) -> None:
+        self.raw = raw
+        self.ref = ref
+
+
+def _read_decode(ref: ValueRef) -> Any:
+    """Read a value left on disk, verify and decode it (blocking)."""
+    from aiomemo._checkpoint import read_value
+
+    return _codec.decode(read_value(ref))
+
+
+class MemoTable:
+    """Finished tasks by key: decoded entries, still-encoded loaded ones, Parsl keys."""
+
+    __slots__ = (
+        "_counters",
+        "_decode_lock",
+        "_reads",
+        "_warned",
+        "bodies",
+        "disk_reads",
+        "done",
+        "has_parsl_keys",
+        "held",
+        "loaded",
+        "memory_limit",
+        "parsl_keys",
+    )
+
+    def __init__(
+        self, counters: Counters, *, parsl_keys: bool = False, memory_limit: int | None = None
+    ) -> None:
+        self._counters = counters
+        self.parsl_keys = parsl_keys
+        self.has_parsl_keys = False
+        self.done: dict[str, Any] = {}
+        self.loaded: dict[bytes, bytes | ValueRef] = {}
+        self._decode_lock = threading.Lock()
+        self.memory_limit = memory_limit
+        #: hex key -> (decoded value, encoded size) read from disk, oldest first
+        self.bodies: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.held = 0
+        self.disk_reads = 0
+        self._reads: dict[str, asyncio.Future[Any]] = {}
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.done) + len(self.loaded)
+
+    # ------------------------------------------------------------ reads
+    def lookup(
+        self, key: str, raw: bytes, task: Mapping[str, Any] | None = None, *, read: bool = True
+    ) -> Any:
+        """The entry for ``key``: a result, a :class:`Raised`, or :data:`MISSING`.
+
+        Thread-safe. A loaded record is decoded here (once); with ``task``
+        and Parsl keys loaded, the task's Parsl key is tried too. A value on
+        disk is read here, in the calling thread; with ``read=False`` (the
+        event loop) an :class:`OnDisk` comes back instead, for :meth:`read`.
+        """
+        value = self.done.get(key, MISSING)
+        if value is not MISSING:
+            return value
+        enc = self.loaded.get(raw)
+        if enc is None and task is not None and self.has_parsl_keys:
+            praw = self._parsl_key(task)
+            enc = self.loaded.get(praw) if praw else None
+            raw = praw
+        if enc is None:
+            # another thread may have decoded it just now (done before loaded)
+            return self.done.get(key, MISSING)
+        if type(enc) is ValueRef:
+            held = self._held(key)
+            if held is not MISSING:
+                return held
+            if not read:
+                return OnDisk(raw, enc)
+            self.disk_reads += 1
+            try:
+                value = _read_decode(enc)
+            except (CorruptCheckpointError, _codec.CodecError) as exc:
+                return self._unusable(key, raw, enc, exc)
+            return self._settle(key, raw, enc, value)
+        assert type(enc) is bytes
+        return self._decode(key, raw, enc)
+
+    async def read(self, key: str, hit: OnDisk) -> Any:
+        """The value an :class:`OnDisk` stands for, read in a worker thread (or :data:`MISSING`).
+
+        Call on the event loop only; concurrent calls for one key share one
+        read, so they get the same object.
+        """
+        held = self._held(key)
+        if held is not MISSING:
+            return held
+        pending = self._reads.get(key)
+        if pending is None:
+            self.disk_reads += 1
+            pending = asyncio.ensure_future(asyncio.to_thread(_read_decode, hit.ref))
+            self._reads[key] = pending
+            pending.add_done_callback(lambda _f: self._reads.pop(key, None))
+        try:
+            value = await asyncio.shield(pending)
+        except (CorruptCheckpointError, _codec.CodecError) as exc:
+            return self._unusable(key, hit.raw, hit.ref, exc)
+        return self._settle(key, hit.raw, hit.ref, value)
+
+    def _held(self, key: str) -> Any:
+        with self._decode_lock:
+            body = self.bodies.get(key)
+            if body is None:
+                return MISSING
+            self.bodies.move_to_end(key)
+            return body[0]
+
+    def _settle(self, key: str, raw: bytes, ref: ValueRef, value: Any) -> Any:
+        """Keep a value just read (within the limit); the object every holder of it shares."""
+        with self._decode_lock:
+            if self.loaded.get(raw) is not ref:
+                return value  # replaced or forgotten meanwhile: serve it, keep nothing
+            limit = self.memory_limit
+            if limit is None:
+                value = self.done.setdefault(key, value)
+                del self.loaded[raw]
+                return value
+            body = self.bodies.get(key)
+            if body is not None:
+                return body[0]
+            if ref.length <= limit:
+                self.bodies[key] = (value, ref.length)
+                self.held += ref.length
+                while self.held > limit:
+                    _, (_, n) = self.bodies.popitem(last=False)
+                    self.held -= n
+        return value
+
+    def _unusable(self, key: str, raw: bytes, ref: ValueRef, exc: Exception) -> Any:
+        with self._decode_lock:
+            if self.loaded.get(raw) is ref:
+                del self.loaded[raw]
+                self._counters.load_errors += 1
+            first, self._warned = not self._warned, True
+        logger.warning("checkpointed result for %s is unusable (a miss): %s", key, exc)
+        if first:
+            warnings.warn(
+                f"aiomemo: a checkpointed result could not be read back ({exc}); it is a "
+                "miss (further ones are logged only)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return MISSING
+
+    def bytes_on_disk(self) -> int:
+        """Encoded bytes of the loaded results left on disk (a scan of the index)."""
+        return sum(v.length for v in list(self.loaded.values()) if type(v) is ValueRef)
+
+    def finished(self, key: str) -> Any:
+        """The entry already in ``done`` (no decoding), or :data:`MISSING`."""
+        return self.done.get(key, MISSING)
+
+    def _decode(self, key: str, raw: bytes, enc: bytes) -> Any:
+        try:
+            value = _codec.decode(enc)
+        except _codec.CodecError as exc:
+            with self._decode_lock:
+                if self.loaded.pop(raw, None) is not None:
+                    self._counters.load_errors += 1
+            logger.warning("checkpointed result for %s could not be decoded: %s", key, exc)
+            return MISSING
+        with self._decode_lock:
+            # first decoder wins: every hit gets the same object
+            value = self.done.setdefault(key, value)
+            self.loaded.pop(raw, None)  # in done before it leaves loaded
+        return value
+
+    @staticmethod
+    def _parsl_key(task: Mapping[str, Any]) -> bytes:
+        try:
+            from parsl.dataflow.memoization import make_hash as parsl_make_hash
+        except ImportError:
+            return b""
+        try:
+            t = dict(task)
+            t.pop("hashsum", None)
+            t.setdefault("ignore_for_cache", [])
+            return bytes.fromhex(parsl_make_hash(cast(Any, t)))
+        except Exception:  # Parsl cannot key it: no Parsl record either
+            return b""
+
+    # ------------------------------------------------------------ writes
+    def put(self, key: str, value: Any) -> None:
+        """Record a result (or a :class:`Raised`) for ``key``."""
+        self.done[key] = value
+
+    def absorb(self, rep: LoadReport) -> list[str]:
+        """Take a load's records (newest wins); return its problem lines."""
+        # a scan of every key: only when Parsl-key lookups were asked for
+        if self.parsl_keys and not self.has_parsl_keys:
+            self.has_parsl_keys = any(len(k) == 16 for k in rep.table)
+        if self.loaded:
+            self.loaded.update(rep.table)
+        else:
+            self.loaded = rep.table  # no copy: a million entries cost ~40 MB of dict
+        self._counters.load_errors += max(rep.skipped, len(rep.errors))
+        return list(rep.errors)
