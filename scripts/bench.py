@@ -648,14 +648,14 @@ def bench_memory(quick: bool) -> Table:
         "<= 64 MiB + 16 MiB",
         ours["hit_rss_peak"] <= limit + slack,
     )
-    ref = _mem_child("readhash", size)["seconds"]
+    ref = ours["readhash_median_s"]
     t.add(
-        "then hit all: mean time per hit",
-        f"{ours['hit_mean_s'] * 1e3:.2f} ms (median {ours['hit_median_s'] * 1e3:.2f})",
-        f"{ref * 1e3:.2f} ms (read + blake3 4 MB); Parsl {theirs['hit_mean_s'] * 1e6:.0f} µs",
-        ours["hit_mean_s"] / ref,
+        "then hit all: median time per hit",
+        f"{ours['hit_median_s'] * 1e3:.2f} ms (mean {ours['hit_mean_s'] * 1e3:.2f})",
+        f"{ref * 1e3:.2f} ms (read + blake3 4 MB, median); Parsl {theirs['hit_median_s'] * 1e6:.0f} µs",
+        ours["hit_median_s"] / ref,
         "<= 2x read + hash",
-        ours["hit_mean_s"] <= 2 * ref,
+        ours["hit_median_s"] <= 2 * ref,
     )
     # -- load many small records (the memo section's writer and children)
     from aiomemo._checkpoint import SegmentWriter

@@ -89,6 +89,7 @@ import io
 import operator
 import os
 import struct
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,7 @@ __all__ = [
     "load_paths",
     "read_segment_header",
     "read_value",
+    "read_value_view",
     "segment_stamp",
 ]
 
@@ -836,33 +838,52 @@ def read_value(ref: ValueRef) -> bytes:
     offset when the value is cut short, fails its checksum, or cannot be read
     (the file was deleted or compacted meanwhile: the ``OSError`` is chained).
     """
+    return bytes(_read_checked(ref, bytearray(ref.length)))
+
+
+#: a worker thread keeps its read buffer for values up to this size, so a run
+#: of hits on large values does not fault fresh pages in for every read
+_KEEP_BUFFER: Final = 64 * 1024 * 1024
+_buffers = threading.local()
+
+
+def read_value_view(ref: ValueRef) -> memoryview:
+    """:func:`read_value` into a buffer this thread reuses: valid until its next call.
+
+    For callers that decode the value at once (the decoder copies what it
+    keeps); saves an allocation and its page faults per read.
+    """
+    if ref.length > _KEEP_BUFFER:
+        return _read_checked(ref, bytearray(ref.length))
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < ref.length:
+        buf = _buffers.buf = bytearray(max(ref.length, 1 << 20))
+    return _read_checked(ref, buf)
+
+
+def _read_checked(ref: ValueRef, buf: bytearray) -> memoryview:
+    where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
     try:
         fd = open_fd(ref.path)
     except OSError as exc:
-        raise CorruptCheckpointError(
-            f"{ref.path}: value at offset {ref.offset}: cannot open: {exc.strerror or exc}"
-        ) from exc
+        raise CorruptCheckpointError(f"{where}: cannot open: {exc.strerror or exc}") from exc
+    view = memoryview(buf)[: ref.length]
+    got = 0
     try:
-
-        def pread(offset: int, n: int) -> bytes:
-            parts = []
-            while n > 0:
-                chunk = os.pread(fd, min(n, 1 << 30), offset)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                offset += len(chunk)
-                n -= len(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-
-        try:
-            return _read_exact(pread, ref)
-        except OSError as exc:
-            raise CorruptCheckpointError(
-                f"{ref.path}: value at offset {ref.offset}: read error: {exc.strerror or exc}"
-            ) from exc
+        while got < ref.length:
+            n = os.preadv(fd, [view[got:]], ref.offset + got)
+            if not n:
+                break
+            got += n
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{where}: read error: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+    if got != ref.length:
+        raise CorruptCheckpointError(f"{where}: cut short ({got} bytes left)")
+    if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
+        raise CorruptCheckpointError(f"{where}: checksum mismatch")
+    return view
 
 
 def _check_record(obj: Any, raw: memoryview) -> Record | None:

@@ -82,9 +82,9 @@ class OnDisk:
 
 def _read_decode(ref: ValueRef) -> Any:
     """Read a value left on disk, verify and decode it (blocking)."""
-    from aiomemo._checkpoint import read_value
+    from aiomemo._checkpoint import read_value_view
 
-    return _codec.decode(read_value(ref))
+    return _codec.decode(read_value_view(ref))
 
 
 class MemoTable:
