@@ -341,6 +341,52 @@ class TestMemoizer:
             for i in held:
                 assert await memo.check_memo(value_task(i)) is None
 
+    @pytest.mark.parametrize("mode", ["task_exit", "periodic", "manual"])
+    async def test_results_of_this_run_leave_memory_once_durable(
+        self, tmp_path: Path, mode: str
+    ) -> None:
+        """Produced results stay in memory until checkpointed, then only the limit's worth does."""
+        limit = 2 * BIG + 1000
+        kw: dict[str, Any] = {"checkpoint_period": 3600} if mode == "periodic" else {}
+        async with Memoizer(
+            run_dir=tmp_path / "run",
+            config_run_dir=tmp_path,
+            checkpoint_mode=mode,  # type: ignore[arg-type]
+            memory_limit=limit,
+            **kw,
+        ) as memo:
+            vals = {i: big(i) for i in range(10)}
+            for i, v in vals.items():
+                t = value_task(i)
+                assert await memo.check_memo(t) is None
+                await memo.update_memo_result(t, v)
+            if mode != "task_exit":
+                assert len(memo._table.done) == 10  # not durable yet: all held
+                await memo.checkpoint()
+            assert len(memo._table.done) == 0
+            assert memo.stats().bytes_held <= limit and memo.stats().bytes_on_disk >= 10 * BIG
+            last = await memo.check_memo(value_task(9))
+            assert last is not None and last.result() is vals[9]  # still held: same object
+            for i, v in vals.items():
+                fut = await memo.check_memo(value_task(i))
+                assert fut is not None and fut.result() == v
+            assert memo.stats().disk_reads >= 7
+
+    async def test_unbounded_run_keeps_its_results(self, tmp_path: Path) -> None:
+        """memory_limit=None: results this run produced stay in memory (the same objects)."""
+        async with Memoizer(
+            run_dir=tmp_path / "run",
+            config_run_dir=tmp_path,
+            checkpoint_mode="task_exit",
+            memory_limit=None,
+        ) as memo:
+            v = big(1)
+            t = value_task(1)
+            assert await memo.check_memo(t) is None
+            await memo.update_memo_result(t, v)
+            fut = await memo.check_memo(value_task(1))
+            assert fut is not None and fut.result() is v and memo.stats().disk_reads == 0
+
     @pytest.mark.parametrize("bad", [-1, 1.5, True, "1GB"])
     def test_memory_limit_is_checked(self, bad: Any) -> None:
         """memory_limit must be a non-negative int or None."""

@@ -302,9 +302,19 @@ def encode_batch(records: Sequence[Record], *, large_values: bool = True) -> byt
     whose fields have the wrong types and ``ValueError`` for a single inline
     record too large for a batch (4 GiB). Returns ``b""`` for no records.
     """
+    return _encode(records, large_values=large_values)[0]
+
+
+#: (key, offset of the value relative to the encoded bytes, length, digest)
+_Located = list[tuple[bytes, int, int, bytes]]
+
+
+def _encode(records: Sequence[Record], *, large_values: bool = True) -> tuple[bytes, _Located]:
+    """:func:`encode_batch`, plus where each framed value sits in the bytes."""
     packer = msgpack.Packer(use_bin_type=True)  # one per call: Packer is not thread-safe
+    located: _Located = []
     if not large_values or not any(_is_large(rec.value) for rec in records):
-        return _frame_all(packer, [_record_bytes(packer, rec) for rec in records])
+        return _frame_all(packer, [_record_bytes(packer, rec) for rec in records]), located
     out: list[bytes] = []
     pos = 0
     group: list[Record] = []
@@ -313,19 +323,21 @@ def encode_batch(records: Sequence[Record], *, large_values: bool = True) -> byt
         est = (REF_SIZE if _is_large(rec.value) else len(rec.value)) + len(rec.key) + 64
         est += len(rec.digests) + 4 * len(rec.func)
         if group and size + est > MAX_BATCH_PAYLOAD:
-            pos = _frame_group(packer, group, out, pos)
+            pos = _frame_group(packer, group, out, pos, located)
             group, size = [], 0
         group.append(rec)
         size += est
-    _frame_group(packer, group, out, pos)
-    return b"".join(out)
+    _frame_group(packer, group, out, pos, located)
+    return b"".join(out), located
 
 
 def _is_large(value: object) -> bool:
     return type(value) is bytes and len(value) >= LARGE_VALUE_MIN
 
 
-def _frame_group(packer: msgpack.Packer, group: list[Record], out: list[bytes], pos: int) -> int:
+def _frame_group(
+    packer: msgpack.Packer, group: list[Record], out: list[bytes], pos: int, located: _Located
+) -> int:
     """Append ``group``'s value frames, then its batch, to ``out``; return the new end."""
     where: dict[int, tuple[int, bytes]] = {}
     for i, rec in enumerate(group):
@@ -335,6 +347,7 @@ def _frame_group(packer: msgpack.Packer, group: list[Record], out: list[bytes], 
             fixed = _VALUE_FIXED.pack(VALUE_MAGIC, len(value), digest)
             out += (fixed, blake3(fixed).digest(_HEADER_DIGEST_SIZE), value)
             where[i] = (pos + VALUE_HEADER_SIZE, digest)
+            located.append((rec.key, pos + VALUE_HEADER_SIZE, len(value), digest))
             pos += VALUE_HEADER_SIZE + len(value)
     batch_at = pos
     raws = []
@@ -425,6 +438,9 @@ class SegmentWriter:
         self._synced_dirs = False
         self._created_dirs: list[Path] = []
         self._stamp: str | None = None
+        self._refs: dict[bytes, ValueRef] = {}
+        #: remember where large values went, for :meth:`take_refs`
+        self.collect_refs = False
         self.batches_written = 0
         self.records_written = 0
         self.bytes_written = 0
@@ -533,15 +549,33 @@ class SegmentWriter:
         # big ones (many records or large values) go to a worker thread.
         total = sum(len(r.value) for r in records)
         if total > _INLINE_ENCODE_LIMIT or len(records) > _INLINE_ENCODE_RECORDS:
-            data = await asyncio.to_thread(encode_batch, records)
+            data, located = await asyncio.to_thread(_encode, records)
         else:
-            data = encode_batch(records)
-        return await self.write_encoded(data, len(records), fsync=fsync)
+            data, located = _encode(records)
+        if not data:
+            return 0
+        start, path = await self._write_shielded(data, len(records), fsync)
+        if located and path is not None and self.collect_refs:
+            where = os.fspath(path)
+            for key, rel, length, digest in located:
+                self._refs[key] = ValueRef(where, start + rel, length, digest)
+        return len(data)
+
+    def take_refs(self) -> dict[bytes, ValueRef]:
+        """Where the large values written since the last call now sit (key -> ref); clears."""
+        refs, self._refs = self._refs, {}
+        return refs
 
     async def write_encoded(self, data: bytes, count: int, *, fsync: bool) -> int:
         """Append bytes made by :func:`encode_batch` (``count`` records); see :meth:`write_batch`."""
         if not data:
             return 0
+        await self._write_shielded(data, count, fsync)
+        return len(data)
+
+    async def _write_shielded(
+        self, data: bytes, count: int, fsync: bool
+    ) -> tuple[int, Path | None]:
         task = asyncio.ensure_future(self._write_locked(data, count, fsync))
         try:
             # Shielded: if our caller is cancelled, the write still completes
@@ -551,7 +585,9 @@ class SegmentWriter:
             task.add_done_callback(_consume_result)
             raise
 
-    async def _write_locked(self, data: bytes, count: int, fsync: bool) -> int:
+    async def _write_locked(
+        self, data: bytes, count: int, fsync: bool
+    ) -> tuple[int, Path | None]:
         async with self._lock:
             if self._closed:
                 raise CheckpointError(f"segment writer for {self._dir} is closed", unsaved=count)
@@ -595,7 +631,7 @@ class SegmentWriter:
             self.batches_written += 1
             self.records_written += count
             self.bytes_written += len(data)
-            return len(data)
+            return start, path
 
     def _sync_dirs(self) -> None:
         # The segment's directory entry, and the entries of every directory we
@@ -659,7 +695,7 @@ def _write_then_sync(fd: int, data: bytes, fsync: bool) -> None:
 _write_and_sync = aiofiles.os.wrap(_write_then_sync)
 
 
-def _consume_result(task: asyncio.Future[int]) -> None:
+def _consume_result(task: asyncio.Future[Any]) -> None:
     # The caller was cancelled and will never see this result: retrieve it so
     # asyncio does not log "exception was never retrieved".
     if not task.cancelled():

@@ -53,6 +53,7 @@ from aiomemo._flights import Flights, follow
 from aiomemo._hashing import IgnoreNames, KeyHook, check_ignore, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._recorder import RecordMaker
+from aiomemo._records import ValueRef
 from aiomemo._setup import MIN_PERIOD, parse_period
 from aiomemo._table import MISSING, MemoTable, OnDisk, Raised
 from aiomemo.stores._base import LoadReport, Record, Store
@@ -281,6 +282,8 @@ class Memoizer:
             max_pending=max_pending,
         )
         self._shared = self._shared_tier([])
+        if memory_limit is not None:
+            self._drain.on_durable = self._spill
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -656,6 +659,20 @@ class Memoizer:
         if not self._drain.sinks and self._state is Lifecycle.STARTED:
             self._add_default_sink()
         self._drain.queue(record, key, skip)
+
+    def _spill(self, store: Store) -> None:
+        """Results this run produced that are now durable in ``store`` may leave memory.
+
+        Their large values sit in a segment (``LogStore``): the index points
+        there and the decoded value joins the ones held within memory_limit
+        (the same object while held; a fresh copy read back after eviction).
+        """
+        take = getattr(store, "take_refs", None)
+        if take is None:
+            return
+        refs: dict[bytes, ValueRef] = take()
+        for raw, ref in refs.items():
+            self._table.spill(raw.hex(), raw, ref)
 
     def _add_default_sink(self) -> None:
         # checkpoint_mode None with a manual checkpoint(): a LogStore on demand

@@ -204,12 +204,7 @@ class MemoTable:
             body = self.bodies.get(key)
             if body is not None:
                 return body[0]
-            if ref.length <= limit:
-                self.bodies[key] = (value, ref.length)
-                self.held += ref.length
-                while self.held > limit:
-                    _, (_, n) = self.bodies.popitem(last=False)
-                    self.held -= n
+            self._keep(key, value, ref.length)
         return value
 
     def _unusable(self, key: str, raw: bytes, ref: ValueRef, exc: Exception) -> Any:
@@ -227,6 +222,31 @@ class MemoTable:
                 stacklevel=2,
             )
         return MISSING
+
+    def spill(self, key: str, raw: bytes, ref: ValueRef) -> None:
+        """Let a result in ``done`` go to disk: it is durable at ``ref`` (needs a memory_limit)."""
+        with self._decode_lock:
+            value = self.done.get(key, MISSING)
+            if value is MISSING or type(value) is Raised or self.memory_limit is None:
+                return
+            self.loaded[raw] = ref
+            del self.done[key]  # in loaded before it leaves done
+            self._keep(key, value, ref.length)
+
+    def _keep(self, key: str, value: Any, size: int) -> None:
+        """Hold ``value`` (``size`` encoded bytes) within the limit, evicting the oldest (locked)."""
+        limit = self.memory_limit
+        assert limit is not None
+        old = self.bodies.pop(key, None)
+        if old is not None:
+            self.held -= old[1]
+        if size > limit:
+            return
+        self.bodies[key] = (value, size)
+        self.held += size
+        while self.held > limit:
+            _, (_, n) = self.bodies.popitem(last=False)
+            self.held -= n
 
     def bytes_on_disk(self) -> int:
         """Encoded bytes of the loaded results left on disk (a scan of the index)."""
