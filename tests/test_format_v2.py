@@ -436,3 +436,43 @@ def test_compact_keeps_large_values(capsys: pytest.CaptureFixture[str], tmp_path
         enc = t[hash_task(value_task(i))]
         assert isinstance(enc, ValueRef)
         assert _codec.decode(read_value(enc)) == v
+
+
+def test_compact_streams_and_refuses_a_damaged_value(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A damaged value stops compact (nothing replaced) unless --drop-damaged leaves it out."""
+    d = tmp_path / "ck"
+    vals = write_results(d, 5, BIG)
+    (p,) = d.iterdir()
+    victim = min(refs_of(p).values(), key=lambda v: v.offset)
+    data = bytearray(p.read_bytes())
+    data[victim.offset + 7] ^= 0xFF
+    p.write_bytes(bytes(data))
+    before = p.read_bytes()
+    assert _cli.main(["compact", str(d)]) == 1
+    capsys.readouterr()
+    assert list(d.iterdir()) == [p] and p.read_bytes() == before
+    assert _cli.main(["compact", str(d), "--drop-damaged"]) == 0
+    capsys.readouterr()
+    t = load_paths([d]).table
+    assert len(t) == 4
+    for i, v in vals.items():
+        enc = t.get(hash_task(value_task(i)))
+        if enc is not None:
+            assert isinstance(enc, ValueRef) and _codec.decode(read_value(enc)) == v
+
+
+def test_inspect_does_not_read_values(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """inspect reports value bytes from the index: zeroed values do not change it."""
+    d = tmp_path / "ck"
+    write_results(d, 3, BIG)
+    assert _cli.main(["inspect", str(d), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    (p,) = d.iterdir()
+    data = bytearray(p.read_bytes())
+    for ref in refs_of(p).values():
+        data[ref.offset : ref.offset + ref.length] = bytes(ref.length)
+    p.write_bytes(bytes(data))
+    assert _cli.main(["inspect", str(d), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == first
