@@ -90,7 +90,7 @@ import operator
 import os
 import struct
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -852,14 +852,16 @@ def _as_ref(value: bytes, path: str, batch_offset: int) -> ValueRef | None:
     if len(value) != REF_SIZE or value[0] != _REF_TAG:
         return None
     _, back, length, digest = _REF.unpack(value)
-    if back > batch_offset:
-        return None
-    return ValueRef(path, batch_offset - back, length, digest)
+    # a reference pointing before the file (damage moved its batch): it stays
+    # a reference, one that never reads back (a miss), never a value
+    return ValueRef(path, batch_offset - back if back <= batch_offset else -1, length, digest)
 
 
 def _read_exact(read: Any, ref: ValueRef) -> bytes:
-    data: bytes = read(ref.offset, ref.length)
     where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+    if ref.offset < 0:
+        raise CorruptCheckpointError(f"{where}: a reference to before the file (damaged)")
+    data: bytes = read(ref.offset, ref.length)
     if len(data) != ref.length:
         raise CorruptCheckpointError(f"{where}: cut short ({len(data)} bytes left)")
     if blake3(data).digest(_VALUE_DIGEST_SIZE) != ref.digest:
@@ -874,7 +876,7 @@ def read_value(ref: ValueRef) -> bytes:
     offset when the value is cut short, fails its checksum, or cannot be read
     (the file was deleted or compacted meanwhile: the ``OSError`` is chained).
     """
-    return bytes(_read_checked(ref, bytearray(ref.length)))
+    return bytes(_read_checked(ref, bytearray))
 
 
 #: a worker thread keeps its read buffer for values up to this size, so a run
@@ -889,23 +891,34 @@ def read_value_view(ref: ValueRef) -> memoryview:
     For callers that decode the value at once (the decoder copies what it
     keeps); saves an allocation and its page faults per read.
     """
-    if ref.length > _KEEP_BUFFER:
-        return _read_checked(ref, bytearray(ref.length))
+    return _read_checked(ref, _thread_buffer)
+
+
+def _thread_buffer(n: int) -> bytearray:
+    if n > _KEEP_BUFFER:
+        return bytearray(n)
     buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) < ref.length:
-        buf = _buffers.buf = bytearray(max(ref.length, 1 << 20))
-    return _read_checked(ref, buf)
+    if buf is None or len(buf) < n:
+        buf = _buffers.buf = bytearray(max(n, 1 << 20))
+    return buf
 
 
-def _read_checked(ref: ValueRef, buf: bytearray) -> memoryview:
+def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
     where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+    if ref.offset < 0:
+        raise CorruptCheckpointError(f"{where}: a reference to before the file (damaged)")
     try:
         fd = open_fd(ref.path)
     except OSError as exc:
         raise CorruptCheckpointError(f"{where}: cannot open: {exc.strerror or exc}") from exc
-    view = memoryview(buf)[: ref.length]
     got = 0
     try:
+        left = os.fstat(fd).st_size - ref.offset
+        if left < ref.length:  # checked before any buffer is made for it
+            os.close(fd)
+            fd = -1
+            raise CorruptCheckpointError(f"{where}: cut short ({max(0, left)} bytes left)")
+        view = memoryview(buffer(ref.length))[: ref.length]
         while got < ref.length:
             n = os.preadv(fd, [view[got:]], ref.offset + got)
             if not n:
@@ -914,7 +927,8 @@ def _read_checked(ref: ValueRef, buf: bytearray) -> memoryview:
     except OSError as exc:
         raise CorruptCheckpointError(f"{where}: read error: {exc.strerror or exc}") from exc
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     if got != ref.length:
         raise CorruptCheckpointError(f"{where}: cut short ({got} bytes left)")
     if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
