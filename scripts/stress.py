@@ -222,6 +222,11 @@ KILL_MODES = ("task_exit", "periodic", "manual", "dfk_exit", "dfk_exit_64k")
 BIG_UNIVERSE = 2_000
 
 
+def _stored(v: bytes | _checkpoint.ValueRef) -> bytes:
+    """A loaded table's value: inline bytes, or a large value read back (format 2)."""
+    return _checkpoint.read_value(v) if isinstance(v, _checkpoint.ValueRef) else v
+
+
 def _say(line: str) -> None:
     os.write(1, (line + "\n").encode())
 
@@ -1381,7 +1386,7 @@ async def scenario_soak(
         want = {bytes.fromhex(key_of(i)): i for i in range(n)}
         for k, v in rep.table.items():
             i = want.get(k)
-            if i is None or _codec.decode(v) != i * 3 + 1:
+            if i is None or _codec.decode(_stored(v)) != i * 3 + 1:
                 res.wrong += 1
         res.lost = len(want.keys() - rep.table.keys())
     finally:
@@ -1583,7 +1588,7 @@ async def redis_restart_case(
         want = {bytes.fromhex(key_of(i)): i for i in keys}
         for k, v in rep.table.items():
             i = want.get(k)
-            if i is None or _codec.decode(v) != expected(i):
+            if i is None or _codec.decode(_stored(v)) != expected(i):
                 res.wrong += 1
             else:
                 on_disk.add(i)
