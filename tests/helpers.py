@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiomemo import Memoizer
+from aiomemo._checkpoint import encode_batch, file_header
+from aiomemo.stores import Record
 
 
 def add(a: int, b: int = 0) -> int:
@@ -44,3 +47,16 @@ async def spin_until(cond: Callable[[], bool], turns: int = 500) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition not reached")
+
+
+def segment_bytes(records: list[Record]) -> bytes:
+    """A whole segment holding ``records`` (file header, then one batch)."""
+    return file_header() + encode_batch(records)
+
+
+def write_segment_file(directory: Path, records: list[Record], name: str = "seg-1.amlog") -> Path:
+    """Write a segment holding ``records`` as ``directory / name`` (directories created)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(segment_bytes(records))
+    return path

@@ -22,7 +22,7 @@ from blake3 import blake3
 from _redis_server import RedisServer
 from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import FILE_HEADER_SIZE, SegmentWriter, load_paths
-from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record, Store
+from aiomemo.stores import Lease, LeaseStore, LoadReport, Record, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 stress = importlib.import_module("stress")

@@ -34,7 +34,7 @@ from aiomemo._exceptions import (
     MemoizerClosedError,
     StoreError,
 )
-from aiomemo._hashing import arg_digests, hash_task_async
+from aiomemo._hashing import IgnoreNames, KeyHook, arg_digests, check_ignore, hash_task_async
 from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record, Store
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class TaskRecord(TypedDict, total=False):
     kwargs: dict[str, Any]
     id: int
     memoize: bool
-    ignore_for_cache: Sequence[str]
+    ignore_for_cache: IgnoreNames
     version: object
     hashsum: str | None
 
@@ -261,6 +261,11 @@ class Memoizer:
         explain: keep a short digest per argument in each record (8 bytes
             per argument, about 1 µs each when the result is recorded) so
             that ``explain`` can say which input changed; False saves both.
+        key_hooks: key hooks of this Memoizer only, tried in order for inputs
+            no built-in rule or ``id_for_memo`` registration covers:
+            ``hook(obj, output_ref)`` returns a keyable stand-in or
+            ``aiomemo._hashing.NOT_HANDLED`` (ParslMemoizer bridges Parsl's
+            ``id_for_memo`` this way).
 
     Raises:
         ValueError, TypeError: bad configuration (unknown mode, bad period,
@@ -289,6 +294,7 @@ class Memoizer:
         max_pending: int = 100_000,
         lease_ttl: float | None = None,
         explain: bool = True,
+        key_hooks: Sequence[KeyHook] = (),
     ) -> None:
         if checkpoint_mode not in _MODES:
             raise ValueError(
@@ -333,6 +339,10 @@ class Memoizer:
         self.max_pending = max_pending
         self.lease_ttl = lease_ttl
         self.explain_digests = explain
+        self._key_hooks: tuple[KeyHook, ...] = tuple(key_hooks)
+        for i, hook in enumerate(self._key_hooks):
+            if not callable(hook):
+                raise TypeError(f"key_hooks[{i}] is a {type(hook).__name__}, not a callable")
         self.config_run_dir = os.fspath(config_run_dir)
         self._run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self._user_stores = stores
@@ -566,7 +576,7 @@ class Memoizer:
     async def make_hash(self, task: Task) -> str:
         """The task's key (64 hex chars); large inputs are hashed off the loop."""
         self._check_open()
-        return (await hash_task_async(cast(Mapping[str, Any], task))).hex()
+        return (await hash_task_async(cast(Mapping[str, Any], task), self._key_hooks)).hex()
 
     async def check_memo(self, task: Task) -> asyncio.Future[Any] | None:
         """Look the task up; sets ``task["hashsum"]``.
@@ -587,7 +597,7 @@ class Memoizer:
         if not self.memoize or not t.get("memoize", True):
             t["hashsum"] = None
             return None
-        raw = await hash_task_async(t)
+        raw = await hash_task_async(t, self._key_hooks)
         key = raw.hex()
         t["hashsum"] = key
         value = self._done.get(key, _MISSING)
@@ -965,7 +975,7 @@ class Memoizer:
             if len(self._func_names) < 10_000:
                 with contextlib.suppress(TypeError):
                     self._func_names[func] = name
-        digests = arg_digests(task) if self.explain_digests else b""
+        digests = arg_digests(task, self._key_hooks) if self.explain_digests else b""
         return Record(bytes.fromhex(key), value, name, time.time(), digests)
 
     # ------------------------------------------------------------------ checkpoints
@@ -1194,19 +1204,19 @@ class Memoizer:
     # ------------------------------------------------------------------ decorator
     @overload
     def cached(
-        self, fn: Callable[P, Awaitable[R]], *, ignore: Sequence[str] = (), version: object = None
+        self, fn: Callable[P, Awaitable[R]], *, ignore: IgnoreNames = (), version: object = None
     ) -> Callable[P, Awaitable[R]]: ...
 
     @overload
     def cached(
-        self, fn: None = None, *, ignore: Sequence[str] = (), version: object = None
+        self, fn: None = None, *, ignore: IgnoreNames = (), version: object = None
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
     def cached(
         self,
         fn: Callable[P, Awaitable[R]] | None = None,
         *,
-        ignore: Sequence[str] = (),
+        ignore: IgnoreNames = (),
         version: object = None,
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
@@ -1217,12 +1227,12 @@ class Memoizer:
         if the running one is cancelled, a waiting caller takes over.
         ``wrapper.key(*args, **kwargs)`` gives the key a call would have.
         """
+        ignore_list = check_ignore(ignore)  # a bare str would be read letter by letter
         if fn is None:
-            return functools.partial(self.cached, ignore=ignore, version=version)
+            return functools.partial(self.cached, ignore=ignore_list, version=version)
         if not asyncio.iscoroutinefunction(fn):
             raise TypeError(f"memo.cached needs an async def function, got {fn!r}")
         func = fn
-        ignore_list = list(ignore)
 
         def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
             return {

@@ -21,43 +21,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from aiomemo._records import LoadReport, Record  # re-exported: defined in the format layer
+
 __all__ = ["Lease", "LeaseStore", "LoadReport", "Record", "Store"]
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One finished task's result, as stores keep it.
-
-    Attributes:
-        key: the task key as raw bytes (32 bytes of blake3; 16 bytes for a
-            Parsl md5 key imported from Parsl's checkpoints).
-        value: the result encoded by ``aiomemo._codec.encode`` (opaque here).
-        func: ``"module.qualname"`` of the task's function.
-        time: when the task finished, seconds since the epoch.
-        digests: optional per-argument digests (for ``explain``); empty when off.
-    """
-
-    key: bytes
-    value: bytes
-    func: str
-    time: float
-    digests: bytes = b""
-
-
-@dataclass(slots=True)
-class LoadReport:
-    """What a load found: the table plus counts for ``stats()`` and warnings."""
-
-    table: dict[bytes, bytes] = field(default_factory=dict)
-    records: int = 0
-    skipped: int = 0  # corrupt or torn records skipped
-    files: int = 0
-    errors: list[str] = field(default_factory=list)  # one line per problem found
 
 
 class Store(abc.ABC):
