@@ -344,7 +344,7 @@ def explain(
     names: set[str] = set()
     my_pos, my_kw = mine
     for seg, size in zip(segments, sizes, strict=True):
-        for item in iter_segment(seg, verify_records=False):
+        for item in iter_segment(seg, verify_records=False, values=False):
             if not isinstance(item, RecordInfo):
                 continue
             rec = item.record
