@@ -606,6 +606,8 @@ class Memoizer:
         with ``checkpoint_mode=None`` and a manual ``checkpoint()``.
         """
         self._check_open()
+        if self._loop is not None:
+            self._check_loop()
         self._queue_finished(task)
 
     def _queue_finished(self, task: Mapping[str, Any]) -> None:
