@@ -12,6 +12,7 @@ from typing import Any
 from aiomemo import _codec
 from aiomemo._counters import Counters
 from aiomemo._hashing import KeyHook, arg_digests
+from aiomemo._naming import func_name
 from aiomemo.stores._base import Record
 
 __all__ = ["RecordMaker"]
@@ -53,7 +54,7 @@ class RecordMaker:
         try:
             name = self._func_names[func]
         except (KeyError, TypeError):
-            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+            name = func_name(func)
             if len(self._func_names) < 10_000:
                 with contextlib.suppress(TypeError):
                     self._func_names[func] = name
