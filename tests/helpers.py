@@ -7,8 +7,11 @@ dict the way Parsl's DataFlowKernel does, then check, run on a miss, report.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import pathlib
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from typing import Any
 from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import encode_batch, file_header
 from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def add(a: int, b: int = 0) -> int:
@@ -189,3 +194,22 @@ class HeldElsewhereStore(ClaimStore):
         self.waiting += 1
         await self.never.wait()
         return None
+def load_script(name: str) -> types.ModuleType:
+    """``scripts/<name>.py`` as a module, loaded from its file (``sys.path`` untouched).
+
+    For tests that run a script's functions in miniature (the stress
+    scenarios); the script must import nothing from ``scripts/`` itself.
+    Loaded once per process, under its own name.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None, name
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before exec: dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

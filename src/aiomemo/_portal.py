@@ -15,13 +15,18 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from aiomemo._exceptions import MemoizerClosedError
+
 __all__ = ["Portal", "PortalClosedError"]
 
 T = TypeVar("T")
 
 
-class PortalClosedError(Exception):
-    """The portal's loop stopped (or is stopping): the call did not run."""
+class PortalClosedError(MemoizerClosedError):
+    """The portal's loop stopped (or is stopping): the call did not run.
+
+    A :class:`~aiomemo.MemoizerClosedError`: the Memoizer behind the portal is gone.
+    """
 
 
 class Portal:

@@ -182,6 +182,10 @@ def _bash_app_version(func: object) -> str | None:
     return f"{_BASH_VERSION_PREFIX}{mod}.{qual}"
 
 
+def _ignore_names(ignore: Any) -> Any:
+    return ignore if isinstance(ignore, str | bytes) else list(ignore or ())
+
+
 def _view(task: TaskRecord) -> dict[str, Any]:
     """The fields of a Parsl task record that make its key, as a plain dict."""
     t: Any = task
@@ -189,7 +193,8 @@ def _view(task: TaskRecord) -> dict[str, Any]:
         "func": t["func"],
         "args": t.get("args", ()),
         "kwargs": t.get("kwargs") or {},
-        "ignore_for_cache": list(t.get("ignore_for_cache") or ()),
+        # a bare str stays one, so that the key refuses it (not "l", "o", "g")
+        "ignore_for_cache": _ignore_names(t.get("ignore_for_cache")),
         "memoize": t.get("memoize", True),
     }
     if "id" in t:
