@@ -42,8 +42,10 @@ import ast
 import asyncio
 import bisect
 import contextlib
+import dis
 import functools
 import importlib.metadata
+import importlib.util
 import io
 import linecache
 import os
@@ -630,6 +632,54 @@ def _all_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _local_imports(code: types.CodeType, package: str) -> set[str]:
+    """Modules a function imports in its body (``import a.b``, ``from . import c``)."""
+    out: set[str] = set()
+    consts: list[object] = []
+    last = ""
+    for ins in dis.get_instructions(code):
+        if ins.opname == "LOAD_CONST":
+            consts.append(ins.argval)
+        elif ins.opname == "IMPORT_NAME":
+            level = consts[-2] if len(consts) >= 2 and isinstance(consts[-2], int) else 0
+            name = str(ins.argval)
+            try:
+                last = importlib.util.resolve_name("." * level + name, package) if level else name
+            except (ImportError, ValueError):
+                last = ""
+                continue
+            out.add(last)
+        elif ins.opname == "IMPORT_FROM" and last:
+            out.add(f"{last}.{ins.argval}")  # maybe a submodule: ``from pkg import mod``
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            out |= _local_imports(c, package)
+    return out
+
+
+def _user_module(name: str) -> types.ModuleType | None:
+    """The user module ``name``, imported now when it is user code not imported yet.
+
+    (The function imports it when it runs; its code must count from the first call.)
+    """
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod if _module_kind(name) == _USER else None
+    if name.partition(".")[0] in sys.stdlib_module_names:
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    origin = getattr(spec, "origin", None)
+    if spec is None or not isinstance(origin, str) or _classify_path(origin) != _USER:
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception:  # it fails when the function runs too; nothing to follow
+        return None
+
+
 def _func_name(func: types.FunctionType) -> str:
     mod = func.__globals__.get("__name__") or func.__module__ or "?"
     return f"{mod}.{func.__code__.co_qualname}"
@@ -849,13 +899,11 @@ class _Walker:
                 else:
                     out.append([n, self.global_value(v, f"{modname}.{n}")])
         # local imports: ``import pkg.mod`` / ``from . import mod`` inside the function
-        pkg = g.get("__package__") or ""
-        for n in sorted(names):
-            for cand in (n, f"{pkg}.{n}" if pkg else n):
-                m = sys.modules.get(cand)
-                if m is not None and cand not in modules and _module_kind(cand) == _USER:
-                    modules[cand] = m
-                    out.append([f"import {cand}", f"module:{cand}"])
+        for cand in sorted(_local_imports(code, g.get("__package__") or "")):
+            m = _user_module(cand)
+            if m is not None and cand not in modules:
+                modules[cand] = m
+                out.append([f"import {cand}", f"module:{cand}"])
         # attributes of user modules: helpers.scale, pkg.sub.CONST
         done: set[str] = set()
         while len(done) < len(modules):
