@@ -11,6 +11,13 @@ matching inputs; the newest of equals)::
     >>> print(explain(task, get_all_checkpoints("runinfo")))
     kwargs['n'] differs from the nearest recorded call of mod.fn (2 of 3 inputs match)
 
+Records of tasks keyed with ``track_code`` also keep an 8-byte digest of
+every piece of the code fingerprint (``msgpack([pos, kw, {piece: d}])``, see
+:mod:`aiomemo._fingerprint`); for such a task :func:`explain` names the
+pieces that changed (``mypkg.helpers.scale changed since the recorded
+call``). Records with the two-item form (older ones, or untracked tasks)
+explain as before.
+
 :func:`explain` is synchronous and only reads files: from a coroutine, call it
 as ``await asyncio.to_thread(explain, task, paths)``. It is thread-safe.
 
@@ -33,6 +40,7 @@ import msgpack
 
 from aiomemo._checkpoint import FILE_MAGIC, SEGMENT_SUFFIX, RecordInfo, iter_segment, list_segments
 from aiomemo._exceptions import UnhashableInputError
+from aiomemo._fingerprint import code_fingerprint
 from aiomemo._hashing import arg_digests, hash_task
 from aiomemo._rundir import get_all_checkpoints
 
@@ -50,6 +58,7 @@ __all__ = [
 
 PathKind = Literal["segment", "checkpoint dir", "run dir", "runinfo root"]
 Status = Literal["match", "differs", "missing", "extra", "unknown"]
+_Digests = tuple[list[bytes], dict[str, bytes], dict[str, bytes] | None]
 
 _PARSL_PICKLE = "tasks.pkl"
 _IMPORT_HINT = "convert it with `aiomemo import-parsl RUNINFO --trust`"
@@ -221,6 +230,11 @@ class Explanation:
         similar_funcs: recorded function names close to ``func`` (when it
             has no record at all: a typo, or a renamed module).
         note: an extra remark (e.g. why the key could not be computed).
+        code: for a task keyed with ``track_code``, one :class:`InputMatch`
+            per piece of its code fingerprint (``"mypkg.helpers.scale"``)
+            against the nearest recorded call: ``"differs"`` (changed),
+            ``"extra"`` (newly reached), ``"missing"`` (no longer reached);
+            empty when either side has no code digests.
     """
 
     hit: bool
@@ -235,6 +249,12 @@ class Explanation:
     records_scanned: int
     similar_funcs: tuple[str, ...] = ()
     note: str = ""
+    code: tuple[InputMatch, ...] = ()
+
+    @property
+    def code_changed(self) -> tuple[str, ...]:
+        """Code pieces that changed, appeared or disappeared since the nearest recorded call."""
+        return tuple(i.name for i in self.code if i.status != "match")
 
     @property
     def differing(self) -> tuple[str, ...]:
@@ -257,6 +277,7 @@ class Explanation:
             "records_scanned": self.records_scanned,
             "similar_funcs": list(self.similar_funcs),
             "note": self.note,
+            "code": [{"name": i.name, "status": i.status} for i in self.code],
             "message": str(self),
         }
 
@@ -285,6 +306,9 @@ class Explanation:
         for i in self.inputs:
             by.setdefault(i.status, []).append(i.name)
         nearest = f"the nearest recorded call of {f}"
+        code_clause = _code_clause(self.code)
+        if code_clause and not self.differing:
+            return _with_note(f"{code_clause} ({nearest}: {tally})", self.note)
         if not self.differing:
             return _with_note(
                 f"all {total} inputs match {nearest} (recorded {when}), yet the key differs: "
@@ -311,7 +335,30 @@ class Explanation:
             clauses.append(f"{_join(names)} cannot be compared (no digest)")
         head = "; ".join(clauses)
         link = "from" if len(clauses) == 1 and "differs" in by else "compared with"
-        return _with_note(f"{head} {link} {nearest} ({tally})", self.note)
+        msg = f"{head} {link} {nearest} ({tally})"
+        if code_clause:
+            msg += f"; {code_clause}"
+        return _with_note(msg, self.note)
+
+
+def _code_clause(code: Sequence[InputMatch]) -> str:
+    """``mypkg.helpers.scale changed since the recorded call`` (and what is new or gone)."""
+    by: dict[str, list[str]] = {}
+    for i in code:
+        by.setdefault(i.status, []).append(i.name)
+    parts: list[str] = []
+    if "differs" in by:
+        names = by["differs"]
+        parts.append(f"{_join(names)} changed since the recorded call")
+    if "extra" in by:
+        names = by["extra"]
+        verb = "is" if len(names) == 1 else "are"
+        parts.append(f"{_join(names)} {verb} newly reached by the code")
+    if "missing" in by:
+        names = by["missing"]
+        verb = "is" if len(names) == 1 else "are"
+        parts.append(f"{_join(names)} {verb} no longer reached by the code")
+    return "; ".join(parts)
 
 
 def _with_note(msg: str, note: str) -> str:
@@ -358,19 +405,41 @@ def _candidate_keys(task: Mapping[str, Any]) -> set[bytes]:
     return keys
 
 
-def _unpack_digests(raw: bytes) -> tuple[list[bytes], dict[str, bytes]] | None:
+def _unpack_digests(raw: bytes) -> _Digests | None:
+    """``(pos, kw, code)`` of a record's digests; ``code`` None in the two-item form."""
     try:
-        pos, kw = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
+        items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
     except Exception:
         return None
+    if type(items) is not list or len(items) not in (2, 3):
+        return None
+    pos, kw = items[0], items[1]
     if type(pos) is not list or type(kw) is not dict:
         return None
-    return pos, kw
+    code = items[2] if len(items) == 3 else None
+    if code is not None and type(code) is not dict:
+        code = None
+    return pos, kw, code
 
 
-def _compare(
-    mine: tuple[list[bytes], dict[str, bytes]], theirs: tuple[list[bytes], dict[str, bytes]]
-) -> tuple[int, list[InputMatch]]:
+def _compare_code(mine: dict[str, bytes] | None, theirs: dict[str, bytes] | None) -> list[InputMatch]:
+    if mine is None or theirs is None:
+        return []
+    out: list[InputMatch] = []
+    for name in sorted(set(mine) | set(theirs), key=str):
+        a, b = mine.get(name), theirs.get(name)
+        status: Status
+        if b is None:
+            status = "extra"
+        elif a is None:
+            status = "missing"
+        else:
+            status = "match" if a == b else "differs"
+        out.append(InputMatch(str(name), status))
+    return out
+
+
+def _compare(mine: _Digests, theirs: _Digests) -> tuple[int, list[InputMatch]]:
     out: list[InputMatch] = []
     matched = 0
 
@@ -390,8 +459,8 @@ def _compare(
             status = "differs"
         out.append(InputMatch(name, status))
 
-    pa, ka = mine
-    pb, kb = theirs
+    pa, ka = mine[0], mine[1]
+    pb, kb = theirs[0], theirs[1]
     for i in range(max(len(pa), len(pb))):
         one(f"args[{i}]", pa[i] if i < len(pa) else None, pb[i] if i < len(pb) else None)
     for name in sorted(set(ka) | set(kb), key=str):
@@ -444,6 +513,11 @@ def explain(
             note = f"the task's key cannot be computed: {exc}"
     mine = _unpack_digests(arg_digests(task))
     assert mine is not None  # arg_digests always packs [list, dict]
+    if task.get("track_code") and not isinstance(task["func"], str):
+        try:
+            mine = (mine[0], mine[1], code_fingerprint(task["func"]).short_deps())
+        except UnhashableInputError as exc:
+            note = note or f"the task's code fingerprint cannot be made: {exc}"
 
     segments = _all_segments(paths, strict=False)
     sizes = []
@@ -459,11 +533,11 @@ def explain(
     scanned = 0
     of_func = 0
     with_digests = 0
-    best: tuple[int, float] | None = None
+    best: tuple[int, int, float] | None = None
     best_rec = None
-    best_theirs: tuple[list[bytes], dict[str, bytes]] | None = None
+    best_theirs: _Digests | None = None
     names: set[str] = set()
-    my_pos, my_kw = mine
+    my_pos, my_kw, my_code = mine
     for seg, size in zip(segments, sizes, strict=True):
         for item in iter_segment(seg, verify_records=False):
             if not isinstance(item, RecordInfo):
@@ -485,11 +559,14 @@ def explain(
             theirs = _unpack_digests(rec.digests)
             if theirs is None:
                 continue
-            pos, kw = theirs
+            pos, kw, code = theirs
             # the hot loop: count matches only; the nearest call's details come at the end
             matched = sum(1 for a, b in zip(my_pos, pos, strict=False) if a and a == b)
             matched += sum(1 for k, v in kw.items() if v and my_kw.get(k) == v)
-            score = (matched, rec.time)
+            same_code = 0
+            if code is not None and my_code is not None:
+                same_code = sum(1 for k, v in code.items() if my_code.get(k) == v)
+            score = (matched, same_code, rec.time)
             if best is None or score >= best:
                 best, best_rec, best_theirs = score, rec, theirs
         done_bytes += size
@@ -507,6 +584,7 @@ def explain(
     if hit_rec is not None:
         theirs_hit = _unpack_digests(hit_rec.digests) if hit_rec.digests else None
         inputs = _compare(mine, theirs_hit)[1] if theirs_hit is not None else []
+        code_hit = _compare_code(my_code, theirs_hit[2]) if theirs_hit is not None else []
         return Explanation(
             hit=True,
             func=name,
@@ -519,8 +597,10 @@ def explain(
             records_with_digests=with_digests,
             records_scanned=scanned,
             note=note,
+            code=tuple(code_hit),
         )
     best_matched, best_inputs = _compare(mine, best_theirs) if best_theirs is not None else (0, [])
+    best_code = _compare_code(my_code, best_theirs[2]) if best_theirs is not None else []
     return Explanation(
         hit=False,
         func=name,
@@ -534,4 +614,5 @@ def explain(
         records_scanned=scanned,
         similar_funcs=similar,
         note=note,
+        code=tuple(best_code),
     )

@@ -51,6 +51,7 @@ import aiofiles.os
 import blake3
 import msgpack
 
+from aiomemo import _fingerprint
 from aiomemo._exceptions import UnhashableInputError
 
 __all__ = [
@@ -709,7 +710,12 @@ def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
         ckw = _canon_dict(kwargs, ctx, 0)
     except _Unhashable as exc:
         raise _error(exc, "kwargs") from None
-    head = _packb([FORMAT_VERSION, fid, cargs, ckw, outputs])
+    tree = [FORMAT_VERSION, fid, cargs, ckw, outputs]
+    if task.get("track_code"):
+        # the code fingerprint (aiomemo._fingerprint): a sixth item, so keys
+        # without it stay as they were
+        tree.append(_fingerprint.code_digest(func))
+    head = _packb(tree)
     return head, ctx
 
 
@@ -778,6 +784,8 @@ async def hash_task_async(task: Mapping[str, Any]) -> bytes:
     when the out-of-band buffers add up to ``THREAD_THRESHOLD`` or more they
     are hashed in a worker thread (blake3 releases the GIL).
     """
+    if task.get("track_code") and not _fingerprint.is_ready(task.get("func")):
+        await _fingerprint.prepare(task.get("func"))  # reads source: off the loop
     head, ctx = _task_tree(task)
     h = blake3.blake3(head)
     if not ctx.oob:

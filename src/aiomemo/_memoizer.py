@@ -29,7 +29,7 @@ from typing import (
     overload,
 )
 
-from aiomemo import _codec
+from aiomemo import _codec, _fingerprint
 from aiomemo._exceptions import (
     CheckpointError,
     LeaderCancelledError,
@@ -62,8 +62,9 @@ class TaskRecord(TypedDict, total=False):
     ``func`` (callable), ``args`` (sequence), ``kwargs`` (mapping), and
     optionally ``id``, ``memoize`` (default True), ``ignore_for_cache``
     (kwarg names left out of the key; ``outputs`` in kwargs are output
-    refs), ``version`` (separates functions that share a qualname).
-    ``check_memo`` writes ``hashsum``. Parsl's TaskRecord dicts work as
+    refs), ``version`` (separates functions that share a qualname),
+    ``track_code`` (the key includes the function's code fingerprint;
+    default: the Memoizer's ``track_code``). ``check_memo`` writes ``hashsum``. Parsl's TaskRecord dicts work as
     they are.
     """
 
@@ -74,6 +75,7 @@ class TaskRecord(TypedDict, total=False):
     memoize: bool
     ignore_for_cache: Sequence[str]
     version: object
+    track_code: bool
     hashsum: str | None
 
 
@@ -263,6 +265,10 @@ class Memoizer:
         explain: keep a short digest per argument in each record (8 bytes
             per argument, about 1 µs each when the result is recorded) so
             that ``explain`` can say which input changed; False saves both.
+        track_code: key every task also by its function's code fingerprint
+            (its own code, the helpers, classes and module-level values it
+            reaches, the versions of installed distributions it uses), so a
+            changed helper is a miss; a task's ``track_code`` field overrides.
 
     Raises:
         ValueError, TypeError: bad configuration (unknown mode, bad period,
@@ -291,6 +297,7 @@ class Memoizer:
         max_pending: int = 100_000,
         lease_ttl: float | None = None,
         explain: bool = True,
+        track_code: bool = False,
     ) -> None:
         if checkpoint_mode not in _MODES:
             raise ValueError(
@@ -335,6 +342,7 @@ class Memoizer:
         self.max_pending = max_pending
         self.lease_ttl = lease_ttl
         self.explain_digests = explain
+        self.track_code = track_code
         self.config_run_dir = os.fspath(config_run_dir)
         self._run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self._user_stores = stores
@@ -568,6 +576,8 @@ class Memoizer:
     async def make_hash(self, task: Task) -> str:
         """The task's key (64 hex chars); large inputs are hashed off the loop."""
         self._check_open()
+        if self.track_code and "track_code" not in task:
+            task["track_code"] = True
         return (await hash_task_async(cast(Mapping[str, Any], task))).hex()
 
     async def check_memo(self, task: Task) -> asyncio.Future[Any] | None:
@@ -589,6 +599,8 @@ class Memoizer:
         if not self.memoize or not t.get("memoize", True):
             t["hashsum"] = None
             return None
+        if self.track_code and "track_code" not in t:
+            t["track_code"] = True  # the record and explain see it too
         raw = await hash_task_async(t)
         key = raw.hex()
         t["hashsum"] = key
@@ -957,6 +969,8 @@ class Memoizer:
                 with contextlib.suppress(TypeError):
                     self._func_names[func] = name
         digests = arg_digests(task) if self.explain_digests else b""
+        if digests and task.get("track_code"):
+            digests = _fingerprint.with_code_digests(digests, func)
         return Record(bytes.fromhex(key), value, name, time.time(), digests)
 
     # ------------------------------------------------------------------ checkpoints
@@ -1185,12 +1199,22 @@ class Memoizer:
     # ------------------------------------------------------------------ decorator
     @overload
     def cached(
-        self, fn: Callable[P, Awaitable[R]], *, ignore: Sequence[str] = (), version: object = None
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        ignore: Sequence[str] = (),
+        version: object = None,
+        track_code: bool | None = None,
     ) -> Callable[P, Awaitable[R]]: ...
 
     @overload
     def cached(
-        self, fn: None = None, *, ignore: Sequence[str] = (), version: object = None
+        self,
+        fn: None = None,
+        *,
+        ignore: Sequence[str] = (),
+        version: object = None,
+        track_code: bool | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
     def cached(
@@ -1199,30 +1223,38 @@ class Memoizer:
         *,
         ignore: Sequence[str] = (),
         version: object = None,
+        track_code: bool | None = None,
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
 
         ``ignore`` names keyword arguments left out of the key; ``version``
         separates functions that share a qualname (closures, lambdas) or
-        marks a changed implementation. Identical concurrent calls run once;
+        marks a changed implementation; ``track_code`` (default: the
+        Memoizer's) keys calls also by the code fingerprint of the function
+        and what it reaches. Identical concurrent calls run once;
         if the running one is cancelled, a waiting caller takes over.
         ``wrapper.key(*args, **kwargs)`` gives the key a call would have.
         """
         if fn is None:
-            return functools.partial(self.cached, ignore=ignore, version=version)
+            return functools.partial(
+                self.cached, ignore=ignore, version=version, track_code=track_code
+            )
         if not asyncio.iscoroutinefunction(fn):
             raise TypeError(f"memo.cached needs an async def function, got {fn!r}")
         func = fn
         ignore_list = list(ignore)
 
         def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-            return {
+            task = {
                 "func": func,
                 "args": args,
                 "kwargs": kwargs,
                 "ignore_for_cache": ignore_list,
                 "version": version,
             }
+            if track_code is not None:
+                task["track_code"] = track_code
+            return task
 
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -1251,6 +1283,7 @@ class Memoizer:
             return await self.make_hash(_task(args, kwargs))
 
         wrapper.key = key  # type: ignore[attr-defined]
+        wrapper._aiomemo_func = func  # type: ignore[attr-defined]  # for ``aiomemo explain``
         return wrapper
 
     @property
