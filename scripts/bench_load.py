@@ -40,7 +40,7 @@ from typing import Any
 import msgpack
 
 from aiomemo._checkpoint import SegmentWriter, load_paths
-from aiomemo.stores._base import Record
+from aiomemo.stores import Record
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

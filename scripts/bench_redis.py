@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import redis.asyncio as aioredis  # noqa: E402
 
 from aiomemo.stores import Record  # noqa: E402
-from aiomemo.stores._redis import RedisStore, new_owner_id  # noqa: E402
+from aiomemo.stores._redis import RedisStore  # noqa: E402
 
 
 def _free_port() -> int:
@@ -138,11 +139,12 @@ async def wake_latency(url: str, n: int) -> dict[str, float]:
     ):
         for i in range(n):
             r = _rec(i, 64)
-            await leader.claim(r.key, "leader", 30)
+            lease = await leader.claim(r.key, 30)
+            assert lease is not None
             w = asyncio.create_task(follower.wait_for(r.key, 30))
             await asyncio.sleep(0.005)
             t0 = time.perf_counter()
-            await leader.put_and_release(r, "leader")
+            await lease.complete(r)
             await w
             lat.append(time.perf_counter() - t0)
         checks = follower.stats()["wait_checks"] / n
@@ -191,7 +193,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 
 async def shared_workflow(url: str, procs: int, tasks: int, distinct: int) -> dict[str, float]:
     """N processes, each running a Memoizer on the same Redis, submit overlapping tasks."""
-    ns = f"bench-wf-{new_owner_id()}"
+    ns = f"bench-wf-{uuid.uuid4().hex[:12]}"
     code = _WORKER.replace("{distinct}", str(distinct))
     t0 = time.perf_counter()
     ps = [

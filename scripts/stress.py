@@ -53,7 +53,7 @@ import numpy as np
 
 from aiomemo import CheckpointError, Memoizer, _checkpoint, _codec, get_all_checkpoints, make_hash
 from aiomemo._checkpoint import SegmentWriter, iter_segment, load_paths
-from aiomemo.stores._base import Record
+from aiomemo.stores import Record
 
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from aiomemo import _checkpoint as ck
-from aiomemo import _cli, _codec
+from aiomemo import _cli, _codec, _maintenance
 from aiomemo._checkpoint import SegmentWriter, encode_batch, iter_segment, list_segments, load_paths
 from aiomemo._hashing import arg_digests, hash_task
-from aiomemo.stores._base import Record
+from aiomemo.stores import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def write_seg(directory: Path, records: list[Record], *, batch: int = 10) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"seg-20260101T000000.{next(_seq):06d}Z-1-abcdef01.amlog"
     parts = [encode_batch(records[i : i + batch]) for i in range(0, len(records), batch)]
-    path.write_bytes(ck._file_header() + b"".join(parts))
+    path.write_bytes(ck.file_header() + b"".join(parts))
     return path
 
 
@@ -198,6 +198,7 @@ def test_verify_sound(capsys: pytest.CaptureFixture[str], runinfo: Path) -> None
         "bad": [],
         "in_flight": [],
         "lost_records": 0,
+        "skipped_files": [],
     }
     code, out, _ = run(capsys, "verify", runinfo)
     assert code == 0 and out.startswith("OK: 36 sound records")
@@ -306,7 +307,7 @@ def test_compact_in_place(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 def test_compacted_segment_keeps_its_place_in_load_order(tmp_path: Path) -> None:
     d = tmp_path / "ck"
     old, _ = _two_segment_dir(d)
-    summary = _cli.compact(d)
+    summary = _maintenance.compact(d)
     later = write_seg(d, [make_record("latest", 2)])  # a run that starts after compaction
     segs = list_segments(d)
     assert segs == [Path(summary["output"]), later]
@@ -317,7 +318,7 @@ def test_compacted_segment_keeps_its_place_in_load_order(tmp_path: Path) -> None
     write_seg(e, [make_record(1, 1)])
     odd = e / "zz-odd.amlog"
     list_segments(e)[0].rename(odd)
-    summary = _cli.compact(e)
+    summary = _maintenance.compact(e)
     assert Path(summary["output"]).name.startswith("zz-odd~compacted-")
 
 
@@ -328,14 +329,14 @@ def test_compact_crash_before_rename(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def crash(tmp: Path, final: Path) -> None:
         raise KeyboardInterrupt  # the process dies after writing and fsyncing the temp file
 
-    monkeypatch.setattr(_cli, "_publish", crash)
+    monkeypatch.setattr(_maintenance, "_publish", crash)
     with pytest.raises(KeyboardInterrupt):
-        _cli.compact(d)
+        _maintenance.compact(d)
     monkeypatch.undo()
     assert list_segments(d) == old
     assert table(d) == before
     assert [p for p in d.iterdir() if p.name.startswith(".compact-")]  # left behind
-    _cli.compact(d)  # the next compaction sweeps it
+    _maintenance.compact(d)  # the next compaction sweeps it
     assert table(d) == before
     assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []
 
@@ -348,14 +349,14 @@ def test_compact_crash_after_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         segments[0].unlink()  # dies half-way through deleting the old segments
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_cli, "_remove_old", crash)
+    monkeypatch.setattr(_maintenance, "_remove_old", crash)
     with pytest.raises(KeyboardInterrupt):
-        _cli.compact(d)
+        _maintenance.compact(d)
     monkeypatch.undo()
     segs = list_segments(d)
     assert old[1] in segs and len(segs) == 2  # new + the old one not yet deleted
     assert table(d) == before  # every key, newest value
-    _cli.compact(d)
+    _maintenance.compact(d)
     assert len(list_segments(d)) == 1 and table(d) == before
 
 
@@ -369,7 +370,7 @@ def test_compact_crash_at_every_deletion(
     write_seg(d, [make_record(("b", i), i) for i in range(0, 30, 2)])
     write_seg(d, [make_record(("c", i), i) for i in range(0, 30, 3)])
     before = table(d)
-    real_name, real_fsync = _cli._segment_name, _cli._fsync_dir
+    real_name, real_fsync = _maintenance.segment_name, _maintenance.fsync_dir
     calls = []
 
     def name(stamp: str | None = None) -> str:
@@ -382,10 +383,10 @@ def test_compact_crash_at_every_deletion(
         if len(calls) == 1 + deleted:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_cli, "_segment_name", name)
-    monkeypatch.setattr(_cli, "_fsync_dir", fsync_then_die)
+    monkeypatch.setattr(_maintenance, "segment_name", name)
+    monkeypatch.setattr(_maintenance, "fsync_dir", fsync_then_die)
     with pytest.raises(KeyboardInterrupt):
-        _cli.compact(d)
+        _maintenance.compact(d)
     assert len(list_segments(d)) == 4 - deleted
     assert table(d) == before
 
@@ -397,18 +398,18 @@ def test_compact_killed_process(tmp_path: Path, step: str) -> None:
     _, before = _two_segment_dir(d)
     hook = {
         # dies once the temp segment is written and fsynced, before its rename
-        "_publish": "def _publish(*a):\n    os._exit(9)\n_cli._publish = _publish\n",
+        "_publish": "def _publish(*a):\n    os._exit(9)\n_maintenance._publish = _publish\n",
         # dies once the rename and the first (oldest) deletion are durable
         "_fsync_dir": (
-            "real = _cli._fsync_dir\n"
+            "real = _maintenance.fsync_dir\n"
             "def _fsync_dir(d):\n"
             "    real(d)\n"
             "    if len(list(d.glob('*.amlog'))) == 2:\n"
             "        os._exit(9)\n"
-            "_cli._fsync_dir = _fsync_dir\n"
+            "_maintenance.fsync_dir = _fsync_dir\n"
         ),
     }[step]
-    script = f"import os, sys\nfrom aiomemo import _cli\n{hook}_cli.compact(sys.argv[1])\n"
+    script = f"import os, sys\nfrom aiomemo import _maintenance\n{hook}_maintenance.compact(sys.argv[1])\n"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     p = subprocess.run([sys.executable, "-c", script, str(d)], env=env, timeout=60, check=False)

@@ -21,7 +21,7 @@ from aiomemo._explain import (
     func_name,
 )
 from aiomemo._hashing import arg_digests, hash_task
-from aiomemo.stores._base import Record
+from aiomemo.stores import Record
 
 
 async def fn(a: Any, b: Any = None, *, n: Any = 0, cfg: Any = None) -> Any:
@@ -49,7 +49,7 @@ def record(t: dict[str, Any], when: float = 1.7e9, *, digests: bool = True) -> R
 def write(d: Path, records: list[Record], name: str = "seg-1.amlog") -> Path:
     d.mkdir(parents=True, exist_ok=True)
     p = d / name
-    p.write_bytes(ck._file_header() + encode_batch(records))
+    p.write_bytes(ck.file_header() + encode_batch(records))
     return p
 
 

@@ -25,24 +25,7 @@ from aiomemo import (
     UnhashableInputError,
 )
 from aiomemo.stores import MemoryStore, Record, Store
-
-
-def add(a: int, b: int = 0) -> int:
-    """A task function."""
-    return a + b
-
-
-def mk(*args: Any, func: Any = add, **kwargs: Any) -> dict[str, Any]:
-    return {"func": func, "args": args, "kwargs": kwargs, "id": 0}
-
-
-async def run(memo: Memoizer, task: dict[str, Any], result: Any) -> Any:
-    """Play the engine: check, run on a miss, report."""
-    fut = await memo.check_memo(task)
-    if fut is not None:
-        return await fut
-    await memo.update_memo_result(task, result)
-    return result
+from helpers import add, mk, run
 
 
 class FlakyStore(Store):

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from aiomemo import LeaderCancelledError, Memoizer, MemoizerClosedError, StoreError, _memoizer
-from aiomemo.stores import MemoryStore, Record, Store
-from test_memoizer import mk, run  # the engine-playing helpers
+from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
+from helpers import mk, run  # the engine-playing helpers
 
 
 async def spin(turns: int = 50) -> None:
@@ -59,11 +59,30 @@ class SlowOpenStore(MemoryStore):
         await self.gate.wait()
 
 
-class ClaimStore(Store):
-    """A shared store with leases (always granted); get/put_and_release may block on gates."""
+class GrantedLease(Lease):
+    """A lease of ClaimStore: complete() goes through the store's put gate."""
 
-    shared = True
-    supports_claims = True
+    __slots__ = ("store",)
+
+    def __init__(self, store: ClaimStore, key: bytes, ttl: float) -> None:
+        super().__init__(key, "token", ttl)
+        self.store = store
+
+    async def renew(self) -> bool:
+        return True
+
+    async def release(self) -> None:
+        return None
+
+    async def complete(self, record: Record) -> bool:
+        self.store.in_put += 1
+        await self.store.put_gate.wait()
+        await self.store.put_many([record])
+        return True
+
+
+class ClaimStore(LeaseStore):
+    """A shared store with leases (always granted); get/lease completion may block on gates."""
 
     def __init__(self, *, block_get: bool = False, block_put: bool = False) -> None:
         self.records: dict[bytes, bytes] = {}
@@ -85,11 +104,8 @@ class ClaimStore(Store):
         for r in records:
             self.records[r.key] = r.value
 
-    async def put_and_release(self, record: Record, owner: str) -> bool:
-        self.in_put += 1
-        await self.put_gate.wait()
-        await self.put_many([record])
-        return True
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return GrantedLease(self, key, ttl)
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         return self.records.get(key)
@@ -322,8 +338,8 @@ class HeldElsewhereStore(ClaimStore):
         self.never = asyncio.Event()
         self.waiting = 0
 
-    async def claim(self, key: bytes, owner: str, ttl: float) -> bool:
-        return False
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return None
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         self.waiting += 1

@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 
 from _redis_server import RedisServer
 from aiomemo import StoreError
-from aiomemo.stores import Record
-from aiomemo.stores._redis import RedisStore, decode_value, encode_value, new_owner_id
+from aiomemo.stores import Lease, LeaseStore, Record
+from aiomemo.stores._redis import RedisLease, RedisStore, decode_value, encode_value
 
 pytestmark = pytest.mark.redis
 
@@ -77,7 +77,7 @@ def test_good_urls_do_not_connect() -> None:
     # parsing only: nothing listens on port 1
     for url in ("redis://127.0.0.1:1/0", "rediss://u:p@127.0.0.1:1/2", "unix:///nope.sock"):
         s = RedisStore(url)
-        assert s.shared and s.supports_claims
+        assert s.shared and isinstance(s, LeaseStore)
     assert "p@" not in RedisStore("redis://u:secret@127.0.0.1:1")._safe_url()
 
 
@@ -136,8 +136,8 @@ async def test_namespaces_keep_workflows_apart(redis_url: str, redis_namespace: 
         await b.put_many([rec(1, b"from-b")])
         assert await a.get(rec(1).key) == b"from-a"
         assert await b.get(rec(1).key) == b"from-b"
-        assert await a.claim(rec(2).key, "o1", 5)
-        assert await b.claim(rec(2).key, "o2", 5)  # a lease in a does not block b
+        assert await a.claim(rec(2).key, 5)
+        assert await b.claim(rec(2).key, 5)  # a lease in a does not block b
 
 
 async def test_ttl_expires_results(
@@ -175,8 +175,9 @@ async def test_corrupt_value_reads_as_a_miss_and_is_counted(
     assert await raw.get(store.value_key(r3.key)) == foreign
     # and none of them blocks the next computation
     for r in (r1, r3, r4):
-        assert await store.claim(r.key, "recompute", 5)
-        assert await store.put_and_release(r, "recompute")
+        lease = await store.claim(r.key, 5)
+        assert lease is not None
+        assert await lease.complete(r)
         assert await store.get(r.key) == r.value
 
 
@@ -190,9 +191,9 @@ async def test_a_result_blocks_a_claim_only_when_sound(
     await raw.set(store.value_key(r.key), blob[:30] + b"X" + blob[31:])
     # claim() cannot check a checksum in Lua: a damaged value with our header
     # refuses the claim; wait_for then reads it as bad, drops it and answers None
-    assert not await store.claim(r.key, "me", 5)
+    assert await store.claim(r.key, 5) is None
     assert await store.wait_for(r.key, 5) is None
-    assert await store.claim(r.key, "me", 5)
+    assert await store.claim(r.key, 5) is not None
 
 
 async def test_same_record_twice_and_newest_wins(store: RedisStore) -> None:
@@ -212,54 +213,75 @@ async def test_exactly_one_of_many_concurrent_claimers_wins(
         for s in stores:
             await s.open()
         key = rec(7).key
-        results = await asyncio.gather(
-            *(s.claim(key, f"owner{i}-{j}", 5) for i, s in enumerate(stores) for j in range(4))
-        )
-        assert sum(results) == 1
+        results = await asyncio.gather(*(s.claim(key, 5) for s in stores for _ in range(4)))
+        assert sum(lease is not None for lease in results) == 1
     finally:
         for s in stores:
             await s.aclose()
 
 
-async def test_renew_and_release_only_by_the_owner(store: RedisStore) -> None:
+async def test_renew_and_release_only_by_the_holder(store: RedisStore) -> None:
     key = rec(1).key
-    assert await store.claim(key, "alice", 0.5)
-    assert await store.claim(key, "alice", 0.5)  # re-entrant for its owner
-    assert not await store.claim(key, "bob", 5)
-    assert not await store.renew(key, "bob", 5)
-    assert await store.renew(key, "alice", 5)
-    await store.release(key, "bob")
-    assert await store.lease_owner(key) == "alice"
-    await asyncio.sleep(0.6)  # the first ttl would have expired: the renewal held
-    assert await store.lease_owner(key) == "alice"
-    await store.release(key, "alice")
-    assert await store.lease_owner(key) is None
-    assert not await store.renew(key, "alice", 5)
-    assert store.stats()["renewals_lost"] == 2
+    alice = await store.claim(key, 0.5)
+    assert isinstance(alice, RedisLease) and isinstance(alice, Lease)
+    assert alice.key == key and alice.ttl == 0.5 and len(alice.token) == 32
+    assert await store.claim(key, 5) is None  # held: not even by the same process again
+    assert await alice.renew()
+    assert await store.lease_token(key) == alice.token
+    await asyncio.sleep(0.3)
+    assert await alice.renew()
+    await asyncio.sleep(0.3)  # the first ttl would have expired: the renewal held
+    assert await store.lease_token(key) == alice.token
+    await alice.release()
+    assert await store.lease_token(key) is None
+    await alice.release()  # idempotent
+    assert not await alice.renew()
+    # a stale lease object never touches the next holder's lease
+    bob = await store.claim(key, 5)
+    assert bob is not None and bob.token != alice.token
+    stale = RedisLease(store, key, alice.token, 5)
+    assert not await stale.renew()
+    await stale.release()
+    assert await store.lease_token(key) == bob.token
+    assert not await stale.complete(rec(1))  # stored, but not its lease
+    assert await store.lease_token(key) == bob.token
+    assert store.stats()["renewals_lost"] == 1
 
 
 async def test_expired_lease_lets_another_claim(store: RedisStore) -> None:
     key = rec(1).key
-    assert await store.claim(key, "dead", 0.2)
-    assert not await store.claim(key, "next", 5)
+    dead = await store.claim(key, 0.2)
+    assert dead is not None
+    assert await store.claim(key, 5) is None
     await asyncio.sleep(0.3)
-    assert await store.claim(key, "next", 5)
+    assert await store.claim(key, 5) is not None
+    assert not await dead.renew()  # it was taken meanwhile
 
 
 async def test_claim_refused_once_the_result_exists(store: RedisStore) -> None:
     r = rec(1)
     await store.put_many([r])
-    assert not await store.claim(r.key, new_owner_id(), 5)
+    assert await store.claim(r.key, 5) is None
     assert await store.wait_for(r.key, 5) == r.value  # at once
 
 
-async def test_put_and_release_is_one_step(store: RedisStore) -> None:
+async def test_complete_is_one_step(store: RedisStore) -> None:
     r = rec(1)
-    assert await store.claim(r.key, "me", 5)
-    assert await store.put_and_release(r, "me")
-    assert await store.lease_owner(r.key) is None
+    lease = await store.claim(r.key, 5)
+    assert lease is not None
+    assert await lease.complete(r)
+    assert await store.lease_token(r.key) is None
     assert await store.get(r.key) == r.value
-    assert not await store.put_and_release(rec(1, b"again"), "me")  # lease already gone
+    assert not await lease.complete(rec(1, b"again"))  # lease already gone, still stored
+    assert await store.get(r.key) == b"again"
+    with pytest.raises(ValueError, match="not the lease's key"):
+        await lease.complete(rec(2))
+
+
+async def test_bad_claim_ttl_is_a_value_error(store: RedisStore) -> None:
+    for ttl in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="ttl"):
+            await store.claim(rec(1).key, ttl)
 
 
 # -- waiting -----------------------------------------------------------------------
@@ -273,7 +295,7 @@ async def test_wait_for_is_woken_by_a_put_from_another_connection(
         RedisStore(redis_url, namespace=redis_namespace, recheck_interval=5.0) as follower,
         RedisStore(redis_url, namespace=redis_namespace) as leader,
     ):
-        assert await leader.claim(r.key, "leader", 10)
+        assert await leader.claim(r.key, 10)
         waiter = asyncio.create_task(follower.wait_for(r.key, 10))
         await asyncio.sleep(0.3)  # let it subscribe, check and sleep
         assert not waiter.done()
@@ -296,14 +318,15 @@ async def test_wait_for_returns_none_when_the_lease_is_released(
         RedisStore(redis_url, namespace=redis_namespace, recheck_interval=5.0) as follower,
         RedisStore(redis_url, namespace=redis_namespace) as leader,
     ):
-        assert await leader.claim(r.key, "leader", 10)
+        lease = await leader.claim(r.key, 10)
+        assert lease is not None
         waiter = asyncio.create_task(follower.wait_for(r.key, 10))
         await asyncio.sleep(0.2)
         t0 = time.monotonic()
-        await leader.release(r.key, "leader")  # e.g. the task raised
+        await lease.release()  # e.g. the task raised
         assert await waiter is None
         assert time.monotonic() - t0 < 0.5
-        assert await follower.claim(r.key, "follower", 10)  # it takes over
+        assert await follower.claim(r.key, 10) is not None  # it takes over
 
 
 async def test_wait_for_notices_a_silently_expired_lease(
@@ -311,7 +334,7 @@ async def test_wait_for_notices_a_silently_expired_lease(
 ) -> None:
     key = rec(1).key
     async with RedisStore(redis_url, namespace=redis_namespace, recheck_interval=10) as s:
-        assert await s.claim(key, "dies", 0.3)  # never renewed, never released
+        assert await s.claim(key, 0.3)  # never renewed, never released
         t0 = time.monotonic()
         assert await s.wait_for(key, 10) is None
         # noticed right after the lease's expiry, not at the 10 s re-check
@@ -327,13 +350,14 @@ async def test_wait_for_a_live_renewing_holder_is_not_a_busy_poll(
         RedisStore(redis_url, namespace=redis_namespace, recheck_interval=10) as follower,
         RedisStore(redis_url, namespace=redis_namespace) as leader,
     ):
-        assert await leader.claim(r.key, "leader", 0.3)
+        lease = await leader.claim(r.key, 0.3)
+        assert lease is not None
         waiter = asyncio.create_task(follower.wait_for(r.key, 10))
         for _ in range(12):  # 1.2 s of work, renewing every ttl/3
             await asyncio.sleep(0.1)
-            assert await leader.renew(r.key, "leader", 0.3)
+            assert await lease.renew()
         assert not waiter.done()
-        await leader.put_and_release(r, "leader")
+        await lease.complete(r)
         assert await waiter == r.value
         # about one look per lease period (~0.2-0.3 s), not a spin
         assert follower.stats()["wait_checks"] <= 9, follower.stats()
@@ -347,7 +371,7 @@ async def test_wait_for_without_lease_or_result_returns_at_once(store: RedisStor
 
 async def test_wait_for_times_out_with_none(store: RedisStore) -> None:
     key = rec(1).key
-    assert await store.claim(key, "slow", 10)
+    assert await store.claim(key, 10)
     t0 = time.monotonic()
     assert await store.wait_for(key, 0.2) is None
     assert 0.15 < time.monotonic() - t0 < 1.0
@@ -359,14 +383,14 @@ async def test_many_waiters_on_many_keys(redis_url: str, redis_namespace: str) -
         RedisStore(redis_url, namespace=redis_namespace, recheck_interval=5.0) as follower,
         RedisStore(redis_url, namespace=redis_namespace) as leader,
     ):
-        for r in records:
-            assert await leader.claim(r.key, "leader", 10)
+        leases = [await leader.claim(r.key, 10) for r in records]
         waiters = [asyncio.create_task(follower.wait_for(r.key, 10)) for r in records]
         await asyncio.sleep(0.2)
         t0 = time.monotonic()
         await leader.put_many(records[:25])
-        for r in records[25:]:
-            await leader.put_and_release(r, "leader")
+        for r, lease in zip(records[25:], leases[25:], strict=True):
+            assert lease is not None
+            await lease.complete(r)
         assert await asyncio.gather(*waiters) == [r.value for r in records]
         assert time.monotonic() - t0 < 1.0
 
@@ -381,7 +405,8 @@ async def test_server_stopped_mid_run_then_restarted(
     async with RedisStore(server.url, namespace="faults", socket_timeout=1.0) as s:
         await s.put_many([rec(1)])
         waiter_key = rec(9).key
-        assert await s.claim(waiter_key, "holder", 30)
+        held = await s.claim(waiter_key, 30)
+        assert held is not None
         async with RedisStore(server.url, namespace="faults", recheck_interval=10) as f:
             waiter = asyncio.create_task(f.wait_for(waiter_key, 30))
             await asyncio.sleep(0.2)
@@ -395,9 +420,10 @@ async def test_server_stopped_mid_run_then_restarted(
             lambda: s.get(rec(1).key),
             lambda: s.get_many([rec(1).key]),
             lambda: s.put_many([rec(2)]),
-            lambda: s.claim(rec(3).key, "x", 5),
-            lambda: s.renew(rec(3).key, "x", 5),
-            lambda: s.release(rec(3).key, "x"),
+            lambda: s.claim(rec(3).key, 5),
+            held.renew,
+            held.release,
+            lambda: held.complete(Record(waiter_key, b"x", "f", 0.0)),
             lambda: s.wait_for(rec(3).key, 5),
         ):
             t0 = time.monotonic()
@@ -405,14 +431,14 @@ async def test_server_stopped_mid_run_then_restarted(
                 await op()
             assert time.monotonic() - t0 < 1.5
             assert info.value.__cause__ is not None  # chained redis-py error
-        assert s.stats()["errors"] >= 7
+        assert s.stats()["errors"] >= 8
         assert s.last_error
 
         server.start()  # same port, empty (no persistence)
         assert await s.get(rec(1).key) is None
         await s.put_many([rec(2)])
         assert await s.get(rec(2).key) == rec(2).value
-        assert await s.claim(rec(3).key, "x", 5)
+        assert await s.claim(rec(3).key, 5)
         assert await s.wait_for(rec(4).key, 1) is None
 
 
@@ -462,7 +488,7 @@ async def test_aclose_closes_every_connection(
     s = RedisStore(redis_url, namespace=redis_namespace)
     await s.open()
     await s.put_many([rec(1)])
-    assert await s.claim(rec(2).key, "o", 5)
+    assert await s.claim(rec(2).key, 5)
     assert await s.wait_for(rec(1).key, 1) == rec(1).value  # opens the pub/sub connection
     assert await clients() > before
     await s.aclose()
@@ -483,22 +509,22 @@ _WORKER = textwrap.dedent(
     import asyncio, sys
     sys.path.insert(0, {src!r})
     from aiomemo.stores import Record
-    from aiomemo.stores._redis import RedisStore, new_owner_id
+    from aiomemo.stores._redis import RedisStore
 
     async def main(url, ns, n, offset):
         async with RedisStore(url, namespace=ns, lease_ttl=5, recheck_interval=1) as s:
             runs = 0
             for i in range(offset, offset + n):
                 key = (i % 300).to_bytes(4, "big") * 8
-                owner = new_owner_id()
                 while True:
                     if await s.get(key) is not None:
                         break
-                    if await s.claim(key, owner, s.lease_ttl):
+                    lease = await s.claim(key, s.lease_ttl)
+                    if lease is not None:
                         await s._conn().incr((ns + ":runs:" + key.hex()).encode())
                         runs += 1
                         await asyncio.sleep(0.001)
-                        await s.put_and_release(Record(key, key[:4], "w.f", 0.0), owner)
+                        await lease.complete(Record(key, key[:4], "w.f", 0.0))
                         break
                     if await s.wait_for(key, 10) is not None:
                         break
@@ -543,11 +569,12 @@ _HOLDER = textwrap.dedent(
 
     async def main(url, ns):
         async with RedisStore(url, namespace=ns) as s:
-            assert await s.claim(b"k" * 32, "holder", 0.6)
-            print("claimed", flush=True)
+            lease = await s.claim(b"k" * 32, 0.6)
+            assert lease is not None
+            print("claimed", lease.token, flush=True)
             while True:  # keeps renewing until killed
                 await asyncio.sleep(0.2)
-                await s.renew(b"k" * 32, "holder", 0.6)
+                await lease.renew()
 
     asyncio.run(main(sys.argv[1], sys.argv[2]))
     """
@@ -563,21 +590,25 @@ async def test_kill_9_of_a_lease_holder_lets_one_waiter_take_over(
     tasks: list[asyncio.Task[bool]] = []
     try:
         assert holder.stdout is not None
-        assert (await asyncio.wait_for(holder.stdout.readline(), 10)).strip() == b"claimed"
+        said, token = (await asyncio.wait_for(holder.stdout.readline(), 10)).decode().split()
+        assert said == "claimed"
         key = b"k" * 32
+        won: list[Lease] = []
         async with RedisStore(redis_url, namespace=redis_namespace, recheck_interval=0.15) as s:
-            assert not await s.claim(key, "w0", 5)
+            assert await s.claim(key, 5) is None
             await asyncio.sleep(0.7)  # the holder keeps its lease alive
-            assert await s.lease_owner(key) == "holder"
+            assert await s.lease_token(key) == token
 
-            async def waiter(i: int) -> bool:
+            async def waiter() -> bool:
                 while True:
-                    if await s.claim(key, f"w{i}", 5):
+                    lease = await s.claim(key, 5)
+                    if lease is not None:
+                        won.append(lease)
                         return True
                     if await s.wait_for(key, 5) is not None:
                         return False
 
-            tasks += [asyncio.create_task(waiter(i)) for i in range(4)]
+            tasks += [asyncio.create_task(waiter()) for _ in range(4)]
             await asyncio.sleep(0.1)
             os.kill(holder.pid, signal.SIGKILL)
             await holder.wait()
@@ -589,9 +620,8 @@ async def test_kill_9_of_a_lease_holder_lets_one_waiter_take_over(
             # exactly one took over, within the lease time; the others keep waiting
             assert [t.result() for t in done] == [True], (done, pending)
             assert took_over < 0.6 + 0.5
-            owner = await s.lease_owner(key)
-            assert owner is not None and owner.startswith("w")
-            await s.put_and_release(Record(key, b"done", "f", 0.0), owner)
+            assert len(won) == 1 and await s.lease_token(key) == won[0].token
+            assert await won[0].complete(Record(key, b"done", "f", 0.0))
             assert await asyncio.wait_for(asyncio.gather(*pending), 2) == [False] * 3
     finally:
         for t in tasks:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aiomemo.stores import Record, Store
+from aiomemo.stores import Lease, LeaseStore, Record, Store
 from aiomemo.stores._log import LogStore
 from aiomemo.stores._memory import MemoryStore
 
@@ -155,18 +155,30 @@ async def test_async_context_manager(kind: Kind) -> None:
 async def test_flags_and_load(kind: Kind) -> None:
     async with kind.make() as store:
         assert isinstance(store.shared, bool)
-        assert isinstance(store.supports_claims, bool)
+        if isinstance(store, LeaseStore):
+            assert store.shared  # a lease store is a shared store
         report = await store.load()
         assert report.skipped == 0
         if store.shared:
             assert report.table == {}  # shared stores are asked per key
 
 
-async def test_claims_without_competition(kind: Kind) -> None:
-    # every store answers the claim calls; stores without claims always grant
-    key = rec(1).key
+async def test_leases_without_competition(kind: Kind) -> None:
+    # a lease store grants an uncontested claim; the lease renews, releases
+    # (idempotently) and completes; other stores have no claim API at all
+    key, other = rec(1).key, rec(2)
     async with kind.make() as store:
-        assert await store.claim(key, "me", 5.0)
-        assert await store.renew(key, "me", 5.0)
-        await store.release(key, "me")
+        if not isinstance(store, LeaseStore):
+            assert not hasattr(store, "claim")
+            return
+        lease = await store.claim(key, 5.0)
+        assert isinstance(lease, Lease) and lease.key == key and lease.ttl == 5.0
+        assert await lease.renew()
+        await lease.release()
+        await lease.release()
         assert await store.wait_for(key, 0.1) is None
+        lease = await store.claim(other.key, 5.0)
+        assert lease is not None
+        assert await lease.complete(other)
+        assert await store.get(other.key) == other.value
+        assert await store.claim(other.key, 5.0) is None  # the result exists

@@ -22,7 +22,7 @@ from blake3 import blake3
 from _redis_server import RedisServer
 from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import FILE_HEADER_SIZE, SegmentWriter, load_paths
-from aiomemo.stores._base import LoadReport, Record, Store
+from aiomemo.stores import Lease, LeaseStore, LoadReport, Record, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 stress = importlib.import_module("stress")
@@ -224,22 +224,38 @@ async def test_concurrent_checkpoints_lose_nothing(tmp_path: Path) -> None:
     assert want - written == set()
 
 
-class _SharedStore(_GatedStore):
+class _PutLease(Lease):
+    """An always-held lease whose completion is a plain put_many of its store."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store, key: bytes, ttl: float) -> None:
+        super().__init__(key, "token", ttl)
+        self.store = store
+
+    async def renew(self) -> bool:
+        return True
+
+    async def release(self) -> None:
+        return None
+
+    async def complete(self, record: Record) -> bool:
+        await self.store.put_many([record])
+        return True
+
+
+class _SharedStore(_GatedStore, LeaseStore):
     """A shared store with claims (like RedisStore) whose writes take a round trip."""
 
     shared = True
-    supports_claims = True
 
     async def get(self, key: bytes) -> bytes | None:
         return None
 
-    async def claim(self, key: bytes, owner: str, ttl: float) -> bool:
-        return True
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return _PutLease(self, key, ttl)
 
-    async def renew(self, key: bytes, owner: str, ttl: float) -> bool:
-        return True
-
-    async def release(self, key: bytes, owner: str) -> None:
+    async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         return None
 
     async def put_many(self, records: Sequence[Record]) -> None:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from aiomemo._exceptions import (
     CheckpointError,
+    CheckpointPathError,
+    CodecError,
     CorruptCheckpointError,
     LeaderCancelledError,
+    MaintenanceError,
     MemoError,
     MemoizerClosedError,
     StoreError,
+    UnencodableResultError,
     UnhashableInputError,
 )
 from aiomemo._explain import Explanation
@@ -24,10 +28,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "CheckpointMode",
+    "CheckpointPathError",
+    "CodecError",
     "CorruptCheckpointError",
     "Explanation",
     "File",
     "LeaderCancelledError",
+    "MaintenanceError",
     "MemoError",
     "MemoStats",
     "Memoizer",
@@ -35,10 +42,10 @@ __all__ = [
     "StoreError",
     "Task",
     "TaskRecord",
+    "UnencodableResultError",
     "UnhashableInputError",
     "get_all_checkpoints",
     "get_last_checkpoint",
     "id_for_memo",
     "make_hash",
 ]
-

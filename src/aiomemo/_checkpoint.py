@@ -49,6 +49,11 @@ segment, so a retried batch is never half-present twice.
 
 Parsl's pickled ``tasks.pkl`` is never loaded here (unpickling runs code);
 ``aiomemo import-parsl --trust`` converts it.
+
+Layering: this module (with :mod:`aiomemo._records`, :mod:`aiomemo._paths`
+and :mod:`aiomemo._maintenance`) is the format layer; it imports nothing from
+the stores, the Memoizer or the CLI above it. Segment names, path resolution
+and opening a segment for reading live in :mod:`aiomemo._paths`.
 """
 
 from __future__ import annotations
@@ -60,11 +65,9 @@ import fcntl
 import io
 import operator
 import os
-import secrets
 import struct
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -74,8 +77,18 @@ import msgpack
 from blake3 import blake3
 
 from aiomemo._exceptions import CheckpointError, CorruptCheckpointError
+from aiomemo._paths import (
+    FILE_MAGIC,
+    SEGMENT_SUFFIX,
+    list_segments,
+    open_fd,
+    open_segment,
+    resolve,
+    segment_name,
+    segment_stamp,
+)
+from aiomemo._records import LoadReport, Record
 from aiomemo._rundir import ensure_dir
-from aiomemo.stores._base import LoadReport, Record
 
 __all__ = [
     "BATCH_HEADER_SIZE",
@@ -89,17 +102,16 @@ __all__ = [
     "SegmentHeader",
     "SegmentWriter",
     "encode_batch",
-    "encode_batch_sliced",
+    "file_header",
+    "fsync_dir",
     "is_segment_in_use",
     "iter_segment",
     "list_segments",
     "load_paths",
-    "load_paths_async",
     "read_segment_header",
     "segment_stamp",
 ]
 
-FILE_MAGIC: Final = b"\x89AMLOG\r\n"
 FORMAT_VERSION: Final = 1
 FILE_HEADER_SIZE: Final = 16
 _FILE_HEADER = struct.Struct("<8sHH")  # the 12 bytes the file header digest covers
@@ -116,10 +128,6 @@ _RECORD_START: Final = b"\x96\xc4"
 MAX_KEY_SIZE: Final = 255
 _CHECKSUM_BIN_HEADER: Final = b"\xc4\x10"  # msgpack bin 8, length 16
 _ZERO_CHECKSUM: Final = bytes(RECORD_CHECKSUM_SIZE)
-
-SEGMENT_SUFFIX: Final = ".amlog"
-_SEGMENT_PREFIX: Final = "seg-"
-_PARSL_PICKLE: Final = "tasks.pkl"
 
 #: a batch's payload is kept below this so its length fits the u32 field with
 #: room to spare and a damaged batch costs a bounded amount of re-reading
@@ -261,26 +269,8 @@ def _frame_all(packer: msgpack.Packer, raws: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-#: records encoded per slice on the event loop before yielding to other tasks
-_ENCODE_SLICE: Final = 256
-
-
-async def encode_batch_sliced(records: Sequence[Record]) -> bytes:
-    """:func:`encode_batch` on the event loop, yielding every few hundred records.
-
-    Same bytes as ``encode_batch``; each slice costs well under a millisecond,
-    so a drain of many thousand small records never stalls the loop.
-    """
-    packer = msgpack.Packer(use_bin_type=True)
-    raws: list[bytes] = []
-    for i, rec in enumerate(records):
-        if i and i % _ENCODE_SLICE == 0:
-            await asyncio.sleep(0)
-        raws.append(_record_bytes(packer, rec))
-    return _frame_all(packer, raws)
-
-
-def _file_header() -> bytes:
+def file_header() -> bytes:
+    """The 16-byte file header every segment starts with."""
     fixed = _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE)
     return fixed + blake3(fixed).digest(4)
 
@@ -290,28 +280,8 @@ def _file_header() -> bytes:
 # --------------------------------------------------------------------------
 
 
-def _segment_name(stamp: str | None = None) -> str:
-    # Fixed-width UTC time first, so that sorting names sorts segments by start.
-    if stamp is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{_SEGMENT_PREFIX}{stamp}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
-
-
-def segment_stamp(path: str | os.PathLike[str]) -> str | None:
-    """The time stamp part of a segment's name (what it sorts by), or None.
-
-    A compaction tool that replaces segments should pass the stamp of the
-    first segment it replaces to ``SegmentWriter.create(..., stamp=...)``, so
-    that its output sorts where its inputs did (newer segments still override).
-    """
-    name = Path(path).name
-    if not (name.startswith(_SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
-        return None
-    stamp = name[len(_SEGMENT_PREFIX) :].split("-", 1)[0]
-    return stamp or None
-
-
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync directory ``path`` (its entries become durable); raises ``OSError``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -407,7 +377,7 @@ class SegmentWriter:
         created = await asyncio.to_thread(ensure_dir, self._dir)
         self._created_dirs.extend(created)
         for _ in range(5):
-            name = _segment_name(self._stamp)
+            name = segment_name(self._stamp)
             tmp = self._dir / f".{name}.tmp"
             try:
                 f = await aiofiles.open(tmp, "xb", buffering=0)
@@ -420,7 +390,7 @@ class SegmentWriter:
             # Lock before the file gets its real name: a compaction tool that
             # sees a ``seg-*.amlog`` name can trust ``flock`` to say it is live.
             await asyncio.to_thread(_lock_exclusive, f.fileno())
-            await _write_and_sync(f.fileno(), _file_header(), False)
+            await _write_and_sync(f.fileno(), file_header(), False)
             final = self._dir / name
             await aiofiles.os.rename(tmp, final)
         except BaseException:
@@ -534,9 +504,9 @@ class SegmentWriter:
     def _sync_dirs(self) -> None:
         # The segment's directory entry, and the entries of every directory we
         # created on the way (each lives in its parent).
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         for d in self._created_dirs:
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
         self._created_dirs.clear()
 
     async def sync(self) -> None:
@@ -612,7 +582,7 @@ def read_segment_header(path: str | os.PathLike[str]) -> SegmentHeader:
     cut short, of another format version or not an aiomemo header at all, and
     ``OSError`` when the file cannot be read.
     """
-    with open(path, "rb") as f:
+    with open_segment(path) as f:
         raw = f.read(FILE_HEADER_SIZE)
     header, problem = _parse_file_header(raw)
     if header is None or problem:
@@ -646,10 +616,11 @@ def _parse_file_header(raw: bytes) -> tuple[SegmentHeader | None, str]:
 def is_segment_in_use(path: str | os.PathLike[str]) -> bool:
     """True when a writer holds segment ``path`` open (its ``flock`` is taken).
 
-    A compaction tool must leave such a segment alone. False for a missing file.
+    A compaction tool must leave such a segment alone. False for a missing
+    file and for anything that is not a regular file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_fd(path)  # never blocks on a FIFO
     except OSError:
         return False
     try:
@@ -956,6 +927,27 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
         pos = nxt
 
 
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike[str]) -> Iterator[tuple[_Source, SegmentHeader | None, str]]:
+    """Open segment ``path`` and read its file header: (source, header, problem).
+
+    The one opening routine of both readers (:func:`iter_segment` for tools,
+    :func:`_load_segment` for loading). ``header`` is None with ``problem``
+    "" for an empty file (a writer died before its header: nothing lost) and
+    with a problem for a header that stops the reader; see
+    :func:`_parse_file_header`. Raises ``OSError`` (a FIFO or other
+    non-regular file is refused, never waited on: see :func:`open_segment`).
+    """
+    with open_segment(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        src = _Source(f, size)
+        if not size:
+            yield src, None, ""
+            return
+        header, problem = _parse_file_header(src.read(0, FILE_HEADER_SIZE))
+        yield src, header, problem
+
+
 def iter_segment(
     path: str | os.PathLike[str], *, verify_records: bool = True
 ) -> Iterator[RecordInfo | BadSpan]:
@@ -975,14 +967,11 @@ def iter_segment(
     a ``BadSpan`` (a writer bug: the batch digest matched); without it a sound
     batch is trusted as a whole, as loading does.
     """
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
-        size = os.fstat(f.fileno()).st_size
-        src = _Source(f, size)
-        if not size:
-            return  # a writer died before its header: nothing was lost
-        header, problem = _parse_file_header(src.read(0, FILE_HEADER_SIZE))
+    with _reading(path) as (src, header, problem):
+        size = src.size
         if header is None:
-            yield BadSpan(0, size, problem, 0, torn=size < FILE_HEADER_SIZE)
+            if problem:
+                yield BadSpan(0, size, problem, 0, torn=size < FILE_HEADER_SIZE)
             return
         if problem:
             yield BadSpan(0, FILE_HEADER_SIZE, problem, 0)
@@ -1059,20 +1048,17 @@ def _load_segment(path: Path, report: LoadReport) -> None:
     """Add segment ``path``'s records to ``report`` (later records override)."""
     table = report.table
     shown = os.fspath(path)
-    try:
-        f = open(path, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed below
-    except OSError as exc:
-        report.errors.append(f"{shown}: cannot open: {exc.strerror or exc}")
-        return
-    with f:
+    with contextlib.ExitStack() as stack:
         try:
-            size = os.fstat(f.fileno()).st_size
-            src = _Source(f, size)
-            if not size:
-                return  # a writer died before its header: nothing was lost
-            header, problem = _parse_file_header(src.read(0, FILE_HEADER_SIZE))
+            src, header, problem = stack.enter_context(_reading(path))
+        except OSError as exc:
+            report.errors.append(f"{shown}: cannot open: {exc.strerror or exc}")
+            return
+        try:
+            f, size = src.f, src.size
             if header is None:
-                report.errors.append(f"{shown}: skipped: {problem}")
+                if problem:
+                    report.errors.append(f"{shown}: skipped: {problem}")
                 return
             if problem:
                 report.errors.append(f"{shown}: {problem}")
@@ -1112,7 +1098,6 @@ def _load_segment(path: Path, report: LoadReport) -> None:
 
 
 _unpackb = msgpack.unpackb
-_BATCH_FIELDS = struct.Struct("<8sII16s")
 
 
 def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) -> tuple[int, int]:
@@ -1123,7 +1108,7 @@ def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) ->
     irregular (bad magic, a digest mismatch, a torn tail, an odd payload)
     ends the run at that batch for :func:`_iter_batches` to handle.
     """
-    fields = _BATCH_FIELDS.unpack_from
+    fields = _BATCH_FIXED.unpack_from
     hsize = BATCH_HEADER_SIZE
     magic_expected = BATCH_MAGIC
     loaded = 0
@@ -1203,15 +1188,6 @@ def _load_sound_batch(table: dict[bytes, bytes], count: int, payload: bytes | me
     return True
 
 
-def list_segments(directory: str | os.PathLike[str]) -> list[Path]:
-    """The segment files of checkpoint ``directory`` in load order (by name)."""
-    d = Path(directory)
-    return sorted(
-        (p for p in d.iterdir() if p.name.endswith(SEGMENT_SUFFIX) and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
-
-
 def _looks_like_runinfo(d: Path) -> bool:
     try:
         return any(c.name.isdigit() and (c / "checkpoint").is_dir() for c in d.iterdir())
@@ -1230,47 +1206,46 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
     """Load checkpoints into one table (key -> encoded value); never raises for bad data.
 
     Each path may be a run directory (holding ``checkpoint/``), a checkpoint
-    directory, or a single segment file. Paths load in the order given,
-    segments of a directory in name order (= start time), records in file
-    order; a later record for a key overrides an earlier one. Problems (a
-    missing path, a damaged batch, a torn tail, a Parsl ``tasks.pkl``, which
-    is never unpickled) each add one line to :attr:`LoadReport.errors`;
-    ``skipped`` counts the records known lost. Synchronous: call it through
-    :func:`load_paths_async` (or ``asyncio.to_thread``) from a coroutine.
+    directory, or a single segment file (resolved by
+    :func:`aiomemo._paths.resolve`; a runinfo root is refused with a line
+    saying to pass ``get_all_checkpoints()`` of it). Paths load in the order
+    given, segments of a directory in name order (= start time), records in
+    file order; a later record for a key overrides an earlier one. Problems
+    (a missing path, a damaged batch, a torn tail, a Parsl ``tasks.pkl``,
+    which is never unpickled, a FIFO or other non-regular file named like a
+    segment, which is never opened) each add one line to
+    :attr:`LoadReport.errors`; ``skipped`` counts the records known lost.
+    Synchronous and blocking: from a coroutine, call it through
+    ``asyncio.to_thread``.
     """
     report = LoadReport()
     for p in paths:
-        path = Path(p)
         shown = os.fspath(p)
         try:
-            if path.is_file():
-                if path.name == _PARSL_PICKLE:
-                    report.errors.append(_pickle_skipped(path))
-                else:
-                    _load_segment(path, report)
-                continue
-            if not path.is_dir():
-                report.errors.append(f"{shown}: no such checkpoint directory or file")
-                continue
-            ckpt = path / "checkpoint"
-            if ckpt.is_dir() and not list_segments(path) and not (path / _PARSL_PICKLE).exists():
-                path = ckpt  # a run directory
-            pkl = path / _PARSL_PICKLE
-            if pkl.exists():
-                report.errors.append(_pickle_skipped(pkl))
-            segments = list_segments(path)
-            if not segments and _looks_like_runinfo(path):
+            r = resolve(p)
+            report.errors.extend(r.notes)
+            report.errors.extend(_pickle_skipped(pkl) for pkl in r.pickles)
+            path = Path(p)
+            if r.kind == "runinfo root" or (
+                r.kind == "none" and path.is_dir() and _looks_like_runinfo(path)
+            ):
                 report.errors.append(
                     f"{shown}: looks like a runinfo root, not a run or checkpoint directory; "
                     "pass get_all_checkpoints() of it"
                 )
-            for seg in segments:
+                continue
+            if r.kind == "none":
+                if not path.exists():
+                    report.errors.append(f"{shown}: no such checkpoint directory or file")
+                elif path.is_file():
+                    # named explicitly: read it (the reader reports what is wrong)
+                    _load_segment(path, report)
+                elif not path.is_dir():
+                    report.errors.append(f"{shown}: skipped: {r.problem}")
+                # an empty directory holds nothing to load
+                continue
+            for seg in r.segments:
                 _load_segment(seg, report)
         except OSError as exc:
             report.errors.append(f"{shown}: cannot read: {exc.strerror or exc}")
     return report
-
-
-async def load_paths_async(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
-    """:func:`load_paths` in a worker thread (the event loop keeps running)."""
-    return await asyncio.to_thread(load_paths, list(paths))

@@ -83,6 +83,8 @@ from typing import Any, Final
 
 import msgpack
 
+from aiomemo._exceptions import CodecError, UnencodableResultError
+
 __all__ = [
     "MAX_DEPTH",
     "CodecError",
@@ -114,28 +116,6 @@ EXT_POSIX_PATH: Final = 16
 EXT_WINDOWS_PATH: Final = 17
 EXT_NDARRAY: Final = 18
 EXT_NPSCALAR: Final = 19
-
-
-class UnencodableResultError(TypeError):
-    """A result (or something nested in it) cannot be encoded for a checkpoint.
-
-    ``type_name`` is the qualified name of the offending type and ``where``
-    names its place in the result (``"result[2]['x']"``); the message says
-    both and why.
-    """
-
-    def __init__(self, message: str, *, where: str = "result", type_name: str = "") -> None:
-        super().__init__(message)
-        self.where = where
-        self.type_name = type_name
-
-
-class CodecError(ValueError):
-    """Bytes given to :func:`decode` are not a valid result encoding.
-
-    Raised for garbage, truncated data, unknown ext codes and malformed ext
-    payloads; the original error, if any, is chained as ``__cause__``.
-    """
 
 
 # ---------------------------------------------------------------------------

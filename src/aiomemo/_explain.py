@@ -21,15 +21,15 @@ explain as before.
 :func:`explain` is synchronous and only reads files: from a coroutine, call it
 as ``await asyncio.to_thread(explain, task, paths)``. It is thread-safe.
 
-This module also holds :func:`find_segments`, which turns a path (a runinfo
-root, a run directory, a checkpoint directory or a segment file) into the
-segment files it holds, for ``explain`` and the ``aiomemo`` command.
+Paths resolve through :func:`aiomemo._paths.find_segments` (re-exported
+here with :class:`ResolvedPath` and :func:`func_name` for older callers).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,11 +38,12 @@ from typing import Any, Literal
 
 import msgpack
 
-from aiomemo._checkpoint import FILE_MAGIC, SEGMENT_SUFFIX, RecordInfo, iter_segment, list_segments
-from aiomemo._exceptions import UnhashableInputError
+from aiomemo._checkpoint import RecordInfo, iter_segment
+from aiomemo._exceptions import CheckpointPathError, UnhashableInputError
 from aiomemo._fingerprint import code_fingerprint
 from aiomemo._hashing import arg_digests, hash_task
-from aiomemo._rundir import get_all_checkpoints
+from aiomemo._naming import func_name
+from aiomemo._paths import PathKind, ResolvedPath, find_segments, unique_segments
 
 __all__ = [
     "CheckpointPathError",
@@ -56,136 +57,18 @@ __all__ = [
     "unique_segments",
 ]
 
-PathKind = Literal["segment", "checkpoint dir", "run dir", "runinfo root"]
 Status = Literal["match", "differs", "missing", "extra", "unknown"]
 _Digests = tuple[list[bytes], dict[str, bytes], dict[str, bytes] | None]
 
-_PARSL_PICKLE = "tasks.pkl"
-_IMPORT_HINT = "convert it with `aiomemo import-parsl RUNINFO --trust`"
-
-
-# --------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------
-
-
-class CheckpointPathError(ValueError):
-    """A path given as a checkpoint holds none: missing, empty, or not aiomemo's.
-
-    The message is one line naming the path and what is wrong with it.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedPath:
-    """What a path given by a user turned out to be.
-
-    Attributes:
-        path: the path as given.
-        kind: ``"segment"``, ``"checkpoint dir"``, ``"run dir"`` or
-            ``"runinfo root"``.
-        segments: its segment files in load order (older first).
-        checkpoint_dirs: the checkpoint directories involved (one, or one per
-            run of a runinfo root; the segment's directory for a segment).
-    """
-
-    path: Path
-    kind: PathKind
-    segments: tuple[Path, ...]
-    checkpoint_dirs: tuple[Path, ...]
-
-
-def _has_magic(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(FILE_MAGIC)) == FILE_MAGIC
-
-
-def _pickles_under(d: Path) -> list[Path]:
-    found = [p for p in (d / _PARSL_PICKLE, d / "checkpoint" / _PARSL_PICKLE) if p.is_file()]
-    try:
-        children = sorted(c for c in d.iterdir() if c.is_dir())
-    except OSError:
-        children = []
-    found += [c / "checkpoint" / _PARSL_PICKLE for c in children]
-    return [p for p in found if p.is_file()]
-
-
-def find_segments(path: str | os.PathLike[str], *, strict: bool = True) -> ResolvedPath | None:
-    """Resolve ``path`` to the checkpoint segments it holds.
-
-    ``path`` may be a segment file, a checkpoint directory (holding
-    ``*.amlog`` segments), a run directory (holding ``checkpoint/``) or a
-    runinfo root (numbered run directories, each with ``checkpoint/``; their
-    segments come oldest run first, as the Memoizer loads them).
-
-    With ``strict`` (the CLI), raises :class:`CheckpointPathError` with one
-    clear line for a missing path, a directory holding no segments, a Parsl
-    ``tasks.pkl`` and a file that is not an aiomemo segment (neither the
-    ``.amlog`` suffix nor the aiomemo file header). Without it, such a path
-    gives ``None``. Raises ``OSError`` only for unreadable file systems.
-    """
-    p = Path(path)
-    shown = os.fspath(path)
-
-    def fail(msg: str) -> None:
-        if strict:
-            raise CheckpointPathError(f"{shown}: {msg}")
-
-    if not p.exists():
-        fail("no such file or directory")
-        return None
-    if p.is_file():
-        if p.name == _PARSL_PICKLE:
-            fail(f"a Parsl pickle checkpoint, not an aiomemo one; {_IMPORT_HINT}")
-            return None
-        if p.name.endswith(SEGMENT_SUFFIX) or _has_magic(p):
-            return ResolvedPath(p, "segment", (p,), (p.parent,))
-        fail("not an aiomemo checkpoint segment (no aiomemo file header)")
-        return None
-    if not p.is_dir():
-        fail("not a file or directory")
-        return None
-    segs = list_segments(p)
-    if segs:
-        return ResolvedPath(p, "checkpoint dir", tuple(segs), (p,))
-    ckpt = p / "checkpoint"
-    if ckpt.is_dir():
-        segs = list_segments(ckpt)
-        if segs:
-            return ResolvedPath(p, "run dir", tuple(segs), (ckpt,))
-    dirs = [Path(d) for d in get_all_checkpoints(p)]
-    segs = [s for d in dirs for s in list_segments(d)]
-    if segs:
-        used = tuple(d for d in dirs if list_segments(d))
-        return ResolvedPath(p, "runinfo root", tuple(segs), used)
-    pickles = _pickles_under(p)
-    if pickles:
-        fail(f"holds no aiomemo checkpoints, only Parsl's {pickles[0]}; {_IMPORT_HINT}")
-    else:
-        fail(
-            "holds no aiomemo checkpoints (expected a runinfo root, a run directory, "
-            "a checkpoint directory or a segment file)"
-        )
-    return None
-
-
-def unique_segments(resolved: Iterable[ResolvedPath | None]) -> list[Path]:
-    """The segments of several resolved paths in order, each once (first place wins)."""
-    out: list[Path] = []
-    seen: set[str] = set()
-    for r in resolved:
-        if r is None:
-            continue
-        for s in r.segments:
-            real = os.path.realpath(s)
-            if real not in seen:
-                seen.add(real)
-                out.append(s)
-    return out
-
 
 def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
-    return unique_segments(find_segments(p, strict=strict) for p in paths)
+    found = []
+    for p in paths:
+        r = find_segments(p, strict=strict)
+        for note in r.notes if r is not None else ():  # e.g. a FIFO named like a segment
+            warnings.warn(f"aiomemo: {note}", RuntimeWarning, stacklevel=3)
+        found.append(r)
+    return unique_segments(found)
 
 
 # --------------------------------------------------------------------------
@@ -383,13 +266,6 @@ class _FuncName:
     def __init__(self, module: str, qualname: str) -> None:
         self.__module__ = module
         self.__qualname__ = qualname
-
-
-def func_name(func: object) -> str:
-    """``"module.qualname"`` of ``func`` exactly as the Memoizer names it in records."""
-    if isinstance(func, str):
-        return func
-    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
 
 
 def _candidate_keys(task: Mapping[str, Any]) -> set[bytes]:

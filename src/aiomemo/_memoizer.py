@@ -9,9 +9,7 @@ import enum
 import functools
 import logging
 import os
-import socket
 import time
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ from aiomemo._exceptions import (
     StoreError,
 )
 from aiomemo._hashing import arg_digests, hash_task_async
-from aiomemo.stores._base import LoadReport, Record, Store
+from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record, Store
 
 if TYPE_CHECKING:
     from aiomemo._explain import Explanation
@@ -351,7 +349,7 @@ class Memoizer:
         self._state = _State.NEW
         self._start_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._leases: dict[str, Lease] = {}  # key -> the lease this process holds
 
         # key -> result, or _Raised(exception): plain values rather than one
         # Future per entry, so a big memo costs less memory and the garbage
@@ -456,7 +454,7 @@ class Memoizer:
         self._sinks = [_Sink(s) for s in stores]
         self._shared = [s for s in stores if s.shared]
         if self.checkpoint_mode in ("periodic", "task_exit") or (
-            self.collapse and any(st.supports_claims for st in self._shared)
+            self.collapse and any(isinstance(st, LeaseStore) for st in self._shared)
         ):
             # (mode None with a shared store: the drain only retries failed publishes)
             self._drain_task = asyncio.create_task(self._drain_loop(), name="aiomemo-drain")
@@ -728,14 +726,15 @@ class Memoizer:
                 return self._resolve_remote(key, raw, flight, enc)
         if self.collapse:
             for store in self._shared:
-                if not store.supports_claims:
+                if not isinstance(store, LeaseStore):
                     continue
                 try:
-                    taken = await store.claim(raw, self._owner, self.lease_ttl)
+                    lease = await store.claim(raw, self.lease_ttl)
                 except StoreError as exc:
                     self._store_error(store, exc)
                     continue
-                if taken:
+                if lease is not None:
+                    self._leases[key] = lease
                     flight.lease_store = store
                     flight.renew_task = asyncio.create_task(self._renew(store, raw, key))
                     break
@@ -764,7 +763,7 @@ class Memoizer:
         self._remote_hits += 1
         return flight.future
 
-    async def _await_remote(self, store: Store, key: str, raw: bytes, flight: _Flight) -> None:
+    async def _await_remote(self, store: LeaseStore, key: str, raw: bytes, flight: _Flight) -> None:
         try:
             while True:
                 # wait_for returns early with None only when the lease is gone;
@@ -810,8 +809,11 @@ class Memoizer:
         interval = self.lease_ttl / 3
         while True:
             await asyncio.sleep(interval)
+            lease = self._leases.get(key)
+            if lease is None:
+                return
             try:
-                if not await store.renew(raw, self._owner, self.lease_ttl):
+                if not await lease.renew():
                     logger.warning("lease on %s was lost; another process may run it too", key)
                     return
             except StoreError as exc:
@@ -928,7 +930,12 @@ class Memoizer:
         try:
             # the result and the lease's release in one step: waiters never
             # see the lease gone without the result
-            await store.put_and_release(record, self._owner)
+            lease = self._leases.get(key)
+            if lease is not None:
+                await lease.complete(record)
+                self._leases.pop(key, None)
+            else:
+                await store.put_many([record])
         except Exception as exc:  # StoreError, or anything a store does wrong
             self._store_error(store, exc)
             for s in self._sinks:  # keep it for the drain to retry
@@ -941,7 +948,9 @@ class Memoizer:
 
     async def _release(self, store: Store, key: str) -> None:
         try:
-            await store.release(bytes.fromhex(key), self._owner)
+            lease = self._leases.pop(key, None)
+            if lease is not None:
+                await lease.release()
         except Exception as exc:  # the lease then expires by itself
             self._store_error(store, exc)
 

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aiomemo.stores._base import LoadReport, Record, Store
+from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record, Store
 
-__all__ = ["LoadReport", "LogStore", "MemoryStore", "Record", "RedisStore", "Store"]
+__all__ = [
+    "Lease",
+    "LeaseStore",
+    "LoadReport",
+    "LogStore",
+    "MemoryStore",
+    "Record",
+    "RedisStore",
+    "Store",
+]
 
 if TYPE_CHECKING:
     from aiomemo.stores._log import LogStore

@@ -12,51 +12,22 @@ the time it finished. The Memoizer owns one or more stores:
   raises :class:`~aiomemo.StoreError` (or ``CheckpointError``) and the caller
   keeps the records queued and retries them all later (a store must accept
   the same record twice; the newest record per key wins).
-* ``claim()/renew()/release()/wait_for()``: optional cross-process collapse
-  (``supports_claims = True``).
+* :class:`LeaseStore` s (shared stores that collapse identical work across
+  processes) also hand out :class:`Lease` s with ``claim()`` and let other
+  processes ``wait_for()`` the holder's result.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-__all__ = ["LoadReport", "Record", "Store"]
+from aiomemo._records import LoadReport, Record  # re-exported: defined in the format layer
 
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One finished task's result, as stores keep it.
-
-    Attributes:
-        key: the task key as raw bytes (32 bytes of blake3; 16 bytes for a
-            Parsl md5 key imported from Parsl's checkpoints).
-        value: the result encoded by ``aiomemo._codec.encode`` (opaque here).
-        func: ``"module.qualname"`` of the task's function.
-        time: when the task finished, seconds since the epoch.
-        digests: optional per-argument digests (for ``explain``); empty when off.
-    """
-
-    key: bytes
-    value: bytes
-    func: str
-    time: float
-    digests: bytes = b""
-
-
-@dataclass(slots=True)
-class LoadReport:
-    """What a load found: the table plus counts for ``stats()`` and warnings."""
-
-    table: dict[bytes, bytes] = field(default_factory=dict)
-    records: int = 0
-    skipped: int = 0  # corrupt or torn records skipped
-    files: int = 0
-    errors: list[str] = field(default_factory=list)  # one line per problem found
+__all__ = ["Lease", "LeaseStore", "LoadReport", "Record", "Store"]
 
 
 class Store(abc.ABC):
@@ -68,8 +39,6 @@ class Store(abc.ABC):
 
     #: other processes see what this store holds (consult ``get`` on a local miss)
     shared: ClassVar[bool] = False
-    #: implements claim/renew/release/wait_for (cross-process collapse)
-    supports_claims: ClassVar[bool] = False
 
     async def open(self, *, run_dir: Path | None = None) -> None:  # noqa: B027
         """Get ready. ``run_dir`` is the Memoizer's run directory (not created yet)."""
@@ -110,28 +79,54 @@ class Store(abc.ABC):
     async def put_many(self, records: Sequence[Record]) -> None:
         """Store the records durably; raise StoreError/CheckpointError on failure."""
 
-    # -- cross-process collapse (optional) ---------------------------------
-    async def claim(self, key: bytes, owner: str, ttl: float) -> bool:
-        """Take the lease on ``key`` for ``ttl`` seconds; True when taken."""
-        return True
 
-    async def renew(self, key: bytes, owner: str, ttl: float) -> bool:
-        """Extend a lease this owner holds; False when it was lost."""
-        return True
+class Lease(abc.ABC):
+    """A claim on one key by one holder, returned by :meth:`LeaseStore.claim`.
 
-    async def release(self, key: bytes, owner: str) -> None:  # noqa: B027
-        """Give the lease up (the task finished, failed or was cancelled)."""
+    The lease owns its token (as redis-py's asyncio ``Lock`` does): only the
+    holder can renew, release or complete it. It expires by itself ``ttl``
+    seconds after the last renewal, so a holder that dies frees the key.
+    """
 
-    async def put_and_release(self, record: Record, owner: str) -> bool:
-        """Store a leader's result and drop its lease (stores may do it atomically).
+    __slots__ = ("key", "token", "ttl")
 
-        Returns whether the lease was still ``owner``'s. The default calls
-        :meth:`put_many` then :meth:`release`.
+    def __init__(self, key: bytes, token: str, ttl: float) -> None:
+        self.key = key
+        self.token = token
+        self.ttl = ttl
+
+    @abc.abstractmethod
+    async def renew(self) -> bool:
+        """Extend the lease by ``ttl``; False when it was lost (expired or taken)."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Give the lease up (the task failed or was cancelled). Idempotent."""
+
+    @abc.abstractmethod
+    async def complete(self, record: Record) -> bool:
+        """Store the holder's result and release, atomically where the store can.
+
+        The record is stored either way; returns whether the lease was still held.
         """
-        await self.put_many([record])
-        await self.release(record.key, owner)
-        return True
 
+
+class LeaseStore(Store):
+    """A shared store that also collapses identical work across processes."""
+
+    shared: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        """Take the lease on ``key`` for ``ttl`` seconds.
+
+        Returns the :class:`Lease`, or None when another holder has it or the
+        result already exists (then :meth:`wait_for` / :meth:`get`).
+        """
+
+    @abc.abstractmethod
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:  # noqa: ASYNC109
-        """Wait until ``key`` has a result (return it) or its lease is gone (None)."""
-        return None
+        """Wait until ``key`` has a result (return it) or its lease is gone (None).
+
+        None also when ``timeout`` passes first; the caller then claims again.
+        """

@@ -4,7 +4,7 @@ A :class:`RedisStore` keeps one Redis string per finished task and, for
 cross-process collapse, one short-lived *lease* key per task being computed::
 
     {namespace}:r:{hex key}   checksummed record (see "Values" below), optional TTL
-    {namespace}:l:{hex key}   lease: the owner id of the process computing it, PX expiry
+    {namespace}:l:{hex key}   lease: the random token of the holder's lease, PX expiry
     {namespace}:events        pub/sub channel: "a result was put" / "a lease was released"
 
 Values
@@ -17,14 +17,15 @@ Values
     Nothing read from Redis is ever unpickled.
 
 Lease protocol (what a Memoizer does on a local miss)
-    1. ``claim(key, owner, ttl)``: atomic ``SET lease owner NX PX ttl`` (Lua; it
-       also refuses when the result already exists). True: this process computes.
-    2. While computing: ``renew(key, owner, ttl)`` every ``ttl/3``; False means the
+    1. ``lease = await store.claim(key, ttl)``: atomic ``SET lease token NX PX ttl``
+       (Lua; it also refuses when the result already exists) with a fresh random
+       token. A :class:`RedisLease`: this process computes; None: somebody else does.
+    2. While computing: ``await lease.renew()`` every ``ttl/3``; False means the
        lease was lost (expired), the result may be computed twice but stays correct.
-    3. On success: ``put_and_release(record, owner)`` (one atomic round trip), or
-       ``put_many([record])`` then ``release(key, owner)``; on an exception or
-       cancellation: ``release(key, owner)`` only.
-    4. A process whose claim returned False calls ``wait_for(key, timeout)``: it
+    3. On success: ``await lease.complete(record)`` (stores it and drops the lease
+       in one atomic round trip); on an exception or cancellation:
+       ``await lease.release()`` only.
+    4. A process whose claim returned None calls ``wait_for(key, timeout)``: it
        returns the result as soon as it is put (woken by pub/sub, no busy poll),
        or None when the lease is gone without a result (the holder failed, or
        died and its lease expired: noticed right at the expiry time, found with
@@ -43,8 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import struct
 import time
 import uuid
@@ -55,7 +54,7 @@ from typing import Any, ClassVar, TypeVar
 from blake3 import blake3
 
 from aiomemo._exceptions import StoreError
-from aiomemo.stores._base import LoadReport, Record, Store
+from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record
 
 try:
     import redis.asyncio as aioredis
@@ -71,7 +70,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without redis-p
         "aiomemo's RedisStore needs redis-py: install the extra with `pip install 'aiomemo[redis]'`"
     ) from _exc
 
-__all__ = ["RedisStore", "decode_value", "encode_value", "new_owner_id"]
+__all__ = ["RedisLease", "RedisStore", "decode_value", "encode_value"]
 
 log = logging.getLogger("aiomemo.redis")
 
@@ -82,22 +81,15 @@ _SUM_LEN = 16
 _HEAD = struct.Struct(">dHI")  # time, len(func), len(digests)
 _MIN_LEN = len(MAGIC) + _SUM_LEN + _HEAD.size
 
-# KEYS[1] lease, KEYS[2] value; ARGV[1] owner, ARGV[2] ttl ms, ARGV[3] MAGIC.
-# 1: taken (or already held by this owner: extended); 0: held by another or a
-# result (a value with our header) exists.
+# KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] MAGIC.
+# 1: taken; 0: held by another or a result (a value with our header) exists.
 _CLAIM_LUA = """
 if redis.call('getrange', KEYS[2], 0, 3) == ARGV[3] then return 0 end
-local cur = redis.call('get', KEYS[1])
-if cur == ARGV[1] then
-  redis.call('pexpire', KEYS[1], ARGV[2])
-  return 1
-end
-if cur then return 0 end
-redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
 """
 
-# KEYS[1] lease; ARGV[1] owner, ARGV[2] ttl ms.
+# KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms.
 _RENEW_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -105,7 +97,7 @@ end
 return 0
 """
 
-# KEYS[1] lease; ARGV[1] owner, ARGV[2] channel, ARGV[3] message.
+# KEYS[1] lease; ARGV[1] token, ARGV[2] channel, ARGV[3] message.
 _RELEASE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   redis.call('del', KEYS[1])
@@ -121,7 +113,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 
-# KEYS[1] value, KEYS[2] lease; ARGV[1] blob, ARGV[2] ttl ms (0: none), ARGV[3] owner,
+# KEYS[1] value, KEYS[2] lease; ARGV[1] blob, ARGV[2] ttl ms (0: none), ARGV[3] token,
 # ARGV[4] channel, ARGV[5] message. Returns 1 when the lease was ours (and released).
 _COMPLETE_LUA = """
 if tonumber(ARGV[2]) > 0 then
@@ -137,11 +129,6 @@ end
 redis.call('publish', ARGV[4], ARGV[5])
 return mine
 """
-
-
-def new_owner_id() -> str:
-    """A lease owner id unique to this process and call: ``host:pid:random``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def _checksum(key: bytes, body: bytes | memoryview) -> bytes:
@@ -211,12 +198,57 @@ def _parse_key_list(msg: bytes) -> list[bytes]:
     return out
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class RedisLease(Lease):
+    """A lease on one key in a :class:`RedisStore`, held under a random token.
+
+    Only this object (its token) can renew, release or complete it; another
+    process's lease on the same key is never touched.
+    """
+
+    __slots__ = ("_released", "_store")
+
+    def __init__(self, store: RedisStore, key: bytes, token: str, ttl: float) -> None:
+        super().__init__(key, token, ttl)
+        self._store = store
+        self._released = False
+
+    def __repr__(self) -> str:
+        return f"RedisLease({self.key.hex()[:12]}…, ttl={self.ttl})"
+
+    async def renew(self) -> bool:
+        """Extend the lease by ``ttl``; False when it was lost (expired or taken)."""
+        if self._released:
+            return False
+        return await self._store._renew(self)
+
+    async def release(self) -> None:
+        """Give the lease up and wake the waiters. Idempotent."""
+        if self._released:
+            return
+        await self._store._release(self)
+        self._released = True
+
+    async def complete(self, record: Record) -> bool:
+        """Store ``record``, drop the lease and wake waiters: one atomic call.
+
+        Waiters never see the lease gone without the result. Returns whether
+        the lease was still held.
+        """
+        held = await self._store._complete(self, record)
+        self._released = True
+        return held
+
+
 async def _close_pubsub(pubsub: PubSub) -> None:
     with contextlib.suppress(RedisError, OSError):
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-class RedisStore(Store):
+class RedisStore(LeaseStore):
     """Results shared through one Redis server, with cross-process collapse.
 
     Args:
@@ -241,7 +273,6 @@ class RedisStore(Store):
     """
 
     shared: ClassVar[bool] = True
-    supports_claims: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -536,67 +567,67 @@ class RedisStore(Store):
             self._counts["put_batches"] += 1
 
     # -- cross-process collapse ---------------------------------------------
-    async def claim(self, key: bytes, owner: str, ttl: float) -> bool:
+    async def claim(self, key: bytes, ttl: float) -> RedisLease | None:
         """Take the lease on ``key`` for ``ttl`` seconds (atomic SET NX PX).
 
-        True when taken (or already held by ``owner``: then it is extended).
-        False when another owner holds it, or when the result already exists:
+        Returns the :class:`RedisLease` (with a fresh random token) when taken;
+        None when another holder has it, or when the result already exists:
         either way call :meth:`wait_for`, which returns an existing result at once.
         """
+        if not ttl > 0:
+            raise ValueError(f"RedisStore.claim: ttl must be positive seconds, not {ttl!r}")
         self._conn()
-        script = self._scripts["claim"]
+        token = uuid.uuid4().hex
         got = await self._call(
             "claim",
-            script(
+            self._scripts["claim"](
                 keys=[self.lease_key(key), self.value_key(key)],
-                args=[owner, max(1, round(ttl * 1000)), MAGIC],
+                args=[token, _ms(ttl), MAGIC],
             ),
         )
         won = bool(got)
         self._counts["claims_won" if won else "claims_lost"] += 1
-        return won
+        return RedisLease(self, key, token, ttl) if won else None
 
-    async def renew(self, key: bytes, owner: str, ttl: float) -> bool:
-        """Extend ``owner``'s lease on ``key`` to ``ttl`` seconds; False when it was lost."""
+    async def _renew(self, lease: RedisLease) -> bool:
         self._conn()
-        script = self._scripts["renew"]
         got = await self._call(
-            "renew", script(keys=[self.lease_key(key)], args=[owner, max(1, round(ttl * 1000))])
+            "renew",
+            self._scripts["renew"](
+                keys=[self.lease_key(lease.key)], args=[lease.token, _ms(lease.ttl)]
+            ),
         )
         if not got:
             self._counts["renewals_lost"] += 1
         return bool(got)
 
-    async def release(self, key: bytes, owner: str) -> None:
-        """Give up ``owner``'s lease on ``key`` (no-op for anyone else) and wake waiters."""
+    async def _release(self, lease: RedisLease) -> None:
         self._conn()
-        script = self._scripts["release"]
         got = await self._call(
             "release",
-            script(
-                keys=[self.lease_key(key)],
-                args=[owner, self.channel, _key_list(b"r", [key])],
+            self._scripts["release"](
+                keys=[self.lease_key(lease.key)],
+                args=[lease.token, self.channel, _key_list(b"r", [lease.key])],
             ),
         )
         if got:
             self._counts["releases"] += 1
 
-    async def put_and_release(self, record: Record, owner: str) -> bool:
-        """Store ``record``, drop ``owner``'s lease on it and wake waiters: one atomic call.
-
-        The leader's finish in one round trip (waiters never see the lease gone
-        without the result). Returns whether the lease was still ``owner``'s.
-        """
+    async def _complete(self, lease: RedisLease, record: Record) -> bool:
+        if record.key != lease.key:
+            raise ValueError(
+                f"RedisLease.complete: the record's key {record.key.hex()[:12]}… is not "
+                f"the lease's key {lease.key.hex()[:12]}…"
+            )
         self._conn()
-        script = self._scripts["complete"]
         got = await self._call(
-            "put_and_release",
-            script(
+            "complete",
+            self._scripts["complete"](
                 keys=[self.value_key(record.key), self.lease_key(record.key)],
                 args=[
                     encode_value(record),
                     self._px() or 0,
-                    owner,
+                    lease.token,
                     self.channel,
                     _key_list(b"p", [record.key]),
                 ],
@@ -607,8 +638,8 @@ class RedisStore(Store):
             self._counts["releases"] += 1
         return bool(got)
 
-    async def lease_owner(self, key: bytes) -> str | None:
-        """Who holds the lease on ``key`` now (None: nobody)."""
+    async def lease_token(self, key: bytes) -> str | None:
+        """The token of the lease on ``key`` now (None: nobody holds it)."""
         raw = await self._call("GET", self._conn().get(self.lease_key(key)))
         if raw is None or isinstance(raw, str):
             return raw

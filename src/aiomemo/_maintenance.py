@@ -1,0 +1,552 @@
+"""Library functions behind ``aiomemo compact`` and ``aiomemo import-parsl``.
+
+Part of the format layer: built on :mod:`aiomemo._checkpoint` (framing,
+reader) and :mod:`aiomemo._paths` (the one path resolver, segment names,
+opening without blocking on a FIFO), never on the stores or the Memoizer.
+The ``aiomemo`` command only parses arguments, calls these and prints.
+
+Both are synchronous (plain, blocking file I/O): from a coroutine, call them
+through ``asyncio.to_thread``. Refusals and failures raise
+:class:`~aiomemo.MaintenanceError` (``code`` 1 for a finding, 2 otherwise) or
+:class:`~aiomemo.CheckpointPathError` for a path that holds no checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import mmap
+import os
+import pickle
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blake3 import blake3
+
+from aiomemo import _codec
+from aiomemo._checkpoint import (
+    BadSpan,
+    RecordInfo,
+    encode_batch,
+    file_header,
+    fsync_dir,
+    is_segment_in_use,
+    iter_segment,
+    segment_stamp,
+)
+from aiomemo._exceptions import MaintenanceError
+from aiomemo._paths import (
+    PARSL_PICKLE,
+    SEGMENT_SUFFIX,
+    find_segments,
+    new_stamp,
+    open_fd,
+    resolve,
+    segment_name,
+)
+from aiomemo._records import Record
+from aiomemo._rundir import ensure_dir, make_run_dir
+
+__all__ = ["ProgressFn", "compact", "import_parsl", "scan_segments", "total_size"]
+
+#: ``progress(done, total)`` in bytes; the CLI draws a bar from it
+ProgressFn = Callable[[int, int], None]
+
+_WRITE_CHUNK = 10_000  # records per batch when rewriting segments
+_TMP_PREFIX = ".compact-"
+
+
+# --------------------------------------------------------------------------
+# Reading many segments
+# --------------------------------------------------------------------------
+
+
+def total_size(paths: Sequence[Path]) -> int:
+    """Bytes the files take together (files that vanished count 0)."""
+    total = 0
+    for s in paths:
+        with contextlib.suppress(OSError):
+            total += s.stat().st_size
+    return total
+
+
+def scan_segments(
+    segments: Sequence[Path], *, verify_records: bool, progress: ProgressFn | None = None
+) -> Iterator[tuple[Path, int, RecordInfo | BadSpan]]:
+    """(segment, its index, item) for every record and bad span, in load order.
+
+    ``progress(done, total)`` is called now and then with bytes read so far.
+    """
+    total = total_size(segments) if progress is not None else 0
+    base = 0
+    n = 0
+    for i, seg in enumerate(segments):
+        for item in iter_segment(seg, verify_records=verify_records):
+            n += 1
+            if progress is not None and not n & 0x3FFF:
+                progress(base + item.offset, total)
+            yield seg, i, item
+        if progress is not None:
+            base += total_size([seg])
+            progress(base, total)
+
+
+# --------------------------------------------------------------------------
+# compact
+# --------------------------------------------------------------------------
+
+
+def _compacted_name(segments: Sequence[Path]) -> str:
+    """A name that sorts where the replaced segments did.
+
+    The first replaced segment's stamp: every segment not replaced (one a
+    writer starts during or after the compaction) has a later stamp, so it
+    still sorts, and overrides, after the compacted one. While old and new
+    segments coexist (a crash before the old ones are deleted), the old ones
+    load after the new one and give the same values. Segments with names not
+    made by aiomemo: right after the last one instead ("~" sorts after ".").
+    """
+    stamp = segment_stamp(segments[0])
+    if stamp is not None:
+        return segment_name(stamp)
+    base = segments[-1].name[: -len(SEGMENT_SUFFIX)].split("~", 1)[0]
+    return f"{base}~compacted-{new_stamp()}{SEGMENT_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Temp:
+    path: Path
+    fd: int  # holds an exclusive flock on the file until closed
+    size: int
+    digest: bytes  # blake3 of every byte written
+
+
+def _write_temp_segment(directory: Path, records: Sequence[Record]) -> _Temp:
+    """Write ``records`` as one segment to a temp file in ``directory``; fsync it.
+
+    The temp name starts with a dot, so loaders never read it; the returned
+    fd keeps an exclusive flock on it (a later compaction sweeps only temp
+    files nobody holds). Batches of 10,000 records.
+    """
+    tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    h = blake3()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(os.dup(fd), "wb") as f:
+            header = file_header()
+            f.write(header)
+            h.update(header)
+            for i in range(0, len(records), _WRITE_CHUNK):
+                data = encode_batch(records[i : i + _WRITE_CHUNK])
+                f.write(data)
+                h.update(data)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return _Temp(tmp, fd, size, h.digest())
+
+
+def _check_written(tmp: _Temp) -> None:
+    """Read the fsynced temp segment back: the same bytes as were written."""
+    h = blake3()
+    n = 0
+    with open(tmp.path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    if n != tmp.size or h.digest() != tmp.digest:
+        raise MaintenanceError(
+            f"{tmp.path}: the new segment does not read back as written; nothing replaced"
+        )
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give the temp segment its real name, durably."""
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _remove_old(segments: Sequence[Path], directory: Path) -> None:
+    """Delete the segments the compacted one replaces, oldest first, each durably.
+
+    The order matters: the compacted segment sorts where the oldest one did,
+    so the segments still present after a crash must be the newest ones (a
+    stale value left in an old segment is then always overridden by a later
+    one). The directory is fsynced after each unlink so a power cut cannot
+    persist the deletions out of order.
+    """
+    for s in segments:
+        with contextlib.suppress(FileNotFoundError):
+            s.unlink()
+        fsync_dir(directory)
+
+
+def _remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files of compactions that died (no process holds their lock)."""
+    removed = []
+    for p in directory.glob(f"{_TMP_PREFIX}*.tmp"):
+        try:
+            fd = open_fd(p)
+        except OSError:
+            continue  # vanished, or not a regular file: not ours to remove
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a compaction in progress
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock_segments(segments: Sequence[Path]) -> list[int]:
+    """Take an exclusive flock on every segment (so no writer holds one); refuse otherwise."""
+    fds: list[int] = []
+    try:
+        for s in segments:
+            if is_segment_in_use(s):
+                raise MaintenanceError(
+                    f"{s}: a writer holds this segment open (a run is still checkpointing "
+                    "here); compact once it has finished, or use -o OUT to write a copy"
+                )
+            fd = open_fd(s)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MaintenanceError(
+                    f"{s}: another process holds this segment (a writer or another "
+                    "compaction); try again later"
+                ) from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def compact(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    drop_damaged: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Rewrite the segments under ``path`` as one segment, newest record per key.
+
+    "Newest" is load order: a later segment's record for a key wins, exactly
+    as loading picks it, so the compacted segment loads to the same table.
+
+    In place (``out`` None; ``path`` must resolve to one checkpoint dir):
+    refuses (:class:`~aiomemo.MaintenanceError`, code 2) while any segment is open in a writer,
+    then locks every segment, writes the new segment to a temp file in the
+    same dir, fsyncs it, reads it back, renames it into place (named with the
+    first replaced segment's stamp, so segments started meanwhile still load
+    after it), fsyncs the dir, and only then deletes the old segments, oldest
+    first, fsyncing the dir after each. A crash at any step leaves either the
+    old segments alone (plus an ignored temp file, removed by the next
+    compaction) or the new segment and the newest old ones, which load to the
+    same table.
+
+    With ``out`` (a checkpoint dir, created if missing) the new segment is
+    written there the same atomic way and the input is left alone; segments
+    open in a writer are copied as they are now (a batch still being written
+    is left out, not counted as damage).
+
+    Damaged spans make it refuse (code 1) unless ``drop_damaged``: the
+    compacted segment then holds what loads today, and the damaged bytes are
+    gone with the old segments. Returns a JSON-ready summary.
+    """
+    resolved = find_segments(path, strict=True)
+    assert resolved is not None  # strict: raises instead
+    segments = list(resolved.segments)
+    shown = os.fspath(path)
+    if out is None:
+        if resolved.kind == "segment" or len(resolved.checkpoint_dirs) != 1:
+            what = "a segment file" if resolved.kind == "segment" else "several checkpoint dirs"
+            raise MaintenanceError(
+                f"{shown}: is {what}; compacting in place needs one checkpoint dir "
+                "(or run dir): pass it, or write a copy with -o OUT"
+            )
+        target = resolved.checkpoint_dirs[0]
+        _remove_stale_temps(target)
+        fds = _lock_segments(segments)
+    else:
+        target = Path(out)
+        if target.exists() and not target.is_dir():
+            raise MaintenanceError(f"{os.fspath(out)}: exists and is not a directory")
+        if target.is_dir() and any(
+            os.path.samefile(target, d) for d in resolved.checkpoint_dirs if d.is_dir()
+        ):
+            raise MaintenanceError(
+                f"{os.fspath(out)}: is the input's own checkpoint dir; to compact in place, "
+                "leave out -o"
+            )
+        ensure_dir(target)
+        fds = []
+    try:
+        table: dict[bytes, Record] = {}
+        bad: list[BadSpan] = []
+        records_in = 0
+        live = {s for s in segments if out is not None and is_segment_in_use(s)}
+        in_flight = 0
+        for seg, _i, item in scan_segments(segments, verify_records=True, progress=progress):
+            if isinstance(item, BadSpan):
+                if item.torn and seg in live:
+                    in_flight += 1  # a writer's batch still being written: not damage
+                else:
+                    bad.append(item)
+            else:
+                records_in += 1
+                table[item.record.key] = item.record
+        if bad and not drop_damaged:
+            lost = sum(b.lost for b in bad)
+            raise MaintenanceError(
+                f"{shown}: {len(bad)} damaged span(s) ({lost} record(s) lost) found; "
+                "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
+                code=1,
+            )
+        records = list(table.values())
+        bytes_in = total_size(segments)
+        tmp = _write_temp_segment(target, records)
+        size = tmp.size
+        try:
+            try:
+                _check_written(tmp)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.path.unlink()
+                raise
+            final = target / (segment_name() if out is not None else _compacted_name(segments))
+            _publish(tmp.path, final)
+            removed: list[Path] = []
+            if out is None:
+                old = [s for s in segments if s != final]
+                _remove_old(old, target)
+                removed = old
+        finally:
+            os.close(tmp.fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {
+        "input": shown,
+        "output": os.fspath(final),
+        "in_place": out is None,
+        "segments_in": len(segments),
+        "records_in": records_in,
+        "records_out": len(records),
+        "bytes_in": bytes_in,
+        "bytes_out": size,
+        "damaged_spans_dropped": len(bad),
+        "segments_in_use": len(live),
+        "tails_in_flight": in_flight,
+        "removed": [os.fspath(p) for p in removed],
+    }
+
+
+# --------------------------------------------------------------------------
+# import-parsl
+# --------------------------------------------------------------------------
+
+
+def _find_pickles(path: Path) -> tuple[list[Path], Path | None]:
+    """The ``tasks.pkl`` files under ``path`` and the runinfo root (None if not a root)."""
+    r = resolve(path)
+    if r.kind == "segment" or (r.kind == "none" and path.is_file()):
+        raise MaintenanceError(f"{path}: not a Parsl checkpoint (expected {PARSL_PICKLE})")
+    return list(r.pickles), (path if r.kind == "runinfo root" else None)
+
+
+@dataclass(slots=True)
+class _ImportCounts:
+    entries: int = 0
+    unencodable: int = 0
+    malformed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    types: dict[str, int] = field(default_factory=dict)
+
+
+def _next_pickle(mm: mmap.mmap, marker: bytes, start: int) -> int:
+    """Offset of the next pickle that starts like the file's first one, or -1."""
+    return mm.find(marker, start) if marker else -1
+
+
+def _read_pickle_stream(
+    pkl: Path,
+    counts: _ImportCounts,
+    into: dict[bytes, Record],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Add the entries of one ``tasks.pkl`` (a stream of pickled dicts) to ``into``.
+
+    An entry that cannot be unpickled (e.g. its result's class is not
+    importable here) is reported with its offset and skipped: reading goes on
+    at the next offset where a pickle of the same protocol starts.
+    """
+    st = pkl.stat()
+    when, size = st.st_mtime, st.st_size
+    if not size:
+        return
+    with open(pkl, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        head = mm[:3]
+        # protocol >= 4 dumps start with PROTO n, FRAME; 2 and 3 with PROTO n
+        marker = head if head[:1] == b"\x80" and head[2:3] == b"\x95" else head[:2]
+        if marker[:1] != b"\x80":
+            marker = b""
+        at = 0
+        while at < size:
+            f.seek(at)
+            try:
+                entry = pickle.load(f)  # the user passed --trust
+            except EOFError:
+                counts.unreadable.append(f"{pkl}: offset {at}: cut short (torn tail)")
+                return
+            except Exception as exc:
+                nxt = _next_pickle(mm, marker, at + 1)
+                skipped = "the rest of the file" if nxt < 0 else f"{nxt - at} bytes"
+                counts.unreadable.append(
+                    f"{pkl}: offset {at}: cannot unpickle ({type(exc).__name__}: {exc}); "
+                    f"skipped {skipped}"
+                )
+                if nxt < 0:
+                    return
+                at = nxt
+                continue
+            at = f.tell()
+            counts.entries += 1
+            _add_entry(entry, when, counts, into)
+            if progress is not None:
+                progress(at)
+
+
+def _offset_progress(progress: ProgressFn, base: int, total: int, offset: int) -> None:
+    progress(base + offset, total)
+
+
+def _add_entry(entry: Any, when: float, counts: _ImportCounts, into: dict[bytes, Record]) -> None:
+    h = entry.get("hash") if isinstance(entry, dict) else None
+    if (
+        not isinstance(h, str)
+        or len(h) != 32
+        or entry.get("exception") is not None
+        or "result" not in entry
+    ):
+        counts.malformed += 1
+        return
+    try:
+        key = bytes.fromhex(h)
+    except ValueError:
+        counts.malformed += 1
+        return
+    try:
+        value = _codec.encode(entry["result"])
+    except _codec.UnencodableResultError as exc:
+        counts.unencodable += 1
+        tname = exc.type_name or type(entry["result"]).__name__
+        counts.types[tname] = counts.types.get(tname, 0) + 1
+        return
+    into.pop(key, None)  # keep file order: the newest entry last
+    into[key] = Record(key=key, value=value, func="parsl:?", time=when)
+
+
+def import_parsl(
+    runinfo: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    trust: bool,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Convert Parsl's pickled ``tasks.pkl`` checkpoints into one aiomemo segment.
+
+    ``runinfo`` is a runinfo root (every ``NNN/checkpoint/tasks.pkl``, oldest
+    run first), a run or checkpoint dir, or a ``tasks.pkl``. Each entry
+    becomes a record keyed by Parsl's md5 (16 bytes; a Memoizer made with
+    ``parsl_keys=True`` looks misses up under it) with func ``"parsl:?"``
+    (Parsl does not record it) and the file's mtime as its time; a later
+    entry for a key replaces an earlier one, as Parsl's loader does. Results
+    aiomemo's codec refuses are skipped and counted by type.
+
+    Output: ``out`` (a checkpoint dir), or by default a new numbered run
+    ``<runinfo>/NNN/checkpoint`` so the Memoizer's default
+    ``get_all_checkpoints`` finds it. Written atomically (temp, fsync, rename).
+
+    Unpickling runs code from the file: without ``trust`` this raises
+    :class:`~aiomemo.MaintenanceError` before opening any pickle.
+    """
+    root = Path(runinfo)
+    if not root.exists():
+        raise MaintenanceError(f"{os.fspath(runinfo)}: no such file or directory")
+    pickles, runinfo_root = _find_pickles(root)
+    if not pickles:
+        raise MaintenanceError(
+            f"{os.fspath(runinfo)}: no Parsl checkpoint ({PARSL_PICKLE}) found here"
+        )
+    if not trust:
+        raise MaintenanceError(
+            f"refusing to read {len(pickles)} Parsl pickle file(s) without --trust: unpickling "
+            "runs code stored in the file, so only import checkpoints you (or someone you "
+            "trust) wrote"
+        )
+    if out is None and runinfo_root is None:
+        raise MaintenanceError(
+            f"{os.fspath(runinfo)}: is not a runinfo root; say where the converted "
+            "checkpoint goes with -o OUT"
+        )
+    counts = _ImportCounts()
+    table: dict[bytes, Record] = {}
+    total = total_size(pickles)
+    base = 0
+    for pkl in pickles:
+        report = None
+        if progress is not None:
+            report = functools.partial(_offset_progress, progress, base, total)
+        _read_pickle_stream(pkl, counts, table, report)
+        base += total_size([pkl])
+    records = list(table.values())
+    target: Path | None = None
+    final: Path | None = None
+    if out is not None:
+        target = Path(out)
+        if target.exists() and not target.is_dir():
+            raise MaintenanceError(f"{os.fspath(out)}: exists and is not a directory")
+    if records:
+        if target is None:
+            assert runinfo_root is not None
+            target = make_run_dir(runinfo_root) / "checkpoint"
+        ensure_dir(target)
+        tmp = _write_temp_segment(target, records)
+        try:
+            _check_written(tmp)
+            final = target / segment_name()
+            _publish(tmp.path, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.path.unlink()
+            raise
+        finally:
+            os.close(tmp.fd)
+    return {
+        "input": [os.fspath(p) for p in pickles],
+        "output_dir": os.fspath(target) if records and target is not None else None,
+        "segment": os.fspath(final) if final is not None else None,
+        "entries": counts.entries,
+        "imported": len(records),
+        "skipped_unencodable": counts.unencodable,
+        "unencodable_types": counts.types,
+        "skipped_malformed": counts.malformed,
+        "unreadable": counts.unreadable,
+    }
