@@ -586,3 +586,125 @@ class TestFormattingProperty:
         )
         assert a.digest != b.digest
         assert (a.digest == c.digest) == (op == "*")
+
+
+def _record(t: dict[str, Any], *, code: bool, when: float = 1.7e9) -> Any:
+    from aiomemo import _codec
+    from aiomemo._explain import func_name
+    from aiomemo._hashing import arg_digests, hash_task
+    from aiomemo.stores import Record
+
+    digests = arg_digests(t)
+    if code:
+        digests = _fingerprint.with_code_digests(digests, t["func"])
+    return Record(hash_task(t), _codec.encode(1), func_name(t["func"]), when, digests)
+
+
+def _write(d: Path, records: list[Any], name: str = "seg-1.amlog") -> None:
+    from aiomemo import _checkpoint as ck
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(ck.file_header() + ck.encode_batch(records))
+
+
+class TestKeysAndExplain:
+    def test_key_includes_the_digest_only_when_tracked(self, load: Any) -> None:
+        """track_code adds the code digest to the key; untracked keys stay as they were."""
+        load()
+        f = sys.modules[f"{PKG}.tasks"].task
+        plain = {"func": f, "args": (1,), "kwargs": {}}
+        tracked = {**plain, "track_code": True}
+        assert aiomemo.make_hash(plain) == aiomemo.make_hash({**plain, "track_code": False})
+        assert aiomemo.make_hash(tracked) != aiomemo.make_hash(plain)
+        assert aiomemo.make_hash(tracked) == aiomemo.make_hash(dict(tracked))
+        load(edit("helpers.py", "deep(x) * 2", "deep(x) * 3"))
+        g = sys.modules[f"{PKG}.tasks"].task
+        assert aiomemo.make_hash({**plain, "func": g}) == aiomemo.make_hash(plain)
+        assert aiomemo.make_hash({**tracked, "func": g}) != aiomemo.make_hash(tracked)
+
+    def test_record_digests_extend_the_two_item_form(self, load: Any) -> None:
+        """Records keep [pos, kw, {piece: 8-byte digest}]."""
+        import msgpack
+
+        from aiomemo._hashing import arg_digests
+
+        fp = load()
+        f = sys.modules[f"{PKG}.tasks"].task
+        t = {"func": f, "args": (1,), "kwargs": {"n": 2}, "track_code": True}
+        raw = _fingerprint.with_code_digests(arg_digests(t), f)
+        pos, kw, code = msgpack.unpackb(raw, raw=False)
+        assert [pos, kw] == msgpack.unpackb(arg_digests(t), raw=False)
+        assert code == fp.short_deps() and all(len(v) == 8 for v in code.values())
+
+    def test_explain_names_the_changed_helper(self, load: Any, tmp_path: Path) -> None:
+        """explain says which piece changed since the recorded call."""
+        from aiomemo._explain import explain
+
+        load()
+        f = sys.modules[f"{PKG}.tasks"].task
+        _write(
+            tmp_path / "ck",
+            [_record({"func": f, "args": (1,), "kwargs": {}, "track_code": True}, code=True)],
+        )
+        load(edit("helpers.py", "x + config.SCALE", "x * config.SCALE"))
+        g = sys.modules[f"{PKG}.tasks"].task
+        ex = explain({"func": g, "args": (1,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"])
+        assert not ex.hit and ex.code_changed == ("fpkg.helpers.deep",)
+        assert str(ex).startswith("fpkg.helpers.deep changed since the recorded call")
+        assert ex.to_dict()["code"] == [{"name": i.name, "status": i.status} for i in ex.code]
+        # an input changed too: both are said
+        ex2 = explain(
+            {"func": g, "args": (2,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"]
+        )
+        assert "args[0] differs" in str(ex2) and "fpkg.helpers.deep changed" in str(ex2)
+        # a newly reached piece
+        load(
+            edit(
+                "tasks.py",
+                "return Scaler(2).apply(total)",
+                "return Scaler(2).apply(total) + helpers.never_called(0)",
+            )
+        )
+        h = sys.modules[f"{PKG}.tasks"].task
+        ex3 = explain(
+            {"func": h, "args": (1,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"]
+        )
+        assert "fpkg.helpers.never_called is newly reached" in str(ex3)
+
+    def test_old_records_still_explain(self, load: Any, tmp_path: Path) -> None:
+        """Records without code digests (older, or untracked) still compare inputs."""
+        from aiomemo._explain import explain
+
+        load()
+        f = sys.modules[f"{PKG}.tasks"].task
+        _write(tmp_path / "ck", [_record({"func": f, "args": (1,), "kwargs": {}}, code=False)])
+        ex = explain({"func": f, "args": (2,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"])
+        assert ex.records_with_digests == 1 and ex.code == ()
+        assert str(ex).startswith("args[0] differs from the nearest recorded call")
+
+    async def test_memoizer_default_and_task_override(self, load: Any, tmp_path: Path) -> None:
+        """Memoizer(track_code=True) keys tasks by code unless the task or decorator says no."""
+        load()
+        f = sys.modules[f"{PKG}.tasks"].task
+
+        async def job(x: int) -> int:
+            return x
+
+        async with aiomemo.Memoizer(
+            track_code=True, checkpoint_mode="task_exit", run_dir=tmp_path / "r"
+        ) as memo:
+            t: dict[str, Any] = {"func": f, "args": (1,), "kwargs": {}}
+            key = await memo.make_hash(t)
+            assert t["track_code"] is True
+            assert key == aiomemo.make_hash(
+                {"func": f, "args": (1,), "kwargs": {}, "track_code": True}
+            )
+            off = {"func": f, "args": (1,), "kwargs": {}, "track_code": False}
+            assert await memo.make_hash(off) == aiomemo.make_hash(
+                {"func": f, "args": (1,), "kwargs": {}}
+            )
+            cached = memo.cached(job)
+            plain = memo.cached(track_code=False)(job)
+            assert await cached.key(1) != await plain.key(1)  # type: ignore[attr-defined]
+            assert await cached(5) == 5 and await cached(5) == 5
+            assert memo.stats().hits == 1

@@ -62,8 +62,8 @@ class TaskRecord(TypedDict, total=False):
     (kwarg names left out of the key; ``outputs`` in kwargs are output
     refs), ``version`` (separates functions that share a qualname),
     ``track_code`` (the key includes the function's code fingerprint;
-    default: the Memoizer's ``track_code``). ``check_memo`` writes ``hashsum``. Parsl's TaskRecord dicts work as
-    they are.
+    default: the Memoizer's ``track_code``). ``check_memo`` writes
+    ``hashsum``. Parsl's TaskRecord dicts work as they are.
     """
 
     func: Callable[..., Any]
