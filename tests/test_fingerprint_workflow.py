@@ -254,3 +254,46 @@ class TestAcrossVersions:
         second = run(py, checkout)
         assert second["python"] == [int(p) for p in other.split(".")]
         assert (second["hits"], second["misses"]) == (1, 0), second
+
+
+class TestCli:
+    def test_aiomemo_explain_track_code(self, checkout: Path) -> None:
+        """``aiomemo explain --track-code`` imports the task and names the edited helper."""
+        run(sys.executable, checkout)
+        apply_edit(checkout, *EDITS["helper two calls away"][:3])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        env["PYTHONPATH"] = str(SRC)  # the checkout itself comes from the current dir
+        cmd = [
+            sys.executable,
+            "-m",
+            "aiomemo",
+            "explain",
+            "runinfo",
+            "--func",
+            "mypkg.tasks.compute",
+        ]
+        proc = subprocess.run(
+            [*cmd, "--args", "[7]", "--track-code"],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("mypkg.helpers.clamp changed since the recorded call"), (
+            proc.stdout
+        )
+        assert "mypkg.helpers.clamp" in proc.stdout.splitlines()[-1]
+        # without --track-code the key cannot match, and the inputs do: it says so
+        plain = subprocess.run(
+            [*cmd, "--args", "[7]"], cwd=checkout, env=env, capture_output=True, text=True
+        )
+        assert plain.returncode == 0 and "all 1 inputs match" in plain.stdout
+        bad = subprocess.run(
+            [*cmd[:-1], "nosuchmod.f", "--track-code"],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2 and "no importable module" in bad.stderr
