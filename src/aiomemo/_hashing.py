@@ -713,8 +713,15 @@ def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
     tree = [FORMAT_VERSION, fid, cargs, ckw, outputs]
     if task.get("track_code"):
         # the code fingerprint (aiomemo._fingerprint): a sixth item, so keys
-        # without it stay as they were
-        tree.append(_fingerprint.code_digest(func))
+        # without it stay as they were; its table read inline (hot path)
+        try:
+            e = _fingerprint._FAST.get(func)
+        except TypeError:  # an unhashable callable object
+            e = None
+        if e is not None and e[0] is getattr(func, "__code__", None):
+            tree.append(e[1])
+        else:
+            tree.append(_fingerprint.code_digest(func))
     head = _packb(tree)
     return head, ctx
 
@@ -784,8 +791,14 @@ async def hash_task_async(task: Mapping[str, Any]) -> bytes:
     when the out-of-band buffers add up to ``THREAD_THRESHOLD`` or more they
     are hashed in a worker thread (blake3 releases the GIL).
     """
-    if task.get("track_code") and not _fingerprint.is_ready(task.get("func")):
-        await _fingerprint.prepare(task.get("func"))  # reads source: off the loop
+    if task.get("track_code"):
+        func = task.get("func")
+        try:
+            ready = func in _fingerprint._FAST
+        except TypeError:  # an unhashable callable object
+            ready = False
+        if not ready:
+            await _fingerprint.prepare(func)  # reads source: off the loop
     head, ctx = _task_tree(task)
     h = blake3.blake3(head)
     if not ctx.oob:
