@@ -634,7 +634,11 @@ class TestKeysAndExplain:
         raw = _fingerprint.with_code_digests(arg_digests(t), f)
         pos, kw, code = msgpack.unpackb(raw, raw=False)
         assert [pos, kw] == msgpack.unpackb(arg_digests(t), raw=False)
-        assert code == fp.short_deps() and all(len(v) == 8 for v in code.values())
+        assert code == fp.record and len(code) == 8 * len(fp.deps)  # 8 bytes a piece
+        assert _fingerprint.split_record(code) == {
+            pid: d for pid, (_, d) in fp.pieces_by_id().items()
+        }
+        assert {n for n, _ in fp.pieces_by_id().values()} == set(fp.deps)
 
     def test_explain_names_the_changed_helper(self, load: Any, tmp_path: Path) -> None:
         """explain says which piece changed since the recorded call."""
@@ -670,6 +674,13 @@ class TestKeysAndExplain:
             {"func": h, "args": (1,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"]
         )
         assert "fpkg.helpers.never_called is newly reached" in str(ex3)
+        # a piece no longer reached (records keep its id only)
+        load(edit("tasks.py", "return Scaler(2).apply(total)", "return total"))
+        k = sys.modules[f"{PKG}.tasks"].task
+        ex4 = explain({"func": k, "args": (1,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"])
+        assert "fpkg.tasks.task changed since the recorded call" in str(ex4)
+        gone = 10  # Scaler, its 6 members, Inner.go, Base and describe: only the task reached them
+        assert f"{gone} recorded pieces of code are no longer reached" in str(ex4), str(ex4)
 
     def test_old_records_still_explain(self, load: Any, tmp_path: Path) -> None:
         """Records without code digests (older, or untracked) still compare inputs."""

@@ -12,9 +12,9 @@ matching inputs; the newest of equals)::
     kwargs['n'] differs from the nearest recorded call of mod.fn (2 of 3 inputs match)
 
 Records of tasks keyed with ``track_code`` also keep an 8-byte digest of
-every piece of the code fingerprint (``msgpack([pos, kw, {piece: d}])``, see
-:mod:`aiomemo._fingerprint`); for such a task :func:`explain` names the
-pieces that changed (``mypkg.helpers.scale changed since the recorded
+every piece of the code fingerprint (``msgpack([pos, kw, pieces])``, 4 bytes
+of id and 4 of digest a piece, see :mod:`aiomemo._fingerprint`); for such a
+task :func:`explain` names the pieces that changed (``mypkg.helpers.scale changed since the recorded
 call``). Records with the two-item form (older ones, or untracked tasks)
 explain as before.
 
@@ -40,7 +40,7 @@ import msgpack
 
 from aiomemo._checkpoint import RecordInfo, iter_segment
 from aiomemo._exceptions import CheckpointPathError, UnhashableInputError
-from aiomemo._fingerprint import code_fingerprint
+from aiomemo._fingerprint import code_fingerprint, split_record
 from aiomemo._hashing import arg_digests, hash_task
 from aiomemo._naming import func_name
 from aiomemo._paths import PathKind, ResolvedPath, find_segments, unique_segments
@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 Status = Literal["match", "differs", "missing", "extra", "unknown"]
-_Digests = tuple[list[bytes], dict[str, bytes], dict[str, bytes] | None]
+# (positional digests, keyword digests, code pieces: id -> short digest, or None)
+_Digests = tuple[list[bytes], dict[str, bytes], dict[bytes, bytes] | None]
 
 
 def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
@@ -116,8 +117,9 @@ class Explanation:
         code: for a task keyed with ``track_code``, one :class:`InputMatch`
             per piece of its code fingerprint (``"mypkg.helpers.scale"``)
             against the nearest recorded call: ``"differs"`` (changed),
-            ``"extra"`` (newly reached), ``"missing"`` (no longer reached);
-            empty when either side has no code digests.
+            ``"extra"`` (newly reached), ``"missing"`` (no longer reached;
+            records keep ids, not names, so these are named
+            ``GONE_PIECE``); empty when either side has no code digests.
     """
 
     hit: bool
@@ -238,9 +240,11 @@ def _code_clause(code: Sequence[InputMatch]) -> str:
         verb = "is" if len(names) == 1 else "are"
         parts.append(f"{_join(names)} {verb} newly reached by the code")
     if "missing" in by:
-        names = by["missing"]
-        verb = "is" if len(names) == 1 else "are"
-        parts.append(f"{_join(names)} {verb} no longer reached by the code")
+        n = len(by["missing"])
+        parts.append(
+            f"{n} recorded piece{'' if n == 1 else 's'} of code {'is' if n == 1 else 'are'} "
+            "no longer reached"
+        )
     return "; ".join(parts)
 
 
@@ -292,26 +296,25 @@ def _unpack_digests(raw: bytes) -> _Digests | None:
     pos, kw = items[0], items[1]
     if type(pos) is not list or type(kw) is not dict:
         return None
-    code = items[2] if len(items) == 3 else None
-    if code is not None and type(code) is not dict:
-        code = None
+    code = split_record(items[2]) if len(items) == 3 and type(items[2]) is bytes else None
     return pos, kw, code
 
 
-def _compare_code(mine: dict[str, bytes] | None, theirs: dict[str, bytes] | None) -> list[InputMatch]:
+#: the name given to a recorded piece the code does not reach now (records keep ids only)
+GONE_PIECE = "(a piece not reached now)"
+
+
+def _compare_code(
+    mine: dict[bytes, tuple[str, bytes]] | None, theirs: dict[bytes, bytes] | None
+) -> list[InputMatch]:
     if mine is None or theirs is None:
         return []
     out: list[InputMatch] = []
-    for name in sorted(set(mine) | set(theirs), key=str):
-        a, b = mine.get(name), theirs.get(name)
-        status: Status
-        if b is None:
-            status = "extra"
-        elif a is None:
-            status = "missing"
-        else:
-            status = "match" if a == b else "differs"
-        out.append(InputMatch(str(name), status))
+    for pid, (name, d) in sorted(mine.items(), key=lambda kv: kv[1][0]):
+        b = theirs.get(pid)
+        status: Status = "extra" if b is None else "match" if b == d else "differs"
+        out.append(InputMatch(name, status))
+    out += [InputMatch(GONE_PIECE, "missing") for pid in theirs if pid not in mine]
     return out
 
 
@@ -389,9 +392,10 @@ def explain(
             note = f"the task's key cannot be computed: {exc}"
     mine = _unpack_digests(arg_digests(task))
     assert mine is not None  # arg_digests always packs [list, dict]
+    my_pieces: dict[bytes, tuple[str, bytes]] | None = None
     if task.get("track_code") and not isinstance(task["func"], str):
         try:
-            mine = (mine[0], mine[1], code_fingerprint(task["func"]).short_deps())
+            my_pieces = code_fingerprint(task["func"]).pieces_by_id()
         except UnhashableInputError as exc:
             note = note or f"the task's code fingerprint cannot be made: {exc}"
 
@@ -413,7 +417,8 @@ def explain(
     best_rec = None
     best_theirs: _Digests | None = None
     names: set[str] = set()
-    my_pos, my_kw, my_code = mine
+    my_pos, my_kw = mine[0], mine[1]
+    my_code = {pid: d for pid, (_, d) in my_pieces.items()} if my_pieces is not None else None
     for seg, size in zip(segments, sizes, strict=True):
         for item in iter_segment(seg, verify_records=False):
             if not isinstance(item, RecordInfo):
@@ -460,7 +465,7 @@ def explain(
     if hit_rec is not None:
         theirs_hit = _unpack_digests(hit_rec.digests) if hit_rec.digests else None
         inputs = _compare(mine, theirs_hit)[1] if theirs_hit is not None else []
-        code_hit = _compare_code(my_code, theirs_hit[2]) if theirs_hit is not None else []
+        code_hit = _compare_code(my_pieces, theirs_hit[2]) if theirs_hit is not None else []
         return Explanation(
             hit=True,
             func=name,
@@ -476,7 +481,7 @@ def explain(
             code=tuple(code_hit),
         )
     best_matched, best_inputs = _compare(mine, best_theirs) if best_theirs is not None else (0, [])
-    best_code = _compare_code(my_code, best_theirs[2]) if best_theirs is not None else []
+    best_code = _compare_code(my_pieces, best_theirs[2]) if best_theirs is not None else []
     return Explanation(
         hit=False,
         func=name,

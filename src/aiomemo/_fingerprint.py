@@ -68,17 +68,22 @@ from aiomemo._exceptions import UnhashableInputError
 
 __all__ = [
     "DEP_DIGEST_SIZE",
+    "PIECE_ID_SIZE",
     "CodeFingerprint",
     "cached_fingerprint",
     "code_digest",
     "code_fingerprint",
     "is_ready",
+    "piece_id",
     "prepare",
+    "split_record",
     "with_code_digests",
 ]
 
-#: bytes of each per-piece digest kept in a record (for explain)
-DEP_DIGEST_SIZE: Final = 8
+#: bytes of each per-piece digest kept in a record (for explain), and of the
+#: id naming the piece there (the first bytes of blake3 of its name)
+DEP_DIGEST_SIZE: Final = 4
+PIECE_ID_SIZE: Final = 4
 #: bump when what goes into a fingerprint changes
 _FP_VERSION: Final = 1
 #: how deep and how wide containers (dispatch tables...) are searched for functions
@@ -97,16 +102,34 @@ class CodeFingerprint:
             32-byte digest; the function itself is one of them.
         from_bytecode: pieces digested from their code object (no source
             found): those digests are specific to the Python version.
+        record: what a checkpoint record keeps of it: per piece, a 4-byte
+            id of its name and 4 bytes of its digest, sorted (8 bytes a
+            piece, so records stay small; the key itself uses ``digest``).
     """
 
     name: str
     digest: bytes
     deps: Mapping[str, bytes]
     from_bytecode: tuple[str, ...] = ()
+    record: bytes = b""
 
-    def short_deps(self) -> dict[str, bytes]:
-        """``deps`` with digests cut to :data:`DEP_DIGEST_SIZE` bytes (as records keep them)."""
-        return {k: v[:DEP_DIGEST_SIZE] for k, v in self.deps.items()}
+    def pieces_by_id(self) -> dict[bytes, tuple[str, bytes]]:
+        """Piece id (as in ``record``) -> (piece name, short digest)."""
+        return {piece_id(k): (k, v[:DEP_DIGEST_SIZE]) for k, v in self.deps.items()}
+
+
+def piece_id(name: str) -> bytes:
+    """The id of a piece in a record: the first bytes of blake3 of its name."""
+    return blake3.blake3(name.encode()).digest()[:PIECE_ID_SIZE]
+
+
+def split_record(raw: bytes) -> dict[bytes, bytes]:
+    """``CodeFingerprint.record`` back into piece id -> short digest."""
+    step = PIECE_ID_SIZE + DEP_DIGEST_SIZE
+    return {
+        raw[i : i + PIECE_ID_SIZE]: raw[i + PIECE_ID_SIZE : i + step]
+        for i in range(0, len(raw) - step + 1, step)
+    }
 
 
 # --------------------------------------------------------------------------
@@ -709,11 +732,13 @@ class _Walker:
                 self.do_class(obj)  # type: ignore[arg-type]
         items = sorted(self.pieces.items())
         digest = blake3.blake3(_packb([_FP_VERSION, root, items])).digest()
+        record = b"".join(sorted(piece_id(k) + v[:DEP_DIGEST_SIZE] for k, v in items))
         return CodeFingerprint(
             name=self.display_name(func),
             digest=digest,
             deps=dict(items),
             from_bytecode=tuple(sorted(self.bytecode)),
+            record=record,
         )
 
     @staticmethod
@@ -986,14 +1011,14 @@ def inspect_unwrap(func: object) -> object:
 def with_code_digests(digests: bytes, func: object) -> bytes:
     """Per-argument digests (``packb([pos, kw])``) extended with the code pieces.
 
-    Gives ``packb([pos, kw, {piece: digest}])``: readers that know only the
+    Gives ``packb([pos, kw, CodeFingerprint.record])``: readers that know only the
     two-item form (and records written before code tracking) stay readable
     by :mod:`aiomemo._explain`, which takes a missing third item as "no code
     digests recorded".
     """
     fp = cached_fingerprint(func) or code_fingerprint(func)
-    code = _packb(fp.short_deps())
+    code = _packb(fp.record)
     if digests[:1] == b"\x92":  # a fixarray of two: make it three, append the map
         return b"\x93" + digests[1:] + code
     pos, kw = msgpack.unpackb(digests, raw=False, strict_map_key=False)[:2]
-    return _packb([pos, kw, fp.short_deps()])
+    return _packb([pos, kw, fp.record])
