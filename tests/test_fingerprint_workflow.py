@@ -54,15 +54,54 @@ PACKAGE: dict[str, str] = {
             def predict(self, x):
                 return x + self.k
     """,
+    "mypkg/kinds.py": """
+        # what Python generates differently across versions: the fingerprint
+        # must see only the source (the cross-version test depends on it)
+        import abc, dataclasses, enum, functools, typing
+
+        class Mode(enum.Enum):
+            FAST = 1
+            SLOW = 2
+
+        @dataclasses.dataclass(frozen=True)
+        class Settings:
+            gain: int = 1
+            label: str = "x"
+
+            def boost(self):
+                return self.gain * 2
+
+        class Point(typing.NamedTuple):
+            x: int
+            y: int = 0
+
+        class Shape(abc.ABC):
+            __slots__ = ()
+
+            @abc.abstractmethod
+            def area(self): ...
+
+            @functools.cached_property
+            def unit(self):
+                return 1
+
+        class Square(Shape):
+            def area(self):
+                return 4
+
+        DEFAULTS = Settings()
+    """,
     "mypkg/tasks.py": """
         from mypkg import helpers
+        from mypkg.kinds import DEFAULTS, Mode, Point, Square
         from mypkg.model import Model
 
         OFFSET = 1
 
-        async def compute(x):
+        async def compute(x, mode=Mode.FAST):
             m = Model(3)
-            return m.predict(helpers.scale(x)) + OFFSET
+            extra = DEFAULTS.boost() + Point(1).x + Square().area() + mode.value
+            return m.predict(helpers.scale(x)) + OFFSET + len(f"{x!r:>{2}}") + extra
     """,
     "workflow.py": """
         import asyncio, json, sys
@@ -101,6 +140,14 @@ EDITS: dict[str, tuple[str, str, str, str | None]] = {
         "THRESHOLD = 5",
         "mypkg.config.THRESHOLD",
     ),
+    "enum value": ("mypkg/kinds.py", "FAST = 1", "FAST = 3", "mypkg.kinds.Mode"),
+    "dataclass decorator": (
+        "mypkg/kinds.py",
+        "dataclass(frozen=True)",
+        "dataclass(frozen=False)",
+        "mypkg.kinds.Settings",
+    ),
+    "subclass method": ("mypkg/kinds.py", "return 4", "return 5", "mypkg.kinds.Square.area"),
     "comment": ("mypkg/helpers.py", "# two calls away", "# an edited comment", None),
     "docstring": ("mypkg/helpers.py", '"""Scale a value."""', '"""Scale it (new words)."""', None),
     "whitespace": ("mypkg/helpers.py", "return clamp(x) * 2", "return   clamp( x )*2\n\n", None),

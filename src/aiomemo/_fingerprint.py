@@ -847,7 +847,12 @@ class _Walker:
                     where=f"{where}{inner}",
                     type_name=exc.type_name,
                 ) from None
-            return f"instance of {self.ref(type(obj)) or _type_name(type(obj))}"
+            t = type(obj)
+            if _module_kind(t.__module__) == _STD:
+                # by qualname only: the standard library moves private types
+                # between modules across versions (_collections._tuplegetter)
+                return f"instance of std:{t.__qualname__}"
+            return f"instance of {self.ref(t)}"
         t = type(obj)
         extra = ""
         if _module_kind(t.__module__) == _USER and not isinstance(obj, type):
@@ -959,6 +964,16 @@ class _Walker:
         return f"@{name}"
 
     # ---------------------------------------------------------- classes
+    @staticmethod
+    def written(obj: object, cls: type) -> bool:
+        """Whether ``obj`` (a class member) is user code with source: a ``def`` or nested class."""
+        if isinstance(obj, types.FunctionType):
+            modname = obj.__globals__.get("__name__")
+            return _code_kind(obj.__code__, modname) == _USER and _function_tokens(obj) is not None
+        if isinstance(obj, type):
+            return _module_kind(obj.__module__) == _USER
+        return False
+
     def do_class(self, cls: type) -> None:
         name = self.names[id(cls)]
         src = _class_source(cls)
@@ -974,22 +989,21 @@ class _Walker:
         members: list[object] = []
         for k in sorted(vars(cls)):
             v = vars(cls)[k]
-            inner = _underlying(v)
-            if isinstance(inner, types.FunctionType):
-                code = inner.__code__
-                if (
-                    src is not None
-                    and _function_tokens(inner) is None
-                    and (code.co_filename.startswith("<"))
-                ):
-                    continue  # made by a class decorator (dataclass, NamedTuple) from the source
-                members.append([k, self.value(v, f"{name}.{k}", strict=False)])
-            elif isinstance(v, type) or isinstance(inner, type):
-                members.append([k, self.ref(v)])
-            elif k.startswith("__") and k.endswith("__"):
+            inner = inspect_unwrap(_underlying(v))
+            if assigned is not None and k not in assigned and not self.written(inner, cls):
+                # not in the class body: made from it by a decorator or the
+                # metaclass (dataclass, NamedTuple, enum, abc), which differs
+                # between Python versions; the body's tokens hold what counts
+                continue
+            if (
+                assigned is None
+                and k.startswith("__")
+                and k.endswith("__")
+                and not isinstance(inner, types.FunctionType | type)
+            ):
                 continue  # bookkeeping Python adds (__module__, __dict__, __doc__, ...)
-            elif assigned is not None and k not in assigned:
-                continue  # not in the class body: made from it (enum, dataclass internals)
+            if isinstance(v, type):
+                members.append([k, self.ref(v)])
             else:
                 members.append([k, self.value(v, f"{name}.{k}", strict=False)])
         self.pieces[name] = blake3.blake3(
