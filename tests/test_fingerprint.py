@@ -677,7 +677,9 @@ class TestKeysAndExplain:
         # a piece no longer reached (records keep its id only)
         load(edit("tasks.py", "return Scaler(2).apply(total)", "return total"))
         k = sys.modules[f"{PKG}.tasks"].task
-        ex4 = explain({"func": k, "args": (1,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"])
+        ex4 = explain(
+            {"func": k, "args": (1,), "kwargs": {}, "track_code": True}, [tmp_path / "ck"]
+        )
         assert "fpkg.tasks.task changed since the recorded call" in str(ex4)
         gone = 10  # Scaler, its 6 members, Inner.go, Base and describe: only the task reached them
         assert f"{gone} recorded pieces of code are no longer reached" in str(ex4), str(ex4)
@@ -719,3 +721,37 @@ class TestKeysAndExplain:
             assert await cached.key(1) != await plain.key(1)  # type: ignore[attr-defined]
             assert await cached(5) == 5 and await cached(5) == 5
             assert memo.stats().hits == 1
+
+
+class TestModuleState:
+    def test_state_the_code_changes_counts_by_name_only(self, load: Any) -> None:
+        """Globals the module's code assigns or mutates do not make the fingerprint depend on when."""
+        files = {
+            "__init__.py": "",
+            "tasks.py": """
+                _CACHE = {}
+                SEEN = []
+                CALLS = 0
+                CONFIG = {"gain": 2}
+                def remember(k, v):
+                    _CACHE[(k, 1)] = v
+                def note(x):
+                    global CALLS
+                    CALLS += 1
+                    SEEN.append(x)
+                def task(x):
+                    note(x)
+                    remember(x, x)
+                    return _CACHE.get(x), len(SEEN), CALLS, CONFIG["gain"]
+            """,
+        }
+        a = load(files)
+        mod = sys.modules[f"{PKG}.tasks"]
+        _fingerprint._clear_cache()
+        for i in range(3):  # the process runs: state changes
+            mod.task(i)
+        b = code_fingerprint(mod.task)
+        assert a.digest == b.digest
+        # a constant the code only reads still counts
+        c = load(edit("tasks.py", '"gain": 2', '"gain": 3', files))
+        assert changed(a, c) == {"fpkg.tasks.CONFIG"}

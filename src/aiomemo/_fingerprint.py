@@ -32,8 +32,10 @@ never by path, so moving a checkout keeps every digest.
 
 Not followed: names built at run time (``getattr(mod, name)``, ``eval``),
 methods called on objects that arrive as arguments (unless their class is
-referred to by name), and mutable module state read after the fingerprint
-is made: it is made once per function per process, on first use.
+referred to by name). Module-level values the module's own code assigns or
+changes in place (``global n``, ``cache[k] = v``, ``seen.append(x)``) are
+state and count by name only; anything else is read when the fingerprint is
+made, once per function per process, on first use.
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ def _clear_cache() -> None:
         _CACHE.clear()
         _STRONG.clear()
         _FAST.clear()
+        _STATE.clear()
         _SOURCES.clear()
 
 
@@ -655,6 +658,55 @@ def _all_names(code: types.CodeType) -> set[str]:
     return names
 
 
+_IMMUTABLE: Final = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
+_MUTATORS: Final = frozenset(
+    {
+        *("append", "extend", "insert", "remove", "pop", "popitem", "clear", "update"),
+        *("setdefault", "add", "discard", "sort", "reverse", "appendleft", "extendleft"),
+        *("rotate", "__setitem__", "__delitem__"),
+    }
+)
+_STATE: dict[str, frozenset[str]] = {}
+
+
+def _module_state(mod: types.ModuleType) -> frozenset[str]:
+    """Globals of ``mod`` that its own functions and methods assign or change in place."""
+    name = mod.__name__
+    found = _STATE.get(name)
+    if found is not None:
+        return found
+    out: set[str] = set()
+    codes: list[types.CodeType] = []
+    for v in list(vars(mod).values()):
+        objs = list(vars(v).values()) if isinstance(v, type) else [v]
+        for o in objs:
+            f = inspect_unwrap(_underlying(o))
+            if isinstance(f, types.FunctionType) and f.__globals__ is vars(mod):
+                codes.append(f.__code__)
+    while codes:
+        code = codes.pop()
+        ins = list(dis.get_instructions(code))
+        for i, x in enumerate(ins):
+            if x.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                out.add(str(x.argval))
+            elif x.opname == "LOAD_GLOBAL" and i + 1 < len(ins):
+                nxt = ins[i + 1]
+                if nxt.opname in ("LOAD_ATTR", "LOAD_METHOD") and nxt.argval in _MUTATORS:
+                    out.add(str(x.argval))
+                    continue
+                # ``g[key] = v`` / ``del g[key]``: the subscript store follows the key's loads
+                for y in ins[i + 1 : i + 6]:
+                    if y.opname in ("STORE_SUBSCR", "DELETE_SUBSCR"):
+                        out.add(str(x.argval))
+                        break
+                    if y.opname.startswith(("CALL", "LOAD_GLOBAL", "STORE", "RETURN")):
+                        break
+        codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    result = frozenset(out)
+    _STATE[name] = result
+    return result
+
+
 def _local_imports(code: types.CodeType, package: str) -> set[str]:
     """Modules a function imports in its body (``import a.b``, ``from . import c``)."""
     out: set[str] = set()
@@ -721,6 +773,7 @@ class _Walker:
         self.keep: list[object] = []  # visited objects stay alive while ids are used
         self.bytecode: list[str] = []
         self.todo: list[tuple[str, object]] = []
+        self.values: dict[str, object] = {}  # module-level value pieces, by name
 
     def run(self, func: object) -> CodeFingerprint:
         root = self.ref(func)
@@ -730,6 +783,7 @@ class _Walker:
                 self.do_function(obj)  # type: ignore[arg-type]
             else:
                 self.do_class(obj)  # type: ignore[arg-type]
+        self.drop_state()
         items = sorted(self.pieces.items())
         digest = blake3.blake3(_packb([_FP_VERSION, root, items])).digest()
         record = b"".join(sorted(piece_id(k) + v[:DEP_DIGEST_SIZE] for k, v in items))
@@ -740,6 +794,31 @@ class _Walker:
             from_bytecode=tuple(sorted(self.bytecode)),
             record=record,
         )
+
+    def drop_state(self) -> None:
+        """Module-level values the code changes (``global x; x = ...``, ``_cache[k] = v``,
+        ``items.append(...)``) are state, not code: they count by name only, so a
+        fingerprint does not depend on when it is made."""
+        if not self.values:
+            return
+        modules = {n.rpartition(".")[0] for n in self.pieces} | {
+            n.rpartition(".")[0] for n in self.values
+        }
+        state_ids: set[int] = set()
+        state_names: set[str] = set()
+        for mname in sorted(modules):
+            mod = sys.modules.get(mname)
+            if mod is None or _module_kind(mname) != _USER:
+                continue
+            mdict = vars(mod)
+            for n in _module_state(mod):
+                state_names.add(f"{mname}.{n}")
+                if n in mdict and not isinstance(mdict[n], _IMMUTABLE):
+                    state_ids.add(id(mdict[n]))
+        state = blake3.blake3(_packb(["state"])).digest()
+        for name, v in self.values.items():
+            if name in state_names or (not isinstance(v, _IMMUTABLE) and id(v) in state_ids):
+                self.pieces[name] = state
 
     @staticmethod
     def display_name(func: object) -> str:
@@ -959,6 +1038,7 @@ class _Walker:
             return tok
         if name not in self.pieces:
             self.pieces[name] = b""
+            self.values[name] = v
             tok = self.value(v, name, strict=False)
             self.pieces[name] = blake3.blake3(_packb(["value", tok])).digest()
         return f"@{name}"
