@@ -47,6 +47,31 @@ def g(*args: Any, **kwargs: Any) -> None:
     """Another task function."""
 
 
+@dataclasses.dataclass
+class P:
+    """A module-level dataclass (its name leads back to it, so it has a key)."""
+
+    x: int
+    y: list[int]
+
+
+@dataclasses.dataclass
+class Cfg:
+    """A config holder whose field may hold anything."""
+
+    port: object
+
+
+class Color(enum.Enum):
+    """A module-level enum."""
+
+    RED = 1
+    BLUE = 2
+
+
+NT = collections.namedtuple("NT", "x y")
+
+
 def task(*args: Any, _func: Any = f, **kwargs: Any) -> dict[str, Any]:
     return {"func": _func, "args": args, "kwargs": kwargs}
 
@@ -217,17 +242,6 @@ class TestCanonicalTypes:
 
     def test_dataclass_enum_namedtuple(self) -> None:
         """Dataclasses by fields, Enums by name, NamedTuples by fields, all with their type."""
-
-        @dataclasses.dataclass
-        class P:
-            x: int
-            y: list[int]
-
-        class Color(enum.Enum):
-            RED = 1
-            BLUE = 2
-
-        NT = collections.namedtuple("NT", "x y")
         assert key(P(1, [2])) == key(P(1, [2]))
         assert key(P(1, [2])) != key(P(1, [3]))
         assert key(Color.RED) != key(Color.BLUE)
@@ -308,8 +322,8 @@ class TestRegistry:
         assert key(Point(1, 2)) != key(Point(2, 1))
         assert key(Point(1, 2)) != key((1, 2))
 
-    def test_fallback_hook(self) -> None:
-        """A fallback hook keys types nothing else covers, in order."""
+    def test_key_hook(self) -> None:
+        """A key hook keys types nothing else covers, only where it is given."""
 
         class Opaque:
             pass
@@ -317,11 +331,9 @@ class TestRegistry:
         def hook(obj: object, output_ref: bool) -> object:
             return "opaque" if isinstance(obj, Opaque) else H.NOT_HANDLED
 
-        H.fallback_hooks.append(hook)
-        try:
-            assert key(Opaque()) == key(Opaque())
-        finally:
-            H.fallback_hooks.remove(hook)
+        t = task(Opaque())
+        assert make_hash(t, hooks=[hook]) == make_hash(task(Opaque()), hooks=[hook])
+        assert H.hash_task(t, hooks=(hook,)).hex() == make_hash(t, hooks=[hook])
         with pytest.raises(aiomemo.UnhashableInputError):
             key(Opaque())
 
@@ -342,11 +354,6 @@ class TestErrors:
 
     def test_nested_positions(self) -> None:
         """Positions inside args, dict keys, dataclass fields are named."""
-
-        @dataclasses.dataclass
-        class Cfg:
-            port: object
-
         with pytest.raises(aiomemo.UnhashableInputError, match=r"args\[1\]\['x'\]\.port"):
             key(0, {"x": Cfg(object())})
 

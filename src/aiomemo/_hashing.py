@@ -4,10 +4,12 @@ The key of a task is ``blake3(stream).hexdigest()`` where ``stream`` is
 
 1. ``packb(tree)``: one msgpack document, the canonical form of
    ``[FORMAT, [module, qualname, version], args, kwargs, outputs]``, then
-2. the payload of every large buffer and every :class:`File` met while
-   building ``tree``, in the order met, fed to the hasher as they are (no
-   copy). ``tree`` holds a header for each (kind, dtype, shape, length), so
-   the stream stays unambiguous.
+2. the payload of every large buffer and every :class:`File` in ``tree``,
+   fed to the hasher as they are (no copy), in the canonical order of the
+   tree (outputs, version, func, args, kwargs, and inside sorted containers
+   the sorted order; members whose canonical form ties are ordered by the
+   digest of their content). ``tree`` holds a header for each (kind, dtype,
+   shape, length), so the stream stays unambiguous.
 
 Canonical form (format version 1; golden vectors in the tests pin it):
 
@@ -24,16 +26,23 @@ Canonical form (format version 1; golden vectors in the tests pin it):
 * bytes shorter than ``INLINE_LIMIT`` are msgpack bin; longer buffers
   (bytes, bytearray, memoryview, contiguous numpy arrays) go out of band.
 * everything else is tagged with its kind and, for user types, the type's
-  ``module.qualname``.
+  ``module.qualname`` (which must lead back to the class, or it raises).
+
+The rule every handler follows: two inputs share a key only when no
+function could tell them apart; what aiomemo cannot tell raises
+``UnhashableInputError`` naming where it sits.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
 import dataclasses
 import datetime as _dt
 import decimal
 import enum
+import fractions
 import functools
 import os
 import pathlib
@@ -58,8 +67,10 @@ __all__ = [
     "FORMAT_VERSION",
     "NOT_HANDLED",
     "File",
+    "IgnoreNames",
+    "KeyHook",
     "arg_digests",
-    "fallback_hooks",
+    "check_ignore",
     "hash_task",
     "hash_task_async",
     "id_for_memo",
@@ -93,6 +104,7 @@ _X_UUID = 8
 _X_OOB = 9  # header of an out-of-band buffer: packb([kind, meta, nbytes])
 _X_FILE = 10  # header of an out-of-band file digest: packb([mode, path or None])
 _X_BYTEARRAY = 11
+_X_SURROGATE_STR = 12  # a str holding lone surrogates: its "surrogatepass" UTF-8 bytes
 
 
 def _mark(code: int) -> msgpack.ExtType:
@@ -117,6 +129,14 @@ _M_HOOK = _mark(46)  # fallback hook (the Parsl adapter's id_for_memo bridge)
 _M_MAP = _mark(47)  # dict with non-str keys
 _M_METHOD = _mark(48)
 _M_OUTPUT_FILE = _mark(49)  # a File given as an output ref: keyed by path
+_M_ORDERED = _mark(50)  # pairs in insertion order (an OrderedDict not in sorted order)
+_M_DEQUE = _mark(51)
+_M_CHAINMAP = _mark(52)
+_M_RANGE = _mark(53)
+_M_SLICE = _mark(54)
+_M_FRACTION = _mark(55)
+_M_ARRAY = _mark(56)  # array.array
+_M_NAMESPACE = _mark(57)  # types.SimpleNamespace
 
 
 class _NotHandled:
@@ -129,10 +149,36 @@ class _NotHandled:
 #: returned by a fallback hook that has nothing to say about a value
 NOT_HANDLED: Final = _NotHandled()
 
-#: hooks tried, in order, for a value no built-in rule or ``id_for_memo``
-#: registration covers: ``hook(obj, output_ref)`` returns a keyable stand-in
-#: or ``NOT_HANDLED``
-fallback_hooks: list[Callable[[object, bool], object]] = []
+#: A key hook, given to ``Memoizer(key_hooks=...)`` or ``hash_task(hooks=...)``:
+#: tried, in order, for a value no built-in rule or ``id_for_memo``
+#: registration covers; ``hook(obj, output_ref)`` returns a keyable stand-in
+#: or ``NOT_HANDLED``. Hooks belong to one Memoizer: nothing process-global.
+KeyHook = Callable[[object, bool], object]
+
+#: names of keyword arguments left out of a key: a list (or tuple, set) of
+#: str, never a bare str (``"log"`` would be read as ``l``, ``o``, ``g``)
+IgnoreNames = list[str] | tuple[str, ...] | set[str] | frozenset[str]
+
+
+def check_ignore(ignore: object, what: str = "ignore") -> list[str]:
+    """``ignore`` as a list of names; TypeError for a bare str or a non-str name."""
+    if isinstance(ignore, str | bytes):
+        raise TypeError(
+            f"{what} must be a list of keyword names, not a bare str: "
+            f"write [{ignore!r}], not {ignore!r}"
+        )
+    try:
+        names: list[str] = list(cast(Any, ignore))
+    except TypeError:
+        raise TypeError(
+            f"{what} must be a list of keyword names, not {type(ignore).__name__}"
+        ) from None
+    for name in names:
+        if type(name) is not str:
+            raise TypeError(
+                f"{what} holds {name!r} ({type(name).__name__}): it must hold keyword names (str)"
+            )
+    return names
 
 
 @functools.singledispatch
@@ -200,12 +246,112 @@ class _Ctx:
     oob: list[object] = []  # noqa: RUF012 - never mutated: add() swaps in a fresh list
     oob_bytes = 0
     output_ref = False
+    hooks: tuple[KeyHook, ...] = ()
+    #: sorted containers whose order waits on the content of their buffers
+    pending: list[_Pending] = []  # noqa: RUF012 - never mutated: swapped like oob
 
     def add(self, item: object, nbytes: int) -> None:
         if self.oob is _Ctx.oob:
             self.oob = []
         self.oob.append(item)
         self.oob_bytes += nbytes
+
+
+class _Pending:
+    """A sorted container (set, frozenset, dict with non-str keys) whose members
+    tie on their canonical form but hold out-of-band content (two 5 KB bytes,
+    two Files): their order, and the order of their payloads in the stream,
+    is decided by the digests of that content once it is known (Files are
+    read first, asynchronously on the async path).
+
+    ``out[offset:]`` is the container's part of the tree, rewritten in place
+    by :meth:`resolve`; ``items`` is then its out-of-band items in canonical
+    order (this object stands for them in its parent's list).
+    """
+
+    __slots__ = ("entries", "items", "offset", "out")
+
+    def __init__(
+        self,
+        out: list[object],
+        offset: int,
+        entries: list[tuple[bytes, list[object], list[object]]],
+    ) -> None:
+        self.out = out
+        self.offset = offset
+        self.entries = entries  # (canonical bytes, tree items, out-of-band items)
+        self.items: list[object] = []
+
+    def resolve(self, part: Callable[[object], object]) -> None:
+        keyed = []
+        for packed, tree_items, oob in self.entries:
+            h = blake3.blake3()
+            for leaf in _leaves(oob):
+                h.update(part(leaf))  # type: ignore[arg-type]
+            keyed.append((packed, h.digest(), tree_items, oob))
+        keyed.sort(key=lambda e: (e[0], e[1]))
+        del self.out[self.offset :]
+        for _, _, tree_items, oob in keyed:
+            self.out.extend(tree_items)
+            self.items.extend(oob)
+
+
+def _leaves(items: list[object]) -> Any:
+    """Out-of-band items in canonical order, resolved containers expanded."""
+    for item in items:
+        if type(item) is _Pending:
+            yield from _leaves(item.items)
+        else:
+            yield item
+
+
+def _order(
+    ctx: _Ctx,
+    start: int,
+    out: list[object],
+    entries: list[tuple[bytes, list[object], int]],
+) -> None:
+    """Append the sorted entries' tree items to ``out`` and put their out-of-band
+    items (``ctx.oob[start:]``, each entry's ending at its index) in the same order.
+
+    Out-of-band payloads are referenced by position, so they must follow the
+    canonical order of the tree, not the order the container iterated in.
+    """
+    if len(ctx.oob) == start:  # nothing out of band: the common case
+        entries.sort(key=lambda e: e[0])
+        for e in entries:
+            out.extend(e[1])
+        return
+    segs = ctx.oob[start:]
+    del ctx.oob[start:]
+    lo = start
+    split: list[tuple[bytes, list[object], list[object]]] = []
+    for packed, tree_items, hi in entries:
+        split.append((packed, tree_items, segs[lo - start : hi - start]))
+        lo = hi
+    split.sort(key=lambda e: e[0])
+    tie = any(
+        split[i][0] == split[i + 1][0] and (split[i][2] or split[i + 1][2])
+        for i in range(len(split) - 1)
+    )
+    if not tie:
+        for _, tree_items, oob in split:
+            out.extend(tree_items)
+            ctx.oob.extend(oob)
+        return
+    offset = len(out)
+    for _, tree_items, _ in split:
+        out.extend(tree_items)  # a placeholder order: same bytes whatever the order
+    pending = _Pending(out, offset, split)
+    if ctx.pending is _Ctx.pending:
+        ctx.pending = []
+    ctx.pending.append(pending)  # inner containers come first: resolved first
+    ctx.oob.append(pending)
+
+
+def _resolve(ctx: _Ctx, part: Callable[[object], object]) -> None:
+    for pending in ctx.pending:
+        pending.resolve(part)
 
 
 def _qualname(t: type | Callable[..., object]) -> str:
@@ -317,7 +463,8 @@ def _canon_dict(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_map(x: Any, ctx: _Ctx, depth: int) -> object:
     """A dict with some non-str key: a marked array of pairs sorted by packed key."""
-    pairs: list[tuple[bytes, object, object]] = []
+    start = len(ctx.oob)
+    entries: list[tuple[bytes, list[object], int]] = []
     for k in x:
         try:
             ck = _canon(k, ctx, depth)
@@ -329,31 +476,33 @@ def _canon_map(x: Any, ctx: _Ctx, depth: int) -> object:
         except _Unhashable as exc:
             exc.path.append(f"[{k!r}]")
             raise
-        pairs.append((_packb(ck), ck, cv))
-    pairs.sort(key=lambda p: p[0])
+        entries.append((_packb(ck), [ck, cv], len(ctx.oob)))
+    if len({e[0] for e in entries}) < len(entries):
+        # distinct keys with one canonical form (NaNs): order by the pair, so
+        # that insertion order does not leak into the key
+        entries = [(_packb(e[1]), e[1], e[2]) for e in entries]
     flat: list[object] = [_M_MAP]
-    for _, ck, cv in pairs:
-        flat.append(ck)
-        flat.append(cv)
+    _order(ctx, start, flat, entries)
     return flat
 
 
 def _sorted_members(x: Any, ctx: _Ctx, depth: int, mark: msgpack.ExtType) -> list[object]:
     if all(type(e) is str for e in x):
         members: list[object] = sorted(x)
-    else:
-        canon = []
-        for e in x:
-            try:
-                ce = _canon(e, ctx, depth)
-            except _Unhashable as exc:
-                exc.path.append(f" member {e!r}")
-                raise
-            canon.append((_packb(ce), ce))
-        canon.sort(key=lambda p: p[0])
-        members = [c for _, c in canon]
-    members.insert(0, mark)
-    return members
+        members.insert(0, mark)
+        return members
+    start = len(ctx.oob)
+    entries: list[tuple[bytes, list[object], int]] = []
+    for e in x:
+        try:
+            ce = _canon(e, ctx, depth)
+        except _Unhashable as exc:
+            exc.path.append(f" member {e!r}")
+            raise
+        entries.append((_packb(ce), [ce], len(ctx.oob)))
+    out: list[object] = [mark]
+    _order(ctx, start, out, entries)
+    return out
 
 
 def _canon_set(x: Any, ctx: _Ctx, depth: int) -> list[object]:
@@ -406,11 +555,25 @@ def _canon_decimal(x: Any, ctx: _Ctx, depth: int) -> object:
 def _tz_tag(tz: _dt.tzinfo | None, sample: Any) -> str:
     if tz is None:
         return ""
-    key = getattr(tz, "key", None)  # zoneinfo.ZoneInfo
-    if isinstance(key, str):
+    if type(tz) is _dt.timezone:
+        off = sample.utcoffset()
+        name = tz.tzname(None)
+        if name == _dt.timezone(off).tzname(None):
+            return f"timezone:{off}"  # unnamed (or named as the default would be)
+        return f"timezone:{off}:{name}"
+    key = getattr(tz, "key", None)
+    if isinstance(key, str) and _is_zoneinfo(tz):
         return key
-    off = sample.utcoffset()
-    return f"{tz.__class__.__name__}:{off}"
+    # another tzinfo (or a ZoneInfo read from a file, without a key): its
+    # offset now says nothing of its rules, and a name may not be unique
+    raise _Unhashable(
+        tz, "a time zone aiomemo cannot name: use zoneinfo.ZoneInfo(key) or datetime.timezone"
+    )
+
+
+def _is_zoneinfo(tz: object) -> bool:
+    zi = sys.modules.get("zoneinfo")
+    return zi is not None and isinstance(tz, zi.ZoneInfo)
 
 
 def _canon_date(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -418,12 +581,12 @@ def _canon_date(x: Any, ctx: _Ctx, depth: int) -> object:
 
 
 def _canon_time(x: Any, ctx: _Ctx, depth: int) -> object:
-    tag = _tz_tag(x.tzinfo, x)
+    tag = _tz_tag(x.tzinfo, x) if x.tzinfo is not None else ""
     return msgpack.ExtType(_X_TIME, f"{x.isoformat()}|{tag}|{x.fold}".encode())
 
 
 def _canon_datetime(x: Any, ctx: _Ctx, depth: int) -> object:
-    tag = _tz_tag(x.tzinfo, x)
+    tag = _tz_tag(x.tzinfo, x) if x.tzinfo is not None else ""
     return msgpack.ExtType(_X_DATETIME, f"{x.isoformat()}|{tag}|{x.fold}".encode())
 
 
@@ -443,17 +606,70 @@ def _canon_function(x: Any, ctx: _Ctx, depth: int) -> object:
     return [_M_FUNC, getattr(x, "__module__", None) or "?", x.__qualname__]
 
 
+def _class_name(t: type) -> str | None:
+    """``module.qualname`` of a class when that name leads back to it, else None.
+
+    Only then does the name identify the class: two classes defined by one
+    function (or made with ``type()`` / ``namedtuple()`` and never stored
+    under their name) may share it and still differ.
+    """
+    try:
+        return _CLASS_NAMES[t]
+    except (KeyError, TypeError):
+        pass
+    mod = getattr(t, "__module__", None) or "?"
+    qn = getattr(t, "__qualname__", None) or "?"
+    if t.__flags__ & _HEAPTYPE:
+        obj: object = sys.modules.get(mod)
+        for part in qn.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not t:
+            return None
+    # else a static C type: one per process, whatever its name
+    name = f"{mod}.{qn}"
+    if len(_CLASS_NAMES) < 4096:
+        _CLASS_NAMES[t] = name
+    return name
+
+
+_CLASS_NAMES: dict[type, str] = {}
+_HEAPTYPE: Final = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+
+
+def _named_class(x: object, t: type) -> str:
+    name = _class_name(t)
+    if name is None:
+        raise _Unhashable(
+            x,
+            f"its class {_qualname(t)} cannot be found under that name (defined inside a "
+            "function, or made dynamically), so another class may share the name; define "
+            "it at module level or register a stand-in",
+        )
+    return name
+
+
 def _canon_type(x: Any, ctx: _Ctx, depth: int) -> object:
+    _named_class(x, x)
     return [_M_TYPE, x.__module__, x.__qualname__]
 
 
 def _canon_partial(x: Any, ctx: _Ctx, depth: int) -> object:
-    return [
-        _M_PARTIAL,
-        _canon(x.func, ctx, depth),
-        _canon_list(x.args, ctx, depth),
-        _canon_dict(x.keywords, ctx, depth),
-    ]
+    try:
+        func = _canon(x.func, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(".func")
+        raise
+    try:
+        args = _canon_list(x.args, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(".args")
+        raise
+    try:
+        kw = _canon_dict(x.keywords, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(".keywords")
+        raise
+    return [_M_PARTIAL, func, args, kw]
 
 
 def _canon_method(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -465,6 +681,19 @@ def _canon_method(x: Any, ctx: _Ctx, depth: int) -> object:
     return [_M_METHOD, _canon_function(x.__func__, ctx, depth), owner]
 
 
+def _canon_builtin(x: Any, ctx: _Ctx, depth: int) -> object:
+    """A C function, or a C method bound to an object (``"abc".upper``, ``{}.get``)."""
+    owner = getattr(x, "__self__", None)
+    if owner is None or type(owner) is types.ModuleType:
+        return _canon_function(x, ctx, depth)
+    try:
+        cowner = _canon(owner, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(".__self__")
+        raise
+    return [_M_METHOD, _canon_function(x, ctx, depth), cowner]
+
+
 def _canon_file(x: Any, ctx: _Ctx, depth: int) -> object:
     f: File = x
     if ctx.output_ref:
@@ -472,6 +701,98 @@ def _canon_file(x: Any, ctx: _Ctx, depth: int) -> object:
     ctx.add(f, 0)
     # content mode: the path is not part of the key (moving a file keeps it)
     return msgpack.ExtType(_X_FILE, _packb([f.by]))
+
+
+def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
+    """OrderedDict: ``==`` sees the order, so the key does (as before when sorted)."""
+    keys = list(x)
+    if all(type(k) is str for k in keys):
+        in_order = keys == sorted(keys)
+    else:
+        probe = _Ctx()
+        probe.hooks = ctx.hooks
+        try:
+            packed = [_packb(_canon(k, probe, depth)) for k in keys]
+        except _Unhashable as exc:
+            exc.path.append(" key")
+            raise
+        in_order = packed == sorted(packed)
+    if in_order:
+        return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(x), ctx, depth)]
+    flat: list[object] = [_M_ORDERED]
+    for k, v in x.items():
+        try:
+            flat.append(_canon(k, ctx, depth))
+        except _Unhashable as exc:
+            exc.path.append(f" key {k!r}")
+            raise
+        try:
+            flat.append(_canon(v, ctx, depth))
+        except _Unhashable as exc:
+            exc.path.append(f"[{k!r}]")
+            raise
+    return [_M_SUBCLASS, _named_class(x, type(x)), flat]
+
+
+def _canon_defaultdict(x: Any, ctx: _Ctx, depth: int) -> object:
+    """defaultdict: its content and its factory (``d[missing]`` tells factories apart)."""
+    try:
+        factory = _canon(x.default_factory, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(".default_factory")
+        raise
+    return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(x), ctx, depth), factory]
+
+
+def _canon_deque(x: Any, ctx: _Ctx, depth: int) -> object:
+    return [_M_DEQUE, x.maxlen, _canon_list(x, ctx, depth)]
+
+
+def _canon_chainmap(x: Any, ctx: _Ctx, depth: int) -> object:
+    try:
+        return [_M_CHAINMAP, _canon_list(x.maps, ctx, depth)]
+    except _Unhashable as exc:
+        exc.path[-1:] = [f".maps{exc.path[-1]}"]
+        raise
+
+
+def _canon_range(x: Any, ctx: _Ctx, depth: int) -> object:
+    # start/stop/step, not the items: range(0) and range(5, 5) compare equal
+    # but a function can read .start
+    return [
+        _M_RANGE,
+        _canon(x.start, ctx, depth),
+        _canon(x.stop, ctx, depth),
+        _canon(x.step, ctx, depth),
+    ]
+
+
+def _canon_slice(x: Any, ctx: _Ctx, depth: int) -> object:
+    try:
+        return [
+            _M_SLICE,
+            _canon(x.start, ctx, depth),
+            _canon(x.stop, ctx, depth),
+            _canon(x.step, ctx, depth),
+        ]
+    except _Unhashable as exc:
+        exc.path.append(".slice")
+        raise
+
+
+def _canon_fraction(x: Any, ctx: _Ctx, depth: int) -> object:
+    return [_M_FRACTION, _canon(x.numerator, ctx, depth), _canon(x.denominator, ctx, depth)]
+
+
+def _canon_array(x: Any, ctx: _Ctx, depth: int) -> object:
+    nbytes = len(x) * x.itemsize
+    if nbytes < INLINE_LIMIT:
+        return [_M_ARRAY, x.typecode, x.tobytes()]
+    return [_M_ARRAY, x.typecode, _oob(memoryview(x).cast("B"), ctx, "array", None, nbytes)]
+
+
+def _canon_namespace(x: Any, ctx: _Ctx, depth: int) -> object:
+    return [_M_NAMESPACE, _canon_dict(vars(x), ctx, depth)]
 
 
 _HANDLERS: dict[type, Callable[[Any, _Ctx, int], object]] = {
@@ -495,11 +816,62 @@ _HANDLERS: dict[type, Callable[[Any, _Ctx, int], object]] = {
     pathlib.PosixPath: _canon_path,
     pathlib.WindowsPath: _canon_path,
     types.FunctionType: _canon_function,
-    types.BuiltinFunctionType: _canon_function,
+    types.BuiltinFunctionType: _canon_builtin,
+    types.MethodWrapperType: _canon_builtin,
     types.MethodType: _canon_method,
     functools.partial: _canon_partial,
     File: _canon_file,
+    collections.OrderedDict: _canon_ordereddict,
+    collections.defaultdict: _canon_defaultdict,
+    collections.deque: _canon_deque,
+    collections.ChainMap: _canon_chainmap,
+    range: _canon_range,
+    slice: _canon_slice,
+    fractions.Fraction: _canon_fraction,
+    array.array: _canon_array,
+    types.SimpleNamespace: _canon_namespace,
 }
+
+
+def _canon_enum(x: Any, ctx: _Ctx, depth: int) -> object:
+    t = type(x)
+    qn = _named_class(x, t)
+    name = x._name_
+    if name is not None and t._member_map_.get(name) is x:
+        return [_M_ENUM, qn, name]  # a member of the class body: its name says which
+    # a pseudo-member (Flag combinations, zero, unknown bits): by value
+    try:
+        return [_M_ENUM, qn, None, _canon(x._value_, ctx, depth)]
+    except _Unhashable as exc:
+        exc.path.append(".value")
+        raise
+
+
+def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
+    t = type(x)
+    out: list[object] = [_M_DATACLASS, _named_class(x, t)]
+    fields = dataclasses.fields(x)
+    for f in fields:
+        try:
+            out.append(f.name)
+            out.append(_canon(getattr(x, f.name), ctx, depth))
+        except _Unhashable as exc:
+            exc.path.append(f".{f.name}")
+            raise
+    attrs = getattr(x, "__dict__", None)
+    if attrs and len(attrs) > len(fields):
+        names = {f.name for f in fields}
+        for name in attrs:
+            if name not in names and not isinstance(
+                getattr(t, name, None), functools.cached_property
+            ):
+                raise _Unhashable(
+                    x, f"attribute {name!r} is not a dataclass field, so the key would not see it"
+                )
+    return out
+
+
+_BUILTIN_BASES: Final = (tuple, list, dict, set, frozenset, str, int, float, bytes)
 
 
 def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
@@ -513,34 +885,33 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
         else:
             return [_M_CUSTOM, _qualname(t), _canon(value, ctx, depth)]
     if isinstance(x, enum.Enum):
-        return [_M_ENUM, _qualname(t), x.name]
+        return _canon_enum(x, ctx, depth)
     if isinstance(x, type):
         return _canon_type(x, ctx, depth)
     if dataclasses.is_dataclass(x):
-        out: list[object] = [_M_DATACLASS, _qualname(t)]
-        for f in dataclasses.fields(x):
-            try:
-                out.append(f.name)
-                out.append(_canon(getattr(x, f.name), ctx, depth))
-            except _Unhashable as exc:
-                exc.path.append(f".{f.name}")
-                raise
-        return out
+        return _canon_dataclass(x, ctx, depth)
     np = sys.modules.get("numpy")
     if np is not None:
         if isinstance(x, np.ndarray):
-            return _canon_ndarray(x, ctx, depth)
+            return _canon_ndarray_any(x, ctx, depth, np)
         if isinstance(x, np.generic):
-            if x.dtype.hasobject:
-                raise _Unhashable(x, "numpy object scalar")
-            return [_M_NPSCALAR, x.dtype.str, x.tobytes()]
-    for hook in fallback_hooks:
+            return _canon_npscalar(x, np)
+    for hook in ctx.hooks:
         value = hook(x, ctx.output_ref)
         if value is not NOT_HANDLED:
             return [_M_HOOK, _qualname(t), _canon(value, ctx, depth)]
+    if isinstance(x, collections.OrderedDict):
+        return _canon_ordereddict(x, ctx, depth)
+    if isinstance(x, collections.defaultdict):
+        return _canon_defaultdict(x, ctx, depth)
     # subclasses of builtins: the type's name + the builtin value
-    for base in (tuple, list, dict, set, frozenset, str, int, float, bytes):
+    for base in _BUILTIN_BASES:
         if isinstance(x, base):
+            qn = _named_class(x, t)
+            if getattr(x, "__dict__", None):
+                raise _Unhashable(
+                    x, f"a {base.__name__} subclass with instance attributes the key would not see"
+                )
             if base is tuple and hasattr(t, "_fields"):
                 fields: Sequence[str] = getattr(t, "_fields", ())
                 try:
@@ -552,23 +923,155 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
             else:
                 conv: Any = base
                 inner = _canon(conv(x), ctx, depth)
-            return [_M_SUBCLASS, _qualname(t), inner]
+            return [_M_SUBCLASS, qn, inner]
     if callable(x) and hasattr(x, "__qualname__") and hasattr(x, "__module__"):
-        return _canon_function(x, ctx, depth)  # builtin methods, C functions...
+        # C methods and descriptors, ufuncs, lru_cache wrappers...
+        return _canon_builtin(x, ctx, depth)
+    if callable(x):
+        raise _Unhashable(
+            x, "a callable object: its state is not visible to aiomemo (make it a dataclass)"
+        )
     raise _Unhashable(x, "no rule for this type")
 
 
+def _np_dtype(dt: Any) -> object:
+    """Everything of a numpy dtype: fields, offsets, titles, itemsize, byte order, subarrays."""
+    if dt.fields is None:
+        if dt.subdtype is not None:
+            base, shape = dt.subdtype
+            return ["sub", _np_dtype(base), list(shape)]
+        return dt.str
+    fields: list[object] = []
+    for name in dt.names:
+        f = dt.fields[name]
+        title = f[2] if len(f) > 2 else None
+        fields.append([name, f[1], _np_dtype(f[0]), title if title is None else repr(title)])
+    return ["struct", dt.itemsize, bool(dt.isalignedstruct), fields]
+
+
+def _descr_is_complete(dt: Any) -> bool:
+    """Whether ``str(dt.descr)`` pins the dtype (no titles, alignment flag or overlaps)."""
+    if dt.subdtype is not None:
+        return _descr_is_complete(dt.subdtype[0])
+    if dt.fields is None:
+        return True
+    if dt.isalignedstruct:
+        return False
+    end = 0
+    for name in dt.names:
+        f = dt.fields[name]
+        if len(f) > 2 or f[1] < end or not _descr_is_complete(f[0]):
+            return False
+        end = f[1] + f[0].itemsize
+    return True
+
+
+def _canon_npscalar(x: Any, np: Any) -> object:
+    dt = x.dtype
+    if dt.hasobject:
+        raise _Unhashable(x, "numpy object scalar")
+    if dt.fields is None and dt.subdtype is None:
+        return [_M_NPSCALAR, dt.str, x.tobytes()]
+    data = x.tobytes()
+    if dt.fields is not None and _has_padding(dt):
+        clean = np.zeros((), dtype=dt)  # padding is not data: zero it
+        clean[()] = x
+        data = clean.tobytes()
+    return [_M_NPSCALAR, dt.str, data, _np_dtype(dt), type(x).__name__]
+
+
+def _canon_ndarray_any(x: Any, ctx: _Ctx, depth: int, np: Any) -> object:
+    t = type(x)
+    if t is np.ndarray:
+        return _canon_ndarray(x, ctx, depth)
+    if t is np.matrix or t is np.recarray:
+        name = "numpy.matrix" if t is np.matrix else "numpy.recarray"
+        return [_M_SUBCLASS, name, _canon_ndarray(x.view(np.ndarray), ctx, depth)]
+    ma = np.ma
+    if t is ma.MaskedArray:
+        data = x.data
+        if type(data) is not np.ndarray:
+            raise _Unhashable(x, f"a masked array over {_qualname(type(data))}")
+        try:
+            fill = _canon(x.fill_value, ctx, depth)
+        except _Unhashable as exc:
+            exc.path.append(".fill_value")
+            raise
+        return [
+            _M_SUBCLASS,
+            "numpy.ma.MaskedArray",
+            _canon_ndarray(data, ctx, depth),  # masked slots too: .data shows them
+            _canon_ndarray(ma.getmaskarray(x), ctx, depth),
+            fill,
+            bool(x.hardmask),
+        ]
+    if t is ma.core.MaskedConstant:
+        return [_M_SUBCLASS, "numpy.ma.masked"]
+    raise _Unhashable(
+        x,
+        f"numpy array subclass {_qualname(t)} (it may hold state beyond its data): "
+        "pass numpy.asarray(x) or register a stand-in",
+    )
+
+
+def _covered(dt: Any, base: int, cover: bytearray) -> None:
+    if dt.subdtype is not None:
+        sub, shape = dt.subdtype
+        n = 1
+        for d in shape:
+            n *= d
+        for i in range(n):
+            _covered(sub, base + i * sub.itemsize, cover)
+    elif dt.fields is None:
+        cover[base : base + dt.itemsize] = b"\x01" * dt.itemsize
+    else:
+        for name in dt.names:
+            fdt, off = dt.fields[name][:2]
+            _covered(fdt, base + off, cover)
+
+
+def _has_padding(dt: Any) -> bool:
+    """Whether some bytes of a structured dtype belong to no field."""
+    try:
+        return _PADDED[dt]
+    except (KeyError, TypeError):
+        pass
+    cover = bytearray(dt.itemsize)
+    _covered(dt, 0, cover)
+    padded = 0 in cover
+    if len(_PADDED) < 1024:
+        _PADDED[dt] = padded
+    return padded
+
+
+_PADDED: dict[Any, bool] = {}
+
+
 def _canon_ndarray(x: Any, ctx: _Ctx, depth: int) -> object:
-    if x.dtype.hasobject:
+    np = sys.modules["numpy"]
+    dt = x.dtype
+    if dt.hasobject:
         raise _Unhashable(x, "numpy array of dtype object")
-    if not x.flags.c_contiguous:
+    if dt.fields is not None and _has_padding(dt):
+        # padding bytes are not data (numpy's own copy leaves them undefined):
+        # key the fields only, in a copy with zeroed padding
+        clean = np.zeros(x.shape, dtype=dt)
+        clean[...] = x
+        x = clean
+    elif not x.flags.c_contiguous:
         x = x.copy(order="C")  # a copy, but only for strided arrays
-    meta = [x.dtype.str, list(x.shape)]
-    if x.dtype.fields is not None:
-        meta.append(str(x.dtype.descr))
+    meta: list[object] = [dt.str, list(x.shape)]
+    if dt.fields is not None:
+        if _descr_is_complete(dt):
+            meta.append(str(dt.descr))
+        else:
+            meta.append(None)
+            meta.append(_np_dtype(dt))
     if x.nbytes < INLINE_LIMIT:
         return [_M_NDARRAY, *meta, x.tobytes()]
-    buf = memoryview(x).cast("B") if x.ndim else memoryview(x.tobytes())
+    # a byte view, no copy: datetime64 and some other dtypes cannot export a
+    # buffer of their own
+    buf = memoryview(x.reshape(-1).view("u1"))
     return _oob(buf, ctx, "ndarray", meta, x.nbytes)
 
 
@@ -586,32 +1089,65 @@ def _packb(obj: object) -> bytes:
         )
     try:
         return packer.pack(obj)  # type: ignore[no-any-return]
+    except UnicodeEncodeError:
+        packer.reset()
+        # a str with lone surrogates (os.fsdecode of a non-UTF-8 file name):
+        # rare, so it costs a second walk only when met
+        return packer.pack(_fix_surrogates(obj))  # type: ignore[no-any-return]
     except BaseException:
         packer.reset()
         raise
 
 
+def _fix_surrogates(o: object) -> object:
+    """The canonical tree with every unencodable str as ext ``SURROGATE_STR``."""
+    t = type(o)
+    if t is str:
+        s: str = o  # type: ignore[assignment]
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            return msgpack.ExtType(_X_SURROGATE_STR, s.encode("utf-8", "surrogatepass"))
+        return s
+    if t is list:
+        return [_fix_surrogates(e) for e in o]  # type: ignore[attr-defined]
+    if t is dict:
+        return {_fix_surrogates(k): _fix_surrogates(v) for k, v in o.items()}  # type: ignore[attr-defined]
+    return o
+
+
 _FID_CACHE: dict[object, list[object]] = {}
 
 
-def _func_identity(func: object, version: object) -> list[object]:
+def _func_identity(func: object, version: object, ctx: _Ctx) -> list[object]:
+    """``[module, qualname, version]`` for functions and classes (as Parsl keys
+    them); ``[version, canonical form]`` for any other callable, whose state
+    is part of what it does (a partial's arguments, a bound method's object)."""
     if version is None:
         try:
             return _FID_CACHE[func]
         except (KeyError, TypeError):
             pass
-    if type(func) is types.FunctionType:
-        fid: list[object] = [func.__module__ or "?", func.__qualname__, version]
+    tf = type(func)
+    if tf is types.FunctionType:
+        fid: list[object] = [func.__module__ or "?", func.__qualname__, version]  # type: ignore[attr-defined]
         if version is None and len(_FID_CACHE) < 4096:
             _FID_CACHE[func] = fid  # never mutated: packed as it is
         return fid
-    if isinstance(func, types.FunctionType | types.BuiltinFunctionType | type):
+    if isinstance(func, type):
+        _named_class(func, func)
         return [func.__module__ or "?", func.__qualname__, version]
-    if isinstance(func, types.MethodType):
-        return [func.__func__.__module__ or "?", func.__func__.__qualname__, version]
-    if hasattr(func, "__qualname__") and hasattr(func, "__module__"):
+    if tf is types.MethodType or tf is functools.partial:
+        return [version, _canon(func, ctx, 0)]
+    owner = getattr(func, "__self__", None)
+    if (
+        (owner is None or type(owner) is types.ModuleType)
+        and hasattr(func, "__qualname__")
+        and hasattr(func, "__module__")
+    ):
+        # C functions, ufuncs, lru_cache wrappers...: their name says which
         return [func.__module__ or "?", func.__qualname__, version]
-    return [type(func).__module__, type(func).__qualname__, version]
+    return [version, _canon(func, ctx, 0)]
 
 
 def _where(top: str, path: list[str]) -> str:
@@ -673,8 +1209,19 @@ def _is_cyclic(obj: object) -> bool:
     return False
 
 
-def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
-    """Canonical stream head of a task, plus the out-of-band items to feed after it."""
+def _ignored(task: Mapping[str, Any]) -> Any:
+    ignore = task.get("ignore_for_cache") or ()
+    if ignore and (type(ignore) is not list or not all(type(n) is str for n in ignore)):
+        check_ignore(ignore, "task['ignore_for_cache']")
+    return ignore
+
+
+def _task_tree(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> tuple[object, _Ctx]:
+    """Canonical tree of a task, plus the out-of-band items to feed after it.
+
+    Out-of-band items come in a fixed order: outputs, version, func, args,
+    kwargs, each in the canonical order of its tree.
+    """
     try:
         func = task["func"]
     except KeyError:
@@ -683,8 +1230,10 @@ def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
     kwargs = task.get("kwargs") or {}
     if type(kwargs) is not dict and not isinstance(kwargs, Mapping):
         raise TypeError(f"task['kwargs'] must be a mapping, not {type(kwargs).__name__}")
-    ignore = task.get("ignore_for_cache") or ()
+    ignore = _ignored(task)
     ctx = _Ctx()
+    if hooks:
+        ctx.hooks = tuple(hooks)
     outputs: object = None
     if ignore or "outputs" in kwargs:
         kwargs = {k: v for k, v in kwargs.items() if k not in ignore}
@@ -697,9 +1246,13 @@ def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
             ctx.output_ref = False
     try:
         version = task.get("version")
-        fid = _func_identity(func, None if version is None else _canon(version, ctx, 0))
+        cversion = None if version is None else _canon(version, ctx, 0)
     except _Unhashable as exc:
         raise _error(exc, "version") from None
+    try:
+        fid = _func_identity(func, cversion, ctx)
+    except _Unhashable as exc:
+        raise _error(exc, "func") from None
     if type(args) is not tuple and type(args) is not list and not isinstance(args, Sequence):
         raise TypeError(f"task['args'] must be a sequence, not {type(args).__name__}")
     try:
@@ -722,16 +1275,21 @@ def _task_tree(task: Mapping[str, Any]) -> tuple[bytes, _Ctx]:
             tree.append(e[1])
         else:
             tree.append(_fingerprint.code_digest(func))
-    head = _packb(tree)
-    return head, ctx
+    return tree, ctx
 
 
-def _feed_buffers_and_files_sync(h: Any, ctx: _Ctx) -> None:
-    for item in ctx.oob:
-        if isinstance(item, File):
-            h.update(_file_part_sync(item))
-        else:
-            h.update(item)
+def _file_parts_sync(ctx: _Ctx) -> Callable[[object], object]:
+    cache: dict[int, bytes] = {}
+
+    def part(item: object) -> object:
+        if type(item) is not File:
+            return item
+        got = cache.get(id(item))
+        if got is None:
+            got = cache[id(item)] = _file_part_sync(item)
+        return got
+
+    return part
 
 
 def _abspath(path: str) -> str:
@@ -775,16 +1333,24 @@ async def _file_part_async(f: File) -> bytes:
         raise _file_error(f, exc) from exc
 
 
-def hash_task(task: Mapping[str, Any]) -> bytes:
-    """The task's key as 32 raw bytes (sync; reads Files with plain reads)."""
-    head, ctx = _task_tree(task)
-    h = blake3.blake3(head)
-    if ctx.oob:
-        _feed_buffers_and_files_sync(h, ctx)
+def hash_task(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes:
+    """The task's key as 32 raw bytes (sync; reads Files with plain reads).
+
+    ``hooks``: key hooks (see :data:`KeyHook`) for types nothing else covers.
+    """
+    tree, ctx = _task_tree(task, hooks)
+    if not ctx.oob:
+        return blake3.blake3(_packb(tree)).digest()
+    part = _file_parts_sync(ctx)
+    if ctx.pending:
+        _resolve(ctx, part)
+    h = blake3.blake3(_packb(tree))
+    for leaf in _leaves(ctx.oob):
+        h.update(part(leaf))  # type: ignore[arg-type]
     return h.digest()
 
 
-async def hash_task_async(task: Mapping[str, Any]) -> bytes:
+async def hash_task_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes:
     """The task's key as 32 raw bytes, without stalling the event loop.
 
     The canonical tree is built on the loop; Files are read with aiofiles;
@@ -799,23 +1365,39 @@ async def hash_task_async(task: Mapping[str, Any]) -> bytes:
             ready = False
         if not ready:
             await _fingerprint.prepare(func)  # reads source: off the loop
-    head, ctx = _task_tree(task)
-    h = blake3.blake3(head)
+    tree, ctx = _task_tree(task, hooks)
     if not ctx.oob:
-        return h.digest()
-    parts: list[object] = []
-    for item in ctx.oob:
-        parts.append(await _file_part_async(item) if isinstance(item, File) else item)
+        return blake3.blake3(_packb(tree)).digest()
+    files: dict[int, bytes] = {}
+    for item in _all_items(ctx.oob):
+        if type(item) is File and id(item) not in files:
+            files[id(item)] = await _file_part_async(item)
+
+    def part(item: object) -> object:
+        return files[id(item)] if type(item) is File else item
+
     if ctx.oob_bytes >= THREAD_THRESHOLD:
-        await asyncio.to_thread(_update_all, h, parts)
-    else:
-        _update_all(h, parts)
+        return await asyncio.to_thread(_finish, tree, ctx, part)
+    return _finish(tree, ctx, part)
+
+
+def _all_items(items: list[object]) -> Any:
+    """Every out-of-band leaf, resolved or not (to read the Files first)."""
+    for item in items:
+        if type(item) is _Pending:
+            for entry in item.entries:
+                yield from _all_items(entry[2])
+        else:
+            yield item
+
+
+def _finish(tree: object, ctx: _Ctx, part: Callable[[object], object]) -> bytes:
+    if ctx.pending:
+        _resolve(ctx, part)
+    h = blake3.blake3(_packb(tree))
+    for leaf in _leaves(ctx.oob):
+        h.update(part(leaf))  # type: ignore[arg-type]
     return h.digest()
-
-
-def _update_all(h: Any, parts: Sequence[object]) -> None:
-    for p in parts:
-        h.update(p)
 
 
 #: large buffers above this are sampled (head and tail) in per-argument digests
@@ -827,33 +1409,38 @@ _DIGEST_PAIR = struct.Struct("<II")
 _CRC_SEED: Final = 0x9E3779B9
 
 
-def _arg_digest(value: object, output_ref: bool = False) -> bytes:
+def _digest_part(item: object) -> object:
+    if type(item) is File:
+        return _packb([item.by, item.path])  # not re-read: path and mode only
+    mv = memoryview(cast(Any, item)).cast("B")
+    if mv.nbytes <= 2 * _DIGEST_SAMPLE:
+        return mv
+    return b"".join((mv[:_DIGEST_SAMPLE], mv[-_DIGEST_SAMPLE:]))
+
+
+def _arg_digest(value: object, output_ref: bool = False, hooks: tuple[KeyHook, ...] = ()) -> bytes:
     t = type(value)
     if t is str or t is bool or value is None or (t is int and _INT_MIN <= value <= _INT_MAX):  # type: ignore[operator]
         head = _packb(value)  # already canonical: no walk
         return _DIGEST_PAIR.pack(zlib.crc32(head), zlib.crc32(head, _CRC_SEED))
     ctx = _Ctx()
     ctx.output_ref = output_ref
-    head = _packb(_canon(value, ctx, 0))
+    ctx.hooks = hooks
+    tree = _canon(value, ctx, 0)
     if ctx.oob is _Ctx.oob:
         # advisory only (explain): two CRC-32s are ~10x cheaper than a
         # blake3 object for the small arguments most tasks have
+        head = _packb(tree)
         return _DIGEST_PAIR.pack(zlib.crc32(head), zlib.crc32(head, _CRC_SEED))
-    h = blake3.blake3(head)
-    for item in ctx.oob:
-        if isinstance(item, File):
-            h.update(_packb([item.by, item.path]))  # not re-read: path and mode only
-            continue
-        mv = memoryview(cast(Any, item)).cast("B")
-        if mv.nbytes <= 2 * _DIGEST_SAMPLE:
-            h.update(mv)
-        else:
-            h.update(mv[:_DIGEST_SAMPLE])
-            h.update(mv[-_DIGEST_SAMPLE:])
+    if ctx.pending:
+        _resolve(ctx, _digest_part)
+    h = blake3.blake3(_packb(tree))
+    for leaf in _leaves(ctx.oob):
+        h.update(_digest_part(leaf))  # type: ignore[arg-type]
     return h.digest()[:ARG_DIGEST_SIZE]
 
 
-def arg_digests(task: Mapping[str, Any]) -> bytes:
+def arg_digests(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes:
     """Short per-argument digests of a task, for ``explain`` (why did it miss?).
 
     Returns ``packb([[d0, d1, ...], {kwarg: d, ...}])`` with 8-byte digests
@@ -866,11 +1453,12 @@ def arg_digests(task: Mapping[str, Any]) -> bytes:
     """
     args = task.get("args", ())
     kwargs = task.get("kwargs") or {}
-    ignore = task.get("ignore_for_cache") or ()
+    ignore = _ignored(task)
+    hk = tuple(hooks)
     pos: list[bytes] = []
     for a in args:
         try:
-            pos.append(_arg_digest(a))
+            pos.append(_arg_digest(a, False, hk))
         except (_Unhashable, TypeError, ValueError):
             pos.append(b"")
     kw: dict[str, bytes] = {}
@@ -879,28 +1467,28 @@ def arg_digests(task: Mapping[str, Any]) -> bytes:
             if name in ignore:
                 continue
             try:
-                kw[name] = _arg_digest(kwargs[name], output_ref=name == "outputs")
+                kw[name] = _arg_digest(kwargs[name], name == "outputs", hk)
             except (_Unhashable, TypeError, ValueError):
                 kw[name] = b""
     return _packb([pos, kw])
 
 
-def make_hash(task: Mapping[str, Any]) -> str:
+def make_hash(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> str:
     """The key of a task: 64 hex characters of blake3-256.
 
     ``task`` is a mapping with ``func``, ``args``, ``kwargs`` and optionally
-    ``ignore_for_cache`` (kwargs left out of the key; absent names are
-    ignored) and ``version`` (separates functions that share a qualname).
+    ``ignore_for_cache`` (a list of kwarg names left out of the key, never a
+    bare str; absent names are ignored) and ``version`` (separates functions that share a qualname).
     Parsl's TaskRecord dicts work as they are.
 
     Raises:
         UnhashableInputError: an input has no key; the message says where
             (``kwargs['cfg'][3]``), its type, and how to register one.
+        TypeError: a malformed task (``ignore_for_cache="log"``...).
     """
-    return hash_task(task).hex()
+    return hash_task(task, hooks).hex()
 
 
-async def make_hash_async(task: Mapping[str, Any]) -> str:
+async def make_hash_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> str:
     """:func:`make_hash` for coroutines: never stalls the event loop."""
-    return (await hash_task_async(task)).hex()
-
+    return (await hash_task_async(task, hooks)).hex()

@@ -34,7 +34,7 @@ from aiomemo._exceptions import (
     MemoizerClosedError,
     StoreError,
 )
-from aiomemo._hashing import arg_digests, hash_task_async
+from aiomemo._hashing import IgnoreNames, KeyHook, arg_digests, check_ignore, hash_task_async
 from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record, Store
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class TaskRecord(TypedDict, total=False):
     kwargs: dict[str, Any]
     id: int
     memoize: bool
-    ignore_for_cache: Sequence[str]
+    ignore_for_cache: IgnoreNames
     version: object
     track_code: bool
     hashsum: str | None
@@ -267,6 +267,11 @@ class Memoizer:
             (its own code, the helpers, classes and module-level values it
             reaches, the versions of installed distributions it uses), so a
             changed helper is a miss; a task's ``track_code`` field overrides.
+        key_hooks: key hooks of this Memoizer only, tried in order for inputs
+            no built-in rule or ``id_for_memo`` registration covers:
+            ``hook(obj, output_ref)`` returns a keyable stand-in or
+            ``aiomemo._hashing.NOT_HANDLED`` (ParslMemoizer bridges Parsl's
+            ``id_for_memo`` this way).
 
     Raises:
         ValueError, TypeError: bad configuration (unknown mode, bad period,
@@ -296,6 +301,7 @@ class Memoizer:
         lease_ttl: float | None = None,
         explain: bool = True,
         track_code: bool = False,
+        key_hooks: Sequence[KeyHook] = (),
     ) -> None:
         if checkpoint_mode not in _MODES:
             raise ValueError(
@@ -341,6 +347,10 @@ class Memoizer:
         self.lease_ttl = lease_ttl
         self.explain_digests = explain
         self.track_code = track_code
+        self._key_hooks: tuple[KeyHook, ...] = tuple(key_hooks)
+        for i, hook in enumerate(self._key_hooks):
+            if not callable(hook):
+                raise TypeError(f"key_hooks[{i}] is a {type(hook).__name__}, not a callable")
         self.config_run_dir = os.fspath(config_run_dir)
         self._run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self._user_stores = stores
@@ -576,7 +586,7 @@ class Memoizer:
         self._check_open()
         if self.track_code and "track_code" not in task:
             task["track_code"] = True
-        return (await hash_task_async(cast(Mapping[str, Any], task))).hex()
+        return (await hash_task_async(cast(Mapping[str, Any], task), self._key_hooks)).hex()
 
     async def check_memo(self, task: Task) -> asyncio.Future[Any] | None:
         """Look the task up; sets ``task["hashsum"]``.
@@ -599,7 +609,7 @@ class Memoizer:
             return None
         if self.track_code and "track_code" not in t:
             t["track_code"] = True  # the record and explain see it too
-        raw = await hash_task_async(t)
+        raw = await hash_task_async(t, self._key_hooks)
         key = raw.hex()
         t["hashsum"] = key
         value = self._done.get(key, _MISSING)
@@ -977,7 +987,7 @@ class Memoizer:
             if len(self._func_names) < 10_000:
                 with contextlib.suppress(TypeError):
                     self._func_names[func] = name
-        digests = arg_digests(task) if self.explain_digests else b""
+        digests = arg_digests(task, self._key_hooks) if self.explain_digests else b""
         if digests and task.get("track_code"):
             digests = _fingerprint.with_code_digests(digests, func)
         return Record(bytes.fromhex(key), value, name, time.time(), digests)
@@ -1211,7 +1221,7 @@ class Memoizer:
         self,
         fn: Callable[P, Awaitable[R]],
         *,
-        ignore: Sequence[str] = (),
+        ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
     ) -> Callable[P, Awaitable[R]]: ...
@@ -1221,7 +1231,7 @@ class Memoizer:
         self,
         fn: None = None,
         *,
-        ignore: Sequence[str] = (),
+        ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
@@ -1230,7 +1240,7 @@ class Memoizer:
         self,
         fn: Callable[P, Awaitable[R]] | None = None,
         *,
-        ignore: Sequence[str] = (),
+        ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
     ) -> Any:
@@ -1244,14 +1254,14 @@ class Memoizer:
         if the running one is cancelled, a waiting caller takes over.
         ``wrapper.key(*args, **kwargs)`` gives the key a call would have.
         """
+        ignore_list = check_ignore(ignore)  # a bare str would be read letter by letter
         if fn is None:
             return functools.partial(
-                self.cached, ignore=ignore, version=version, track_code=track_code
+                self.cached, ignore=ignore_list, version=version, track_code=track_code
             )
         if not asyncio.iscoroutinefunction(fn):
             raise TypeError(f"memo.cached needs an async def function, got {fn!r}")
         func = fn
-        ignore_list = list(ignore)
 
         def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
             task = {

@@ -142,12 +142,9 @@ def _parsl_id_for_memo_hook(obj: object, output_ref: bool = False) -> object:
         raise
 
 
-def _install_hook() -> None:
-    if _parsl_id_for_memo_hook not in _hashing.fallback_hooks:
-        _hashing.fallback_hooks.append(_parsl_id_for_memo_hook)
-
-
-_install_hook()
+#: the key hooks of every ParslMemoizer (and of nothing else: importing this
+#: module changes no other Memoizer's keys)
+_KEY_HOOKS: tuple[_hashing.KeyHook, ...] = (_parsl_id_for_memo_hook,)
 
 
 # --------------------------------------------------------------------------
@@ -478,6 +475,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                 config_run_dir=config_run_dir,
                 store=self.store,
                 collapse=self.collapse,
+                key_hooks=_KEY_HOOKS,
             )
         except (ValueError, TypeError) as exc:
             self._state = "closed"
@@ -656,7 +654,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         box: list[BaseException] = []
         token = _hook_errors.set(box)
         try:
-            raw = _hashing.hash_task(view)
+            raw = _hashing.hash_task(view, _KEY_HOOKS)
         except BaseException as exc:
             raise _translate(exc, box) from None
         finally:

@@ -1,0 +1,116 @@
+"""Keys and checkpoints are the same on every supported Python.
+
+For each other supported interpreter found on the machine (on PATH or under
+pyenv), a venv with aiomemo's core dependencies and numpy is made on demand
+next to the project (``.venv-py3.12``, ...; kept for the next run), and in it:
+the golden key vectors (``tests/golden/keys_cases.py``) must give
+``tests/golden/keys.json``, and a checkpoint written by this interpreter
+must load with the same keys and the same results. An interpreter that is
+absent is skipped with a reason (also with CI set); anything else fails.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+#: what the venvs get: aiomemo's core dependencies (as in pyproject) + numpy
+DEPS = ["aiofiles>=23.1", "msgpack>=1.0.5", "blake3>=0.4", "numpy>=1.24"]
+OTHER_VERSIONS = [
+    v for v in ("3.11", "3.12", "3.13") if v != f"{sys.version_info[0]}.{sys.version_info[1]}"
+]
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of ``version`` that runs: under pyenv's versions, else on PATH.
+
+    (A pyenv shim may be on PATH for a version that is not installed.)
+    """
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    pattern = os.path.join(root, "versions", f"{version}.*", "bin", f"python{version}")
+    cands = sorted(glob.glob(pattern))
+    on_path = shutil.which(f"python{version}")
+    if on_path:
+        cands.append(on_path)
+    for exe in cands:
+        try:
+            res = subprocess.run(
+                [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except OSError:
+            continue
+        if res.returncode == 0 and res.stdout.strip() == version:
+            return exe
+    return None
+
+
+def venv_for(version: str, exe: str) -> pathlib.Path:
+    """``.venv-py<version>`` with DEPS installed (made once, reused)."""
+    venv = ROOT / f".venv-py{version}"
+    py = venv / "bin" / "python"
+    stamp = venv / ".aiomemo-deps"
+    want = "\n".join(DEPS)
+    if py.exists() and stamp.exists() and stamp.read_text() == want:
+        return py
+    subprocess.run([exe, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+    res = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", *DEPS], capture_output=True, text=True
+    )
+    assert res.returncode == 0, f"pip install into {venv} failed:\n{res.stderr[-3000:]}"
+    stamp.write_text(want)
+    return py
+
+
+def run(py: pathlib.Path | str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("PYTHONHASHSEED", None)
+    res = subprocess.run([str(py), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def checkpoint_here(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A checkpoint written by this interpreter."""
+    run_dir = tmp_path_factory.mktemp("xpy") / "000"
+    out = json.loads(
+        run(sys.executable, str(GOLDEN / "checkpoint_cases.py"), "write", str(run_dir))
+    )
+    assert out["written"] > 5
+    return run_dir
+
+
+@pytest.mark.parametrize("version", OTHER_VERSIONS)
+def test_same_keys_and_checkpoints(version: str, checkpoint_here: pathlib.Path) -> None:
+    """Golden keys hold, and this interpreter's checkpoint loads with equal results."""
+    exe = find_python(version)
+    if exe is None:
+        pytest.skip(f"no python{version} on PATH or under pyenv")
+    py = venv_for(version, exe)
+    got = json.loads(run(py, str(GOLDEN / "keys_cases.py")))
+    want = json.loads((GOLDEN / "keys.json").read_text())
+    assert got == want
+    out = json.loads(run(py, str(GOLDEN / "checkpoint_cases.py"), "check", str(checkpoint_here)))
+    assert out["bad"] == []
+    assert out["hits"] > 5
+
+
+def test_this_interpreter_loads_its_own(checkpoint_here: pathlib.Path) -> None:
+    """The check itself works here (so a failure elsewhere is that Python's)."""
+    out = json.loads(
+        run(sys.executable, str(GOLDEN / "checkpoint_cases.py"), "check", str(checkpoint_here))
+    )
+    assert out == {"hits": out["hits"], "bad": []}
+    assert out["hits"] > 5
