@@ -5,9 +5,8 @@ miss: it computes and checkpoints), edits the package and runs again, and
 checks the second run's hits and misses, and what ``memo.explain`` says.
 The same runs under other Python versions (3.12, 3.13) when their
 interpreters are installed: a virtual env with aiomemo's dependencies is
-made on demand (cached under ``~/.cache/aiomemo-tests``); without the
-interpreter, or without the packages for it, those cases are skipped
-with the reason.
+made on demand (``.venv-py3.12``..., shared with the cross-Python key
+tests); without the interpreter those cases are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from helpers import find_python, venv_for
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -187,46 +188,14 @@ def run(python: str, root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- interpreters
 
 
-def _find_python(version: str) -> str | None:
-    """An interpreter of ``version`` that runs (pyenv shims may exist but refuse)."""
-    cands = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python")))
-    found = shutil.which(f"python{version}")
-    for c in [*reversed(cands), *([found] if found else [])]:
-        probe = subprocess.run([c, "-c", "pass"], capture_output=True, timeout=60)
-        if probe.returncode == 0:
-            return c
-    return None
-
-
 def _venv_python(version: str) -> str:
     """An interpreter of ``version`` with aiomemo's dependencies (a cached venv), or skip."""
     if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
         return sys.executable
-    base = _find_python(version)
-    if base is None:
-        pytest.skip(f"Python {version} is not installed (no python{version}, no pyenv {version})")
-    cache = Path(os.environ.get("AIOMEMO_TEST_VENVS", Path.home() / ".cache" / "aiomemo-tests"))
-    venv = cache / f"py{version}"
-    py = venv / "bin" / "python"
-    ok = venv / ".deps-ok"
-    if not ok.exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        made = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
-        if made.returncode != 0:
-            pytest.skip(f"cannot make a Python {version} venv: {made.stderr.strip()[-300:]}")
-        pip = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "blake3", "msgpack", "aiofiles"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if pip.returncode != 0:
-            pytest.skip(
-                f"cannot install aiomemo's dependencies for Python {version}: "
-                f"{pip.stderr.strip()[-300:]}"
-            )
-        ok.touch()
-    return str(py)
+    exe = find_python(version)
+    if exe is None:
+        pytest.skip(f"no python{version} on PATH or under pyenv")
+    return str(venv_for(version, exe))
 
 
 VERSIONS = ["3.11", "3.12", "3.13"]

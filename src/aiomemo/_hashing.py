@@ -1363,7 +1363,7 @@ async def hash_task_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()
             ready = func in _fingerprint._FAST
         except TypeError:  # an unhashable callable object
             ready = False
-        if not ready:
+        if not ready and func is not None:
             await _fingerprint.prepare(func)  # reads source: off the loop
     tree, ctx = _task_tree(task, hooks)
     if not ctx.oob:
