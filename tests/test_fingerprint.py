@@ -755,3 +755,25 @@ class TestModuleState:
         # a constant the code only reads still counts
         c = load(edit("tasks.py", '"gain": 2', '"gain": 3', files))
         assert changed(a, c) == {"fpkg.tasks.CONFIG"}
+
+
+class TestOtherCallables:
+    def test_methods_partials_and_classes_as_the_task(self, load: Any) -> None:
+        """A bound method, a classmethod, a partial or a class as the task function are followed."""
+        import functools
+
+        load()
+        model = sys.modules[f"{PKG}.model"]
+        helpers = sys.modules[f"{PKG}.helpers"]
+        bound = code_fingerprint(model.Scaler(2).apply)
+        assert {"fpkg.model.Scaler.apply", "fpkg.model.Scaler"} <= set(bound.deps)
+        made = code_fingerprint(model.Scaler.make)
+        assert "fpkg.model.Scaler.make" in made.deps
+        part = code_fingerprint(functools.partial(helpers.scale, 3))
+        assert {"fpkg.helpers.scale", "fpkg.helpers.deep"} <= set(part.deps)
+        assert code_fingerprint(functools.partial(helpers.scale, 4)).digest != part.digest
+        cls = code_fingerprint(model.Scaler)
+        assert "fpkg.model.Scaler.apply" in cls.deps
+        # library functions: no user pieces, but a stable digest
+        assert code_fingerprint(print).deps == {}
+        assert code_digest(print) == code_fingerprint(print).digest

@@ -881,7 +881,8 @@ class _Walker:
                 return f"module:{obj.__name__}"
             return self.lib(obj.__name__, f"module:{obj.__name__}")
         if isinstance(obj, types.MethodType):
-            return f"method {self.ref(obj.__func__)} of {self.ref(type(obj.__self__))}"
+            owner = obj.__self__
+            return f"method {self.ref(obj.__func__)} of {self.ref(owner if isinstance(owner, type) else type(owner))}"
         if isinstance(obj, functools.partial):
             parts = [self.ref(obj.func)]
             parts += [self.value(a, f"{where}.args[{i}]") for i, a in enumerate(obj.args)]
