@@ -527,7 +527,7 @@ class TestStructure:
         fp = load()
         task = sys.modules[f"{PKG}.tasks"].task
         assert code_fingerprint(task) is fp
-        assert code_digest(task) == fp.digest
+        assert code_digest(task) == fp.digest[: _fingerprint.KEY_DIGEST_SIZE]
         assert _fingerprint.is_ready(task)
 
 
@@ -776,4 +776,36 @@ class TestOtherCallables:
         assert "fpkg.model.Scaler.apply" in cls.deps
         # library functions: no user pieces, but a stable digest
         assert code_fingerprint(print).deps == {}
-        assert code_digest(print) == code_fingerprint(print).digest
+        assert code_digest(print) == code_fingerprint(print).digest[:16]
+
+
+class TestKeyIdentity:
+    def test_tracked_keys_still_tell_functions_apart(self) -> None:
+        """The digest stands in for module + qualname: same code under two names, two keys;
+        closures of one qualname with different closure values, two keys (untracked: one)."""
+
+        def f(x: int) -> int:
+            return x + 1
+
+        def g(x: int) -> int:
+            return x + 1
+
+        def make(k: int) -> Any:
+            def h(x: int) -> int:
+                return x + k
+
+            return h
+
+        def key(fn: Any, track: bool) -> str:
+            return aiomemo.make_hash({"func": fn, "args": (1,), "kwargs": {}, "track_code": track})
+
+        assert key(f, True) != key(g, True)
+        h1, h2 = make(1), make(2)
+        assert key(h1, False) == key(h2, False)
+        assert key(h1, True) != key(h2, True)
+        assert key(make(1), True) == key(h1, True)
+        # with a version, or a callable that is not a plain function, the digest is a sixth item
+        v1 = aiomemo.make_hash(
+            {"func": f, "args": (1,), "kwargs": {}, "track_code": True, "version": 1}
+        )
+        assert v1 != key(f, True)

@@ -1263,18 +1263,24 @@ def _task_tree(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> tuple[
         ckw = _canon_dict(kwargs, ctx, 0)
     except _Unhashable as exc:
         raise _error(exc, "kwargs") from None
-    tree = [FORMAT_VERSION, fid, cargs, ckw, outputs]
+    tree: list[object] = [FORMAT_VERSION, fid, cargs, ckw, outputs]
     if task.get("track_code"):
-        # the code fingerprint (aiomemo._fingerprint): a sixth item, so keys
-        # without it stay as they were; its table read inline (hot path)
+        # the code fingerprint (aiomemo._fingerprint), its table read inline
+        # (hot path). A plain function without version: the digest stands in
+        # for [module, qualname] (it covers them), else it is a sixth item;
+        # either way keys without it stay as they were
         try:
             e = _fingerprint._FAST.get(func)
         except TypeError:  # an unhashable callable object
             e = None
         if e is not None and e[0] is getattr(func, "__code__", None):
-            tree.append(e[1])
+            digest = e[1]
         else:
-            tree.append(_fingerprint.code_digest(func))
+            digest = _fingerprint.code_digest(func)
+        if version is None and type(func) is types.FunctionType:
+            tree[1] = digest
+        else:
+            tree.append(digest)
     return tree, ctx
 
 
