@@ -18,6 +18,12 @@ BasicMemoizer`` and when a DataFlowKernel falls back to its default memoizer.
 * ``basic``: nothing is replaced and nothing is deselected: Parsl's own
   baseline.
 
+``AIOMEMO_PARSL_OUTCOMES=PATH`` (both modes): write every test's outcome
+(node id -> ``passed``, ``failed``, ``error``, ``skipped``, ``xfailed``,
+``xpassed``, ``deselected``, or ``collect-error`` for a module that could not
+be collected) to PATH as JSON, for ``tests/parsl_harness/compare.py``, which
+checks the two memoizers' runs test for test.
+
 Nothing inside site-packages is edited: only module attributes are rebound,
 in this pytest process.
 """
@@ -25,6 +31,7 @@ in this pytest process.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -70,6 +77,8 @@ ADAPTED: dict[str, tuple[dict[str, Any], str]] = {
 
 _dfk_memoizers: list[str] = []
 _adapted_run: set[str] = set()
+_outcomes: dict[str, str] = {}
+OUTCOMES = os.environ.get("AIOMEMO_PARSL_OUTCOMES")
 
 
 def _swap() -> None:
@@ -182,6 +191,43 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tr.write_line(f"ERROR: DataFlowKernels ran other memoizers: {sorted(set(bad))}", red=True)
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.failed:
+        _outcomes[report.nodeid] = "collect-error"
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        _outcomes.setdefault(item.nodeid, "deselected")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Fold a test's setup/call/teardown reports into one outcome (worst wins)."""
+    if hasattr(report, "wasxfail"):
+        outcome = "xfailed" if report.skipped else "xpassed"
+    elif report.failed:
+        outcome = "failed" if report.when == "call" else "error"
+    elif report.skipped:
+        outcome = "skipped"
+    else:
+        outcome = "passed"
+    rank = ("passed", "skipped", "xfailed", "xpassed", "failed", "error")
+    prev = _outcomes.get(report.nodeid)
+    if prev is None or prev == "deselected" or rank.index(outcome) > rank.index(prev):
+        _outcomes[report.nodeid] = outcome
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if MODE == "aiomemo" and any(m != "ok" for m in _dfk_memoizers):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if OUTCOMES:
+        with open(OUTCOMES, "w") as f:
+            json.dump(
+                {
+                    "memoizer": MODE,
+                    "dfk_memoizers": _dfk_memoizers,
+                    "outcomes": dict(sorted(_outcomes.items())),
+                },
+                f,
+                indent=1,
+            )
