@@ -809,3 +809,60 @@ class TestKeyIdentity:
             {"func": f, "args": (1,), "kwargs": {}, "track_code": True, "version": 1}
         )
         assert v1 != key(f, True)
+
+
+class TestConcurrency:
+    async def test_concurrent_first_calls_share_one_computation(
+        self, load: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """200 concurrent first keys of one tracked function compute its fingerprint once, off the loop."""
+        import asyncio
+        import threading
+
+        load()
+        f = sys.modules[f"{PKG}.tasks"].task
+        _fingerprint._clear_cache()
+        runs: list[str] = []
+        real = _fingerprint._Walker.run
+
+        def counted(self: Any, func: object) -> CodeFingerprint:
+            runs.append(threading.current_thread().name)
+            return real(self, func)
+
+        monkeypatch.setattr(_fingerprint._Walker, "run", counted)
+        task = {"func": f, "args": (1,), "kwargs": {}, "track_code": True}
+        keys = await asyncio.gather(
+            *(aiomemo._hashing.make_hash_async(dict(task)) for _ in range(200))
+        )
+        assert len(set(keys)) == 1 and len(runs) == 1
+        assert runs[0] != threading.main_thread().name
+        assert not _fingerprint._INFLIGHT
+
+    async def test_an_unkeyable_closure_fails_every_waiter(self, load: Any) -> None:
+        """The error reaches each concurrent caller, and the next call tries again."""
+        import asyncio
+
+        files = {
+            "__init__.py": "",
+            "tasks.py": """
+                import threading
+                def make():
+                    lock = threading.Lock()
+                    def task(x):
+                        return lock
+                    return task
+                task = make()
+            """,
+        }
+        with pytest.raises(aiomemo.UnhashableInputError):
+            load(files)
+        f = sys.modules[f"{PKG}.tasks"].task
+        task = {"func": f, "args": (1,), "kwargs": {}, "track_code": True}
+        res = await asyncio.gather(
+            *(aiomemo._hashing.make_hash_async(dict(task)) for _ in range(20)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, aiomemo.UnhashableInputError) for r in res)
+        assert "closure of fpkg.tasks.make.<locals>.task: 'lock'" in str(res[0])
+        with pytest.raises(aiomemo.UnhashableInputError):
+            await aiomemo._hashing.make_hash_async(dict(task))

@@ -190,10 +190,32 @@ def is_ready(func: object) -> bool:
     return cached_fingerprint(func) is not None
 
 
+# (id(loop), id(func)) -> the worker computing it: concurrent first calls share one
+_INFLIGHT: dict[tuple[int, int], asyncio.Future[CodeFingerprint]] = {}
+
+
 async def prepare(func: object) -> None:
-    """Make ``func``'s fingerprint in a worker thread (it reads source files)."""
-    if not is_ready(func):
-        await asyncio.to_thread(code_fingerprint, func)
+    """Make ``func``'s fingerprint in a worker thread (it reads source files).
+
+    Concurrent first calls of one function on a loop wait for the same
+    computation. Raises what :func:`code_fingerprint` raises.
+    """
+    if is_ready(func):
+        return
+    loop = asyncio.get_running_loop()
+    k = (id(loop), id(func))
+    fut = _INFLIGHT.get(k)
+    if fut is None:
+        fut = loop.run_in_executor(None, code_fingerprint, func)
+        _INFLIGHT[k] = fut
+
+        def done(f: asyncio.Future[CodeFingerprint]) -> None:
+            _INFLIGHT.pop(k, None)
+            if not f.cancelled():
+                f.exception()  # every waiter got it; none left: not "never retrieved"
+
+        fut.add_done_callback(done)
+    await asyncio.shield(fut)
 
 
 def code_fingerprint(func: object) -> CodeFingerprint:
