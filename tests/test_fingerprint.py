@@ -866,3 +866,25 @@ class TestConcurrency:
         assert "closure of fpkg.tasks.make.<locals>.task: 'lock'" in str(res[0])
         with pytest.raises(aiomemo.UnhashableInputError):
             await aiomemo._hashing.make_hash_async(dict(task))
+
+
+class TestDamagedDigests:
+    @pytest.mark.parametrize(
+        ("third", "want"),
+        [
+            ("junk", None),
+            (b"\x01\x02\x03", {}),
+            (b"abcdefgh" + b"xyz", {b"abcd": b"efgh"}),
+            (None, None),
+        ],
+    )
+    def test_a_bad_code_item_is_no_code_digests(self, third: object, want: object) -> None:
+        """A record whose code item is damaged or foreign still explains its inputs."""
+        import msgpack
+
+        from aiomemo._explain import _unpack_digests
+
+        got = _unpack_digests(msgpack.packb([[b"d" * 8], {}, third], use_bin_type=True))
+        assert got is not None
+        assert got[0] == [b"d" * 8] and got[2] == want
+        assert _unpack_digests(msgpack.packb([[], {}, b"", 4])) is None  # four items: not ours
