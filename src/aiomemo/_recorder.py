@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from aiomemo import _codec
+from aiomemo import _codec, _fingerprint
 from aiomemo._counters import Counters
 from aiomemo._hashing import KeyHook, arg_digests
 from aiomemo._naming import func_name
@@ -59,4 +59,6 @@ class RecordMaker:
                 with contextlib.suppress(TypeError):
                     self._func_names[func] = name
         digests = arg_digests(task, self._hooks) if self.explain else b""
+        if digests and task.get("track_code"):
+            digests = _fingerprint.with_code_digests(digests, func)
         return Record(bytes.fromhex(key), value, name, time.time(), digests)
