@@ -702,7 +702,11 @@ def bench_redis(quick: bool) -> Table:
 
 
 def _redis_rows(t: Table, data: dict[str, Any]) -> None:
+    for row in data.get("targets", []):  # the scale targets first, with their target column
+        t.add(row["figure"], row["value"], target=row["target"], ok=row["ok"])
     for k, v in data.items():
+        if k == "targets":
+            continue
         if isinstance(v, dict):
             for k2, v2 in v.items():
                 t.add(f"{k}.{k2}", str(v2))

@@ -1679,8 +1679,17 @@ async def scenario_redis(
     seed: int = 1,
     server_factory: Callable[[bool], Any] | None = None,
     workdir: Path | None = None,
+    scale: tuple[int, int, int] | None = None,
+    cluster: bool = False,
 ) -> Result:
-    """Redis killed -9 and restarted under load; lease holders killed -9."""
+    """Redis killed -9 and restarted under load; lease holders killed -9.
+
+    ``scale=(processes, calls, keys)``: also that many processes, each with
+    ``calls`` concurrent memo.cached calls over ``keys`` shared keys (each key
+    once, 0 store errors, <= 6 connections per process). ``cluster``: the same
+    against a 3-master Redis Cluster, then with a master killed -9 and
+    restarted mid-run (0 wrong results), and a lease holder killed -9.
+    """
     res = Result("redis")
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="aiomemo-redis-", dir=workdir))
@@ -1721,6 +1730,9 @@ async def scenario_redis(
             server = make(False)
             for n in range(lease_rounds):
                 takeovers.append(await lease_round(server.url, tmp, n, rng, res))
+        if scale is not None or cluster:
+            server = make(False)
+            scaled = await _redis_scale_cases(server.url, scale, cluster, res)
     finally:
         for s in made:
             s.close()
@@ -1732,7 +1744,60 @@ async def scenario_redis(
         f"{sum(c['completions'] for c in cases):,} tasks across {len(cases)} kill+restart; "
         f"{len(good)} lease kills, take-over max {max(good, default=0):.2f} s (lease 0.6 s)"
     )
+    if scale is not None or cluster:
+        res.details["scale"] = scaled
+        res.figure += "; " + scaled.get("figure", "")
     return res
+
+
+async def _redis_scale_cases(
+    url: str, scale: tuple[int, int, int] | None, cluster: bool, res: Result
+) -> dict[str, Any]:
+    """The issue's scale targets (scripts/bench_redis.py measures the same)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_redis
+
+    out: dict[str, Any] = {}
+    parts: list[str] = []
+    if scale is not None:
+        procs, calls, keys = scale
+        m = await bench_redis.scale_processes(url, url, procs, calls, keys)
+        out["processes"] = m
+        res.cases += procs * calls
+        if m["keys_executed"] != keys or m["max_runs_per_key"] != 1:
+            res.fail(f"scale: {m['executions']} executions for {keys} keys")
+        if m["wrong_results"]:
+            res.wrong += m["wrong_results"]
+            res.fail(f"scale: {m['wrong_results']} wrong results")
+        if m["store_errors"]:
+            res.fail(f"scale: {m['store_errors']} store errors")
+        if not 0 < m["max_connections_per_process"] <= 6:
+            res.fail(f"scale: {m['max_connections_per_process']} connections per process")
+        parts.append(
+            f"{procs}x{calls:,} concurrent calls: {m['executions']} executions for {keys} keys, "
+            f"<= {m['max_connections_per_process']} connections/process"
+        )
+    if cluster:
+        c = await bench_redis.cluster_collapse(url, 4, 1000, 500)
+        out["cluster"] = c
+        if "skipped" in c:
+            res.fail(f"cluster: {c['skipped']}")
+        else:
+            clean, killed, lease = c["clean"], c["master_killed"], c["lease_kill"]
+            res.cases += 3
+            if clean["max_runs_per_key"] != 1 or clean["keys_executed"] != clean["keys"]:
+                res.fail(f"cluster: {clean['executions']} executions for {clean['keys']} keys")
+            if killed["wrong_results"] or killed["keys_executed"] != killed["keys"]:
+                res.wrong += killed["wrong_results"]
+                res.fail(f"cluster, master killed: {killed}")
+            if lease["took_over"] != 1 or (lease["takeover_s"] or 99) > 4:
+                res.fail(f"cluster lease kill: {lease}")
+            parts.append(
+                f"cluster: each key once, master kill -9 + restart: {killed['wrong_results']} "
+                f"wrong, lease take-over {lease['takeover_s']:.2f} s"
+            )
+    out["figure"] = "; ".join(parts)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -1775,6 +1840,8 @@ async def run_all(only: list[str], quick: bool, seed: int) -> list[Result]:
                 lease_rounds=3 if quick else 20,
                 seconds=4 if quick else 8,
                 seed=seed,
+                scale=(4, 1000, 500) if quick else (8, 2000, 1000),
+                cluster=True,
             ),
         )
     return results

@@ -7,13 +7,20 @@ dict the way Parsl's DataFlowKernel does, then check, run on a miss, report.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import importlib.util
+import pathlib
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiomemo import Memoizer
+from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import encode_batch, file_header
-from aiomemo.stores import Record
+from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def add(a: int, b: int = 0) -> int:
@@ -60,3 +67,149 @@ def write_segment_file(directory: Path, records: list[Record], name: str = "seg-
     path = directory / name
     path.write_bytes(segment_bytes(records))
     return path
+
+
+# ---------------------------------------------------------------- stores that misbehave on cue
+
+
+class GateStore(MemoryStore):
+    """A MemoryStore whose first put_many blocks until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def put_many(self, records: Sequence[Record]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.gate.wait()
+        await super().put_many(records)
+
+
+class SlowOpenStore(MemoryStore):
+    """A MemoryStore whose open() blocks until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.opening = False
+
+    async def open(self, *, run_dir: pathlib.Path | None = None) -> None:
+        self.opening = True
+        await self.gate.wait()
+
+
+class GrantedLease(Lease):
+    """A lease of ClaimStore: complete() goes through the store's put gate."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: ClaimStore, key: bytes, ttl: float) -> None:
+        super().__init__(key, "token", ttl)
+        self.store = store
+
+    async def renew(self) -> bool:
+        return True
+
+    async def release(self) -> None:
+        return None
+
+    async def complete(self, record: Record) -> bool:
+        self.store.in_put += 1
+        await self.store.put_gate.wait()
+        await self.store.put_many([record])
+        return True
+
+
+class ClaimStore(LeaseStore):
+    """A shared store with leases (always granted); get/lease completion may block on gates."""
+
+    def __init__(self, *, block_get: bool = False, block_put: bool = False) -> None:
+        self.records: dict[bytes, bytes] = {}
+        self.get_gate = asyncio.Event()
+        self.put_gate = asyncio.Event()
+        if not block_get:
+            self.get_gate.set()
+        if not block_put:
+            self.put_gate.set()
+        self.in_get = 0
+        self.in_put = 0
+
+    async def get(self, key: bytes) -> bytes | None:
+        self.in_get += 1
+        await self.get_gate.wait()
+        return self.records.get(key)
+
+    async def put_many(self, records: Sequence[Record]) -> None:
+        for r in records:
+            self.records[r.key] = r.value
+
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return GrantedLease(self, key, ttl)
+
+    async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
+        return self.records.get(key)
+
+
+class FailOnceStore(MemoryStore):
+    """A MemoryStore whose first put_many fails with a StoreError, then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def put_many(self, records: Sequence[Record]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise StoreError("injected: transient I/O error")
+        await super().put_many(records)
+
+
+class FrozenClock:
+    """Stands in for the ``time`` module inside aiomemo._drain: monotonic() never advances."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+class HeldElsewhereStore(ClaimStore):
+    """A shared store where another process holds every lease and never finishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.never = asyncio.Event()
+        self.waiting = 0
+
+    async def claim(self, key: bytes, ttl: float) -> Lease | None:
+        return None
+
+    async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
+        self.waiting += 1
+        await self.never.wait()
+        return None
+def load_script(name: str) -> types.ModuleType:
+    """``scripts/<name>.py`` as a module, loaded from its file (``sys.path`` untouched).
+
+    For tests that run a script's functions in miniature (the stress
+    scenarios); the script must import nothing from ``scripts/`` itself.
+    Loaded once per process, under its own name.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None, name
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before exec: dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import aiomemo
 import aiomemo.stores
+import aiomemo.testing
 
 
 def test_all_names_exist() -> None:
     """Every name in aiomemo.__all__ and aiomemo.stores.__all__ resolves."""
-    for mod in (aiomemo, aiomemo.stores):
+    for mod in (aiomemo, aiomemo.stores, aiomemo.testing):
         for name in mod.__all__:
             assert getattr(mod, name) is not None, name
 
@@ -18,7 +19,7 @@ def test_public_names_are_listed() -> None:
     public = {
         n
         for n in dir(aiomemo)
-        if not n.startswith("_") and n not in {"stores", "parsl", "annotations"}
+        if not n.startswith("_") and n not in {"stores", "parsl", "testing", "annotations"}
     }
     assert public == set(aiomemo.__all__)
 
@@ -42,3 +43,44 @@ def test_error_tree() -> None:
     assert issubclass(aiomemo.MemoizerClosedError, RuntimeError)
     for name in ("CheckpointError", "LeaderCancelledError", "StoreError"):
         assert issubclass(getattr(aiomemo, name), aiomemo.MemoError)
+
+
+def test_user_visible_errors_are_in_the_tree() -> None:
+    """Codec, path and maintenance errors derive from MemoError and keep their built-in bases."""
+    from aiomemo import _codec, _explain, _paths
+
+    for name, extra in [
+        ("CodecError", ValueError),
+        ("UnencodableResultError", TypeError),
+        ("CheckpointPathError", ValueError),
+    ]:
+        cls = getattr(aiomemo, name)
+        assert issubclass(cls, aiomemo.MemoError) and issubclass(cls, extra), name
+    assert issubclass(aiomemo.CheckpointPathError, aiomemo.CheckpointError)
+    assert issubclass(aiomemo.MaintenanceError, aiomemo.MemoError)
+    # one class each, wherever it is imported from
+    assert _codec.CodecError is aiomemo.CodecError
+    assert _codec.UnencodableResultError is aiomemo.UnencodableResultError
+    assert _explain.CheckpointPathError is _paths.CheckpointPathError is aiomemo.CheckpointPathError
+
+
+def test_every_exception_class_in_the_package_is_in_the_tree() -> None:
+    """No public exception class of aiomemo's modules stands outside MemoError."""
+    import importlib
+    import pkgutil
+
+    seen = []
+    for info in pkgutil.walk_packages(aiomemo.__path__, "aiomemo."):
+        if info.name in {"aiomemo.parsl", "aiomemo.__main__"} or info.name.endswith("_redis"):
+            continue  # optional dependencies; checked in their own suites
+        mod = importlib.import_module(info.name)
+        for obj in vars(mod).values():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, BaseException)
+                and obj.__module__.startswith("aiomemo")
+                and not obj.__name__.startswith("_")
+            ):
+                seen.append(obj)
+                assert issubclass(obj, aiomemo.MemoError), obj
+    assert aiomemo.CodecError in seen

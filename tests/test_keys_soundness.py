@@ -533,6 +533,10 @@ class TestTypeDetail:
         s.note = "x"  # type: ignore[attr-defined]
         with pytest.raises(UnhashableInputError, match="instance attributes"):
             key(s)
+        od = collections.OrderedDict(a=1)
+        od.note = "x"  # type: ignore[attr-defined]
+        with pytest.raises(UnhashableInputError, match="instance attributes"):
+            key(od)
 
     @pytest.mark.parametrize(
         ("a", "b"),
@@ -714,3 +718,40 @@ def test_structured_padding_is_not_data() -> None:
     assert key(np.ma.masked_array(raw)) == key(np.ma.masked_array(clean))
     clean["b"] = 3
     assert key(raw) != key(clean)
+
+
+def test_generic_aliases_and_descriptors() -> None:
+    """list[int] never passes for list; unbound C methods key by class and name."""
+    assert key(str.upper) != key(str.lower)
+    assert key(str.upper) != key(bytes.upper)
+    assert key(str.__add__) == key(str.__add__)
+    assert key(dict.fromkeys) != key(dict)
+    with pytest.raises(UnhashableInputError):
+        key(list[int])
+    with pytest.raises(UnhashableInputError):
+        make_hash({"func": list[int], "args": (), "kwargs": {}})
+    assert key(np.add) != key(np.multiply)
+    cached_len = functools.lru_cache(len)
+    assert len(key(cached_len)) == 64
+
+
+def test_parsl_task_with_bare_str_ignore() -> None:
+    """A Parsl task with ignore_for_cache='log' gets the TypeError, not letter-wise ignoring."""
+    from aiomemo import parsl as aparsl
+
+    view = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": "log"})  # type: ignore[arg-type,typeddict-item]
+    with pytest.raises(TypeError, match="bare str"):
+        H.hash_task(view, aparsl._KEY_HOOKS)
+    ok = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": ("log",)})  # type: ignore[arg-type,typeddict-item]
+    assert H.hash_task(ok) == H.hash_task(task())
+
+
+async def test_async_threaded_path_orders_like_sync(tmp_path: pathlib.Path) -> None:
+    """Over the thread threshold, tied big members in sets and Files order as in make_hash."""
+    n = H.THREAD_THRESHOLD
+    p = tmp_path / "f"
+    p.write_bytes(b"z" * 10)
+    v = [{big(1, n), big(2, n)}, {0: big(3, n), 1: File(p)}, frozenset({(big(4, n), File(p))})]
+    w = [{big(2, n), big(1, n)}, {1: File(p), 0: big(3, n)}, frozenset({(big(4, n), File(p))})]
+    assert await akey(v) == key(v) == key(w) == await akey(w)
+    assert key(v) != key([{big(1, n), big(5, n)}, *v[1:]])

@@ -199,7 +199,10 @@ class TestLookup:
             t = mk(1)
             await memo.check_memo(t)
             await memo.update_memo_exception(t, ValueError("x"))
-        async with Memoizer(checkpoint_files=[tmp_path], run_dir=tmp_path / "b") as memo:
+        memo = Memoizer(checkpoint_files=[tmp_path], run_dir=tmp_path / "b")
+        with pytest.warns(RuntimeWarning, match="holds no checkpoints"):
+            await memo.start()
+        async with memo:
             assert await memo.check_memo(mk(1)) is None
 
     async def test_leader_cancelled(self, tmp_path: pathlib.Path) -> None:

@@ -22,10 +22,10 @@ from typing import TypeVar
 
 import pytest
 
-from aiomemo import CheckpointPathError, Memoizer, _cli, _codec
+from aiomemo import CheckpointPathError, MaintenanceError, Memoizer, _cli, _codec
 from aiomemo._checkpoint import is_segment_in_use, iter_segment, load_paths, read_segment_header
 from aiomemo._explain import explain
-from aiomemo._maintenance import compact
+from aiomemo._maintenance import compact, import_parsl
 from aiomemo._paths import (
     STAMP_FORMAT,
     find_segments,
@@ -168,6 +168,7 @@ class TestNonRegularFiles:
         d, fifos = odd_dir
         summary = no_hang(lambda: compact(d), fifos)
         assert summary["segments_in"] == 2 and summary["records_out"] == 2
+        assert len(summary["skipped_files"]) == 4
         assert [s.name for s in list_segments(d, [])] == [Path(summary["output"]).name]
         assert (d / "seg-2.amlog").exists() and (d / "seg-4.amlog").is_dir()
         assert load_paths([d]).table == {rec(1).key: rec(1).value, rec(2).key: rec(2).value}
@@ -238,6 +239,10 @@ class TestNonRegularFiles:
             _release([fifo])
         assert r.table == {rec(7).key: rec(7).value}
         assert len(r.errors) == 1 and "a FIFO" in r.errors[0]
+        summary = no_hang(lambda: compact(d), [fifo])
+        assert len(summary["skipped_files"]) == 1 and "a FIFO" in summary["skipped_files"][0]
+        assert not (d / "seg-1.amlog").exists() and real.exists()  # the link went, not its target
+        assert load_paths([d]).table == {rec(7).key: rec(7).value}
 
 
 class TestResolve:
@@ -270,3 +275,19 @@ class TestResolve:
         from datetime import datetime
 
         datetime.strptime(stamp, STAMP_FORMAT)  # parses with the one format
+
+
+class TestImportParsl:
+    """import-parsl reads only regular tasks.pkl files."""
+
+    def test_import_parsl_never_opens_a_fifo(self, tmp_path: Path) -> None:
+        """A FIFO named tasks.pkl is not a Parsl checkpoint: refused at once, not read."""
+        d = tmp_path / "000" / "checkpoint"
+        d.mkdir(parents=True)
+        fifo = d / "tasks.pkl"
+        os.mkfifo(fifo)
+        try:
+            with pytest.raises(MaintenanceError, match="no Parsl checkpoint"):
+                no_hang(lambda: import_parsl(tmp_path, trust=True), [fifo])
+        finally:
+            _release([fifo])

@@ -8,9 +8,7 @@ run the same scenario functions small enough for the default test run.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,9 +21,9 @@ from _redis_server import RedisServer
 from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import FILE_HEADER_SIZE, SegmentWriter, load_paths
 from aiomemo.stores import Lease, LeaseStore, LoadReport, Record, Store
+from helpers import load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-stress = importlib.import_module("stress")
+stress = load_script("stress")  # the scenario functions of scripts/stress, in miniature
 
 
 @pytest.fixture(autouse=True)

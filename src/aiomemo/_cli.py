@@ -390,6 +390,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
         "compact",
         lambda bar: compact(args.path, args.output, drop_damaged=args.drop_damaged, progress=bar),
     )
+    for note in summary["skipped_files"]:
+        print(f"{_PROG}: warning: {note}", file=sys.stderr)
     if args.json:
         _emit_json(summary)
     else:

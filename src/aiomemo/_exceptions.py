@@ -12,6 +12,7 @@ Every error aiomemo raises on purpose derives from :class:`MemoError`::
     ├── MaintenanceError                                compact / import-parsl refused or failed
     ├── LeaderCancelledError                            the task a follower waited on was cancelled
     ├── MemoizerClosedError       (also a RuntimeError) a call after close()
+    ├── MemoizerUsageError        (also a RuntimeError) another event loop, a call awaiting itself
     └── StoreError                                      a store (Redis, disk) failed
 
 Configuration errors are plain ``ValueError``/``TypeError`` raised by the
@@ -31,6 +32,7 @@ __all__ = [
     "MaintenanceError",
     "MemoError",
     "MemoizerClosedError",
+    "MemoizerUsageError",
     "StoreError",
     "UnencodableResultError",
     "UnhashableInputError",
@@ -120,6 +122,15 @@ class LeaderCancelledError(MemoError):
 
 class MemoizerClosedError(MemoError, RuntimeError):
     """The Memoizer was used after ``close()``."""
+
+
+class MemoizerUsageError(MemoError, RuntimeError):
+    """A use of the Memoizer that cannot work.
+
+    It was called from an event loop other than the one it started on (a
+    second ``asyncio.run()``, another thread), or a ``memo.cached`` call
+    awaits itself with the same arguments (it would wait for its own result).
+    """
 
 
 class StoreError(MemoError):

@@ -213,12 +213,15 @@ def _when(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-class _FuncName:
-    """Stands in for a function known only by its recorded ``module.qualname``."""
+def _func_named(module: str, qualname: str) -> Callable[[], None]:
+    """A function known only by its recorded ``module.qualname`` (keyed by that name)."""
 
-    def __init__(self, module: str, qualname: str) -> None:
-        self.__module__ = module
-        self.__qualname__ = qualname
+    def shim() -> None:
+        """Never called: only its name is keyed."""
+
+    shim.__module__ = module
+    shim.__qualname__ = qualname
+    return shim
 
 
 def _candidate_keys(task: Mapping[str, Any]) -> set[bytes]:
@@ -229,7 +232,7 @@ def _candidate_keys(task: Mapping[str, Any]) -> set[bytes]:
     parts = func.split(".")
     keys: set[bytes] = set()
     for i in range(1, len(parts)):
-        shim = _FuncName(".".join(parts[:i]), ".".join(parts[i:]))
+        shim = _func_named(".".join(parts[:i]), ".".join(parts[i:]))
         keys.add(hash_task({**task, "func": shim}))
     return keys
 

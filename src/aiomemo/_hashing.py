@@ -605,6 +605,26 @@ def _canon_function(x: Any, ctx: _Ctx, depth: int) -> object:
     return [_M_FUNC, getattr(x, "__module__", None) or "?", x.__qualname__]
 
 
+def _found_as(x: object, mod: object, qn: object) -> bool:
+    """Whether ``x`` is what its module.qualname leads to."""
+    if not isinstance(mod, str) or not isinstance(qn, str):
+        return False
+    obj: object = sys.modules.get(mod)
+    try:
+        for part in qn.split("."):
+            obj = getattr(obj, part, None)
+    except Exception:  # a module attribute that fails on access
+        return False
+    return obj is x
+
+
+def _canon_descriptor(x: Any, ctx: _Ctx, depth: int) -> object:
+    """An unbound C method (``str.upper``, ``str.__add__``): its class + name."""
+    owner = x.__objclass__
+    _named_class(x, owner)
+    return [_M_FUNC, owner.__module__, x.__qualname__]
+
+
 def _class_name(t: type) -> str | None:
     """``module.qualname`` of a class when that name leads back to it, else None.
 
@@ -618,12 +638,8 @@ def _class_name(t: type) -> str | None:
         pass
     mod = getattr(t, "__module__", None) or "?"
     qn = getattr(t, "__qualname__", None) or "?"
-    if t.__flags__ & _HEAPTYPE:
-        obj: object = sys.modules.get(mod)
-        for part in qn.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not t:
-            return None
+    if t.__flags__ & _HEAPTYPE and not _found_as(t, mod, qn):
+        return None
     # else a static C type: one per process, whatever its name
     name = f"{mod}.{qn}"
     if len(_CLASS_NAMES) < 4096:
@@ -704,6 +720,7 @@ def _canon_file(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
     """OrderedDict: ``==`` sees the order, so the key does (as before when sorted)."""
+    _no_extra_attributes(x)
     keys = list(x)
     if all(type(k) is str for k in keys):
         in_order = keys == sorted(keys)
@@ -735,12 +752,18 @@ def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_defaultdict(x: Any, ctx: _Ctx, depth: int) -> object:
     """defaultdict: its content and its factory (``d[missing]`` tells factories apart)."""
+    _no_extra_attributes(x)
     try:
         factory = _canon(x.default_factory, ctx, depth)
     except _Unhashable as exc:
         exc.path.append(".default_factory")
         raise
     return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(x), ctx, depth), factory]
+
+
+def _no_extra_attributes(x: object) -> None:
+    if getattr(x, "__dict__", None):
+        raise _Unhashable(x, f"a {type(x).__name__} with instance attributes the key would not see")
 
 
 def _canon_deque(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -817,6 +840,9 @@ _HANDLERS: dict[type, Callable[[Any, _Ctx, int], object]] = {
     types.FunctionType: _canon_function,
     types.BuiltinFunctionType: _canon_builtin,
     types.MethodWrapperType: _canon_builtin,
+    types.MethodDescriptorType: _canon_descriptor,
+    types.WrapperDescriptorType: _canon_descriptor,
+    types.ClassMethodDescriptorType: _canon_descriptor,
     types.MethodType: _canon_method,
     functools.partial: _canon_partial,
     File: _canon_file,
@@ -923,8 +949,14 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
                 conv: Any = base
                 inner = _canon(conv(x), ctx, depth)
             return [_M_SUBCLASS, qn, inner]
-    if callable(x) and hasattr(x, "__qualname__") and hasattr(x, "__module__"):
-        # C methods and descriptors, ufuncs, lru_cache wrappers...
+    if (
+        callable(x)
+        and hasattr(x, "__qualname__")
+        and hasattr(x, "__module__")
+        and (hasattr(x, "__wrapped__") or _found_as(x, x.__module__, x.__qualname__))
+    ):
+        # ufuncs, lru_cache wrappers...: found under their name (a
+        # list[int] alias is not: it would pass for the class list)
         return _canon_builtin(x, ctx, depth)
     if callable(x):
         raise _Unhashable(
@@ -1143,6 +1175,11 @@ def _func_identity(func: object, version: object, ctx: _Ctx) -> list[object]:
         (owner is None or type(owner) is types.ModuleType)
         and hasattr(func, "__qualname__")
         and hasattr(func, "__module__")
+        and (
+            tf is types.BuiltinFunctionType
+            or hasattr(func, "__wrapped__")
+            or _found_as(func, func.__module__, func.__qualname__)
+        )
     ):
         # C functions, ufuncs, lru_cache wrappers...: their name says which
         return [func.__module__ or "?", func.__qualname__, version]
@@ -1229,12 +1266,16 @@ def _task_tree(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> tuple[
     kwargs = task.get("kwargs") or {}
     if type(kwargs) is not dict and not isinstance(kwargs, Mapping):
         raise TypeError(f"task['kwargs'] must be a mapping, not {type(kwargs).__name__}")
-    ignore = _ignored(task)
+    ignore = task.get("ignore_for_cache") or ()
+    if ignore and type(ignore) is not list:  # inline: the hot path has []
+        check_ignore(ignore, "task['ignore_for_cache']")
     ctx = _Ctx()
     if hooks:
         ctx.hooks = tuple(hooks)
     outputs: object = None
     if ignore or "outputs" in kwargs:
+        if ignore and not all(type(n) is str for n in ignore):
+            check_ignore(ignore, "task['ignore_for_cache']")
         kwargs = {k: v for k, v in kwargs.items() if k not in ignore}
         if "outputs" in kwargs:
             ctx.output_ref = True

@@ -355,6 +355,7 @@ def compact(
         "segments_in_use": len(live),
         "tails_in_flight": in_flight,
         "removed": [os.fspath(p) for p in removed],
+        "skipped_files": list(resolved.notes),  # non-regular entries named like segments
     }
 
 
@@ -401,7 +402,11 @@ def _read_pickle_stream(
     when, size = st.st_mtime, st.st_size
     if not size:
         return
-    with open(pkl, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    # open_fd: a FIFO swapped in after the listing fails instead of blocking
+    with (
+        os.fdopen(open_fd(pkl), "rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+    ):
         head = mm[:3]
         # protocol >= 4 dumps start with PROTO n, FRAME; 2 and 3 with PROTO n
         marker = head if head[:1] == b"\x80" and head[2:3] == b"\x95" else head[:2]

@@ -50,7 +50,7 @@ import os
 import threading
 import time
 import types
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 try:
@@ -65,7 +65,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
         "install aiomemo with the parsl extra, e.g. pip install 'aiomemo[parsl]'"
     ) from _exc
 
-from aiomemo import _checkpoint, _codec, _hashing, _rundir
+from aiomemo import _hashing, _rundir
 from aiomemo._exceptions import (
     CheckpointError,
     LeaderCancelledError,
@@ -73,6 +73,8 @@ from aiomemo._exceptions import (
     UnhashableInputError,
 )
 from aiomemo._memoizer import Memoizer, MemoStats
+from aiomemo._portal import Portal, PortalClosedError
+from aiomemo._table import MISSING, Raised
 from aiomemo.stores._base import Store
 
 __all__ = [
@@ -153,7 +155,7 @@ _KEY_HOOKS: tuple[_hashing.KeyHook, ...] = (_parsl_id_for_memo_hook,)
 
 _BASH_VERSION_PREFIX = "parsl.bash_app:"
 
-#: seconds the loop waits for more hits on loaded results before recording a batch
+#: seconds the loop waits for more hits on loaded results before queueing a batch
 _LEARN_DELAY = 0.02
 
 
@@ -180,6 +182,10 @@ def _bash_app_version(func: object) -> str | None:
     return f"{_BASH_VERSION_PREFIX}{mod}.{qual}"
 
 
+def _ignore_names(ignore: Any) -> Any:
+    return ignore if isinstance(ignore, str | bytes) else list(ignore or ())
+
+
 def _view(task: TaskRecord) -> dict[str, Any]:
     """The fields of a Parsl task record that make its key, as a plain dict."""
     t: Any = task
@@ -187,7 +193,8 @@ def _view(task: TaskRecord) -> dict[str, Any]:
         "func": t["func"],
         "args": t.get("args", ()),
         "kwargs": t.get("kwargs") or {},
-        "ignore_for_cache": list(t.get("ignore_for_cache") or ()),
+        # a bare str stays one, so that the key refuses it (not "l", "o", "g")
+        "ignore_for_cache": _ignore_names(t.get("ignore_for_cache")),
         "memoize": t.get("memoize", True),
     }
     if "id" in t:
@@ -199,85 +206,6 @@ def _view(task: TaskRecord) -> dict[str, Any]:
     if isinstance(hashsum, str):
         view["hashsum"] = hashsum
     return view
-
-
-# --------------------------------------------------------------------------
-# the private event loop
-# --------------------------------------------------------------------------
-
-
-class _LoopClosedError(Exception):
-    """The private loop stopped (or is stopping): the call did not run."""
-
-
-class _LoopThread:
-    """An asyncio event loop running forever on a daemon thread."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-        self._started.wait()
-
-    def _run(self) -> None:
-        loop = self.loop
-        asyncio.set_event_loop(loop)
-        loop.call_soon(self._started.set)
-        try:
-            loop.run_forever()
-        finally:
-            try:
-                # like asyncio.run: cancel what is left, let callbacks run once
-                leftovers = asyncio.all_tasks(loop)
-                for t in leftovers:
-                    t.cancel()
-                loop.run_until_complete(
-                    asyncio.gather(*leftovers, asyncio.sleep(0), return_exceptions=True)
-                )
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())
-            finally:
-                loop.close()
-
-    def on_loop_thread(self) -> bool:
-        """True when called from the loop's own thread."""
-        return threading.get_ident() == self._thread.ident
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule ``coro`` on the loop; raises _LoopClosedError once stopping."""
-        with self._lock:
-            if self._stopping:
-                coro.close()
-                raise _LoopClosedError("the aiomemo loop is stopped")
-            return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for it (from any other thread).
-
-        Raises:
-            _LoopClosedError: the loop stopped before the call could finish.
-        """
-        if self.on_loop_thread():
-            coro.close()
-            raise RuntimeError("a blocking aiomemo call was made on its own event-loop thread")
-        fut = self.submit(coro)
-        try:
-            return fut.result()
-        except concurrent.futures.CancelledError:
-            raise _LoopClosedError("the aiomemo loop stopped during the call") from None
-
-    def stop(self) -> None:
-        """Stop the loop (pending calls are cancelled) and join the thread. Idempotent."""
-        with self._lock:
-            if self._stopping:
-                return
-            self._stopping = True
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if not self.on_loop_thread():
-            self._thread.join()
 
 
 # --------------------------------------------------------------------------
@@ -329,6 +257,72 @@ def _settle(cf: concurrent.futures.Future[Any], result: Any, exc: BaseException 
             cf.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+class _Followers:
+    """Parsl-side followers of running tasks, completed off the loop thread.
+
+    Completing a follower's Future runs the DataFlowKernel's callbacks, which
+    call back into the memoizer and block on the loop: so never on the loop
+    thread, always on a completer thread. A leader that completes after
+    close settles its followers directly (:meth:`after_close`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> followers' futures not completed yet
+        self._waiting: dict[str, list[concurrent.futures.Future[Any]]] = {}
+        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def open(self) -> None:
+        self._completer = concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix="aiomemo-parsl-complete"
+        )
+
+    def shutdown(self) -> None:
+        if self._completer is not None:
+            self._completer.shutdown(wait=False)
+
+    def add(self, key: str, cf: concurrent.futures.Future[Any], afut: asyncio.Future[Any]) -> None:
+        """``cf`` completes with the outcome of the leader's ``afut`` (on the loop)."""
+        with self._lock:
+            self._waiting.setdefault(key, []).append(cf)
+        afut.add_done_callback(functools.partial(self._relay, cf, key))
+
+    def _relay(
+        self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
+    ) -> None:
+        if afut.cancelled():
+            exc: BaseException | None = LeaderCancelledError("the identical task was cancelled")
+            result = None
+        else:
+            exc = afut.exception()
+            result = afut.result() if exc is None else None
+        if isinstance(exc, MemoizerClosedError):
+            # closed with the leader still running: its completion, which
+            # arrives later, settles cf (see after_close)
+            return
+        with self._lock:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                with contextlib.suppress(ValueError):
+                    waiting.remove(cf)
+                if not waiting:
+                    del self._waiting[key]
+        completer = self._completer
+        if completer is None:
+            return
+        try:
+            completer.submit(_settle, cf, result, exc)
+        except RuntimeError:  # completer shut down: settle from a fresh thread
+            threading.Thread(target=_settle, args=(cf, result, exc), daemon=True).start()
+
+    def after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
+        """A leader finished after close: complete its followers directly."""
+        with self._lock:
+            waiting = self._waiting.pop(key, [])
+        for cf in waiting:
+            _settle(cf, result, exc)
 
 
 class ParslMemoizer(_ParslMemoizerBase):
@@ -386,38 +380,23 @@ class ParslMemoizer(_ParslMemoizerBase):
             )
         except (ValueError, TypeError) as exc:
             raise ParslConfigurationError(str(exc)) from exc
-        self._period_seconds: float | None = probe.checkpoint_period
+        del probe
 
         self.checkpointed_tasks = 0
         self._memo: Memoizer | None = None
-        self._loop: _LoopThread | None = None
+        self._portal: Portal | None = None
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._lock = threading.Lock()
         # id(task record) -> (task record, its view): tasks this memoizer let
         # run (misses), until their update_memo_*; a leader's retry is let run
         # again instead of waiting on itself
         self._leaders: dict[int, tuple[TaskRecord, dict[str, Any]]] = {}
-        # key -> followers' futures not completed yet (settled directly when
-        # the leader completes after close)
-        self._followers: dict[str, list[concurrent.futures.Future[Any]]] = {}
+        self._followers = _Followers()
         # keys whose record this run has written or queued already
         self._recorded: set[str] = set()
-        # the fast path: finished tasks by key, as done Futures shared by all
-        # their hits; read by any thread without a hop to the loop
-        self._fast: dict[str, concurrent.futures.Future[Any]] = {}
-        # checkpoint records loaded at start (raw key -> encoded result),
-        # decoded on their first hit in the calling thread
-        self._loaded: dict[bytes, bytes] = {}
-        self._loaded_parsl_keys = False
-        self._fast_hits = 0
-        self._load_errors = 0
-        # loaded results used, on their way to the aiomemo Memoizer (under _lock)
-        self._learn_queue: list[tuple[dict[str, Any], Any]] = []
-        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._timer: asyncio.Task[None] | None = None
-        self._timer_stop: asyncio.Event | None = None
-        self._early: asyncio.Future[None] | None = None
-        self._pass_lock: asyncio.Lock | None = None
+        # views of hits answered in the calling thread, on their way into
+        # this run's checkpoint (under _lock)
+        self._learn_queue: list[dict[str, Any]] = []
 
     def __repr__(self) -> str:
         args = [
@@ -435,6 +414,9 @@ class ParslMemoizer(_ParslMemoizerBase):
 
         Called by the DataFlowKernel when it starts. A ParslMemoizer that was
         closed can be started again (a Config reused by a new DataFlowKernel).
+        A checkpoint path that does not exist raises Parsl's BadCheckpoint;
+        damaged records are skipped with a warning (the good ones around
+        them are kept).
         """
         started = time.monotonic()  # the checkpoint period counts from here, as Parsl's
         with self._lock:
@@ -445,63 +427,41 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.config_run_dir = config_run_dir
         self.checkpointed_tasks = 0
         self._leaders = {}
-        self._followers = {}
+        self._followers = _Followers()
         self._recorded = set()
-        self._fast = {}
-        self._fast_hits = 0
         self._learn_queue = []
-        self._pass_lock = None  # made on the new loop
         try:
-            self._load(config_run_dir)
+            memo = self._memo = self._make_memo(run_dir, config_run_dir)
         except BaseException:
             self._state = "closed"
             raise
-        # 'periodic' is driven from here, so the passes are logged in Parsl's words
-        mode = "manual" if self.checkpoint_mode == "periodic" else self.checkpoint_mode
+        # Parsl passes an empty last checkpoint on to the next run without a word
+        memo._warn_empty_dirs = False
+        memo._drain.origin = started
+        memo._drain.on_pass = self._log_pass
+        memo._drain.before_pass = self._learn_now
+        self._followers.open()
+        self._portal = Portal(name="aiomemo-parsl-loop")
         try:
-            self._memo = Memoizer(
-                memoize=self.memoize,
-                checkpoint_files=[],  # loaded above, served by the fast path
-                checkpoint_mode=mode,
-                run_dir=run_dir,
-                config_run_dir=config_run_dir,
-                store=self.store,
-                collapse=self.collapse,
-                key_hooks=_KEY_HOOKS,
-            )
-        except (ValueError, TypeError) as exc:
-            self._state = "closed"
-            raise ParslConfigurationError(str(exc)) from exc
-        self._completer = concurrent.futures.ThreadPoolExecutor(
-            thread_name_prefix="aiomemo-parsl-complete"
-        )
-        self._loop = _LoopThread(name="aiomemo-parsl-loop")
-        try:
-            self._loop.call(self._memo.start())
+            self._portal.call(memo.start())
         except BaseException:
-            self._loop.stop()
-            self._completer.shutdown(wait=False)
+            self._portal.stop()
+            self._followers.shutdown()
             self._state = "closed"
             raise
+        if memo.checkpoint_files:
+            logger.info("Completed loading checkpoints: %d tasks", memo.stats().entries)
         if self.memoize:
             logger.info("App caching initialized")
         else:
             logger.info("App caching disabled for all apps")
-        if self.checkpoint_mode == "periodic":
-            assert self._period_seconds is not None
-            self._loop.call(self._start_timer(self._period_seconds, started))
 
-    def _load(self, config_run_dir: str) -> None:
-        """Load the checkpoints to start from (as BasicMemoizer: at start, all at once).
+    def _make_memo(self, run_dir: str, config_run_dir: str) -> Memoizer:
+        """The aiomemo Memoizer of a run, with the checkpoints to start from.
 
         ``checkpoint_files`` as given, or with a mode set and none given,
-        every checkpoint under the config's run dir. A missing path raises
-        Parsl's BadCheckpoint; damaged records are skipped with a warning (the
-        good ones around them are kept).
+        every checkpoint under the config's run dir (as BasicMemoizer).
         """
-        self._loaded = {}
-        self._loaded_parsl_keys = False
-        self._load_errors = 0
         if self.checkpoint_files is not None:
             paths = [os.fspath(p) for p in self.checkpoint_files]
         elif self.checkpoint_mode is not None:
@@ -512,19 +472,24 @@ class ParslMemoizer(_ParslMemoizerBase):
             if not os.path.exists(p):
                 logger.error("Checkpoint file was not found: %s", p)
                 raise _BadCheckpoint(f"Checkpoint file was not found: {p}")
-        if not self.memoize or not paths:
-            return
-        for p in paths:
-            logger.info("Loading checkpoints from %s", p)
-        report = _checkpoint.load_paths(paths)
-        self._loaded = report.table
-        self._loaded_parsl_keys = any(len(k) == 16 for k in report.table)
-        self._load_errors = report.skipped
-        for line in report.errors:
-            logger.warning("%s", line)
-        logger.info(
-            "Completed loading checkpoints: %d records, %d tasks", report.records, len(report.table)
-        )
+        if self.memoize:
+            for p in paths:
+                logger.info("Loading checkpoints from %s", p)
+        try:
+            return Memoizer(
+                memoize=self.memoize,
+                checkpoint_files=paths,
+                checkpoint_mode=self.checkpoint_mode,
+                checkpoint_period=self.checkpoint_period,
+                run_dir=run_dir,
+                config_run_dir=config_run_dir,
+                store=self.store,
+                collapse=self.collapse,
+                parsl_keys=True,  # records imported from Parsl's checkpoints
+                key_hooks=_KEY_HOOKS,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ParslConfigurationError(str(exc)) from exc
 
     def close(self) -> None:
         """Make the final checkpoint and stop the loop. Idempotent.
@@ -539,19 +504,16 @@ class ParslMemoizer(_ParslMemoizerBase):
             if self._state != "running":
                 return
             self._state = "closing"
-        loop, memo = self._loop, self._memo
-        assert loop is not None and memo is not None
+        portal, memo = self._portal, self._memo
+        assert portal is not None and memo is not None
         try:
-            if self._timer is not None:
+            if self.checkpoint_mode == "periodic":
                 logger.info("Stopping checkpoint timer")
-                loop.call(self._stop_timer())
             if self.checkpoint_mode is not None:
                 logger.info("Making final checkpoint")
-            before = memo.stats().checkpointed
             try:
-                # the Memoizer's close makes the final pass itself (after its
-                # drain's last pass: an extra pass here could race that one)
-                loop.call(self._close_memo())
+                # the Memoizer's close makes the final pass (logged by _log_pass)
+                portal.call(memo.close())
             except CheckpointError as exc:
                 logger.error(
                     "aiomemo could not save %d checkpoint record(s) at close: %s",
@@ -560,16 +522,13 @@ class ParslMemoizer(_ParslMemoizerBase):
                 )
             except Exception:
                 logger.exception("aiomemo close failed")
-            if self.checkpoint_mode is not None:
-                self._log_pass(memo.stats().checkpointed - before)
             self._ensure_checkpoint_dir()
         finally:
-            loop.stop()
+            portal.stop()
             with self._lock:
                 self._state = "closed"
                 self._leaders.clear()
-            if self._completer is not None:
-                self._completer.shutdown(wait=False)
+            self._followers.shutdown()
 
     def _ensure_checkpoint_dir(self) -> None:
         """Create ``<run_dir>/checkpoint/`` after a pass, as Parsl's memoizer does.
@@ -612,35 +571,34 @@ class ParslMemoizer(_ParslMemoizerBase):
         if id(task) in self._leaders:
             # a retry of a task this memoizer let run: run it again
             return None
-        loop = self._loop
-        if self._state != "running" or loop is None:
+        portal, memo = self._portal, self._memo
+        if self._state != "running" or portal is None or memo is None:
             t["hashsum"] = None  # shutting down: run it, record nothing
             return None
         view = _view(task)
-        hit = self._fast_check(task, view)
-        if hit is not None:
-            return hit
-        if loop.on_loop_thread():  # never expected: Parsl does not launch from here
+        if len(memo._table):
+            hit = self._hit_here(memo, task, view)
+            if hit is not None:
+                return hit
+        if portal.on_loop_thread():  # never expected: Parsl does not launch from here
             logger.warning(
                 "check_memo on the aiomemo loop thread; task %s not memoized", t.get("id")
             )
             t["hashsum"] = None
             return None
         try:
-            return loop.call(self._check(task, view))
-        except (_LoopClosedError, MemoizerClosedError):
+            return portal.call(self._check(task, view))
+        except (PortalClosedError, MemoizerClosedError):
             t["hashsum"] = None
             return None
 
-    def _fast_check(
-        self, task: TaskRecord, view: dict[str, Any]
+    def _hit_here(
+        self, memo: Memoizer, task: TaskRecord, view: dict[str, Any]
     ) -> concurrent.futures.Future[Any] | None:
         """Answer a hit on a finished task in the calling thread, without a hop to the loop.
 
         None: not known to be finished (a miss, or in flight); the loop decides.
         """
-        if not self._fast and not self._loaded:
-            return None
         box: list[BaseException] = []
         token = _hook_errors.set(box)
         try:
@@ -650,92 +608,50 @@ class ParslMemoizer(_ParslMemoizerBase):
         finally:
             _hook_errors.reset(token)
         key = raw.hex()
-        done = self._fast.get(key)
-        if done is None:
-            done = self._from_loaded(view, raw, key)
-            if done is None:
-                return None
+        value = memo._table.lookup(key, raw, view)  # thread-safe
+        if value is MISSING:
+            return None
         t: Any = task
         t["hashsum"] = key
         logger.info("Task %s using result from cache", t.get("id"))
-        with self._lock:
-            self._fast_hits += 1
-        return done  # shared, done: as BasicMemoizer shares its memo futures
-
-    def _from_loaded(
-        self, view: dict[str, Any], raw: bytes, key: str
-    ) -> concurrent.futures.Future[Any] | None:
-        """A loaded checkpoint record for the task (its aiomemo key, or Parsl's), decoded."""
-        enc = self._loaded.get(raw)
-        if enc is None and self._loaded_parsl_keys:
-            try:
-                t: Any = dict(view)
-                t.pop("hashsum", None)
-                raw = bytes.fromhex(_parsl_memoization.make_hash(t))
-                enc = self._loaded.get(raw)
-            except Exception:  # Parsl cannot key it: no Parsl record either
-                enc = None
-        if enc is None:
-            # lost a race with a thread that just decoded it (see below)?
-            return self._fast.get(key)
-        try:
-            value = _codec.decode(enc)
-        except _codec.CodecError as exc:
-            logger.warning("checkpointed result for %s could not be decoded: %s", key, exc)
+        memo._counters.hits += 1
+        if type(value) is Raised:
+            return _done_future(None, value.rearm())
+        if self.checkpoint_mode is not None and key not in self._recorded:
+            self._recorded.add(key)
+            view["hashsum"] = key
             with self._lock:
-                self._load_errors += 1
-            self._loaded.pop(raw, None)
-            return None
-        done = self._fast.setdefault(key, _done_future(value, None))
-        self._loaded.pop(raw, None)  # held decoded from now on (set before popped)
-        # the aiomemo Memoizer learns it too, which (with a mode set) writes
-        # it into this run's checkpoint, as Parsl does for every task that
-        # used a result: get_last_checkpoint() then still finds it next time
-        view["hashsum"] = key
-        with self._lock:
-            self._learn_queue.append((view, done.result()))
-            first = len(self._learn_queue) == 1
-        loop = self._loop
-        if first and loop is not None:
-            # one hop for a whole burst of hits, not one per hit
-            with contextlib.suppress(_LoopClosedError):
-                loop.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
-        return done
+                self._learn_queue.append(view)
+                first = len(self._learn_queue) == 1
+            portal = self._portal
+            if first and portal is not None:
+                # one hop for a whole burst of hits, not one per hit
+                with contextlib.suppress(PortalClosedError):
+                    portal.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
+        return _done_future(value, None)
 
-    async def _learn(self, delay: float = 0.0) -> None:
-        """Hand the loaded results used since the last call to the aiomemo Memoizer.
+    def _learn_now(self) -> None:
+        """Queue the results used since the last call into this run's checkpoint.
 
-        With a mode set, it writes them into this run's checkpoint (as Parsl
-        does for every task that used a result). Also called before every
-        checkpoint pass and before close, so none is left behind.
+        Parsl writes a record for every task that used a result, so that
+        ``get_last_checkpoint()`` still finds it next time. On the loop; also
+        run by the drain before every pass, so none is left behind.
         """
-        if delay:
-            await asyncio.sleep(delay)  # let a burst of hits gather into one batch
         memo = self._memo
-        assert memo is not None
         with self._lock:
             batch, self._learn_queue = self._learn_queue, []
-        if not batch or memo.closed:
+        if memo is None:
             return
-        todo = []
-        for view, value in batch:
-            key = view["hashsum"]
-            if key not in self._recorded:
-                self._recorded.add(key)
-                todo.append(memo.update_memo_result(view, value))
-        if self.checkpoint_mode == "task_exit":
-            # concurrently: they share one group commit
-            results: list[Any] = await asyncio.gather(*todo, return_exceptions=True)
-        else:
-            results = []  # these do not wait for anything: no task each
-            for coro in todo:
-                try:
-                    await coro
-                except Exception as exc:
-                    results.append(exc)
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, MemoizerClosedError):
-                logger.error("aiomemo could not record a result used from a checkpoint: %r", r)
+        for view in batch:
+            memo._queue_finished(view)
+
+    async def _learn(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # let a burst of hits gather into one batch
+        self._learn_now()
+        memo = self._memo
+        if self.checkpoint_mode == "task_exit" and memo is not None and not memo.closed:
+            # durable as BasicMemoizer's task_exit makes it: one group commit
+            await memo._drain.commit(asyncio.get_running_loop())
 
     async def _check(
         self, task: TaskRecord, view: dict[str, Any]
@@ -767,60 +683,22 @@ class ParslMemoizer(_ParslMemoizerBase):
                 _settle(cf, None, LeaderCancelledError("the memoized task was cancelled"))
             else:
                 error = afut.exception()
-                value = afut.result() if error is None else None
-                _settle(cf, value, error)
-                if isinstance(hashsum, str):
-                    self._fast.setdefault(hashsum, cf)
+                _settle(cf, afut.result() if error is None else None, error)
             if (
                 self.checkpoint_mode is not None
                 and isinstance(hashsum, str)
+                and not afut.cancelled()
                 and afut.exception() is None
                 and hashsum not in self._recorded
             ):
-                # Parsl writes a record for every task that used a result, so
-                # this run's checkpoint holds it too (get_last_checkpoint)
+                # Parsl writes a record for every task that used a result
                 self._recorded.add(hashsum)
                 memo.update_checkpoint(view)
             return cf
         logger.info("Task %s waits for the identical task running now", t.get("id"))
         assert isinstance(hashsum, str)
-        with self._lock:
-            self._followers.setdefault(hashsum, []).append(cf)
-        afut.add_done_callback(functools.partial(self._relay, cf, hashsum))
+        self._followers.add(hashsum, cf, afut)
         return cf
-
-    def _relay(
-        self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
-    ) -> None:
-        """Loop callback: pass the leader's outcome to a follower, off the loop thread.
-
-        Completing ``cf`` runs the DataFlowKernel's callbacks, which call back
-        into this memoizer and block on the loop: never on the loop thread.
-        """
-        if afut.cancelled():
-            exc: BaseException | None = LeaderCancelledError("the identical task was cancelled")
-            result = None
-        else:
-            exc = afut.exception()
-            result = afut.result() if exc is None else None
-        if isinstance(exc, MemoizerClosedError):
-            # closed with the leader still running: its completion, which
-            # arrives later, settles cf (see _after_close)
-            return
-        with self._lock:
-            waiting = self._followers.get(key)
-            if waiting is not None:
-                with contextlib.suppress(ValueError):
-                    waiting.remove(cf)
-                if not waiting:
-                    del self._followers[key]
-        completer = self._completer
-        if completer is None:
-            return
-        try:
-            completer.submit(_settle, cf, result, exc)
-        except RuntimeError:  # completer shut down: settle from a fresh thread
-            threading.Thread(target=_settle, args=(cf, result, exc), daemon=True).start()
 
     # ------------------------------------------------------------ completions
     def update_memo_result(self, task: TaskRecord, r: Any) -> None:
@@ -836,26 +714,28 @@ class ParslMemoizer(_ParslMemoizerBase):
         with self._lock:
             entry = self._leaders.pop(id(task), None)
             running = self._running()
-            loop = self._loop
+            portal = self._portal
         hashsum = t.get("hashsum")
         if not isinstance(hashsum, str):
             return  # not memoized, never looked up, or a dependency failure
-        if not running or loop is None:
-            self._after_close(hashsum, result, exc)
+        if not running or portal is None:
+            self._followers.after_close(hashsum, result, exc)
             return
         if entry is None:
             # a hit or a collapsed follower: aiomemo has the result already
             return
         view = entry[1]
         try:
-            if self.checkpoint_mode == "task_exit" and exc is None and not loop.on_loop_thread():
+            if self.checkpoint_mode == "task_exit" and exc is None and not portal.on_loop_thread():
                 # returns once the record is durable, as BasicMemoizer's write
-                loop.call(self._record_outcome(view, result, exc))
+                portal.call(self._record_outcome(view, result, exc))
             else:
                 # nothing to wait for: later calls queue behind it on the loop
-                loop.submit(self._record_outcome(view, result, exc)).add_done_callback(_log_failure)
-        except (_LoopClosedError, MemoizerClosedError):
-            self._after_close(hashsum, result, exc)
+                portal.submit(self._record_outcome(view, result, exc)).add_done_callback(
+                    _log_failure
+                )
+        except (PortalClosedError, MemoizerClosedError):
+            self._followers.after_close(hashsum, result, exc)
         except Exception:
             # a memo that cannot record must never fail the task
             logger.exception("aiomemo could not record the outcome of task %s", t.get("id"))
@@ -876,30 +756,15 @@ class ParslMemoizer(_ParslMemoizerBase):
         except MemoizerClosedError:
             if isinstance(key, str):  # closed under us: complete the followers anyway
                 threading.Thread(
-                    target=self._after_close, args=(key, result, exc), daemon=True
+                    target=self._followers.after_close, args=(key, result, exc), daemon=True
                 ).start()
             return
-        if isinstance(key, str) and memo.memoize:
-            self._fast[key] = _done_future(result, exc)
         if self.checkpoint_mode == "task_exit":
             logger.debug("Task %s checkpointed", view.get("id"))
-        elif (
-            self.checkpoint_mode == "periodic"
-            and (self._early is None or self._early.done())
-            and memo.stats().pending >= memo.max_pending
-        ):
-            self._early = asyncio.ensure_future(self._pass())  # memory bound: drain early
-
-    def _after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
-        """A leader finished after close: complete its followers directly."""
-        with self._lock:
-            waiting = self._followers.pop(key, [])
-        for cf in waiting:
-            _settle(cf, result, exc)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
-        """Log a checkpoint pass the way Parsl's BasicMemoizer does."""
+        """The drain's per-pass callback: log the pass the way Parsl's BasicMemoizer does."""
         memo = self._memo
         # every record aiomemo wrote in this run (task_exit writes them as tasks end)
         self.checkpointed_tasks = (
@@ -915,73 +780,18 @@ class ParslMemoizer(_ParslMemoizerBase):
         else:
             logger.info("Done checkpointing %d tasks", count)
 
-    async def _close_memo(self) -> None:
-        memo = self._memo
-        assert memo is not None
-        async with self._pass_guard():
-            await self._learn()
-            await memo.close()
-
-    def _pass_guard(self) -> asyncio.Lock:
-        """One checkpoint pass at a time (timer, early drain, manual, close): on the loop."""
-        if self._pass_lock is None:
-            self._pass_lock = asyncio.Lock()
-        return self._pass_lock
-
-    async def _pass(self) -> None:
-        memo = self._memo
-        assert memo is not None
-        async with self._pass_guard():
-            if memo.closed:
-                return
-            await self._learn()
-            try:
-                self._log_pass(await memo.checkpoint_queue())
-            except CheckpointError as exc:
-                logger.error("Checkpoint pass failed (records stay queued): %s", exc)
-
-    async def _start_timer(self, period: float, started: float) -> None:
-        self._timer_stop = asyncio.Event()
-        self._timer = asyncio.create_task(
-            self._periodic(period, self._timer_stop, started),
-            name="aiomemo-parsl-checkpoint-timer",
-        )
-
-    async def _stop_timer(self) -> None:
-        """Stop the timer between passes (a pass under way finishes first)."""
-        if self._timer_stop is not None:
-            self._timer_stop.set()
-        if self._timer is not None:
-            await self._timer
-        self._timer = self._timer_stop = None
-
-    async def _periodic(self, period: float, stop: asyncio.Event, started: float) -> None:
-        """Checkpoint every ``period`` seconds from ``started`` (``time.monotonic()``).
-
-        Fixed rate: passes at started + k * period, whatever a pass takes (a
-        tick missed while a pass ran is skipped), so they do not drift.
-        """
-        tick = 1
-        while True:
-            delay = started + tick * period - time.monotonic()
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                else:
-                    return
-            await self._pass()
-            tick = max(tick + 1, int((time.monotonic() - started) // period) + 1)
-
     def checkpoint_queue(self) -> None:
         """Write every queued record now (as ``BasicMemoizer.checkpoint_queue``)."""
         with self._lock:
-            running, loop = self._running(), self._loop
-        if not running or loop is None:
+            running, portal, memo = self._running(), self._portal, self._memo
+        if not running or portal is None or memo is None:
             return
-        with contextlib.suppress(_LoopClosedError):
-            loop.call(self._pass())
+        try:
+            portal.call(memo.checkpoint_queue())
+        except PortalClosedError:
+            return
+        except CheckpointError as exc:
+            logger.error("Checkpoint pass failed (records stay queued): %s", exc)
         self._ensure_checkpoint_dir()
 
     def checkpoint(self) -> None:
@@ -997,15 +807,8 @@ class ParslMemoizer(_ParslMemoizerBase):
     def stats(self) -> MemoStats | None:
         """aiomemo's counters for this run (hits, misses, collapsed, checkpointed, ...).
 
-        None before the first start. Hits answered without the loop and
+        None before the first start. Hits answered in the calling thread and
         records loaded at start are included.
         """
         memo = self._memo
-        if memo is None:
-            return None
-        st = memo.stats()
-        return st._replace(
-            hits=st.hits + self._fast_hits,
-            entries=st.entries + len(self._loaded),
-            load_errors=st.load_errors + self._load_errors,
-        )
+        return memo.stats() if memo is not None else None

@@ -71,5 +71,33 @@ def errors() -> None:
         pass
 
 
+async def fault_injection() -> None:
+    from aiomemo.testing import DiskFullStore, FailingStore, MemoryLeaseStore, StallingStore
+
+    failing = FailingStore(failures=3)
+    stalling = StallingStore(LogStore("ck"), seconds=2.0)
+    full = DiskFullStore(budget=1_000_000)
+    leases = MemoryLeaseStore(lease_ttl=5)
+    async with Memoizer(checkpoint_mode="task_exit", store=[failing, stalling, full, leases]):
+        pass
+    failing.heal()
+    stalling.release()
+    full.free()
+    leases.expire(b"k" * 32)
+    n: int = failing.failed + stalling.stalled + full.refused + leases.completions
+    print(n, len(failing.records))
+
+
+def more_errors(data: bytes) -> None:
+    from aiomemo import _codec
+
+    try:
+        _codec.decode(data)
+    except aiomemo.CodecError as exc:  # also a ValueError
+        print(exc)
+    except (aiomemo.CheckpointPathError, aiomemo.MaintenanceError, aiomemo.UnencodableResultError):
+        pass
+
+
 if __name__ == "__main__":
     asyncio.run(engine())

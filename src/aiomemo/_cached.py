@@ -1,0 +1,113 @@
+"""``memo.cached``: memoize a plain ``async def`` function, on the Memoizer's public calls only.
+
+The wrapper plays the engine: ``check_memo``, run on a miss, then
+``update_memo_result`` / ``update_memo_exception``. If the identical call it
+followed is cancelled, it resubmits (one of the waiting callers leads).
+
+A call that would wait for itself (``f(1)`` awaiting ``f(1)``, directly or
+through ``f -> g -> f``, in the same task or in tasks it awaits) would hang
+forever as its own follower. The calls each task leads are kept in a
+context variable, which asyncio copies into the tasks it starts; following
+one of them raises :class:`~aiomemo.MemoizerUsageError` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from aiomemo._exceptions import LeaderCancelledError, MemoizerUsageError
+from aiomemo._hashing import IgnoreNames, check_ignore
+
+if TYPE_CHECKING:
+    from aiomemo._memoizer import Memoizer
+
+__all__ = ["cached"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: (id of the Memoizer, key, qualname) of every call led on this stack
+_leading: contextvars.ContextVar[tuple[tuple[int, str, str], ...]] = contextvars.ContextVar(
+    "aiomemo_leading", default=()
+)
+
+
+def _cycle_error(
+    chain: tuple[tuple[int, str, str], ...], memo_id: int, key: str
+) -> MemoizerUsageError:
+    start = next(i for i, (m, k, _) in enumerate(chain) if m == memo_id and k == key)
+    names = [name for _, _, name in chain[start:]] + [chain[start][2]]
+    return MemoizerUsageError(
+        f"{names[0]} awaits itself with the same arguments ({' -> '.join(names)}, "
+        f"key {key[:12]}…): it would wait for its own result forever"
+    )
+
+
+def cached(
+    memo: Memoizer, fn: Callable[P, Awaitable[R]], *, ignore: IgnoreNames, version: object
+) -> Callable[P, Awaitable[R]]:
+    """The wrapper ``memo.cached(fn, ...)`` returns (see :meth:`Memoizer.cached`)."""
+    if not asyncio.iscoroutinefunction(fn):
+        raise TypeError(f"memo.cached needs an async def function, got {fn!r}")
+    func = fn
+    ignore_list = check_ignore(ignore)  # a bare str would be read letter by letter
+    memo_id = id(memo)
+    name = getattr(func, "__qualname__", repr(func))
+
+    def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "func": func,
+            "args": args,
+            "kwargs": kwargs,
+            "ignore_for_cache": ignore_list,
+            "version": version,
+        }
+
+    async def _lead(task: dict[str, Any], args: Any, kwargs: Any) -> R:
+        key = task.get("hashsum")
+        token = None
+        if isinstance(key, str):
+            token = _leading.set((*_leading.get(), (memo_id, key, name)))
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException as exc:
+            if not memo.closed:
+                await memo.update_memo_exception(task, exc)
+            raise
+        finally:
+            if token is not None:
+                _leading.reset(token)
+        if not memo.closed:
+            await memo.update_memo_result(task, result)
+        return result
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        task = _task(args, kwargs)
+        while True:
+            fut = await memo.check_memo(task)
+            if fut is None:
+                return await _lead(task, args, kwargs)
+            following = not fut.done()  # a done Future is a memoized outcome
+            if following:
+                chain = _leading.get()
+                key = task.get("hashsum")
+                if chain and any(m == memo_id and k == key for m, k, _ in chain):
+                    fut.cancel()  # our own follower Future only: the leader goes on
+                    raise _cycle_error(chain, memo_id, str(key))
+            try:
+                return await fut  # type: ignore[no-any-return]
+            except LeaderCancelledError:
+                if not following:
+                    raise
+                continue  # the leader was cancelled: resubmit, one of us leads
+
+    async def key(*args: P.args, **kwargs: P.kwargs) -> str:
+        return await memo.make_hash(_task(args, kwargs))
+
+    wrapper.key = key  # type: ignore[attr-defined]
+    return wrapper

@@ -1,0 +1,36 @@
+"""The Memoizer's counters (one dataclass) and its lifecycle states (one enum)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Counters", "Lifecycle"]
+
+
+class Lifecycle(enum.Enum):
+    """Where a Memoizer is in its life: NEW -> STARTED -> CLOSED (never back)."""
+
+    NEW = "new"
+    STARTED = "started"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class Counters:
+    """What ``Memoizer.stats()`` reports, shared by the parts that count.
+
+    Adapters bump ``hits`` from other threads: a lost increment under a race
+    is acceptable for a statistic, a lock on every hit is not.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    collapsed: int = 0
+    checkpointed: int = 0
+    unserializable: int = 0
+    load_errors: int = 0
+    write_errors: int = 0
+    store_errors: int = 0
+    remote_hits: int = 0
+    last_checkpoint: float | None = None

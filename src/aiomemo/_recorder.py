@@ -1,0 +1,61 @@
+"""Records: a finished task's result encoded for the stores, with its function's name."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from aiomemo import _codec
+from aiomemo._counters import Counters
+from aiomemo._hashing import KeyHook, arg_digests
+from aiomemo.stores._base import Record
+
+__all__ = ["RecordMaker"]
+
+logger = logging.getLogger("aiomemo")
+
+
+class RecordMaker:
+    """Encodes results into :class:`Record` s; warns once per type that cannot be encoded."""
+
+    __slots__ = ("_counters", "_func_names", "_hooks", "_warned_types", "explain")
+
+    def __init__(
+        self, counters: Counters, *, explain: bool, hooks: tuple[KeyHook, ...] = ()
+    ) -> None:
+        self._counters = counters
+        self._hooks = hooks
+        self.explain = explain
+        self._func_names: dict[object, str] = {}
+        self._warned_types: set[str] = set()
+
+    def make(self, task: Mapping[str, Any], key: str, r: Any) -> Record | None:
+        """The record of ``task`` (hex ``key``) finished with ``r``; None when ``r`` cannot be encoded."""
+        try:
+            value = _codec.encode(r)
+        except _codec.UnencodableResultError as exc:
+            self._counters.unserializable += 1
+            tname = exc.type_name
+            if tname not in self._warned_types:
+                self._warned_types.add(tname)
+                msg = (
+                    f"aiomemo: results of type {tname} cannot be checkpointed ({exc}); "
+                    "they stay memoized in memory for this run"
+                )
+                warnings.warn(msg, RuntimeWarning, stacklevel=4)
+                logger.warning("%s", msg)
+            return None
+        func = task.get("func")
+        try:
+            name = self._func_names[func]
+        except (KeyError, TypeError):
+            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+            if len(self._func_names) < 10_000:
+                with contextlib.suppress(TypeError):
+                    self._func_names[func] = name
+        digests = arg_digests(task, self._hooks) if self.explain else b""
+        return Record(bytes.fromhex(key), value, name, time.time(), digests)

@@ -1,0 +1,198 @@
+"""Configuration checks of the Memoizer, and what it loads when it starts.
+
+Bad configuration fails at construction with an error naming the argument:
+``TypeError`` for a wrong type (``memoize="no"`` is not a bool),
+``ValueError`` for a wrong value (a period shorter than :data:`MIN_PERIOD`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiomemo._hashing import KeyHook
+from aiomemo.stores._base import LoadReport, Store
+
+__all__ = ["MIN_PERIOD", "load_at_start", "parse_period"]
+
+#: the shortest checkpoint period: a drain waking faster only burns the CPU
+MIN_PERIOD = 0.01
+
+MODES = ("task_exit", "periodic", "dfk_exit", "manual", None)
+
+
+def check_mode(mode: object) -> None:
+    if mode not in MODES:
+        raise ValueError(
+            f"checkpoint_mode must be one of 'task_exit', 'periodic', 'dfk_exit', "
+            f"'manual' or None, not {mode!r}"
+        )
+
+
+def parse_period(value: object) -> float:
+    """Seconds from ``"HH:MM:SS"``, a number of seconds, or a timedelta.
+
+    Raises:
+        ValueError: malformed, not finite, or shorter than 0.01 s.
+        TypeError: another type.
+    """
+    if isinstance(value, bool):
+        raise TypeError(
+            f"checkpoint_period must be 'HH:MM:SS', seconds or a timedelta, not {value!r}"
+        )
+    if isinstance(value, _dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        parts = value.split(":")
+        # ASCII digits only: str.isdigit() admits '²' and other digits int() refuses
+        if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+            raise ValueError(
+                f"checkpoint_period {value!r} is not of the form 'HH:MM:SS' (e.g. '00:05:00')"
+            )
+        h, m, s = (int(p) for p in parts)
+        seconds = float(h * 3600 + m * 60 + s)
+    else:
+        raise TypeError(
+            "checkpoint_period must be 'HH:MM:SS', a number of seconds or a timedelta, "
+            f"not {type(value).__name__}"
+        )
+    if not seconds > 0:  # also rejects NaN
+        raise ValueError(f"checkpoint_period must be positive, got {value!r}")
+    if seconds == float("inf"):
+        raise ValueError(f"checkpoint_period must be finite, got {value!r}")
+    if seconds < MIN_PERIOD:
+        raise ValueError(
+            f"checkpoint_period {value!r} is shorter than {MIN_PERIOD} s: the drain would "
+            "do nothing but wake up; use checkpoint_mode='task_exit' to write every result at once"
+        )
+    return seconds
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def stores_of(store: Store | Sequence[Store] | None) -> list[Store]:
+    if store is None:
+        return []
+    if isinstance(store, Store):
+        return [store]
+    if isinstance(store, str | bytes) or not isinstance(store, Sequence):
+        raise TypeError(f"store must be an aiomemo Store or a list of them, not {store!r}")
+    stores = list(store)
+    for i, s in enumerate(stores):
+        if not isinstance(s, Store):
+            raise TypeError(f"store[{i}] is a {type(s).__name__}, not an aiomemo Store")
+    return stores
+
+
+def checkpoint_files_of(files: object) -> list[str] | None:
+    if files is None:
+        return None
+    if isinstance(files, str | bytes | os.PathLike):
+        raise TypeError("checkpoint_files must be a list of paths, not a single path")
+    if not isinstance(files, Sequence):
+        raise TypeError(f"checkpoint_files must be a list of paths, not {type(files).__name__}")
+    out: list[str] = []
+    for i, p in enumerate(files):
+        if not isinstance(p, str | os.PathLike):
+            raise TypeError(f"checkpoint_files[{i}] must be a path, not {type(p).__name__}")
+        path = os.fspath(p)
+        if not isinstance(path, str):
+            raise TypeError(f"checkpoint_files[{i}] must be a str path, not bytes")
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint_files[{i}]: {path!r} does not exist")
+        out.append(path)
+    return out
+
+
+def empty_dirs(paths: Sequence[str], rep: LoadReport) -> list[str]:
+    """Warnings for the given directories that hold no checkpoint at all (a worker thread)."""
+    from aiomemo import _checkpoint
+
+    lines = []
+    for i, p in enumerate(paths):
+        path = Path(p)
+        if not path.is_dir() or any(line.startswith(f"{p}:") for line in rep.errors):
+            continue  # a file, or a problem load_paths reported already
+        try:
+            found = bool(_checkpoint.list_segments(path)) or (path / "tasks.pkl").exists()
+            if not found and (path / "checkpoint").is_dir():
+                found = bool(_checkpoint.list_segments(path / "checkpoint"))
+        except OSError:
+            continue
+        if not found:
+            lines.append(
+                f"checkpoint_files[{i}]: {p!r} holds no checkpoints; nothing loaded from it"
+            )
+    return lines
+
+
+def max_pending_of(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_pending must be an int, not {value!r}")
+    if value < 1:
+        raise ValueError(f"max_pending must be at least 1, not {value}")
+    return value
+
+
+def lease_ttl_of(value: object, stores: Sequence[Store]) -> float:
+    """``lease_ttl`` as given, else the first store's own ``lease_ttl``, else 30 s."""
+    if value is None:
+        ttls = [getattr(st, "lease_ttl", None) for st in stores]
+        value = next((float(t) for t in ttls if isinstance(t, int | float)), 30.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"lease_ttl must be a number of seconds, not {value!r}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"lease_ttl must be positive and finite, not {value}")
+    return float(value)
+
+
+def hooks_of(hooks: object) -> tuple[KeyHook, ...]:
+    if isinstance(hooks, str | bytes) or not isinstance(hooks, Sequence):
+        raise TypeError("key_hooks must be a sequence of callables hook(obj, output_ref)")
+    for i, hook in enumerate(hooks):
+        if not callable(hook):
+            raise TypeError(f"key_hooks[{i}] is a {type(hook).__name__}, not a callable")
+    return tuple(hooks)
+
+
+async def load_at_start(
+    files: list[str] | None,
+    mode: object,
+    config_run_dir: str,
+    stores: Sequence[Store],
+    *,
+    memoize: bool,
+    warn_empty: bool,
+) -> tuple[list[str], list[LoadReport]]:
+    """The paths a run starts from and what loading them (and the local stores) found.
+
+    ``files`` as given, or with a mode set every checkpoint under
+    ``config_run_dir``. File work runs in worker threads.
+    """
+    from aiomemo import _checkpoint, _rundir
+
+    paths: list[str] = []
+    if files is not None:
+        paths = files
+    elif mode is not None:
+        paths = await asyncio.to_thread(_rundir.get_all_checkpoints, config_run_dir)
+    reports: list[LoadReport] = []
+    if memoize and paths:
+        rep = await asyncio.to_thread(_checkpoint.load_paths, paths)
+        if files is not None and warn_empty:
+            # a directory the user named that holds nothing is worth a word
+            rep.errors.extend(await asyncio.to_thread(empty_dirs, paths, rep))
+        reports.append(rep)
+    for s in stores:
+        if memoize and not s.shared:
+            reports.append(await s.load())
+    return list(paths), reports
