@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """aiomemo benchmarks, each against Parsl's BasicMemoizer in the same run.
 
-Usage: scripts/bench [keys|memo|parsl|redis|all ...] [--quick] [--out DIR]
+Usage: scripts/bench [keys|memo|memory|parsl|redis|all ...] [--quick] [--out DIR]
 
 Prints one table per section (figure, aiomemo, Parsl or reference, ratio,
 target, ok) and writes JSON to DIR (default bench-results/). The machines
@@ -785,9 +785,141 @@ def _redis_rows(t: Table, data: dict[str, Any]) -> None:
             t.add(k, str(v))
 
 
+# ---------------------------------------------------------------------------- memory
+MIB = 2**20
+
+
+def _mem_child(*argv: object) -> dict[str, Any]:
+    script = str(ROOT / "scripts" / "bench_memory.py")
+    return _child_argv([script, *map(str, argv)])
+
+
+def _child_argv(argv: list[str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def bench_memory(quick: bool) -> Table:
+    """Issue 12's figures: bounded memory on resume, side by side with Parsl."""
+    t = Table("memory: resume in bounded memory (scripts/bench memory)")
+    n, size, limit = (60 if quick else 300), 4 * MIB, 64 * MIB
+    slack = 16 * MIB
+    tmp = Path(tempfile.mkdtemp(prefix="aiomemo-bench-mem-"))
+    ours_root, parsl_root = tmp / "ours", tmp / "parsl"
+    # -- a task_exit run producing n x 4 MB results (the caller drops each)
+    prod = _mem_child("produce", ours_root, n, size, limit)
+    pprod = _mem_child("pproduce", parsl_root, n, size)
+    assert prod["checkpointed"] == n, prod
+    t.add(
+        f"task_exit run producing {n} x 4 MB, memory_limit=64 MiB: RSS at the end",
+        f"+{prod['rss_end'] / MIB:.0f} MiB (peak +{prod['rss_peak'] / MIB:.0f})"
+        + ("" if prod["supports_limit"] else " [no memory_limit]"),
+        f"+{pprod['rss_end'] / MIB:.0f} MiB (Parsl)",
+        pprod["rss_end"] / max(prod["rss_end"], 1),
+        "<= limit + 16 MiB",
+        prod["rss_end"] <= limit + slack,
+    )
+    # -- load those n checkpointed results, then hit all of them
+    ours = _mem_child("loadhit", ours_root, n, size, limit)
+    theirs = _mem_child("ploadhit", parsl_root, n, size)
+    assert ours["entries"] == n == theirs["entries"], (ours, theirs)
+    t.add(
+        f"load {n} x 4 MB, memory_limit=64 MiB: RSS growth",
+        f"+{ours['load_rss'] / MIB:.0f} MiB",
+        f"+{theirs['load_rss'] / MIB:.0f} MiB (Parsl)",
+        theirs["load_rss"] / max(ours["load_rss"], 1),
+        "<= 64 MiB + 16 MiB",
+        ours["load_rss"] <= limit + slack,
+    )
+    t.add(
+        f"load {n} x 4 MB: load time",
+        f"{ours['load_seconds']:.3f} s",
+        f"{theirs['load_seconds']:.3f} s (Parsl)",
+        theirs["load_seconds"] / ours["load_seconds"],
+        "<= 0.2 s",
+        ours["load_seconds"] <= 0.2,
+    )
+    t.add(
+        f"then hit all {n} (value dropped): correct",
+        f"{ours['hits'] - ours['wrong']}/{n} correct",
+        f"{n - theirs['wrong']}/{n} (Parsl)",
+        None,
+        "every value",
+        ours["wrong"] == 0 and ours["hits"] == n,
+    )
+    t.add(
+        f"then hit all {n}: peak RSS growth",
+        f"+{ours['hit_rss_peak'] / MIB:.0f} MiB",
+        f"+{theirs['hit_rss_peak'] / MIB:.0f} MiB (Parsl)",
+        theirs["hit_rss_peak"] / max(ours["hit_rss_peak"], 1),
+        "<= 64 MiB + 16 MiB",
+        ours["hit_rss_peak"] <= limit + slack,
+    )
+    ref = ours["readhash_median_s"]
+    t.add(
+        "then hit all: median time per hit",
+        f"{ours['hit_median_s'] * 1e3:.2f} ms (mean {ours['hit_mean_s'] * 1e3:.2f})",
+        f"{ref * 1e3:.2f} ms (read + blake3 4 MB, median); Parsl {theirs['hit_median_s'] * 1e6:.0f} µs",
+        ours["hit_median_s"] / ref,
+        "<= 2x read + hash",
+        ours["hit_median_s"] <= 2 * ref,
+    )
+    # -- load many small records (the memo section's writer and children)
+    from aiomemo._checkpoint import SegmentWriter
+    from aiomemo._codec import encode
+    from aiomemo.stores import Record
+
+    m = 200_000 if quick else 1_000_000
+    small, psmall = tmp / "small" / "checkpoint", tmp / "psmall" / "checkpoint"
+
+    async def write_small() -> None:
+        w = await SegmentWriter.create(small)
+        now = time.time()
+        for lo in range(0, m, 10_000):
+            recs = [
+                Record(i.to_bytes(32, "big"), encode(i), "bench.task_fn", now)
+                for i in range(lo, min(m, lo + 10_000))
+            ]
+            await w.write_batch(recs, fsync=False)
+        await w.sync()
+        await w.close()
+
+    asyncio.run(write_small())
+    psmall.mkdir(parents=True)
+    with open(psmall / "tasks.pkl", "wb") as fh:
+        for i in range(m):
+            pickle.dump({"hash": f"{i:032x}", "exception": None, "result": i}, fh)
+    scripts = str(ROOT / "scripts")
+    ol = _child(_LOAD_AIOMEMO.format(scripts=scripts, path=str(small), run=str(tmp / "srun")))
+    pl = _child(_LOAD_PARSL.format(scripts=scripts, path=str(psmall)))
+    assert ol["entries"] == m == pl["entries"], (ol, pl)
+    ratio = pl["seconds"] / ol["seconds"]
+    t.add(
+        f"load {m:,} small records",
+        f"{ol['seconds']:.2f} s, {ol['bytes_per_entry']:.0f} B/record",
+        f"{pl['seconds']:.2f} s, {pl['bytes_per_entry']:.0f} B/record (Parsl)",
+        ratio,
+        ">= 10x faster, <= 200 B/record",
+        ratio >= 10 and ol["bytes_per_entry"] <= 200,
+    )
+    t.add(
+        "load 10,000,000 small records",
+        "see scripts/stress",
+        "",
+        None,
+        "<= 10 s, <= 2 GB",
+        None,
+    )
+    subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    return t
+
+
 SECTIONS: dict[str, Callable[[bool], Table]] = {
     "keys": bench_keys,
     "memo": bench_memo,
+    "memory": bench_memory,
     "parsl": bench_parsl,
     "redis": bench_redis,
 }
@@ -795,7 +927,7 @@ SECTIONS: dict[str, Callable[[bool], Table]] = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="aiomemo benchmarks against Parsl, side by side")
-    ap.add_argument("sections", nargs="*", default=["all"], help="keys, memo, parsl, redis, all")
+    ap.add_argument("sections", nargs="*", default=["all"], help="keys, memo, memory, parsl, redis, all")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--out", default=str(ROOT / "bench-results"), help="where JSON goes")
     args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""The on-disk checkpoint log (format version 1): framing, writer, reader, recovery.
+"""The on-disk checkpoint log (format version 2, reads 1): framing, writer, reader, recovery.
 
 A checkpoint directory (``<run_dir>/checkpoint/``) holds append-only *segment*
 files named ``seg-<UTC time>-<pid>-<random>.amlog``. Every writer creates a
@@ -13,10 +13,10 @@ Byte layout (all integers little-endian)::
 
     file header (16 bytes)
       0   8  magic            b"\\x89AMLOG\\r\\n"
-      8   2  format version   1
+      8   2  format version   2 (1 still loads: it is 2 without value frames)
       10  2  header size      16 (a reader skips any extra header bytes)
       12  4  header digest    blake3(bytes 0..12), first 4 bytes
-    batch, repeated to the end of the file
+    then batches and value frames, to the end of the file
       0   8  batch magic      b"\\x8dAMBTCH\\n"
       8   4  payload length   bytes
       12  4  record count
@@ -28,6 +28,28 @@ Byte layout (all integers little-endian)::
        value: bin, func: str, time: float64 (0xcb), digests: bin,
        checksum: bin 16 = blake3(every byte of the packed record before the
        checksum's own 16 bytes, i.e. including its 0xc4 0x10 bin header)]
+    value frame (format 2: an encoded value of LARGE_VALUE_MIN bytes or more)
+      0   8  value magic      b"\\x8dAMVALU\\n"
+      8   8  value length     bytes (u64)
+      16  16 value digest     blake3(value), first 16 bytes
+      32  8  header digest    blake3(bytes 0..32 of this header), first 8 bytes
+      40  .. the value's bytes
+    value reference (format 2: the value field of a record whose value is in
+    a frame; 33 bytes, so a bin 8 of length 33)
+      0   1  0xc1             (never the first byte of msgpack, so of no encoded value)
+      1   8  back             batch offset - offset of the value's first byte
+      9   8  length           the value's length
+      17  16 digest           blake3(value), first 16 bytes
+
+A writer puts the value frames of a batch right before the batch, so the
+references are relative (a batch and its values move together) and a value
+is on disk before any record points at it. Loading reads batch headers and
+payloads only: it seeks past each value frame (its header digest checked) and
+keeps a :class:`ValueRef` per large value, so load time and memory grow with
+the number of records, not their bytes. :func:`read_value` reads one value
+back and checks its digest; a damaged or vanished value is a
+:class:`CorruptCheckpointError` there (a miss for the memo), never a wrong
+value, and it costs only itself: the index around it still loads.
 
 Loading a sound batch costs one blake3 call and one ``msgpack.unpackb`` (C);
 the per-record checksums are read only to recover what a damaged batch still
@@ -35,8 +57,9 @@ holds: the record walk keeps every record whose own checksum verifies and
 resynchronises on the next ``0x96 0xc4`` after garbage (candidates are parsed
 by hand, every declared length checked before anything is hashed, so garbage
 costs linear time), and the batch walk resynchronises on the next batch magic
-whose header digest verifies. A damaged *file* header is read on as format 1
-(every batch carries its own digests); only a sound header of another version
+(or value frame) whose header digest verifies. A damaged *file* header is
+read on as format 2 (every batch carries its own digests, and every value
+reference is checked against its value); only a sound header of another version
 stops the reader. Loading never raises and never yields a value that was not
 written for its key; every problem becomes one line in
 :attr:`LoadReport.errors`.
@@ -66,7 +89,8 @@ import io
 import operator
 import os
 import struct
-from collections.abc import Generator, Iterator, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -87,7 +111,7 @@ from aiomemo._paths import (
     segment_name,
     segment_stamp,
 )
-from aiomemo._records import LoadReport, Record
+from aiomemo._records import LoadReport, Record, ValueRef
 from aiomemo._rundir import ensure_dir
 
 __all__ = [
@@ -101,6 +125,7 @@ __all__ = [
     "RecordInfo",
     "SegmentHeader",
     "SegmentWriter",
+    "ValueRef",
     "encode_batch",
     "file_header",
     "fsync_dir",
@@ -109,10 +134,14 @@ __all__ = [
     "list_segments",
     "load_paths",
     "read_segment_header",
+    "read_value",
+    "read_value_view",
     "segment_stamp",
 ]
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+#: the versions this reader loads (1: no value frames)
+READ_VERSIONS: Final = frozenset({1, 2})
 FILE_HEADER_SIZE: Final = 16
 _FILE_HEADER = struct.Struct("<8sHH")  # the 12 bytes the file header digest covers
 
@@ -121,6 +150,19 @@ BATCH_HEADER_SIZE: Final = 40
 _BATCH_FIXED = struct.Struct("<8sII16s")  # the 32 bytes the header digest covers
 _PAYLOAD_DIGEST_SIZE: Final = 16
 _HEADER_DIGEST_SIZE: Final = 8
+
+VALUE_MAGIC: Final = b"\x8dAMVALU\n"
+VALUE_HEADER_SIZE: Final = 40
+_VALUE_FIXED = struct.Struct("<8sQ16s")  # the 32 bytes the value header digest covers
+_VALUE_DIGEST_SIZE: Final = 16
+#: an encoded value this long or longer goes to a value frame of its own. Below
+#: it, holding the bytes in the index (~16 KiB at most per record) is cheaper
+#: than the worker-thread read a hit on disk costs (~90 µs hop + read + hash);
+#: above it, the bytes a load would hold grow faster than the index does.
+LARGE_VALUE_MIN: Final = 16 * 1024
+_REF = struct.Struct("<BQQ16s")
+REF_SIZE: Final = _REF.size  # 33
+_REF_TAG: Final = 0xC1  # never the first byte of any msgpack object
 
 RECORD_CHECKSUM_SIZE: Final = 16
 # Every record starts with these two bytes: fixarray of 6, then the key as bin 8.
@@ -138,6 +180,8 @@ _INLINE_ENCODE_LIMIT: Final = 256 * 1024
 _INLINE_ENCODE_RECORDS: Final = 512
 _READ_BUFFER: Final = 1024 * 1024
 _SCAN_CHUNK: Final = 1024 * 1024
+#: the loader's read after skipping a value frame: a batch or two, not the next value
+_SMALL_READ: Final = 64 * 1024
 
 _get_key = operator.itemgetter(0)
 _get_value = operator.itemgetter(1)
@@ -175,6 +219,9 @@ class RecordInfo:
         recovered: False when the record came out of a sound batch (its batch
             digest verified); True when it was recovered one by one from a
             damaged batch on the strength of its own checksum.
+        ref: for a value kept in a value frame (format 2), where it sits;
+            ``record.value`` then holds the value read back and verified, or
+            ``b""`` when the reader was asked not to read values.
     """
 
     record: Record
@@ -182,6 +229,7 @@ class RecordInfo:
     length: int
     batch_offset: int
     recovered: bool = False
+    ref: ValueRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +260,7 @@ class BadSpan:
 # --------------------------------------------------------------------------
 
 
-def _record_bytes(packer: msgpack.Packer, rec: Record) -> bytes:
+def _record_bytes(packer: msgpack.Packer, rec: Record, ref: bytes | None = None) -> bytes:
     key, value, digests, func = rec.key, rec.value, rec.digests, rec.func
     # Exact types only: what the reader gets back must equal what was given, and
     # a subclass (or a bytearray) would pack the same but mislead the caller.
@@ -226,6 +274,8 @@ def _record_bytes(packer: msgpack.Packer, rec: Record) -> bytes:
         raise TypeError(f"Record.digests must be bytes, not {type(digests).__name__}")
     if type(func) is not str:
         raise TypeError(f"Record.func must be str, not {type(func).__name__}")
+    if ref is not None:
+        value = ref
     body: bytes = packer.pack((key, value, func, float(rec.time), digests, _ZERO_CHECKSUM))
     signed = memoryview(body)[:-RECORD_CHECKSUM_SIZE]
     return b"".join((signed, blake3(signed).digest(RECORD_CHECKSUM_SIZE)))
@@ -241,16 +291,75 @@ def _frame(packer: msgpack.Packer, parts: list[bytes]) -> bytes:
     return b"".join((fixed, blake3(fixed).digest(_HEADER_DIGEST_SIZE), payload))
 
 
-def encode_batch(records: Sequence[Record]) -> bytes:
+def encode_batch(records: Sequence[Record], *, large_values: bool = True) -> bytes:
     """Frame ``records`` as they go to disk: one batch (several when very large).
 
-    Pure and thread-safe, so callers may run it in a worker thread for large
-    values. Raises ``TypeError`` for a record whose fields have the wrong types
-    and ``ValueError`` for a single record too large for a batch (4 GiB).
-    Returns ``b""`` for no records.
+    Values of :data:`LARGE_VALUE_MIN` bytes or more go to value frames right
+    before their batch (format 2); ``large_values=False`` keeps every value
+    inline (what format 1 holds). The bytes are position-independent: they
+    may be appended at any offset. Pure and thread-safe, so callers may run
+    it in a worker thread for large values. Raises ``TypeError`` for a record
+    whose fields have the wrong types and ``ValueError`` for a single inline
+    record too large for a batch (4 GiB). Returns ``b""`` for no records.
     """
+    return _encode(records, large_values=large_values)[0]
+
+
+#: (key, offset of the value relative to the encoded bytes, length, digest)
+_Located = list[tuple[bytes, int, int, bytes]]
+
+
+def _encode(records: Sequence[Record], *, large_values: bool = True) -> tuple[bytes, _Located]:
+    """:func:`encode_batch`, plus where each framed value sits in the bytes."""
     packer = msgpack.Packer(use_bin_type=True)  # one per call: Packer is not thread-safe
-    return _frame_all(packer, [_record_bytes(packer, rec) for rec in records])
+    located: _Located = []
+    if not large_values or not any(_is_large(rec.value) for rec in records):
+        return _frame_all(packer, [_record_bytes(packer, rec) for rec in records]), located
+    out: list[bytes] = []
+    pos = 0
+    group: list[Record] = []
+    size = 0
+    for rec in records:
+        est = (REF_SIZE if _is_large(rec.value) else len(rec.value)) + len(rec.key) + 64
+        est += len(rec.digests) + 4 * len(rec.func)
+        if group and size + est > MAX_BATCH_PAYLOAD:
+            pos = _frame_group(packer, group, out, pos, located)
+            group, size = [], 0
+        group.append(rec)
+        size += est
+    _frame_group(packer, group, out, pos, located)
+    return b"".join(out), located
+
+
+def _is_large(value: object) -> bool:
+    return type(value) is bytes and len(value) >= LARGE_VALUE_MIN
+
+
+def _frame_group(
+    packer: msgpack.Packer, group: list[Record], out: list[bytes], pos: int, located: _Located
+) -> int:
+    """Append ``group``'s value frames, then its batch, to ``out``; return the new end."""
+    where: dict[int, tuple[int, bytes]] = {}
+    for i, rec in enumerate(group):
+        value = rec.value
+        if _is_large(value):
+            digest = blake3(value).digest(_VALUE_DIGEST_SIZE)
+            fixed = _VALUE_FIXED.pack(VALUE_MAGIC, len(value), digest)
+            out += (fixed, blake3(fixed).digest(_HEADER_DIGEST_SIZE), value)
+            where[i] = (pos + VALUE_HEADER_SIZE, digest)
+            located.append((rec.key, pos + VALUE_HEADER_SIZE, len(value), digest))
+            pos += VALUE_HEADER_SIZE + len(value)
+    batch_at = pos
+    raws = []
+    for i, rec in enumerate(group):
+        ref = None
+        if i in where:
+            at, digest = where[i]
+            ref = _REF.pack(_REF_TAG, batch_at - at, len(rec.value), digest)
+        raws.append(_record_bytes(packer, rec, ref))
+    frame = _frame(packer, raws)
+    out.append(frame)
+    return pos + len(frame)
 
 
 def _frame_all(packer: msgpack.Packer, raws: list[bytes]) -> bytes:
@@ -269,9 +378,9 @@ def _frame_all(packer: msgpack.Packer, raws: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def file_header() -> bytes:
-    """The 16-byte file header every segment starts with."""
-    fixed = _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, FILE_HEADER_SIZE)
+def file_header(version: int = FORMAT_VERSION) -> bytes:
+    """The 16-byte file header every segment starts with (``version`` for tests of old files)."""
+    fixed = _FILE_HEADER.pack(FILE_MAGIC, version, FILE_HEADER_SIZE)
     return fixed + blake3(fixed).digest(4)
 
 
@@ -329,6 +438,9 @@ class SegmentWriter:
         self._synced_dirs = False
         self._created_dirs: list[Path] = []
         self._stamp: str | None = None
+        self._refs: dict[bytes, ValueRef] = {}
+        #: remember where large values went, for :meth:`take_refs`
+        self.collect_refs = False
         self.batches_written = 0
         self.records_written = 0
         self.bytes_written = 0
@@ -437,15 +549,33 @@ class SegmentWriter:
         # big ones (many records or large values) go to a worker thread.
         total = sum(len(r.value) for r in records)
         if total > _INLINE_ENCODE_LIMIT or len(records) > _INLINE_ENCODE_RECORDS:
-            data = await asyncio.to_thread(encode_batch, records)
+            data, located = await asyncio.to_thread(_encode, records)
         else:
-            data = encode_batch(records)
-        return await self.write_encoded(data, len(records), fsync=fsync)
+            data, located = _encode(records)
+        if not data:
+            return 0
+        start, path = await self._write_shielded(data, len(records), fsync)
+        if located and path is not None and self.collect_refs:
+            where = os.fspath(path)
+            for key, rel, length, digest in located:
+                self._refs[key] = ValueRef(where, start + rel, length, digest)
+        return len(data)
+
+    def take_refs(self) -> dict[bytes, ValueRef]:
+        """Where the large values written since the last call now sit (key -> ref); clears."""
+        refs, self._refs = self._refs, {}
+        return refs
 
     async def write_encoded(self, data: bytes, count: int, *, fsync: bool) -> int:
         """Append bytes made by :func:`encode_batch` (``count`` records); see :meth:`write_batch`."""
         if not data:
             return 0
+        await self._write_shielded(data, count, fsync)
+        return len(data)
+
+    async def _write_shielded(
+        self, data: bytes, count: int, fsync: bool
+    ) -> tuple[int, Path | None]:
         task = asyncio.ensure_future(self._write_locked(data, count, fsync))
         try:
             # Shielded: if our caller is cancelled, the write still completes
@@ -455,7 +585,9 @@ class SegmentWriter:
             task.add_done_callback(_consume_result)
             raise
 
-    async def _write_locked(self, data: bytes, count: int, fsync: bool) -> int:
+    async def _write_locked(
+        self, data: bytes, count: int, fsync: bool
+    ) -> tuple[int, Path | None]:
         async with self._lock:
             if self._closed:
                 raise CheckpointError(f"segment writer for {self._dir} is closed", unsaved=count)
@@ -499,7 +631,7 @@ class SegmentWriter:
             self.batches_written += 1
             self.records_written += count
             self.bytes_written += len(data)
-            return len(data)
+            return start, path
 
     def _sync_dirs(self) -> None:
         # The segment's directory entry, and the entries of every directory we
@@ -563,7 +695,7 @@ def _write_then_sync(fd: int, data: bytes, fsync: bool) -> None:
 _write_and_sync = aiofiles.os.wrap(_write_then_sync)
 
 
-def _consume_result(task: asyncio.Future[int]) -> None:
+def _consume_result(task: asyncio.Future[Any]) -> None:
     # The caller was cancelled and will never see this result: retrieve it so
     # asyncio does not log "exception was never retrieved".
     if not task.cancelled():
@@ -603,14 +735,15 @@ def _parse_file_header(raw: bytes) -> tuple[SegmentHeader | None, str]:
     magic, version, size = _FILE_HEADER.unpack_from(raw)
     sound = blake3(raw[:12]).digest(4) == raw[12:16]
     if sound and magic == FILE_MAGIC:
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             return None, (
-                f"unsupported checkpoint format version {version} (this is version {FORMAT_VERSION})"
+                f"unsupported checkpoint format version {version} "
+                f"(this reader loads versions {', '.join(map(str, sorted(READ_VERSIONS)))})"
             )
         if size >= FILE_HEADER_SIZE:
             return SegmentHeader(version, size), ""
     why = "damaged file header" if magic == FILE_MAGIC else "bad magic: not an aiomemo segment?"
-    return SegmentHeader(FORMAT_VERSION, FILE_HEADER_SIZE), f"{why} (reading on as format 1)"
+    return SegmentHeader(FORMAT_VERSION, FILE_HEADER_SIZE), f"{why} (reading on as format 2)"
 
 
 def is_segment_in_use(path: str | os.PathLike[str]) -> bool:
@@ -650,20 +783,18 @@ class _Source:
         return self.f.read(max(0, min(n, self.size - offset)))
 
     def next_header(self, start: int) -> int:
-        """Offset of the next batch header at or after ``start`` whose digest verifies; size if none."""
+        """Offset of the next batch or value header at or after ``start`` that verifies; size if none."""
         pos = start
         keep = BATCH_HEADER_SIZE - 1
         while pos < self.size:
             chunk = self.read(pos, _SCAN_CHUNK + keep)
-            i = chunk.find(BATCH_MAGIC)
-            while i != -1:
+            for i in _frame_starts(chunk):
                 if i + BATCH_HEADER_SIZE > len(chunk):
                     if pos + len(chunk) >= self.size:
                         return self.size  # a magic too close to the end: no header
                     break  # re-read it from the next window
-                if _header_ok(chunk[i : i + BATCH_HEADER_SIZE]):
+                if _frame_ok(chunk[i : i + BATCH_HEADER_SIZE]):
                     return pos + i
-                i = chunk.find(BATCH_MAGIC, i + 1)
             if pos + len(chunk) >= self.size:
                 return self.size
             pos += max(1, len(chunk) - keep)
@@ -678,15 +809,131 @@ def _header_ok(raw: bytes) -> bool:
     )
 
 
+def _value_header(raw: bytes | memoryview) -> int:
+    """The length a sound value-frame header declares, or -1."""
+    if len(raw) < VALUE_HEADER_SIZE or bytes(raw[:8]) != VALUE_MAGIC:
+        return -1
+    if blake3(raw[:32]).digest(_HEADER_DIGEST_SIZE) != bytes(raw[32:40]):
+        return -1
+    length: int = _VALUE_FIXED.unpack_from(raw)[1]
+    return length
+
+
+def _frame_ok(raw: bytes) -> bool:
+    return _header_ok(raw) or _value_header(raw) >= 0
+
+
+def _frame_starts(data: bytes) -> Iterator[int]:
+    """Offsets of every batch or value magic in ``data``, in order (linear time overall)."""
+    a = data.find(BATCH_MAGIC)
+    b = data.find(VALUE_MAGIC)
+    while a != -1 or b != -1:
+        if b == -1 or (a != -1 and a < b):
+            yield a
+            a = data.find(BATCH_MAGIC, a + 1)
+        else:
+            yield b
+            b = data.find(VALUE_MAGIC, b + 1)
+
+
 def _header_within(src: _Source, start: int, end: int) -> int:
-    """Offset of the first sound batch header that starts in ``[start, end)``, or -1."""
+    """Offset of the first sound batch or value header that starts in ``[start, end)``, or -1."""
     window = src.read(start, end - start + BATCH_HEADER_SIZE - 1)
-    i = window.find(BATCH_MAGIC)
-    while i != -1 and start + i < end:
-        if _header_ok(window[i : i + BATCH_HEADER_SIZE]):
+    for i in _frame_starts(window):
+        if start + i >= end:
+            break
+        if _frame_ok(window[i : i + BATCH_HEADER_SIZE]):
             return start + i
-        i = window.find(BATCH_MAGIC, i + 1)
     return -1
+
+
+def _as_ref(value: bytes, path: str, batch_offset: int) -> ValueRef | None:
+    """The :class:`ValueRef` a format-2 value field holds, or None when it holds the value."""
+    if len(value) != REF_SIZE or value[0] != _REF_TAG:
+        return None
+    _, back, length, digest = _REF.unpack(value)
+    # a reference pointing before the file (damage moved its batch): it stays
+    # a reference, one that never reads back (a miss), never a value
+    return ValueRef(path, batch_offset - back if back <= batch_offset else -1, length, digest)
+
+
+def _read_exact(read: Any, ref: ValueRef) -> bytes:
+    where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+    if ref.offset < 0:
+        raise CorruptCheckpointError(f"{where}: a reference to before the file (damaged)")
+    data: bytes = read(ref.offset, ref.length)
+    if len(data) != ref.length:
+        raise CorruptCheckpointError(f"{where}: cut short ({len(data)} bytes left)")
+    if blake3(data).digest(_VALUE_DIGEST_SIZE) != ref.digest:
+        raise CorruptCheckpointError(f"{where}: checksum mismatch")
+    return data
+
+
+def read_value(ref: ValueRef) -> bytes:
+    """The value ``ref`` points at, its digest verified (blocking: call it in a worker thread).
+
+    Raises :class:`~aiomemo.CorruptCheckpointError` naming the segment and
+    offset when the value is cut short, fails its checksum, or cannot be read
+    (the file was deleted or compacted meanwhile: the ``OSError`` is chained).
+    """
+    return bytes(_read_checked(ref, bytearray))
+
+
+#: a worker thread keeps its read buffer for values up to this size, so a run
+#: of hits on large values does not fault fresh pages in for every read
+_KEEP_BUFFER: Final = 64 * 1024 * 1024
+_buffers = threading.local()
+
+
+def read_value_view(ref: ValueRef) -> memoryview:
+    """:func:`read_value` into a buffer this thread reuses: valid until its next call.
+
+    For callers that decode the value at once (the decoder copies what it
+    keeps); saves an allocation and its page faults per read.
+    """
+    return _read_checked(ref, _thread_buffer)
+
+
+def _thread_buffer(n: int) -> bytearray:
+    if n > _KEEP_BUFFER:
+        return bytearray(n)
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _buffers.buf = bytearray(max(n, 1 << 20))
+    return buf
+
+
+def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
+    where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+    if ref.offset < 0:
+        raise CorruptCheckpointError(f"{where}: a reference to before the file (damaged)")
+    try:
+        fd = open_fd(ref.path)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{where}: cannot open: {exc.strerror or exc}") from exc
+    got = 0
+    try:
+        left = os.fstat(fd).st_size - ref.offset
+        if left < ref.length:  # checked before any buffer is made for it
+            os.close(fd)
+            fd = -1
+            raise CorruptCheckpointError(f"{where}: cut short ({max(0, left)} bytes left)")
+        view = memoryview(buffer(ref.length))[: ref.length]
+        while got < ref.length:
+            n = os.preadv(fd, [view[got:]], ref.offset + got)
+            if not n:
+                break
+            got += n
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{where}: read error: {exc.strerror or exc}") from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if got != ref.length:
+        raise CorruptCheckpointError(f"{where}: cut short ({got} bytes left)")
+    if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
+        raise CorruptCheckpointError(f"{where}: checksum mismatch")
+    return view
 
 
 def _check_record(obj: Any, raw: memoryview) -> Record | None:
@@ -903,8 +1150,22 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
             yield ("bad", first, BadSpan(first, last - first, why, lost))
             pos = end
             continue
+        vlen = _value_header(raw)
+        if vlen >= 0:
+            if pos + VALUE_HEADER_SIZE + vlen > size:
+                why = (
+                    f"torn tail: value at offset {pos} cut short "
+                    f"({size - pos - VALUE_HEADER_SIZE} of {vlen} bytes)"
+                )
+                yield ("bad", pos, BadSpan(pos, size - pos, why, 1, torn=True))
+                return
+            pos += VALUE_HEADER_SIZE + vlen  # read only through a reference
+            continue
         # No trustworthy header here: a cut-short header at the end, or damage.
-        if len(raw) < BATCH_HEADER_SIZE and BATCH_MAGIC.startswith(raw[:8][: len(raw)]):
+        if len(raw) < BATCH_HEADER_SIZE and (
+            BATCH_MAGIC.startswith(raw[:8][: len(raw)])
+            or VALUE_MAGIC.startswith(raw[:8][: len(raw)])
+        ):
             why = f"torn tail: batch header at offset {pos} cut short ({len(raw)} bytes)"
             yield ("bad", pos, BadSpan(pos, size - pos, why, 1, torn=True))
             return
@@ -949,7 +1210,7 @@ def _reading(path: str | os.PathLike[str]) -> Iterator[tuple[_Source, SegmentHea
 
 
 def iter_segment(
-    path: str | os.PathLike[str], *, verify_records: bool = True
+    path: str | os.PathLike[str], *, verify_records: bool = True, values: bool = True
 ) -> Iterator[RecordInfo | BadSpan]:
     """Everything segment ``path`` holds, in file order, for tools.
 
@@ -966,6 +1227,12 @@ def iter_segment(
     checked even inside a sound batch, and a record that fails is reported as
     a ``BadSpan`` (a writer bug: the batch digest matched); without it a sound
     batch is trusted as a whole, as loading does.
+
+    A value kept in a value frame (format 2) is read back and verified with
+    ``values`` (the default; one value in memory at a time), and a value that
+    fails is a ``BadSpan`` (1 lost) instead of its record; with
+    ``values=False`` such a record comes with ``value=b""`` and its
+    :attr:`RecordInfo.ref` only (nothing of the value is read).
     """
     with _reading(path) as (src, header, problem):
         size = src.size
@@ -975,14 +1242,43 @@ def iter_segment(
             return
         if problem:
             yield BadSpan(0, FILE_HEADER_SIZE, problem, 0)
+        v2 = header.version >= 2
+        shown = os.fspath(path)
         for kind, offset, item in _iter_batches(src, header.header_size):
             if kind == "batch":
                 count, payload = item
-                yield from _records_of_sound_batch(
+                items: Iterator[RecordInfo | BadSpan] = _records_of_sound_batch(
                     offset, count, payload, verify_records=verify_records
                 )
             else:
-                yield item
+                items = iter((item,))
+            for it in items:
+                if v2 and isinstance(it, RecordInfo):
+                    it = _with_value(src, shown, it, read=values)
+                yield it
+
+
+def _with_value(src: _Source, shown: str, info: RecordInfo, *, read: bool) -> RecordInfo | BadSpan:
+    """``info`` with its frame-held value resolved (see :func:`iter_segment`)."""
+    ref = _as_ref(info.record.value, shown, info.batch_offset)
+    if ref is None:
+        return info
+    value = b""
+    if read:
+        try:
+            value = _read_exact(src.read, ref)
+        except CorruptCheckpointError as exc:
+            why = f"{str(exc).removeprefix(shown + ': ')} (record at offset {info.offset})"
+            return BadSpan(ref.offset, ref.length, why, 1)
+    rec = info.record
+    return RecordInfo(
+        Record(rec.key, value, rec.func, rec.time, rec.digests),
+        info.offset,
+        info.length,
+        info.batch_offset,
+        info.recovered,
+        ref,
+    )
 
 
 def _records_of_sound_batch(
@@ -1063,7 +1359,8 @@ def _load_segment(path: Path, report: LoadReport) -> None:
             if problem:
                 report.errors.append(f"{shown}: {problem}")
             report.files += 1
-            pos, n = _load_run(f, size, header.header_size, table)
+            refs = shown if header.version >= 2 else None
+            pos, n = _load_run(f, size, header.header_size, table, refs)
             report.records += n
             if pos >= size:
                 return
@@ -1071,20 +1368,20 @@ def _load_segment(path: Path, report: LoadReport) -> None:
             for kind, _offset, item in _iter_batches(src, pos):
                 if kind == "batch":
                     count, payload = item
-                    if _load_sound_batch(table, count, payload):
+                    if _load_sound_batch(table, count, payload, refs, _offset):
                         report.records += count
                     else:  # digest fine, contents not: a foreign or buggy writer
                         for rec in _records_of_sound_batch(
                             _offset, count, payload, verify_records=True
                         ):
                             if isinstance(rec, RecordInfo):
-                                table[rec.record.key] = rec.record.value
+                                _put(table, rec, refs)
                                 report.records += 1
                             else:
                                 report.skipped += rec.lost
                                 report.errors.append(f"{shown}: {rec.reason}")
                 elif kind == "record":
-                    table[item.record.key] = item.record.value
+                    _put(table, item, refs)
                     report.records += 1
                 else:
                     span: BadSpan = item
@@ -1098,15 +1395,27 @@ def _load_segment(path: Path, report: LoadReport) -> None:
 
 
 _unpackb = msgpack.unpackb
+_Table = dict[bytes, bytes | ValueRef]
 
 
-def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) -> tuple[int, int]:
+def _put(table: _Table, info: RecordInfo, refs: str | None) -> None:
+    value = info.record.value
+    ref = _as_ref(value, refs, info.batch_offset) if refs is not None else None
+    table[info.record.key] = value if ref is None else ref
+
+
+def _load_run(
+    f: IO[bytes], size: int, start: int, table: _Table, refs: str | None = None
+) -> tuple[int, int]:
     """Load sound batches from ``start`` on, as fast as possible; stop at the first irregularity.
 
     Returns (offset reached, records loaded). Reads the file in big chunks and
     works on memoryview slices (no per-batch reads or copies). Anything
     irregular (bad magic, a digest mismatch, a torn tail, an odd payload)
     ends the run at that batch for :func:`_iter_batches` to handle.
+
+    ``refs``: the segment's path for a format-2 segment (value frames are
+    skipped, value references become :class:`ValueRef` s), None for format 1.
     """
     fields = _BATCH_FIXED.unpack_from
     hsize = BATCH_HEADER_SIZE
@@ -1116,25 +1425,36 @@ def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) ->
     buf = b""
     view = memoryview(buf)
     base = pos  # file offset of buf[0]
+    want = _READ_BUFFER * 4
     while pos < size:
         off = pos - base
         if off + hsize > len(buf):
             f.seek(pos)
-            buf = f.read(min(_READ_BUFFER * 4, size - pos))
+            buf = f.read(min(want, size - pos))
             view, base, off = memoryview(buf), pos, 0
             if len(buf) < hsize:
                 break
         magic, length, count, digest = fields(buf, off)
         if magic != magic_expected:
-            break
+            if refs is None or magic != VALUE_MAGIC:
+                break
+            vlen = _value_header(view[off : off + hsize])
+            if vlen < 0 or pos + hsize + vlen > size:
+                break  # damaged header or torn value: the careful reader says which
+            # Seek past the value (read on a hit only); the next read is small,
+            # so a run of big values is never read through.
+            pos += hsize + vlen
+            want = _SMALL_READ
+            continue
         body, end = off + hsize, off + hsize + length
         if end > len(buf):
             if pos + hsize + length > size:
                 break  # torn tail
             f.seek(pos)
-            buf = f.read(max(_READ_BUFFER * 4, hsize + length))
+            buf = f.read(max(want, hsize + length))
             view, base, off = memoryview(buf), pos, 0
             body, end = hsize, hsize + length
+        want = min(want * 4, _READ_BUFFER * 4)
         payload = view[body:end]
         if (
             blake3(payload).digest(_PAYLOAD_DIGEST_SIZE) != digest
@@ -1159,23 +1479,34 @@ def _load_run(f: IO[bytes], size: int, start: int, table: dict[bytes, bytes]) ->
                 ok = False
             if not ok:
                 break
-            table[rec[0]] = rec[1]
-        elif not _load_sound_batch(table, count, payload):
+            value = rec[1]
+            if refs is not None and len(value) == REF_SIZE:
+                ref = _as_ref(value, refs, pos)
+                if ref is not None:
+                    value = ref
+            table[rec[0]] = value
+        elif not _load_sound_batch(table, count, payload, refs, pos):
             break
         loaded += count
         pos += hsize + length
     return pos, loaded
 
 
-def _load_sound_batch(table: dict[bytes, bytes], count: int, payload: bytes | memoryview) -> bool:
+def _load_sound_batch(
+    table: _Table,
+    count: int,
+    payload: bytes | memoryview,
+    refs: str | None = None,
+    batch_offset: int = 0,
+) -> bool:
     # The hot path: one C call to unpack, C-level maps to pull keys and values
     # out, one dict.update. raw=True leaves func names as bytes (never decoded).
     try:
         recs = msgpack.unpackb(payload, use_list=False, raw=True, strict_map_key=False)
         if type(recs) is not tuple or len(recs) != count:
             return False
-        keys = list(map(_get_key, recs))
-        values = list(map(_get_value, recs))
+        keys: list[bytes] = list(map(_get_key, recs))
+        values: list[bytes] = list(map(_get_value, recs))
     except Exception:
         return False
     # Shape check at C speed: a wrong type here would put a non-bytes value
@@ -1185,6 +1516,13 @@ def _load_sound_batch(table: dict[bytes, bytes], count: int, payload: bytes | me
     if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
         return False
     table.update(zip(keys, values, strict=True))
+    if refs is not None and REF_SIZE in set(map(len, values)):
+        # value references (format 2): rare enough for a Python loop
+        for k, v in zip(keys, values, strict=True):
+            if len(v) == REF_SIZE and table.get(k) is v:
+                ref = _as_ref(v, refs, batch_offset)
+                if ref is not None:
+                    table[k] = ref
     return True
 
 

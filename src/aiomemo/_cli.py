@@ -184,7 +184,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     problems: list[dict[str, Any]] = []
     progress = Progress("inspect")
     try:
-        for seg, i, item in scan_segments(segments, verify_records=False, progress=progress.update):
+        for seg, i, item in scan_segments(
+            segments, verify_records=False, progress=progress.update, values=False
+        ):
             st = segs[i]
             if isinstance(item, BadSpan):
                 st.bad_spans += 1
@@ -202,8 +204,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             if f is None:
                 f = funcs[rec.func] = _FuncStats()
             f.records += 1
-            f.value_bytes += len(rec.value)
-            f.record_bytes += item.length
+            # a value in a value frame is not read: its length is in the index
+            f.value_bytes += item.ref.length if item.ref is not None else len(rec.value)
+            f.record_bytes += item.length + (item.ref.length if item.ref is not None else 0)
             f.keys.add(rec.key)
             if rec.digests:
                 with_digests += 1

@@ -91,6 +91,8 @@ class Drain:
         self.max_pending = max_pending
         self.on_pass = on_pass
         self.before_pass = before_pass
+        #: called with each store after a put_many of it succeeded (records durable there)
+        self.on_durable: Callable[[Store], None] | None = None
         self.origin: float | None = None  # periodic passes count from here (monotonic)
         self._counters = counters
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +104,8 @@ class Drain:
     def start(self, stores: list[Store], *, run: bool) -> None:
         """Own ``stores``; with ``run``, start the drain task on the running loop."""
         self.sinks = [Sink(s) for s in stores]
+        for st in stores:
+            self._watch(st)
         self._wake = asyncio.Event()
         if self.origin is None:
             self.origin = time.monotonic()
@@ -110,6 +114,13 @@ class Drain:
 
     def add_sink(self, store: Store) -> None:
         self.sinks.append(Sink(store))
+        self._watch(store)
+
+    def _watch(self, store: Store) -> None:
+        # a store that can say where it put large values (LogStore) keeps
+        # track of them only when someone (on_durable) will ask
+        if self.on_durable is not None and hasattr(store, "collect_refs"):
+            store.collect_refs = True
 
     def queue(self, record: Record, key: str, skip: Store | None = None) -> None:
         """Queue ``record`` for every store but ``skip`` (no await: nothing is lost)."""
@@ -260,6 +271,8 @@ class Drain:
                 return written
             del sink.queue[: len(chunk)]
             sink.failures = 0
+            if self.on_durable is not None:
+                self.on_durable(sink.store)
             written += len(chunk)
             await asyncio.sleep(0)  # let the loop breathe between chunks
         return written
@@ -290,6 +303,8 @@ class Drain:
                     raise CheckpointError(
                         f"could not checkpoint task {key}: {exc}; it stays queued", unsaved=1
                     ) from exc
+                if self.on_durable is not None:
+                    self.on_durable(s.store)
         self._counters.checkpointed += 1
         self._counters.last_checkpoint = time.time()
 

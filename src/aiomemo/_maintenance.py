@@ -36,9 +36,10 @@ from aiomemo._checkpoint import (
     fsync_dir,
     is_segment_in_use,
     iter_segment,
+    read_value,
     segment_stamp,
 )
-from aiomemo._exceptions import MaintenanceError
+from aiomemo._exceptions import CorruptCheckpointError, MaintenanceError
 from aiomemo._paths import (
     PARSL_PICKLE,
     SEGMENT_SUFFIX,
@@ -75,7 +76,11 @@ def total_size(paths: Sequence[Path]) -> int:
 
 
 def scan_segments(
-    segments: Sequence[Path], *, verify_records: bool, progress: ProgressFn | None = None
+    segments: Sequence[Path],
+    *,
+    verify_records: bool,
+    progress: ProgressFn | None = None,
+    values: bool = True,
 ) -> Iterator[tuple[Path, int, RecordInfo | BadSpan]]:
     """(segment, its index, item) for every record and bad span, in load order.
 
@@ -85,7 +90,7 @@ def scan_segments(
     base = 0
     n = 0
     for i, seg in enumerate(segments):
-        for item in iter_segment(seg, verify_records=verify_records):
+        for item in iter_segment(seg, verify_records=verify_records, values=values):
             n += 1
             if progress is not None and not n & 0x3FFF:
                 progress(base + item.offset, total)
@@ -125,7 +130,49 @@ class _Temp:
     digest: bytes  # blake3 of every byte written
 
 
-def _write_temp_segment(directory: Path, records: Sequence[Record]) -> _Temp:
+#: value bytes read per batch when rewriting values left on disk (streaming)
+_WRITE_BYTES = 64 * 1024 * 1024
+
+
+def _chunks(records: Sequence[Record | RecordInfo], drop_damaged: bool) -> Iterator[list[Record]]:
+    """``records`` in batches of at most 10,000 records and ~64 MiB of values.
+
+    A :class:`RecordInfo` with a ``ref`` has its value read back here, one
+    batch at a time, so a rewrite never holds more than a batch of values.
+    A value that no longer reads back raises :class:`MaintenanceError`, or
+    is left out with ``drop_damaged``.
+    """
+    batch: list[Record] = []
+    size = 0
+    for item in records:
+        if isinstance(item, RecordInfo):
+            rec = item.record
+            if item.ref is not None:
+                try:
+                    value = read_value(item.ref)
+                except CorruptCheckpointError as exc:
+                    if drop_damaged:
+                        continue
+                    raise MaintenanceError(
+                        f"{exc}; see `aiomemo verify`; pass --drop-damaged to compact "
+                        "what still loads",
+                        code=1,
+                    ) from exc
+                rec = Record(rec.key, value, rec.func, rec.time, rec.digests)
+        else:
+            rec = item
+        batch.append(rec)
+        size += len(rec.value)
+        if len(batch) >= _WRITE_CHUNK or size >= _WRITE_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_temp_segment(
+    directory: Path, records: Sequence[Record | RecordInfo], *, drop_damaged: bool = False
+) -> _Temp:
     """Write ``records`` as one segment to a temp file in ``directory``; fsync it.
 
     The temp name starts with a dot, so loaders never read it; the returned
@@ -141,10 +188,12 @@ def _write_temp_segment(directory: Path, records: Sequence[Record]) -> _Temp:
             header = file_header()
             f.write(header)
             h.update(header)
-            for i in range(0, len(records), _WRITE_CHUNK):
-                data = encode_batch(records[i : i + _WRITE_CHUNK])
+            for chunk in _chunks(records, drop_damaged):
+                data = encode_batch(chunk)
+                del chunk
                 f.write(data)
                 h.update(data)
+                del data
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -298,12 +347,16 @@ def compact(
         ensure_dir(target)
         fds = []
     try:
-        table: dict[bytes, Record] = {}
+        # values left on disk are kept as references and read back while
+        # writing, a batch at a time: compacting never holds them all
+        table: dict[bytes, RecordInfo] = {}
         bad: list[BadSpan] = []
         records_in = 0
         live = {s for s in segments if out is not None and is_segment_in_use(s)}
         in_flight = 0
-        for seg, _i, item in scan_segments(segments, verify_records=True, progress=progress):
+        for seg, _i, item in scan_segments(
+            segments, verify_records=True, progress=progress, values=False
+        ):
             if isinstance(item, BadSpan):
                 if item.torn and seg in live:
                     in_flight += 1  # a writer's batch still being written: not damage
@@ -311,7 +364,7 @@ def compact(
                     bad.append(item)
             else:
                 records_in += 1
-                table[item.record.key] = item.record
+                table[item.record.key] = item
         if bad and not drop_damaged:
             lost = sum(b.lost for b in bad)
             raise MaintenanceError(
@@ -321,7 +374,7 @@ def compact(
             )
         records = list(table.values())
         bytes_in = total_size(segments)
-        tmp = _write_temp_segment(target, records)
+        tmp = _write_temp_segment(target, records, drop_damaged=drop_damaged)
         size = tmp.size
         try:
             try:

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
+    Final,
     Literal,
     NamedTuple,
     ParamSpec,
@@ -52,8 +53,9 @@ from aiomemo._flights import Flights, follow
 from aiomemo._hashing import IgnoreNames, KeyHook, check_ignore, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._recorder import RecordMaker
+from aiomemo._records import ValueRef
 from aiomemo._setup import MIN_PERIOD, parse_period
-from aiomemo._table import MISSING, MemoTable, Raised
+from aiomemo._table import MISSING, MemoTable, OnDisk, Raised
 from aiomemo.stores._base import LoadReport, Record, Store
 
 if TYPE_CHECKING:
@@ -118,9 +120,19 @@ class MemoStats(NamedTuple):
     write_errors: int
     store_errors: int
     remote_hits: int
+    #: encoded bytes of results read from disk and held within ``memory_limit``
+    bytes_held: int = 0
+    #: encoded bytes of loaded results left on disk (read on a hit)
+    bytes_on_disk: int = 0
+    #: results read back from disk (each verified)
+    disk_reads: int = 0
 
 
 _CLOSED_MID_TASK = "the Memoizer closed before this task finished"
+
+
+#: ``Memoizer(memory_limit=...)`` default: encoded bytes of results read from disk kept
+DEFAULT_MEMORY_LIMIT: Final = 256 * 2**20
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
@@ -186,6 +198,11 @@ class Memoizer:
             (its own code, the helpers, classes and module-level values it
             reaches, the versions of installed distributions it uses), so a
             changed helper is a miss; a task's ``track_code`` field overrides.
+        memory_limit: the most encoded bytes of results read back from disk
+            (large results of format-2 checkpoints) that the memo keeps,
+            least recently used first; the rest are read again on a hit
+            (default 256 MiB). None: a result read once stays in memory.
+            Results this run produced stay in memory either way.
         key_hooks: extra keying rules, ``hook(obj, output_ref) -> value`` or
             ``NOT_HANDLED``, tried for types aiomemo has no rule for.
 
@@ -221,8 +238,16 @@ class Memoizer:
         explain: bool = True,
         key_hooks: Sequence[KeyHook] = (),
         track_code: bool = False,
+        memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         _setup.check_mode(checkpoint_mode)
+        if memory_limit is not None and (
+            isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 0
+        ):
+            raise ValueError(
+                f"memory_limit must be a number of bytes (int >= 0) or None, not {memory_limit!r}"
+            )
+        self.memory_limit = memory_limit
         self.checkpoint_mode: CheckpointMode | None = checkpoint_mode
         self.checkpoint_period: float | None = None
         if checkpoint_period is not None:
@@ -255,7 +280,9 @@ class Memoizer:
         self._records = RecordMaker(
             self._counters, explain=self.explain_digests, hooks=self.key_hooks
         )
-        self._table = MemoTable(self._counters, parsl_keys=parsl_keys)
+        self._table = MemoTable(
+            self._counters, parsl_keys=parsl_keys, memory_limit=memory_limit
+        )
         self._flights = Flights(collapse=collapse)
         self._drain = Drain(
             self._counters,
@@ -263,6 +290,8 @@ class Memoizer:
             max_pending=max_pending,
         )
         self._shared = self._shared_tier([])
+        if memory_limit is not None:
+            self._drain.on_durable = self._spill
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -488,7 +517,9 @@ class Memoizer:
         raw = await hash_task_async(t, self.key_hooks)
         key = raw.hex()
         t["hashsum"] = key
-        value = self._table.lookup(key, raw, t)
+        value = self._table.lookup(key, raw, t, read=False)
+        if type(value) is OnDisk:
+            value = await self._table.read(key, value)
         if value is not MISSING:
             self._counters.hits += 1
             return self._hit(value)
@@ -643,6 +674,20 @@ class Memoizer:
             self._add_default_sink()
         self._drain.queue(record, key, skip)
 
+    def _spill(self, store: Store) -> None:
+        """Results this run produced that are now durable in ``store`` may leave memory.
+
+        Their large values sit in a segment (``LogStore``): the index points
+        there and the decoded value joins the ones held within memory_limit
+        (the same object while held; a fresh copy read back after eviction).
+        """
+        take = getattr(store, "take_refs", None)
+        if take is None:
+            return
+        refs: dict[bytes, ValueRef] = take()
+        for raw, ref in refs.items():
+            self._table.spill(raw.hex(), raw, ref)
+
     def _add_default_sink(self) -> None:
         # checkpoint_mode None with a manual checkpoint(): a LogStore on demand
         from aiomemo.stores._log import LogStore
@@ -731,6 +776,9 @@ class Memoizer:
             write_errors=c.write_errors,
             store_errors=c.store_errors,
             remote_hits=c.remote_hits,
+            bytes_held=self._table.held,
+            bytes_on_disk=self._table.bytes_on_disk(),
+            disk_reads=self._table.disk_reads,
         )
 
     # ------------------------------------------------------------------ decorator

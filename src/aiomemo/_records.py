@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LoadReport", "Record"]
+__all__ = ["LoadReport", "Record", "ValueRef"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +32,35 @@ class Record:
     digests: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class ValueRef:
+    """Where a large result's encoded bytes sit in a segment (format 2).
+
+    Loading keeps this in the table instead of the bytes; a hit reads them
+    with :func:`aiomemo._checkpoint.read_value`, which checks ``digest``.
+
+    Attributes:
+        path: the segment file.
+        offset: file offset of the value's first byte.
+        length: how many bytes the value takes.
+        digest: blake3 of the value, first 16 bytes.
+    """
+
+    path: str
+    offset: int
+    length: int
+    digest: bytes
+
+
 @dataclass(slots=True)
 class LoadReport:
-    """What a load found: the table plus counts for ``stats()`` and warnings."""
+    """What a load found: the table plus counts for ``stats()`` and warnings.
 
-    table: dict[bytes, bytes] = field(default_factory=dict)
+    ``table`` maps a raw key to its encoded result, or to a :class:`ValueRef`
+    for a large result left on disk (format-2 segments).
+    """
+
+    table: dict[bytes, bytes | ValueRef] = field(default_factory=dict)
     records: int = 0
     skipped: int = 0  # corrupt or torn records skipped
     files: int = 0

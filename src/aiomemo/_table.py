@@ -12,21 +12,35 @@ the engine's own thread with it): dict reads are atomic, and the one
 compound step (decode, then move from ``loaded`` to ``done``) runs under a
 lock that guards no I/O. Writers (the Memoizer, on its loop) only ever add
 to ``done`` and remove from ``loaded``.
+
+Large results of format-2 checkpoints stay on disk: ``loaded`` holds a
+:class:`~aiomemo._records.ValueRef` for them (the *index*), and a hit reads
+the value back (its checksum verified), decodes it and keeps it in
+``bodies``, least recently used first, within ``memory_limit`` encoded
+bytes (None: a value read once moves into ``done`` for good). The event
+loop's caller asks with ``read=False`` and gets an :class:`OnDisk` to await
+:meth:`MemoTable.read` on (a worker thread reads; concurrent hits on one key
+share one read and one object); a thread's caller reads in place. A value
+that is damaged or gone is a miss: counted, logged, warned once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, cast
 
 from aiomemo import _codec
 from aiomemo._counters import Counters
-from aiomemo.stores._base import LoadReport
+from aiomemo._exceptions import CorruptCheckpointError
+from aiomemo._records import LoadReport, ValueRef
 
-__all__ = ["MISSING", "MemoTable", "Raised"]
+__all__ = ["MISSING", "MemoTable", "OnDisk", "Raised"]
 
 logger = logging.getLogger("aiomemo")
 
@@ -56,28 +70,71 @@ class Raised:
         return self.exc
 
 
+class OnDisk:
+    """:meth:`MemoTable.lookup` with ``read=False``: the entry is on disk, await :meth:`MemoTable.read`."""
+
+    __slots__ = ("raw", "ref")
+
+    def __init__(self, raw: bytes, ref: ValueRef) -> None:
+        self.raw = raw
+        self.ref = ref
+
+
+def _read_decode(ref: ValueRef) -> Any:
+    """Read a value left on disk, verify and decode it (blocking)."""
+    from aiomemo._checkpoint import read_value_view
+
+    return _codec.decode(read_value_view(ref))
+
+
 class MemoTable:
     """Finished tasks by key: decoded entries, still-encoded loaded ones, Parsl keys."""
 
-    __slots__ = ("_counters", "_decode_lock", "done", "has_parsl_keys", "loaded", "parsl_keys")
+    __slots__ = (
+        "_counters",
+        "_decode_lock",
+        "_reads",
+        "_warned",
+        "bodies",
+        "disk_reads",
+        "done",
+        "has_parsl_keys",
+        "held",
+        "loaded",
+        "memory_limit",
+        "parsl_keys",
+    )
 
-    def __init__(self, counters: Counters, *, parsl_keys: bool = False) -> None:
+    def __init__(
+        self, counters: Counters, *, parsl_keys: bool = False, memory_limit: int | None = None
+    ) -> None:
         self._counters = counters
         self.parsl_keys = parsl_keys
         self.has_parsl_keys = False
         self.done: dict[str, Any] = {}
-        self.loaded: dict[bytes, bytes] = {}
+        self.loaded: dict[bytes, bytes | ValueRef] = {}
         self._decode_lock = threading.Lock()
+        self.memory_limit = memory_limit
+        #: hex key -> (decoded value, encoded size) read from disk, oldest first
+        self.bodies: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.held = 0
+        self.disk_reads = 0
+        self._reads: dict[str, asyncio.Future[Any]] = {}
+        self._warned = False
 
     def __len__(self) -> int:
         return len(self.done) + len(self.loaded)
 
     # ------------------------------------------------------------ reads
-    def lookup(self, key: str, raw: bytes, task: Mapping[str, Any] | None = None) -> Any:
+    def lookup(
+        self, key: str, raw: bytes, task: Mapping[str, Any] | None = None, *, read: bool = True
+    ) -> Any:
         """The entry for ``key``: a result, a :class:`Raised`, or :data:`MISSING`.
 
         Thread-safe. A loaded record is decoded here (once); with ``task``
-        and Parsl keys loaded, the task's Parsl key is tried too.
+        and Parsl keys loaded, the task's Parsl key is tried too. A value on
+        disk is read here, in the calling thread; with ``read=False`` (the
+        event loop) an :class:`OnDisk` comes back instead, for :meth:`read`.
         """
         value = self.done.get(key, MISSING)
         if value is not MISSING:
@@ -90,7 +147,110 @@ class MemoTable:
         if enc is None:
             # another thread may have decoded it just now (done before loaded)
             return self.done.get(key, MISSING)
+        if type(enc) is ValueRef:
+            held = self._held(key)
+            if held is not MISSING:
+                return held
+            if not read:
+                return OnDisk(raw, enc)
+            self.disk_reads += 1
+            try:
+                value = _read_decode(enc)
+            except (CorruptCheckpointError, _codec.CodecError) as exc:
+                return self._unusable(key, raw, enc, exc)
+            return self._settle(key, raw, enc, value)
+        assert type(enc) is bytes
         return self._decode(key, raw, enc)
+
+    async def read(self, key: str, hit: OnDisk) -> Any:
+        """The value an :class:`OnDisk` stands for, read in a worker thread (or :data:`MISSING`).
+
+        Call on the event loop only; concurrent calls for one key share one
+        read, so they get the same object.
+        """
+        held = self._held(key)
+        if held is not MISSING:
+            return held
+        pending = self._reads.get(key)
+        if pending is None:
+            self.disk_reads += 1
+            pending = asyncio.ensure_future(asyncio.to_thread(_read_decode, hit.ref))
+            self._reads[key] = pending
+            pending.add_done_callback(lambda _f: self._reads.pop(key, None))
+        try:
+            value = await asyncio.shield(pending)
+        except (CorruptCheckpointError, _codec.CodecError) as exc:
+            return self._unusable(key, hit.raw, hit.ref, exc)
+        return self._settle(key, hit.raw, hit.ref, value)
+
+    def _held(self, key: str) -> Any:
+        with self._decode_lock:
+            body = self.bodies.get(key)
+            if body is None:
+                return MISSING
+            self.bodies.move_to_end(key)
+            return body[0]
+
+    def _settle(self, key: str, raw: bytes, ref: ValueRef, value: Any) -> Any:
+        """Keep a value just read (within the limit); the object every holder of it shares."""
+        with self._decode_lock:
+            if self.loaded.get(raw) is not ref:
+                return value  # replaced or forgotten meanwhile: serve it, keep nothing
+            limit = self.memory_limit
+            if limit is None:
+                value = self.done.setdefault(key, value)
+                del self.loaded[raw]
+                return value
+            body = self.bodies.get(key)
+            if body is not None:
+                return body[0]
+            self._keep(key, value, ref.length)
+        return value
+
+    def _unusable(self, key: str, raw: bytes, ref: ValueRef, exc: Exception) -> Any:
+        with self._decode_lock:
+            if self.loaded.get(raw) is ref:
+                del self.loaded[raw]
+                self._counters.load_errors += 1
+            first, self._warned = not self._warned, True
+        logger.warning("checkpointed result for %s is unusable (a miss): %s", key, exc)
+        if first:
+            warnings.warn(
+                f"aiomemo: a checkpointed result could not be read back ({exc}); it is a "
+                "miss (further ones are logged only)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return MISSING
+
+    def spill(self, key: str, raw: bytes, ref: ValueRef) -> None:
+        """Let a result in ``done`` go to disk: it is durable at ``ref`` (needs a memory_limit)."""
+        with self._decode_lock:
+            value = self.done.get(key, MISSING)
+            if value is MISSING or type(value) is Raised or self.memory_limit is None:
+                return
+            self.loaded[raw] = ref
+            del self.done[key]  # in loaded before it leaves done
+            self._keep(key, value, ref.length)
+
+    def _keep(self, key: str, value: Any, size: int) -> None:
+        """Hold ``value`` (``size`` encoded bytes) within the limit, evicting the oldest (locked)."""
+        limit = self.memory_limit
+        assert limit is not None
+        old = self.bodies.pop(key, None)
+        if old is not None:
+            self.held -= old[1]
+        if size > limit:
+            return
+        self.bodies[key] = (value, size)
+        self.held += size
+        while self.held > limit:
+            _, (_, n) = self.bodies.popitem(last=False)
+            self.held -= n
+
+    def bytes_on_disk(self) -> int:
+        """Encoded bytes of the loaded results left on disk (a scan of the index)."""
+        return sum(v.length for v in list(self.loaded.values()) if type(v) is ValueRef)
 
     def finished(self, key: str) -> Any:
         """The entry already in ``done`` (no decoding), or :data:`MISSING`."""

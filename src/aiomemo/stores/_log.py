@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aiomemo._checkpoint import SegmentWriter, load_paths
 from aiomemo._exceptions import CheckpointError
+from aiomemo._records import ValueRef
 from aiomemo.stores._base import LoadReport, Record, Store
 
 __all__ = ["LogStore"]
@@ -32,6 +33,8 @@ class LogStore(Store):
         self._dir = Path(directory) if directory is not None else None
         self._fsync = fsync
         self._writer: SegmentWriter | None = None
+        #: remember where large values were written, for :meth:`take_refs`
+        self.collect_refs = False
 
     @property
     def directory(self) -> Path | None:
@@ -82,4 +85,13 @@ class LogStore(Store):
                 "LogStore has no directory: pass one, or open(run_dir=...)",
                 unsaved=len(records),
             )
+        self._writer.collect_refs = self.collect_refs
         await self._writer.write_batch(records, fsync=self._fsync)
+
+    def take_refs(self) -> dict[bytes, ValueRef]:
+        """Where the large values of the batches written since the last call sit; clears.
+
+        The Memoizer uses this to let results it produced leave memory once
+        they are durable (``memory_limit``).
+        """
+        return self._writer.take_refs() if self._writer is not None else {}

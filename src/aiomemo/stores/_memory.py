@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from aiomemo._records import ValueRef
 from aiomemo.stores._base import LoadReport, Record, Store
 
 __all__ = ["MemoryStore"]
@@ -31,7 +32,7 @@ class MemoryStore(Store):
 
     async def load(self) -> LoadReport:
         """A copy of the table (key -> encoded value)."""
-        table = {k: r.value for k, r in self._records.items()}
+        table: dict[bytes, bytes | ValueRef] = {k: r.value for k, r in self._records.items()}
         return LoadReport(table=table, records=len(table))
 
     async def get(self, key: bytes) -> bytes | None:
