@@ -170,6 +170,8 @@ def bench_keys(quick: bool) -> Table:
         theirs / ours >= 3.5,
     )
 
+    bench_track_code(t, task, n)
+
     size = 100 * 1000 * 1000
     buf = os.urandom(1 << 20) * (size // (1 << 20) + 1)
     buf = buf[:size]
@@ -237,6 +239,75 @@ def bench_keys(quick: bool) -> Table:
         lag < 0.005,
     )
     return t
+
+
+def bench_track_code(t: Table, task: dict[str, Any], n: int) -> None:
+    """track_code: the key's extra cost per call, and the one-time fingerprint cost."""
+    import importlib
+    import linecache
+
+    import aiomemo
+    from aiomemo import _fingerprint
+
+    tracked = {**task, "track_code": True}
+    aiomemo.make_hash(tracked)  # the fingerprint is made once, on first use
+    # many short alternating rounds, best of each: a busy machine's noise
+    # hits both sides and the minimum still finds the quiet moments
+    plain_s, tracked_s = interleaved(
+        lambda: aiomemo.make_hash(task), lambda: aiomemo.make_hash(tracked), 1000, repeat=max(40, n // 50)
+    )
+    t.add(
+        "small task make_hash, track_code=True vs off",
+        f"{tracked_s * 1e6:.2f} µs",
+        f"{plain_s * 1e6:.2f} µs (track_code off)",
+        tracked_s / plain_s,
+        "<= 1.05x",
+        tracked_s / plain_s <= 1.05,
+    )
+
+    # a task reaching 50 user functions: 5 modules of 10, each calling the next
+    with tempfile.TemporaryDirectory() as d:
+        pkg = Path(d) / "fpbench"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        for m in range(5):
+            lines = [f"from fpbench import m{m + 1}" if m < 4 else "", "LIMIT = 3", ""]
+            for i in range(10):
+                call = f"f{i + 1}(x)" if i < 9 else f"m{m + 1}.f0(x)" if m < 4 else "x"
+                lines += [
+                    f"def f{i}(x):",
+                    f'    """Function {i} of module {m}."""',
+                    "    total = 0",
+                    "    for k in range(LIMIT):",
+                    f"        total += k * {i} + len(str(x))",
+                    f"    return {call} + total",
+                    "",
+                ]
+            (pkg / f"m{m}.py").write_text("\n".join(lines))
+        sys.path.insert(0, d)
+        try:
+            root = importlib.import_module("fpbench.m0").f0
+            times = []
+            for _ in range(5):
+                _fingerprint._clear_cache()
+                linecache.clearcache()
+                t0 = time.perf_counter()
+                fp = _fingerprint.code_fingerprint(root)
+                times.append(time.perf_counter() - t0)
+        finally:
+            sys.path.remove(d)
+            for name in [k for k in sys.modules if k.startswith("fpbench")]:
+                del sys.modules[name]
+            _fingerprint._clear_cache()
+    funcs = sum(1 for k in fp.deps if ".f" in k)
+    t.add(
+        f"track_code one-time fingerprint, task reaching {funcs} user functions",
+        f"{min(times) * 1e3:.1f} ms",
+        f"first {times[0] * 1e3:.1f} ms, {len(fp.deps)} pieces",
+        None,
+        "once per function per process",
+        None,
+    )
 
 
 def _time_once(fn: Callable[[], Any]) -> float:

@@ -708,7 +708,7 @@ async def scale(url: str) -> dict[str, Any]:
     d: dict[str, Any] = {}
     d["scale_8x2000"] = await scale_processes(url, url, 8, 2000, 1000)
     d["misses_10000"] = await misses_one_process(url, 10_000)
-    d["hits_1000"] = await hit_throughput(url, 1000, 5)
+    d["hits_1000"] = await hit_throughput(url, 1000, 15)
     d["waits_10000"] = await many_waits(url, 10_000, 3.0, 0.5)
     d["lease_kill"] = await lease_takeover(url, url)
     d["cluster"] = await cluster_collapse(url, 4, 1000, 500)

@@ -7,8 +7,12 @@ dict the way Parsl's DataFlowKernel does, then check, run on a miss, report.
 from __future__ import annotations
 
 import asyncio
+import glob
 import importlib.util
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
 import time
 import types
@@ -213,3 +217,53 @@ def load_script(name: str) -> types.ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+# ---------------------------------------------------------------- other Pythons
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: what the venvs get: aiomemo's core dependencies (as in pyproject) + numpy
+DEPS = ["aiofiles>=23.1", "msgpack>=1.0.5", "blake3>=0.4", "numpy>=1.24"]
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of ``version`` that runs: under pyenv's versions, else on PATH.
+
+    (A pyenv shim may be on PATH for a version that is not installed.)
+    """
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    pattern = os.path.join(root, "versions", f"{version}.*", "bin", f"python{version}")
+    cands = sorted(glob.glob(pattern))
+    on_path = shutil.which(f"python{version}")
+    if on_path:
+        cands.append(on_path)
+    for exe in cands:
+        try:
+            res = subprocess.run(
+                [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except OSError:
+            continue
+        if res.returncode == 0 and res.stdout.strip() == version:
+            return exe
+    return None
+
+
+def venv_for(version: str, exe: str) -> pathlib.Path:
+    """``.venv-py<version>`` with DEPS installed (made once, reused)."""
+    venv = ROOT / f".venv-py{version}"
+    py = venv / "bin" / "python"
+    stamp = venv / ".aiomemo-deps"
+    want = "\n".join(DEPS)
+    if py.exists() and stamp.exists() and stamp.read_text() == want:
+        return py
+    subprocess.run([exe, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+    res = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", *DEPS], capture_output=True, text=True
+    )
+    assert res.returncode == 0, f"pip install into {venv} failed:\n{res.stderr[-3000:]}"
+    stamp.write_text(want)
+    return py

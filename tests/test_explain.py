@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 
 from aiomemo import Memoizer, _codec
-from aiomemo import _checkpoint as ck
-from aiomemo._checkpoint import encode_batch
 from aiomemo._explain import (
     CheckpointPathError,
     Explanation,
@@ -22,6 +20,7 @@ from aiomemo._explain import (
 )
 from aiomemo._hashing import arg_digests, hash_task
 from aiomemo.stores import Record
+from helpers import write_segment_file as write
 
 
 async def fn(a: Any, b: Any = None, *, n: Any = 0, cfg: Any = None) -> Any:
@@ -44,13 +43,6 @@ def record(t: dict[str, Any], when: float = 1.7e9, *, digests: bool = True) -> R
         when,
         arg_digests(t) if digests else b"",
     )
-
-
-def write(d: Path, records: list[Record], name: str = "seg-1.amlog") -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / name
-    p.write_bytes(ck.file_header() + encode_batch(records))
-    return p
 
 
 def test_names_the_differing_kwarg(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ is made inside a function.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,8 +19,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aiomemo"
 #: the bottom: what checkpoints hold, how they are named, framed, read, written
 BASE = {"_exceptions", "_records", "_naming", "_rundir", "_codec"}
 FORMAT = BASE | {"_paths", "_checkpoint", "_maintenance"}
-#: modules above the format layer (and above the stores)
-ABOVE_STORES = {"_memoizer", "parsl", "_cli", "_demo", "_explain", "__main__", "testing"}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -58,7 +59,7 @@ def test_bottom_modules_import_nothing_of_aiomemo(name: str) -> None:
 def test_stores_import_nothing_above_them(path: Path) -> None:
     """Stores build on the format layer, never on the Memoizer, adapters or CLI."""
     for module, _ in _imports(path):
-        assert _top(module) not in ABOVE_STORES, f"stores/{path.name} imports aiomemo.{module}"
+        assert _top(module) in FORMAT | {"stores"}, f"stores/{path.name} imports aiomemo.{module}"
 
 
 def test_cli_uses_only_package_public_functions_of_the_format_layer() -> None:
@@ -67,6 +68,36 @@ def test_cli_uses_only_package_public_functions_of_the_format_layer() -> None:
         if _top(module) in FORMAT - {"_exceptions", "_codec"}:
             private = [n for n in names if n.startswith("_")]
             assert not private, f"_cli takes {private} from aiomemo.{module}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Callable:
+    def __call__(self, x: int) -> int:
+        return x
+
+    def method(self, x: int) -> int:
+        return x
+
+
+def _plain(x: int) -> int:
+    return x
+
+
+@pytest.mark.parametrize(
+    "func", [_plain, _Callable().method, _Callable(), functools.partial(_plain)], ids=repr
+)
+async def test_records_name_functions_by_the_one_rule(func: Any, tmp_path: Path) -> None:
+    """The func a Memoizer records is _naming.func_name's, which explain matches against."""
+    from aiomemo import Memoizer
+    from aiomemo._naming import func_name
+    from aiomemo.stores import MemoryStore
+
+    store = MemoryStore()
+    async with Memoizer(checkpoint_mode="task_exit", store=store, config_run_dir=tmp_path) as memo:
+        task = {"func": func, "args": (1,), "kwargs": {}, "id": 0}
+        assert await memo.check_memo(task) is None
+        await memo.update_memo_result(task, 1)
+    assert [r.func for r in store.records.values()] == [func_name(func)]
 
 
 def test_record_types_are_one_class() -> None:

@@ -89,3 +89,29 @@ def test_main_reads_files_and_sets_exit_status(tmp_path: Path) -> None:
     assert compare.main(["p", str(b), str(a)]) == 1
     assert compare.main(["p", str(b), str(tmp_path / "missing.json")]) == 1
     assert compare.main(["p", str(b)]) == 2
+
+
+def test_rerun_merge_keeps_first_outcomes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A difference that goes away on the rerun passes, named as flaky; one that stays fails."""
+    b = tmp_path / "b.json"
+    a = tmp_path / "a.json"
+    b.write_text(json.dumps(run({"tests/a.py::t": "passed", "tests/a.py::u": "passed"}, "basic")))
+    a.write_text(json.dumps(run({"tests/a.py::t": "failed", "tests/a.py::u": "failed"}, "aiomemo")))
+    diffs = tmp_path / "d.tsv"
+    assert compare.main(["--differences", str(diffs), "p", str(b), str(a)]) == 1
+    assert diffs.read_text().splitlines() == ["p\ttests/a.py::t", "p\ttests/a.py::u"]
+    rb = tmp_path / "rb.json"
+    ra = tmp_path / "ra.json"
+    rb.write_text(json.dumps(run({"tests/a.py::t": "passed", "tests/a.py::u": "passed"}, "basic")))
+    ra.write_text(json.dumps(run({"tests/a.py::t": "passed", "tests/a.py::u": "failed"}, "aiomemo")))
+    assert compare.main(["--merge", str(b), str(rb)]) == 0
+    assert compare.main(["--merge", str(a), str(ra)]) == 0
+    assert json.loads(a.read_text())["first_outcomes"] == {
+        "tests/a.py::t": "failed",
+        "tests/a.py::u": "failed",
+    }
+    capsys.readouterr()
+    assert compare.main(["p", str(b), str(a)]) == 1  # u still differs
+    out = capsys.readouterr().out
+    assert "FLAKY" in out and "tests/a.py::t" in out.split("FLAKY")[1].splitlines()[0]
+    assert "DIFFERENCE p: tests/a.py::u" in out

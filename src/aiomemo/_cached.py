@@ -48,7 +48,12 @@ def _cycle_error(
 
 
 def cached(
-    memo: Memoizer, fn: Callable[P, Awaitable[R]], *, ignore: IgnoreNames, version: object
+    memo: Memoizer,
+    fn: Callable[P, Awaitable[R]],
+    *,
+    ignore: IgnoreNames,
+    version: object,
+    track_code: bool | None = None,
 ) -> Callable[P, Awaitable[R]]:
     """The wrapper ``memo.cached(fn, ...)`` returns (see :meth:`Memoizer.cached`)."""
     if not asyncio.iscoroutinefunction(fn):
@@ -59,13 +64,16 @@ def cached(
     name = getattr(func, "__qualname__", repr(func))
 
     def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {
+        task = {
             "func": func,
             "args": args,
             "kwargs": kwargs,
             "ignore_for_cache": ignore_list,
             "version": version,
         }
+        if track_code is not None:
+            task["track_code"] = track_code
+        return task
 
     async def _lead(task: dict[str, Any], args: Any, kwargs: Any) -> R:
         key = task.get("hashsum")
@@ -110,4 +118,5 @@ def cached(
         return await memo.make_hash(_task(args, kwargs))
 
     wrapper.key = key  # type: ignore[attr-defined]
+    wrapper._aiomemo_func = func  # type: ignore[attr-defined]  # for ``aiomemo explain``
     return wrapper

@@ -451,6 +451,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             task["version"] = json.loads(args.func_version)
         except json.JSONDecodeError:
             task["version"] = args.func_version  # a plain string, e.g. --func-version v2
+    if args.track_code:
+        task["func"] = _import_func(args.func)
+        task["track_code"] = True
     progress = Progress("explain")
     try:
         ex = explain(task, [r.path for r in resolved], key=key, progress=progress.update)
@@ -462,7 +465,51 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(ex)
         for i in ex.inputs:
             print(f"  {i.name:<24} {i.status}")
+        for i in ex.code:
+            if i.status != "match":
+                status = {"differs": "changed", "extra": "newly reached", "missing": "gone"}
+                print(f"  {i.name:<24} {status.get(i.status, i.status)}")
     return 0
+
+
+def _import_func(name: str) -> Any:
+    """The function recorded as ``module.qualname``, imported (for ``--track-code``).
+
+    The current directory is searched first, as ``python -m`` does. A
+    ``memo.cached`` wrapper gives the function it wraps, a Parsl app its
+    ``func``.
+    """
+    import importlib
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    parts = name.split(".")
+    if "<locals>" in parts:
+        raise CliError(f"--track-code: {name} is a nested function; it cannot be imported")
+    for i in range(len(parts) - 1, 0, -1):
+        modname = ".".join(parts[:i])
+        try:
+            obj: Any = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name and (modname == exc.name or modname.startswith(exc.name + ".")):
+                continue
+            raise CliError(f"--track-code: importing {modname} failed: {exc}") from None
+        except Exception as exc:  # the user's module raised while importing
+            raise CliError(f"--track-code: importing {modname} failed: {exc!r}") from None
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise CliError(f"--track-code: {modname} has no {'.'.join(parts[i:])}") from None
+        inner = getattr(obj, "_aiomemo_func", None)  # a memo.cached wrapper
+        if inner is not None:
+            return inner
+        if not callable(obj) or not hasattr(obj, "__code__"):
+            func = getattr(obj, "func", None)  # a Parsl app
+            if callable(func):
+                return func
+        return obj
+    raise CliError(f"--track-code: no importable module in {name!r} (run from the project dir?)")
 
 
 # --------------------------------------------------------------------------
@@ -633,6 +680,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--args", help="positional arguments as a JSON array, e.g. '[1, \"a\"]'")
     p.add_argument("--kwargs", help="keyword arguments as a JSON object, e.g. '{\"n\": 3}'")
     p.add_argument("--key", help="the task's key (hex), if known: decides hit or miss")
+    p.add_argument(
+        "--track-code",
+        action="store_true",
+        help="the calls were keyed with track_code: import --func (from the current "
+        "directory) and name the code that changed since the recorded call",
+    )
     p.add_argument(
         "--func-version",
         metavar="VERSION",

@@ -11,6 +11,13 @@ matching inputs; the newest of equals)::
     >>> print(explain(task, get_all_checkpoints("runinfo")))
     kwargs['n'] differs from the nearest recorded call of mod.fn (2 of 3 inputs match)
 
+Records of tasks keyed with ``track_code`` also keep an 8-byte digest of
+every piece of the code fingerprint (``msgpack([pos, kw, pieces])``, 4 bytes
+of id and 4 of digest a piece, see :mod:`aiomemo._fingerprint`); for such a
+task :func:`explain` names the pieces that changed (``mypkg.helpers.scale changed since the recorded
+call``). Records with the two-item form (older ones, or untracked tasks)
+explain as before.
+
 :func:`explain` is synchronous and only reads files: from a coroutine, call it
 as ``await asyncio.to_thread(explain, task, paths)``. It is thread-safe.
 
@@ -33,6 +40,7 @@ import msgpack
 
 from aiomemo._checkpoint import RecordInfo, iter_segment
 from aiomemo._exceptions import CheckpointPathError, UnhashableInputError
+from aiomemo._fingerprint import code_fingerprint, split_record
 from aiomemo._hashing import arg_digests, hash_task
 from aiomemo._naming import func_name
 from aiomemo._paths import PathKind, ResolvedPath, find_segments, unique_segments
@@ -50,6 +58,8 @@ __all__ = [
 ]
 
 Status = Literal["match", "differs", "missing", "extra", "unknown"]
+# (positional digests, keyword digests, code pieces: id -> short digest, or None)
+_Digests = tuple[list[bytes], dict[str, bytes], dict[bytes, bytes] | None]
 
 
 def _all_segments(paths: Iterable[str | os.PathLike[str]], strict: bool) -> list[Path]:
@@ -104,6 +114,12 @@ class Explanation:
         similar_funcs: recorded function names close to ``func`` (when it
             has no record at all: a typo, or a renamed module).
         note: an extra remark (e.g. why the key could not be computed).
+        code: for a task keyed with ``track_code``, one :class:`InputMatch`
+            per piece of its code fingerprint (``"mypkg.helpers.scale"``)
+            against the nearest recorded call: ``"differs"`` (changed),
+            ``"extra"`` (newly reached), ``"missing"`` (no longer reached;
+            records keep ids, not names, so these are named
+            ``GONE_PIECE``); empty when either side has no code digests.
     """
 
     hit: bool
@@ -118,6 +134,12 @@ class Explanation:
     records_scanned: int
     similar_funcs: tuple[str, ...] = ()
     note: str = ""
+    code: tuple[InputMatch, ...] = ()
+
+    @property
+    def code_changed(self) -> tuple[str, ...]:
+        """Code pieces that changed, appeared or disappeared since the nearest recorded call."""
+        return tuple(i.name for i in self.code if i.status != "match")
 
     @property
     def differing(self) -> tuple[str, ...]:
@@ -140,6 +162,7 @@ class Explanation:
             "records_scanned": self.records_scanned,
             "similar_funcs": list(self.similar_funcs),
             "note": self.note,
+            "code": [{"name": i.name, "status": i.status} for i in self.code],
             "message": str(self),
         }
 
@@ -168,6 +191,9 @@ class Explanation:
         for i in self.inputs:
             by.setdefault(i.status, []).append(i.name)
         nearest = f"the nearest recorded call of {f}"
+        code_clause = _code_clause(self.code)
+        if code_clause and not self.differing:
+            return _with_note(f"{code_clause} ({nearest}: {tally})", self.note)
         if not self.differing:
             return _with_note(
                 f"all {total} inputs match {nearest} (recorded {when}), yet the key differs: "
@@ -194,7 +220,32 @@ class Explanation:
             clauses.append(f"{_join(names)} cannot be compared (no digest)")
         head = "; ".join(clauses)
         link = "from" if len(clauses) == 1 and "differs" in by else "compared with"
-        return _with_note(f"{head} {link} {nearest} ({tally})", self.note)
+        msg = f"{head} {link} {nearest} ({tally})"
+        if code_clause:
+            msg += f"; {code_clause}"
+        return _with_note(msg, self.note)
+
+
+def _code_clause(code: Sequence[InputMatch]) -> str:
+    """``mypkg.helpers.scale changed since the recorded call`` (and what is new or gone)."""
+    by: dict[str, list[str]] = {}
+    for i in code:
+        by.setdefault(i.status, []).append(i.name)
+    parts: list[str] = []
+    if "differs" in by:
+        names = by["differs"]
+        parts.append(f"{_join(names)} changed since the recorded call")
+    if "extra" in by:
+        names = by["extra"]
+        verb = "is" if len(names) == 1 else "are"
+        parts.append(f"{_join(names)} {verb} newly reached by the code")
+    if "missing" in by:
+        n = len(by["missing"])
+        parts.append(
+            f"{n} recorded piece{'' if n == 1 else 's'} of code {'is' if n == 1 else 'are'} "
+            "no longer reached"
+        )
+    return "; ".join(parts)
 
 
 def _with_note(msg: str, note: str) -> str:
@@ -237,19 +288,40 @@ def _candidate_keys(task: Mapping[str, Any]) -> set[bytes]:
     return keys
 
 
-def _unpack_digests(raw: bytes) -> tuple[list[bytes], dict[str, bytes]] | None:
+def _unpack_digests(raw: bytes) -> _Digests | None:
+    """``(pos, kw, code)`` of a record's digests; ``code`` None in the two-item form."""
     try:
-        pos, kw = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
+        items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
     except Exception:
         return None
+    if type(items) is not list or len(items) not in (2, 3):
+        return None
+    pos, kw = items[0], items[1]
     if type(pos) is not list or type(kw) is not dict:
         return None
-    return pos, kw
+    code = split_record(items[2]) if len(items) == 3 and type(items[2]) is bytes else None
+    return pos, kw, code
 
 
-def _compare(
-    mine: tuple[list[bytes], dict[str, bytes]], theirs: tuple[list[bytes], dict[str, bytes]]
-) -> tuple[int, list[InputMatch]]:
+#: the name given to a recorded piece the code does not reach now (records keep ids only)
+GONE_PIECE = "(a piece not reached now)"
+
+
+def _compare_code(
+    mine: dict[bytes, tuple[str, bytes]] | None, theirs: dict[bytes, bytes] | None
+) -> list[InputMatch]:
+    if mine is None or theirs is None:
+        return []
+    out: list[InputMatch] = []
+    for pid, (name, d) in sorted(mine.items(), key=lambda kv: kv[1][0]):
+        b = theirs.get(pid)
+        status: Status = "extra" if b is None else "match" if b == d else "differs"
+        out.append(InputMatch(name, status))
+    out += [InputMatch(GONE_PIECE, "missing") for pid in theirs if pid not in mine]
+    return out
+
+
+def _compare(mine: _Digests, theirs: _Digests) -> tuple[int, list[InputMatch]]:
     out: list[InputMatch] = []
     matched = 0
 
@@ -269,8 +341,8 @@ def _compare(
             status = "differs"
         out.append(InputMatch(name, status))
 
-    pa, ka = mine
-    pb, kb = theirs
+    pa, ka = mine[0], mine[1]
+    pb, kb = theirs[0], theirs[1]
     for i in range(max(len(pa), len(pb))):
         one(f"args[{i}]", pa[i] if i < len(pa) else None, pb[i] if i < len(pb) else None)
     for name in sorted(set(ka) | set(kb), key=str):
@@ -323,6 +395,12 @@ def explain(
             note = f"the task's key cannot be computed: {exc}"
     mine = _unpack_digests(arg_digests(task))
     assert mine is not None  # arg_digests always packs [list, dict]
+    my_pieces: dict[bytes, tuple[str, bytes]] | None = None
+    if task.get("track_code") and not isinstance(task["func"], str):
+        try:
+            my_pieces = code_fingerprint(task["func"]).pieces_by_id()
+        except UnhashableInputError as exc:
+            note = note or f"the task's code fingerprint cannot be made: {exc}"
 
     segments = _all_segments(paths, strict=False)
     sizes = []
@@ -338,11 +416,12 @@ def explain(
     scanned = 0
     of_func = 0
     with_digests = 0
-    best: tuple[int, float] | None = None
+    best: tuple[int, int, float] | None = None
     best_rec = None
-    best_theirs: tuple[list[bytes], dict[str, bytes]] | None = None
+    best_theirs: _Digests | None = None
     names: set[str] = set()
-    my_pos, my_kw = mine
+    my_pos, my_kw = mine[0], mine[1]
+    my_code = {pid: d for pid, (_, d) in my_pieces.items()} if my_pieces is not None else None
     for seg, size in zip(segments, sizes, strict=True):
         for item in iter_segment(seg, verify_records=False, values=False):
             if not isinstance(item, RecordInfo):
@@ -364,11 +443,14 @@ def explain(
             theirs = _unpack_digests(rec.digests)
             if theirs is None:
                 continue
-            pos, kw = theirs
+            pos, kw, code = theirs
             # the hot loop: count matches only; the nearest call's details come at the end
             matched = sum(1 for a, b in zip(my_pos, pos, strict=False) if a and a == b)
             matched += sum(1 for k, v in kw.items() if v and my_kw.get(k) == v)
-            score = (matched, rec.time)
+            same_code = 0
+            if code is not None and my_code is not None:
+                same_code = sum(1 for k, v in code.items() if my_code.get(k) == v)
+            score = (matched, same_code, rec.time)
             if best is None or score >= best:
                 best, best_rec, best_theirs = score, rec, theirs
         done_bytes += size
@@ -386,6 +468,7 @@ def explain(
     if hit_rec is not None:
         theirs_hit = _unpack_digests(hit_rec.digests) if hit_rec.digests else None
         inputs = _compare(mine, theirs_hit)[1] if theirs_hit is not None else []
+        code_hit = _compare_code(my_pieces, theirs_hit[2]) if theirs_hit is not None else []
         return Explanation(
             hit=True,
             func=name,
@@ -398,8 +481,10 @@ def explain(
             records_with_digests=with_digests,
             records_scanned=scanned,
             note=note,
+            code=tuple(code_hit),
         )
     best_matched, best_inputs = _compare(mine, best_theirs) if best_theirs is not None else (0, [])
+    best_code = _compare_code(my_pieces, best_theirs[2]) if best_theirs is not None else []
     return Explanation(
         hit=False,
         func=name,
@@ -413,4 +498,5 @@ def explain(
         records_scanned=scanned,
         similar_funcs=similar,
         note=note,
+        code=tuple(best_code),
     )

@@ -60,6 +60,7 @@ import aiofiles.os
 import blake3
 import msgpack
 
+from aiomemo import _fingerprint
 from aiomemo._exceptions import UnhashableInputError
 
 __all__ = [
@@ -1303,7 +1304,25 @@ def _task_tree(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> tuple[
         ckw = _canon_dict(kwargs, ctx, 0)
     except _Unhashable as exc:
         raise _error(exc, "kwargs") from None
-    return [FORMAT_VERSION, fid, cargs, ckw, outputs], ctx
+    tree: list[object] = [FORMAT_VERSION, fid, cargs, ckw, outputs]
+    if task.get("track_code"):
+        # the code fingerprint (aiomemo._fingerprint), its table read inline
+        # (hot path). A plain function without version: the digest stands in
+        # for [module, qualname] (it covers them), else it is a sixth item;
+        # either way keys without it stay as they were
+        try:
+            e = _fingerprint._FAST.get(func)
+        except TypeError:  # an unhashable callable object
+            e = None
+        if e is not None and e[0] is getattr(func, "__code__", None):
+            digest = e[1]
+        else:
+            digest = _fingerprint.code_digest(func)
+        if version is None and type(func) is types.FunctionType:
+            tree[1] = digest
+        else:
+            tree.append(digest)
+    return tree, ctx
 
 
 def _file_parts_sync(ctx: _Ctx) -> Callable[[object], object]:
@@ -1385,6 +1404,14 @@ async def hash_task_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()
     when the out-of-band buffers add up to ``THREAD_THRESHOLD`` or more they
     are hashed in a worker thread (blake3 releases the GIL).
     """
+    if task.get("track_code"):
+        func = task.get("func")
+        try:
+            ready = func in _fingerprint._FAST
+        except TypeError:  # an unhashable callable object
+            ready = False
+        if not ready and func is not None:
+            await _fingerprint.prepare(func)  # reads source: off the loop
     tree, ctx = _task_tree(task, hooks)
     if not ctx.oob:
         return blake3.blake3(_packb(tree)).digest()

@@ -85,9 +85,10 @@ class TaskRecord(TypedDict, total=False):
     ``func`` (callable), ``args`` (sequence), ``kwargs`` (mapping), and
     optionally ``id``, ``memoize`` (default True), ``ignore_for_cache``
     (kwarg names left out of the key; ``outputs`` in kwargs are output
-    refs), ``version`` (separates functions that share a qualname).
-    ``check_memo`` writes ``hashsum``. Parsl's TaskRecord dicts work as
-    they are.
+    refs), ``version`` (separates functions that share a qualname),
+    ``track_code`` (the key includes the function's code fingerprint;
+    default: the Memoizer's ``track_code``). ``check_memo`` writes
+    ``hashsum``. Parsl's TaskRecord dicts work as they are.
     """
 
     func: Callable[..., Any]
@@ -97,6 +98,7 @@ class TaskRecord(TypedDict, total=False):
     memoize: bool
     ignore_for_cache: IgnoreNames
     version: object
+    track_code: bool
     hashsum: str | None
 
 
@@ -192,6 +194,10 @@ class Memoizer:
         explain: keep a short digest per argument in each record (8 bytes
             per argument, about 1 µs each when the result is recorded) so
             that ``explain`` can say which input changed; False saves both.
+        track_code: key every task also by its function's code fingerprint
+            (its own code, the helpers, classes and module-level values it
+            reaches, the versions of installed distributions it uses), so a
+            changed helper is a miss; a task's ``track_code`` field overrides.
         memory_limit: the most encoded bytes of results read back from disk
             (large results of format-2 checkpoints) that the memo keeps,
             least recently used first; the rest are read again on a hit
@@ -231,6 +237,7 @@ class Memoizer:
         lease_ttl: float | None = None,
         explain: bool = True,
         key_hooks: Sequence[KeyHook] = (),
+        track_code: bool = False,
         memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         _setup.check_mode(checkpoint_mode)
@@ -258,6 +265,7 @@ class Memoizer:
         self.collapse = _setup.flag("collapse", collapse)
         self.parsl_keys = _setup.flag("parsl_keys", parsl_keys)
         self.explain_digests = _setup.flag("explain", explain)
+        self.track_code = _setup.flag("track_code", track_code)
         self.config_run_dir = os.fspath(config_run_dir)
         self._run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self._user_stores = stores
@@ -476,6 +484,8 @@ class Memoizer:
     async def make_hash(self, task: Task) -> str:
         """The task's key (64 hex chars); large inputs are hashed off the loop."""
         self._check_open()
+        if self.track_code and "track_code" not in task:
+            task["track_code"] = True
         return (await hash_task_async(cast(Mapping[str, Any], task), self.key_hooks)).hex()
 
     async def check_memo(self, task: Task) -> asyncio.Future[Any] | None:
@@ -502,6 +512,8 @@ class Memoizer:
         if not self.memoize or not t.get("memoize", True):
             t["hashsum"] = None
             return None
+        if self.track_code and "track_code" not in t:
+            t["track_code"] = True  # the record and explain see it too
         raw = await hash_task_async(t, self.key_hooks)
         key = raw.hex()
         t["hashsum"] = key
@@ -637,6 +649,8 @@ class Memoizer:
         with ``checkpoint_mode=None`` and a manual ``checkpoint()``.
         """
         self._check_open()
+        if self._loop is not None:
+            self._check_loop()
         self._queue_finished(task)
 
     def _queue_finished(self, task: Mapping[str, Any]) -> None:
@@ -770,12 +784,22 @@ class Memoizer:
     # ------------------------------------------------------------------ decorator
     @overload
     def cached(
-        self, fn: Callable[P, Awaitable[R]], *, ignore: IgnoreNames = (), version: object = None
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        ignore: IgnoreNames = (),
+        version: object = None,
+        track_code: bool | None = None,
     ) -> Callable[P, Awaitable[R]]: ...
 
     @overload
     def cached(
-        self, fn: None = None, *, ignore: IgnoreNames = (), version: object = None
+        self,
+        fn: None = None,
+        *,
+        ignore: IgnoreNames = (),
+        version: object = None,
+        track_code: bool | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
     def cached(
@@ -784,12 +808,15 @@ class Memoizer:
         *,
         ignore: IgnoreNames = (),
         version: object = None,
+        track_code: bool | None = None,
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
 
         ``ignore`` names keyword arguments left out of the key (a list: a
         bare str is a TypeError); ``version`` separates functions that share
-        a qualname (closures, lambdas) or marks a changed implementation.
+        a qualname (closures, lambdas) or marks a changed implementation;
+        ``track_code`` (default: the Memoizer's) keys calls also by the code
+        fingerprint of the function and what it reaches.
         Identical concurrent calls run once; if the running one is
         cancelled, a waiting caller takes over. A call that awaits itself
         with the same arguments raises :class:`~aiomemo.MemoizerUsageError`.
@@ -799,5 +826,7 @@ class Memoizer:
 
         ignore = check_ignore(ignore)  # a bare str would be read letter by letter
         if fn is None:
-            return lambda f: cached(self, f, ignore=ignore, version=version)
-        return cached(self, fn, ignore=ignore, version=version)
+            return lambda f: cached(
+                self, f, ignore=ignore, version=version, track_code=track_code
+            )
+        return cached(self, fn, ignore=ignore, version=version, track_code=track_code)

@@ -9,9 +9,10 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from aiomemo import _codec
+from aiomemo import _codec, _fingerprint
 from aiomemo._counters import Counters
 from aiomemo._hashing import KeyHook, arg_digests
+from aiomemo._naming import func_name
 from aiomemo.stores._base import Record
 
 __all__ = ["RecordMaker"]
@@ -53,9 +54,11 @@ class RecordMaker:
         try:
             name = self._func_names[func]
         except (KeyError, TypeError):
-            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+            name = func_name(func)
             if len(self._func_names) < 10_000:
                 with contextlib.suppress(TypeError):
                     self._func_names[func] = name
         digests = arg_digests(task, self._hooks) if self.explain else b""
+        if digests and task.get("track_code"):
+            digests = _fingerprint.with_code_digests(digests, func)
         return Record(bytes.fromhex(key), value, name, time.time(), digests)

@@ -342,6 +342,10 @@ class ParslMemoizer(_ParslMemoizerBase):
             e.g. a RedisStore shared by several machines. None: local files
             in ``<run_dir>/checkpoint/``.
         collapse: identical tasks in flight at the same time run once.
+        track_code: key every app call also by the code fingerprint of the
+            app's function (its code, the helpers, classes and module-level
+            values it reaches in your code, the versions of installed
+            distributions it uses): editing a helper is then a miss.
 
     Raises:
         ParslConfigurationError: a bad mode or period (Parsl's
@@ -359,6 +363,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         memoize: bool = True,
         store: Store | Sequence[Store] | None = None,
         collapse: bool = True,
+        track_code: bool = False,
     ) -> None:
         if isinstance(checkpoint_files, str | os.PathLike):
             raise ParslConfigurationError(
@@ -370,6 +375,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.memoize = memoize
         self.store = store
         self.collapse = collapse
+        self.track_code = track_code
         # validate now (Parsl validates the period only at start)
         try:
             probe = Memoizer(
@@ -404,6 +410,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             for name in ("checkpoint_mode", "checkpoint_period", "checkpoint_files", "memoize")
         ]
         args.append(f"collapse={self.collapse!r}")
+        if self.track_code:
+            args.append("track_code=True")
         if self.store is not None:
             args.append(f"store={self.store!r}")
         return f"ParslMemoizer({', '.join(args)})"
@@ -576,6 +584,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             t["hashsum"] = None  # shutting down: run it, record nothing
             return None
         view = _view(task)
+        if self.track_code:
+            view["track_code"] = True  # the app's code fingerprint joins the key
         if len(memo._table):
             hit = self._hit_here(memo, task, view)
             if hit is not None:

@@ -1,6 +1,7 @@
 """Compare Parsl's test suite run with BasicMemoizer and with ParslMemoizer.
 
-Usage: python compare.py PASS BASIC.json AIOMEMO.json [PASS BASIC.json AIOMEMO.json ...]
+Usage: python compare.py [--differences OUT] PASS BASIC.json AIOMEMO.json [PASS ...]
+       python compare.py --merge RUN.json RERUN.json
 
 Each JSON file is written by ``aiomemo_parsl_plugin`` (``AIOMEMO_PARSL_OUTCOMES``)
 for one pass of ``scripts/parsl-suite``. The check, test for test:
@@ -16,6 +17,13 @@ for one pass of ``scripts/parsl-suite``. The check, test for test:
   the baseline run passed at least one test (an empty run proves nothing).
 
 Exit status 0 when every pass agrees, 1 otherwise; one line per finding.
+
+A test whose outcome differs may be flaky (Parsl's suite has timing tests):
+``--differences OUT`` writes ``PASS<TAB>NODE`` for each such test;
+``scripts/parsl-suite`` runs those tests once more under both memoizers and
+``--merge`` folds the rerun's outcomes into the first run's file (the first
+outcome is kept under ``first_outcomes``), so the second comparison decides
+and names each test that only agreed on the rerun as flaky.
 """
 
 from __future__ import annotations
@@ -44,6 +52,25 @@ ENVIRONMENTAL: dict[str, str] = {
 
 FAILING = {"failed", "error", "collect-error", "xpassed"}
 
+#: node ids whose outcomes differed in the last compare() call
+differing: list[str] = []
+
+
+def merge(run_path: str, rerun_path: str) -> None:
+    """Fold a rerun's outcomes into a run's outcome file (the first outcomes are kept)."""
+    with open(run_path) as f:
+        run = json.load(f)
+    with open(rerun_path) as f:
+        rerun = json.load(f)
+    first = run.setdefault("first_outcomes", {})
+    for node, outcome in rerun["outcomes"].items():
+        if node in run["outcomes"] and node not in first:
+            first[node] = run["outcomes"][node]
+        run["outcomes"][node] = outcome
+    run["dfk_memoizers"] = run.get("dfk_memoizers", []) + rerun.get("dfk_memoizers", [])
+    with open(run_path, "w") as f:
+        json.dump(run, f, indent=1)
+
 
 def _match(node: str, table: dict[str, Any]) -> str | None:
     return next((k for k in table if node.endswith(k)), None)
@@ -52,6 +79,7 @@ def _match(node: str, table: dict[str, Any]) -> str | None:
 def compare(name: str, basic: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     """Problems found in one pass (empty: the pass agrees)."""
     problems: list[str] = []
+    differing.clear()
     b: dict[str, str] = basic["outcomes"]
     a: dict[str, str] = ours["outcomes"]
     if basic.get("memoizer") != "basic" or ours.get("memoizer") != "aiomemo":
@@ -78,6 +106,7 @@ def compare(name: str, basic: dict[str, Any], ours: dict[str, Any]) -> list[str]
             continue
         if ob != oa:
             problems.append(f"{name}: {node}: BasicMemoizer {ob}, ParslMemoizer {oa}")
+            differing.append(node)
         elif ob in FAILING:
             if _match(node, ENVIRONMENTAL) is None:
                 problems.append(
@@ -94,6 +123,16 @@ def compare(name: str, basic: dict[str, Any], ours: dict[str, Any]) -> list[str]
         f"environmental failures {len(env_hit)}, exempt {len(exempt_hit)}, "
         f"differences {len(problems)}"
     )
+    first_b = basic.get("first_outcomes", {})
+    first_a = ours.get("first_outcomes", {})
+    for node in sorted(set(first_b) | set(first_a)):
+        if b.get(node) != a.get(node):
+            continue  # differed again: reported as a DIFFERENCE
+        print(
+            f"  FLAKY (agreed only when run again): {node}: first BasicMemoizer "
+            f"{first_b.get(node, b.get(node))}, ParslMemoizer {first_a.get(node, a.get(node))}; "
+            f"again: {b.get(node)} / {a.get(node)}"
+        )
     for node in env_hit:
         key = _match(node, ENVIRONMENTAL)
         assert key is not None
@@ -102,11 +141,19 @@ def compare(name: str, basic: dict[str, Any], ours: dict[str, Any]) -> list[str]
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--merge"] and len(argv) == 3:
+        merge(argv[1], argv[2])
+        return 0
+    out = None
+    if argv[:1] == ["--differences"] and len(argv) >= 2:
+        out, argv = argv[1], argv[2:]
     if not argv or len(argv) % 3:
         print(__doc__, file=sys.stderr)
         return 2
     problems: list[str] = []
+    diffs: list[str] = []
     for i in range(0, len(argv), 3):
+        differing.clear()
         name, bpath, apath = argv[i : i + 3]
         try:
             with open(bpath) as f:
@@ -117,6 +164,10 @@ def main(argv: list[str]) -> int:
             problems.append(f"{name}: cannot read the outcome files: {exc}")
             continue
         problems += compare(name, basic, ours)
+        diffs += [f"{name}\t{node}" for node in differing]
+    if out is not None:
+        with open(out, "w") as f:
+            f.write("".join(d + "\n" for d in diffs))
     for p in problems:
         print(f"  DIFFERENCE {p}")
     verdict = "agree" if not problems else f"disagree ({len(problems)} finding(s))"

@@ -58,6 +58,19 @@ async def decorated() -> float:
         return value
 
 
+async def tracked() -> int:
+    async with Memoizer(checkpoint_mode="task_exit", track_code=True) as memo:
+
+        @memo.cached(track_code=True)
+        async def simulate(n: int) -> int:
+            return n + 1
+
+        ex = await memo.explain({"func": simulate, "args": (1,), "kwargs": {}, "track_code": True})
+        changed: tuple[str, ...] = ex.code_changed
+        print(changed)
+        return await simulate(1)
+
+
 def shared() -> RedisStore:
     return RedisStore("redis://127.0.0.1:6379/0", namespace="wf", ttl=3600)
 

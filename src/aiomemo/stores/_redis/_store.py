@@ -116,19 +116,21 @@ def _ms(seconds: float) -> int:
 class _Op:
     """One queued operation: its commands, the future of their replies, the keys to announce."""
 
-    __slots__ = ("cmds", "fut", "on_orphan", "wake")
+    __slots__ = ("cmds", "fut", "on_orphan", "wake", "weight")
 
     def __init__(
         self,
         cmds: list[_Cmd],
         fut: asyncio.Future[list[Any]],
-        wake: bytes | None,
+        wake: Sequence[bytes],
         on_orphan: Callable[[list[Any]], None] | None,
+        weight: int = 1,
     ) -> None:
         self.cmds = cmds
         self.fut = fut
         self.wake = wake
         self.on_orphan = on_orphan
+        self.weight = weight  # operations it counts for in a batch (bulk ops: their records)
 
 
 class _Waiting:
@@ -583,9 +585,10 @@ class RedisStore(LeaseStore):
         self,
         cmds: list[_Cmd],
         *,
-        wake: bytes | None = None,
+        wake: bytes | Sequence[bytes] = (),
         on_orphan: Callable[[list[Any]], None] | None = None,
         urgent: bool = False,
+        weight: int = 1,
     ) -> asyncio.Future[list[Any]]:
         """Queue one operation; it goes out with the others of this loop iteration.
 
@@ -594,7 +597,7 @@ class RedisStore(LeaseStore):
         """
         loop = self._own_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
-        op = _Op(cmds, fut, wake, on_orphan)
+        op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight)
         if urgent:
             self._queue.appendleft(op)
         else:
@@ -607,8 +610,13 @@ class RedisStore(LeaseStore):
     def _kick(self) -> None:
         self._kick_scheduled = False
         while self._queue and self._in_flight < self.max_connections and not self._closed:
-            n = min(len(self._queue), self.batch_size)
-            ops = [self._queue.popleft() for _ in range(n)]
+            ops: list[_Op] = []
+            weight = 0
+            queue = self._queue
+            while queue and (not ops or weight + queue[0].weight <= self.batch_size):
+                op = queue.popleft()
+                ops.append(op)
+                weight += op.weight
             self._in_flight += 1
             if self._in_flight > self._counts["in_flight_max"]:
                 self._counts["in_flight_max"] = self._in_flight
@@ -644,7 +652,7 @@ class RedisStore(LeaseStore):
         in_mget = set(gets)
         rest = [i for i in range(len(ops)) if i not in in_mget]
         self._fill(pipe, [ops[i] for i in rest], use_eval=use_eval)
-        wake = [op.wake for op in ops if op.wake is not None]
+        wake = [k for op in ops for k in op.wake]
         if wake and not self.cluster:
             # same connection, after the writes: a woken waiter sees them
             pipe.execute_command("PUBLISH", self.channel, key_list(b"p", wake))
@@ -696,9 +704,10 @@ class RedisStore(LeaseStore):
 
     async def _flush(self, ops: list[_Op]) -> None:
         try:
-            self._counts["batched_ops"] += len(ops)
-            if len(ops) > self._counts["batch_max"]:
-                self._counts["batch_max"] = len(ops)
+            size = sum(op.weight for op in ops)
+            self._counts["batched_ops"] += size
+            if size > self._counts["batch_max"]:
+                self._counts["batch_max"] = size
             # EVALSHA first; the operations whose script the server lost (a
             # restart) go again with EVAL, once
             retry = await self._round_trip(ops, use_eval=False)
@@ -805,8 +814,24 @@ class RedisStore(LeaseStore):
         out: dict[bytes, bytes] = {}
         if not keys:
             return out
-        futs = [self._submit([("GET", self.value_key(k))]) for k in keys]
-        replies = await asyncio.gather(*futs, return_exceptions=True)
+        replies: list[Any]
+        if self.cluster:  # keys in many slots: one GET each (batched all the same)
+            futs = [self._submit([("GET", self.value_key(k))]) for k in keys]
+            replies = await asyncio.gather(*futs, return_exceptions=True)
+        else:  # one MGET operation per batch_size keys
+            chunks = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+            futs = [
+                self._submit([("MGET", *(self.value_key(k) for k in c))], weight=len(c))
+                for c in chunks
+            ]
+            replies = []
+            for c, got in zip(
+                chunks, await asyncio.gather(*futs, return_exceptions=True), strict=True
+            ):
+                if isinstance(got, BaseException):
+                    replies += [got] * len(c)
+                else:
+                    replies += [[v] for v in got[0]]
         drops: list[asyncio.Future[Any]] = []
         error: BaseException | None = None
         for k, reply in zip(keys, replies, strict=True):
@@ -848,11 +873,19 @@ class RedisStore(LeaseStore):
         """
         if not records:
             return
-        futs = [self._submit([self._set_cmd(r)], wake=r.key) for r in records]
+        chunks = [records[i : i + self.batch_size] for i in range(0, len(records), self.batch_size)]
+        futs = [
+            self._submit([self._set_cmd(r) for r in c], wake=[r.key for r in c], weight=len(c))
+            for c in chunks
+        ]
         replies = await asyncio.gather(*futs, return_exceptions=True)
-        self._counts["put_batches"] += -(-len(records) // self.batch_size)
-        error = next((r for r in replies if isinstance(r, BaseException)), None)
-        self._counts["puts"] += sum(not isinstance(r, BaseException) for r in replies)
+        self._counts["put_batches"] += len(chunks)
+        error = None
+        for c, got in zip(chunks, replies, strict=True):
+            if isinstance(got, BaseException):
+                error = error or got
+            else:
+                self._counts["puts"] += len(c)
         if error is not None:
             raise error
 
