@@ -734,7 +734,10 @@ async def test_memoizer_kill_9_of_a_lease_holder(
         assert all(f.returncode == 0 for f in followers), outs
         # the dead holder's run plus exactly one take-over
         assert (await _runs(raw, redis_namespace))[f"{redis_namespace}:runs:7"] == 2
-        assert took < lease + 1.0, took
+        # noticed at the lease's expiry, not at a long re-check or timeout; the
+        # time also covers the followers' exit, so the bound is loose (the
+        # take-over time itself is measured by scripts/bench redis)
+        assert took < 2 * lease + 3.0, took
     finally:
         for p in [holder, *followers]:
             if p.returncode is None:
