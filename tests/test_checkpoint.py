@@ -571,3 +571,145 @@ async def test_stamp_places_a_segment_in_load_order(tmp_path: Path) -> None:
     assert load_paths([tmp_path]).table[rec(1).key] == b"new"
     with pytest.raises(ValueError):
         await SegmentWriter.create(tmp_path, stamp="a-b")
+
+
+# ---------------------------------------------------------------- sliced encoding
+
+
+def _mixed(n: int, size: int = 40) -> list[Record]:
+    """``n`` records of small values of varied sizes (a drain chunk's worth)."""
+    return [rec(i, bytes([i % 251]) * (i * 7 % size), klen=4 + 4 * (i % 8)) for i in range(n)]
+
+
+async def test_many_small_records_encode_on_the_loop_in_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain chunk (4,096 small records) is packed on the loop, which runs between
+    slices, into the very bytes encode_batch makes; no worker thread encodes it."""
+    records = _mixed(4096)
+    in_thread: list[int] = []
+    real_encode = ck._encode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        in_thread.append(1)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "_encode", spy)
+    w = await SegmentWriter.create(tmp_path)
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    await w.write_batch(records, fsync=True)
+    done = True
+    await t
+    await w.close()
+    assert in_thread == []
+    # one turn of the loop per slice at least (the write's thread hop adds more)
+    assert ticks - before >= 4096 // ck._ENCODE_SLICE_RECORDS
+    assert w.path is not None
+    assert w.path.read_bytes() == ck.file_header() + encode_batch(records)
+    assert load_paths([w.path]).table == {r.key: r.value for r in records}
+
+
+async def test_slices_also_end_at_a_byte_budget(tmp_path: Path) -> None:
+    """Values just under the large-value size: a slice ends after ~64 KiB, not 64 records."""
+    records = [rec(i, b"m" * (ck.LARGE_VALUE_MIN - 100)) for i in range(200)]  # ~3 MiB
+    w = await SegmentWriter.create(tmp_path)
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    await w.write_batch(records, fsync=False)
+    done = True
+    await t
+    await w.close()
+    per_slice = ck._ENCODE_SLICE_BYTES // (ck.LARGE_VALUE_MIN - 100) + 1
+    assert ticks - before >= 200 // per_slice
+    assert w.path is not None
+    assert w.path.read_bytes() == ck.file_header() + encode_batch(records)
+
+
+async def test_a_bad_record_deep_in_a_sliced_batch_writes_nothing(tmp_path: Path) -> None:
+    """The 3,000th of 4,096 records has a str value: TypeError, the segment stays empty,
+    and the good records written next load whole."""
+    records = _mixed(4096)
+    bad = list(records)
+    bad[3000] = Record(b"bad-key", "text", "f", 1.0)  # type: ignore[arg-type]
+    w = await SegmentWriter.create(tmp_path)
+    with pytest.raises(TypeError, match=r"Record\.value must be bytes"):
+        await w.write_batch(bad, fsync=False)
+    assert w.records_written == 0
+    await w.write_batch(records, fsync=False)
+    await w.close()
+    assert w.path is not None
+    assert w.path.read_bytes() == ck.file_header() + encode_batch(records)
+
+
+async def test_big_batches_of_small_values_still_go_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the sliced limit (in all value bytes), or with a large value, a worker thread encodes."""
+    calls: list[int] = []
+    real_encode = ck._encode
+
+    def spy(records: Any, **kwargs: Any) -> Any:
+        calls.append(len(records))
+        return real_encode(records, **kwargs)
+
+    monkeypatch.setattr(ck, "_encode", spy)
+    many = [rec(10**6 + i, b"s" * 8000) for i in range(ck._SLICED_ENCODE_LIMIT // 8000 + 2)]
+    one_large = [*_mixed(1000), rec(5000, b"L" * ck.LARGE_VALUE_MIN)]
+    w = await SegmentWriter.create(tmp_path)
+    await w.write_batch(many, fsync=False)
+    await w.write_batch(one_large, fsync=False)
+    await w.close()
+    assert calls == [len(many), len(one_large)]
+    assert w.path is not None
+    table = load_paths([w.path]).table
+    assert table.keys() == {r.key for r in [*many, *one_large]}  # the large value: a reference
+    assert all(table[r.key] == r.value for r in many)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.lists(st.integers(0, 2000), min_size=513, max_size=1500),
+    payload_limit=st.sampled_from([None, 4096, 100_000]),
+)
+def test_sliced_encoding_is_byte_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int], payload_limit: int | None
+) -> None:
+    """Whatever the record sizes (and batch splits), the sliced path writes encode_batch's bytes."""
+    records = [rec(i, bytes([i % 256]) * n) for i, n in enumerate(sizes)]
+    assert sum(sizes) <= ck._SLICED_ENCODE_LIMIT  # the sliced path, not the thread
+    with monkeypatch.context() as m:
+        if payload_limit is not None:
+            m.setattr(ck, "MAX_BATCH_PAYLOAD", payload_limit)
+
+        async def write() -> Path:
+            w = await SegmentWriter.create(tmp_path / f"s{len(list(tmp_path.iterdir()))}")
+            await w.write_batch(records, fsync=False)
+            await w.close()
+            assert w.path is not None
+            return w.path
+
+        path = asyncio.run(write())
+        assert path.read_bytes() == ck.file_header() + encode_batch(records)
