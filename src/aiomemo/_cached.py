@@ -63,17 +63,14 @@ def cached(
     memo_id = id(memo)
     name = getattr(func, "__qualname__", repr(func))
 
+    # the parts of a call's task that never change, built once: a call
+    # copies them and adds its arguments (a fresh dict: check_memo writes to it)
+    fixed: dict[str, Any] = {"func": func, "ignore_for_cache": ignore_list, "version": version}
+    if track_code is not None:
+        fixed["track_code"] = track_code
+
     def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        task = {
-            "func": func,
-            "args": args,
-            "kwargs": kwargs,
-            "ignore_for_cache": ignore_list,
-            "version": version,
-        }
-        if track_code is not None:
-            task["track_code"] = track_code
-        return task
+        return {**fixed, "args": args, "kwargs": kwargs}
 
     async def _lead(task: dict[str, Any], args: Any, kwargs: Any) -> R:
         key = task.get("hashsum")
@@ -95,23 +92,22 @@ def cached(
 
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        task = _task(args, kwargs)
+        task = {**fixed, "args": args, "kwargs": kwargs}  # _task, inline on the hot path
         while True:
             fut = await memo.check_memo(task)
             if fut is None:
                 return await _lead(task, args, kwargs)
-            following = not fut.done()  # a done Future is a memoized outcome
-            if following:
-                chain = _leading.get()
+            if fut.done():  # a memoized outcome (a hit): no await, no chain check
+                return fut.result()  # type: ignore[no-any-return]
+            chain = _leading.get()  # following an identical call in flight
+            if chain:
                 key = task.get("hashsum")
-                if chain and any(m == memo_id and k == key for m, k, _ in chain):
+                if any(m == memo_id and k == key for m, k, _ in chain):
                     fut.cancel()  # our own follower Future only: the leader goes on
                     raise _cycle_error(chain, memo_id, str(key))
             try:
                 return await fut  # type: ignore[no-any-return]
             except LeaderCancelledError:
-                if not following:
-                    raise
                 continue  # the leader was cancelled: resubmit, one of us leads
 
     async def key(*args: P.args, **kwargs: P.kwargs) -> str:
