@@ -274,7 +274,8 @@ class Drain:
             if self.on_durable is not None:
                 self.on_durable(sink.store)
             written += len(chunk)
-            await asyncio.sleep(0)  # let the loop breathe between chunks
+            if sink.queue:
+                await asyncio.sleep(0)  # let the loop breathe between chunks
         return written
 
     async def flush_or_raise(self) -> int:
