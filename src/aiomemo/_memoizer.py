@@ -451,6 +451,7 @@ class Memoizer:
             self._flights.abandon_all(_CLOSED_MID_TASK)
             self._shared.cancel_all()
             errors += await self._drain.close_stores()
+            self._table.close()
         if unsaved:
             raise CheckpointError(
                 f"{unsaved} checkpoint record(s) could not be saved: " + "; ".join(errors),
