@@ -279,7 +279,10 @@ class MemoTable:
         return MISSING
 
     def spill(self, key: str, raw: bytes, ref: ValueRef) -> None:
-        """Let a result in ``done`` go to disk: it is durable at ``ref`` (needs a memory_limit)."""
+        """Let a result in ``done`` go to disk: it is durable at ``ref`` (needs a memory_limit).
+
+        Call :meth:`trim_if_due` once the encoded record is let go of too.
+        """
         with self._decode_lock:
             value = self.done.get(key, MISSING)
             if value is MISSING or type(value) is Raised or self.memory_limit is None:
@@ -289,7 +292,6 @@ class MemoTable:
             self._freed += ref.length  # its encoded bytes just left the drain
             self._keep(key, value, ref.length)
             del value
-        self._maybe_trim()
 
     def _keep(self, key: str, value: Any, size: int) -> None:
         """Hold ``value`` (``size`` encoded bytes) within the limit, evicting the oldest (locked)."""
@@ -307,8 +309,8 @@ class MemoTable:
             self.held -= n
             self._freed += n
 
-    def _maybe_trim(self) -> None:
-        """Trim the C heap once enough large values were let go of (not locked)."""
+    def trim_if_due(self) -> None:
+        """Trim the C heap once enough large values were let go of (call unlocked)."""
         if self._freed >= TRIM_AFTER:
             self._freed = 0
             _trim()
