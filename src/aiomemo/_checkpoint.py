@@ -944,20 +944,11 @@ def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryvi
             os.close(fd)
     if got != ref.length:
         raise CorruptCheckpointError(f"{where}: cut short ({got} bytes left)")
-    if _value_digest(view) != ref.digest:
+    # one thread: blake3's own pool (max_threads=AUTO) halved the hash time
+    # on an idle 2-core machine but made hits 30% slower on a loaded one
+    if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
         raise CorruptCheckpointError(f"{where}: checksum mismatch")
     return view
-
-
-#: values at least this big are hashed on every core (blake3's own thread
-#: pool): verifying a 4 MB value then takes ~0.3 ms instead of ~0.55 on 2 cores
-_PARALLEL_HASH: Final = 1 << 20
-
-
-def _value_digest(data: memoryview) -> bytes:
-    if len(data) >= _PARALLEL_HASH:
-        return blake3(data, max_threads=blake3.AUTO).digest(_VALUE_DIGEST_SIZE)
-    return blake3(data).digest(_VALUE_DIGEST_SIZE)
 
 
 def _check_record(obj: Any, raw: memoryview) -> Record | None:
