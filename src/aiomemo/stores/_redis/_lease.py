@@ -6,6 +6,7 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from aiomemo.stores._base import Lease, Record
+from aiomemo.stores._redis._values import encode_value
 
 if TYPE_CHECKING:
     from aiomemo.stores._redis._store import RedisStore
@@ -91,13 +92,25 @@ class RedisLease(Lease):
         """Extend the lease by ``ttl``; False when it was lost (expired or taken)."""
         if self._released:
             return False
-        return await self._store._renew(self)
+        store = self._store
+        (got,) = await store._submit(
+            [("script", "renew", [store.lease_key(self.key)], [self.token, ms(self.ttl)])],
+            urgent=True,
+        )
+        if not got:
+            store._counts["renewals_lost"] += 1
+        return bool(got)
 
     async def release(self) -> None:
         """Give the lease up and wake the waiters. Idempotent."""
         if self._released:
             return
-        await self._store._release(self)
+        store = self._store
+        (got,) = await store._submit(
+            [("script", "release", [store.lease_key(self.key)], [self.token])], wake=self.key
+        )
+        if got:
+            store._counts["releases"] += 1
         self._released = True
 
     async def complete(self, record: Record) -> bool:
@@ -106,6 +119,21 @@ class RedisLease(Lease):
         Waiters never see the lease gone without the result. Returns whether
         the lease was still held.
         """
-        held = await self._store._complete(self, record)
+        if record.key != self.key:
+            raise ValueError(
+                f"RedisLease.complete: the record's key {record.key.hex()[:12]}… is not "
+                f"the lease's key {self.key.hex()[:12]}…"
+            )
+        store = self._store
+        cmd = (
+            "script",
+            "complete",
+            [store.value_key(record.key), store.lease_key(record.key)],
+            [encode_value(record, store._mac_key), store._px() or 0, self.token],
+        )
+        (got,) = await store._submit([cmd], wake=record.key)
         self._released = True
-        return held
+        store._counts["puts"] += 1
+        if got:
+            store._counts["releases"] += 1
+        return bool(got)

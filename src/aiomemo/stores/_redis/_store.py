@@ -135,7 +135,7 @@ class RedisStore(LeaseStore):
             tls_ca_file=tls_ca_file,
         )
         if tls_ca_file is not None and not url.startswith("rediss://"):
-            raise ValueError(f"tls_ca_file needs a rediss:// URL, not {self._strip(url)!r}")
+            raise ValueError(f"tls_ca_file needs a rediss:// URL, not {strip_url(url)!r}")
         if tls_ca_file is not None and not os.path.isfile(tls_ca_file):
             raise ValueError(f"tls_ca_file {os.fspath(tls_ca_file)!r} is not a file")
         self.url = url
@@ -185,17 +185,6 @@ class RedisStore(LeaseStore):
         """The Redis key holding the lease on task ``key``."""
         return self._ns + b":l:{" + key.hex().encode() + b"}"
 
-    def _make_client(self) -> Any:
-        return make_client(
-            self.url,
-            cluster=self.cluster,
-            max_connections=self.max_connections,
-            socket_timeout=self.socket_timeout,
-            connect_timeout=self.connect_timeout,
-            tls_ca_file=self.tls_ca_file,
-            client_kwargs=self._client_kwargs,
-        )
-
     async def open(self, *, run_dir: Path | None = None) -> None:
         """Create the client and check the server with a PING.
 
@@ -235,7 +224,15 @@ class RedisStore(LeaseStore):
                 )
 
     def _new_client(self) -> Any:
-        self._client = self._make_client()
+        self._client = make_client(
+            self.url,
+            cluster=self.cluster,
+            max_connections=self.max_connections,
+            socket_timeout=self.socket_timeout,
+            connect_timeout=self.connect_timeout,
+            tls_ca_file=self.tls_ca_file,
+            client_kwargs=self._client_kwargs,
+        )
         self._loop = asyncio.get_running_loop()
         self._waits.bind_loop()
         return self._client
@@ -271,13 +268,9 @@ class RedisStore(LeaseStore):
                 with contextlib.suppress(*ERRORS):
                     await client.aclose()
 
-    @staticmethod
-    def _strip(url: str) -> str:
-        return strip_url(url)
-
     def _safe_url(self) -> str:
         """The URL without its credentials, for messages."""
-        return self._strip(self.url)
+        return strip_url(self.url)
 
     def _conn(self) -> Any:
         if self._closed:
@@ -520,40 +513,6 @@ class RedisStore(LeaseStore):
         won = bool(got)
         self._counts["claims_won" if won else "claims_lost"] += 1
         return RedisLease(self, key, token, float(ttl)) if won else None
-
-    async def _renew(self, lease: RedisLease) -> bool:
-        (got,) = await self._submit(
-            [("script", "renew", [self.lease_key(lease.key)], [lease.token, ms(lease.ttl)])],
-            urgent=True,
-        )
-        if not got:
-            self._counts["renewals_lost"] += 1
-        return bool(got)
-
-    async def _release(self, lease: RedisLease) -> None:
-        (got,) = await self._submit(
-            [("script", "release", [self.lease_key(lease.key)], [lease.token])], wake=lease.key
-        )
-        if got:
-            self._counts["releases"] += 1
-
-    async def _complete(self, lease: RedisLease, record: Record) -> bool:
-        if record.key != lease.key:
-            raise ValueError(
-                f"RedisLease.complete: the record's key {record.key.hex()[:12]}… is not "
-                f"the lease's key {lease.key.hex()[:12]}…"
-            )
-        cmd: Cmd = (
-            "script",
-            "complete",
-            [self.value_key(record.key), self.lease_key(record.key)],
-            [encode_value(record, self._mac_key), self._px() or 0, lease.token],
-        )
-        (got,) = await self._submit([cmd], wake=record.key)
-        self._counts["puts"] += 1
-        if got:
-            self._counts["releases"] += 1
-        return bool(got)
 
     async def lease_token(self, key: bytes) -> str | None:
         """The token of the lease on ``key`` now (None: nobody holds it)."""
