@@ -656,6 +656,13 @@ def _bench_parsl_size(t: Table, n: int, rounds: int) -> None:
                     runs = (0, 1) if mode is not None else (0,)
                     for run in runs:
                         res = _parsl_child(memoizer, mode, n, d, run)
+                        print(
+                            f"  parsl {n:,} apps, round {rnd + 1}/{rounds}: {memoizer} {mode} "
+                            f"run {run + 1}: {res['seconds']:.2f} s, {res['hits']} hits, "
+                            f"{res['fsyncs']} fsyncs",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         want = n if run == 1 else 0
                         if res["hits"] != want:
                             raise AssertionError(

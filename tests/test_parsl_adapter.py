@@ -401,6 +401,7 @@ def test_switching_from_basic_memoizer_keeps_old_results(
     # not converted yet: the pickle is never loaded, and the log says what to do
     with (
         caplog.at_level(logging.WARNING, logger="parsl.aiomemo"),
+        pytest.warns(RuntimeWarning, match=r"tasks\.pkl: Parsl pickle checkpoint skipped"),
         parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))),
     ):
         assert uuid_app(11).result() != first

@@ -372,7 +372,9 @@ async def test_a_hung_server_fails_a_deep_queue_within_about_one_timeout(
         finally:
             server.proc.send_signal(signal.SIGCONT)
         assert all(isinstance(r, StoreError) for r in res)
-        assert took < 0.3 * 3, took
+        # one timeout, not 125: a loose bound (a loaded machine adds scheduling
+        # delay, never a second timeout's worth per wave)
+        assert took < 0.3 * 8, took
         await s.put_many([rec(1)])  # and it recovers
         assert await s.get(rec(1).key) == rec(1).value
 

@@ -93,7 +93,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import aiofiles
 import aiofiles.os
@@ -135,7 +135,7 @@ __all__ = [
     "load_paths",
     "read_segment_header",
     "read_value",
-    "read_value_view",
+    "read_value_with",
     "segment_stamp",
 ]
 
@@ -183,6 +183,7 @@ _SCAN_CHUNK: Final = 1024 * 1024
 #: the loader's read after skipping a value frame: a batch or two, not the next value
 _SMALL_READ: Final = 64 * 1024
 
+_T = TypeVar("_T")
 _get_key = operator.itemgetter(0)
 _get_value = operator.itemgetter(1)
 
@@ -879,28 +880,40 @@ def read_value(ref: ValueRef) -> bytes:
     return bytes(_read_checked(ref, bytearray))
 
 
-#: a worker thread keeps its read buffer for values up to this size, so a run
-#: of hits on large values does not fault fresh pages in for every read
+#: one read buffer, shared by the worker threads that read values (one at a
+#: time; the others make their own), so a run of hits on large values does not
+#: fault fresh pages in for every read and a pool of threads does not keep a
+#: buffer each
 _KEEP_BUFFER: Final = 64 * 1024 * 1024
-_buffers = threading.local()
+_buffer_lock = threading.Lock()
+_buffer = bytearray()
 
 
-def read_value_view(ref: ValueRef) -> memoryview:
-    """:func:`read_value` into a buffer this thread reuses: valid until its next call.
+def read_value_with(ref: ValueRef, use: Callable[[memoryview], _T]) -> _T:
+    """``use(value)`` for the value ``ref`` points at, verified as :func:`read_value` does.
 
-    For callers that decode the value at once (the decoder copies what it
-    keeps); saves an allocation and its page faults per read.
+    The view is valid only during the call (it may be a reused buffer), so
+    ``use`` must copy what it keeps (decoding does). Blocking: a worker
+    thread's job.
     """
-    return _read_checked(ref, _thread_buffer)
+    global _buffer
+    if ref.length <= _KEEP_BUFFER and _buffer_lock.acquire(blocking=False):
+        try:
 
+            def shared(n: int) -> bytearray:
+                global _buffer
+                if len(_buffer) < n:
+                    _buffer = bytearray(max(n, 1 << 20))
+                return _buffer
 
-def _thread_buffer(n: int) -> bytearray:
-    if n > _KEEP_BUFFER:
-        return bytearray(n)
-    buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _buffers.buf = bytearray(max(n, 1 << 20))
-    return buf
+            view = _read_checked(ref, shared)
+            try:
+                return use(view)
+            finally:
+                view.release()
+        finally:
+            _buffer_lock.release()
+    return use(_read_checked(ref, bytearray))
 
 
 def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:

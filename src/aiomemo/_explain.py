@@ -423,7 +423,7 @@ def explain(
     my_pos, my_kw = mine[0], mine[1]
     my_code = {pid: d for pid, (_, d) in my_pieces.items()} if my_pieces is not None else None
     for seg, size in zip(segments, sizes, strict=True):
-        for item in iter_segment(seg, verify_records=False):
+        for item in iter_segment(seg, verify_records=False, values=False):
             if not isinstance(item, RecordInfo):
                 continue
             rec = item.record

@@ -82,9 +82,9 @@ class OnDisk:
 
 def _read_decode(ref: ValueRef) -> Any:
     """Read a value left on disk, verify and decode it (blocking)."""
-    from aiomemo._checkpoint import read_value_view
+    from aiomemo._checkpoint import read_value_with
 
-    return _codec.decode(read_value_view(ref))
+    return read_value_with(ref, _codec.decode)
 
 
 class MemoTable:
