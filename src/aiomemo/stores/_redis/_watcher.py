@@ -159,16 +159,7 @@ class Watcher:
             self._wake.set()
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:  # noqa: ASYNC109
-        """Wait until ``key`` has a result (return it) or nobody holds its lease (None).
-
-        Woken by the event channel (a put or a release anywhere), with a
-        re-check every ``recheck_interval`` seconds for lost messages, and just
-        after the lease's expiry time (for a holder that died and stopped
-        renewing: it is noticed within one lease time). The checks of all the
-        keys due at once go out in one batch. None also when ``timeout``
-        passes first (claim again, then wait again). Raises ``StoreError``
-        when Redis fails: the caller may then compute the task itself.
-        """
+        """RedisStore.wait_for (see there): register a waiter and await its answer."""
         loop = self._store._own_loop()
         self._counts["waits"] += 1
         fut: asyncio.Future[bytes | None] = loop.create_future()
