@@ -619,8 +619,11 @@ class Memoizer:
             return
         self._table.put(key, r)
         flight = self._flights.finish(key, value=r)  # followers get it
-        record = self._records.make(task, key, r)
         lease_store = flight.lease_store if flight is not None else None
+        if self.checkpoint_mode is None and (flight is None or flight.lease is None):
+            # nothing to write or publish: a later manual checkpoint() encodes it
+            return
+        record = self._records.make(task, key, r)
         if record is None:
             if flight is not None:
                 self._shared.release_flight(flight)
