@@ -302,6 +302,66 @@ class TestMemoizer:
             again = await memo.check_memo(value_task(0))
             assert again is not None and id(again.result()) in objs
 
+    async def test_reads_run_in_one_reader_thread(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every read for the event loop runs in the table's one reader thread; close ends it."""
+        import threading
+
+        from aiomemo import _table
+
+        vals = write_results(tmp_path / "ck", 8, BIG)
+        threads: set[str] = set()
+        real = _table._read_decode
+
+        def spy(ref: ValueRef) -> Any:
+            threads.add(threading.current_thread().name)
+            return real(ref)
+
+        monkeypatch.setattr(_table, "_read_decode", spy)
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "ck")], run_dir=tmp_path / "run", memory_limit=BIG
+        ) as memo:
+            futs = await asyncio.gather(*(memo.check_memo(value_task(i)) for i in vals))
+            assert [f.result() if f else None for f in futs] == list(vals.values())
+            assert memo.stats().disk_reads == 8
+            reader = memo._table._reader
+            assert reader is not None
+        assert len(threads) == 1 and next(iter(threads)).startswith("aiomemo-read")
+        assert memo._table._reader is None and reader._shutdown
+
+    async def test_heap_trimmed_after_large_spills(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Once TRIM_AFTER bytes of spilled or evicted values were let go of, the heap is trimmed."""
+        from aiomemo import _table
+
+        calls: list[int] = []
+        monkeypatch.setattr(_table, "_trim", lambda: calls.append(1))
+        monkeypatch.setattr(_table, "TRIM_AFTER", 3 * BIG)
+        async with Memoizer(
+            run_dir=tmp_path / "run",
+            config_run_dir=tmp_path,
+            checkpoint_mode="task_exit",
+            memory_limit=2 * BIG,
+        ) as memo:
+            for i in range(9):
+                t = value_task(i)
+                assert await memo.check_memo(t) is None
+                await memo.update_memo_result(t, big(i))
+            n = len(calls)
+            # 9 spills of BIG (plus evictions): at least one trim per 3 * BIG let go of
+            assert 3 <= n <= 9
+            for i in range(9):
+                fut = await memo.check_memo(value_task(i))
+                assert fut is not None and fut.result() == big(i)
+
+    def test_trim_is_harmless(self) -> None:
+        """The real trim (glibc's malloc_trim, or nothing elsewhere) can be called at any time."""
+        from aiomemo import _table
+
+        _table._trim()
+
     async def test_unbounded_keeps_everything(self, tmp_path: Path) -> None:
         """memory_limit=None: a value read once moves into the memo for good."""
         write_results(tmp_path / "ck", 3, BIG)

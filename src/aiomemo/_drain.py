@@ -271,9 +271,10 @@ class Drain:
                 return written
             del sink.queue[: len(chunk)]
             sink.failures = 0
+            written += len(chunk)
+            del chunk  # the encoded records are durable: on_durable may free their bytes
             if self.on_durable is not None:
                 self.on_durable(sink.store)
-            written += len(chunk)
             await asyncio.sleep(0)  # let the loop breathe between chunks
         return written
 

@@ -455,6 +455,7 @@ class Memoizer:
             self._flights.abandon_all(_CLOSED_MID_TASK)
             self._shared.cancel_all()
             errors += await self._drain.close_stores()
+            self._table.close()
         if unsaved:
             raise CheckpointError(
                 f"{unsaved} checkpoint record(s) could not be saved: " + "; ".join(errors),
@@ -646,6 +647,10 @@ class Memoizer:
                 return  # close() is making the final pass with this record
             assert loop is not None
             await self._drain.commit(loop)
+            # durable, so spilled: once this frame lets go of the encoded
+            # record, its bytes can go back to the system
+            del record
+            self._table.trim_if_due()
         elif self.checkpoint_mode == "periodic" and self._drain.queued_enough():
             self._drain.wake()
 
@@ -734,6 +739,9 @@ class Memoizer:
         refs: dict[bytes, ValueRef] = take()
         for raw, ref in refs.items():
             self._table.spill(raw.hex(), raw, ref)
+        del refs
+        if self.checkpoint_mode != "task_exit":  # there the caller still holds its record
+            self._table.trim_if_due()
 
     def _add_default_sink(self) -> None:
         # checkpoint_mode None with a manual checkpoint(): a LogStore on demand

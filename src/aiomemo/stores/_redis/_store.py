@@ -1,46 +1,43 @@
-"""RedisStore and RedisLease (see the package docstring for the design)."""
+"""RedisStore: the LeaseStore over the batcher, the lease scripts and the watcher.
+
+See the package docstring for the design. The parts: ``_config`` (option
+checks, the redis-py client), ``_batcher`` (one pipeline per batch of
+operations), ``_lease`` (RedisLease and its Lua scripts), ``_watcher``
+(wait_for's waiters and their pub/sub wake-ups), ``_values`` (the record format).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import heapq
 import logging
 import os
-import time
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, cast
-
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub, RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AuthenticationError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
+from typing import Any, ClassVar, TypeVar
 
 from aiomemo._exceptions import StoreError
-from aiomemo.stores._base import Lease, LeaseStore, LoadReport, Record
+from aiomemo.stores._base import LeaseStore, LoadReport, Record
+from aiomemo.stores._redis._batcher import Batcher, Cmd
+from aiomemo.stores._redis._config import (
+    ERRORS,
+    check_options,
+    close_pubsub,
+    is_auth_error,
+    make_client,
+    open_connections,
+    strip_url,
+)
+from aiomemo.stores._redis._lease import SCRIPTS, RedisLease, ms
 from aiomemo.stores._redis._values import (
     MAGIC,
     MAGIC_SIGNED,
     decode_value,
     derive_key,
     encode_value,
-    key_list,
-    parse_key_list,
 )
+from aiomemo.stores._redis._watcher import Watcher
 
 __all__ = ["RedisLease", "RedisStore"]
 
@@ -48,152 +45,27 @@ log = logging.getLogger("aiomemo.redis")
 
 _T = TypeVar("_T")
 
-# what a failing redis-py call raises (the cluster client's topology errors
-# are not RedisErrors)
-_ERRORS = (RedisError, OSError, RedisClusterException)
-
-# KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] magic.
-# 1: taken; 0: held by another or a result (a value with our header) exists.
-_CLAIM_LUA = """
-if redis.call('getrange', KEYS[2], 0, 3) == ARGV[3] then return 0 end
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-
-# KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms.
-_RENEW_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS[1] lease; ARGV[1] token.
-_RELEASE_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-
-# KEYS[1] value; ARGV[1] the bad value read: delete it only if still the same.
-_DROP_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-
-# KEYS[1] value, KEYS[2] lease; ARGV[1] blob, ARGV[2] ttl ms (0: none), ARGV[3] token.
-# Returns 1 when the lease was ours (and is now released).
-_COMPLETE_LUA = """
-if tonumber(ARGV[2]) > 0 then
-  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else
-  redis.call('set', KEYS[1], ARGV[1])
-end
-if redis.call('get', KEYS[2]) == ARGV[3] then
-  redis.call('del', KEYS[2])
-  return 1
-end
-return 0
-"""
-
-_SCRIPTS = {
-    "claim": _CLAIM_LUA,
-    "renew": _RENEW_LUA,
-    "release": _RELEASE_LUA,
-    "drop": _DROP_LUA,
-    "complete": _COMPLETE_LUA,
-}
-_SHA = {name: hashlib.sha1(lua.encode()).hexdigest() for name, lua in _SCRIPTS.items()}
-
-# One command of a batched operation: ("GET", key), ("PTTL", key), ("SET", ...),
-# or ("script", name, keys, args).
-_Cmd = tuple[Any, ...]
-
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
-
-
-class _Op:
-    """One queued operation: its commands, the future of their replies, the keys to announce."""
-
-    __slots__ = ("cmds", "fut", "on_orphan", "wake", "weight")
-
-    def __init__(
-        self,
-        cmds: list[_Cmd],
-        fut: asyncio.Future[list[Any]],
-        wake: Sequence[bytes],
-        on_orphan: Callable[[list[Any]], None] | None,
-        weight: int = 1,
-    ) -> None:
-        self.cmds = cmds
-        self.fut = fut
-        self.wake = wake
-        self.on_orphan = on_orphan
-        self.weight = weight  # operations it counts for in a batch (bulk ops: their records)
-
-
-class _Waiting:
-    """The processes' waiters on one key (all answered by the same check)."""
-
-    __slots__ = ("futs", "gen")
-
-    def __init__(self) -> None:
-        self.futs: set[asyncio.Future[bytes | None]] = set()
-        self.gen = 0
-
-
-class RedisLease(Lease):
-    """A lease on one key in a :class:`RedisStore`, held under a random token.
-
-    Only this object (its token) can renew, release or complete it; another
-    holder's lease on the same key is never touched.
-    """
-
-    __slots__ = ("_released", "_store")
-
-    def __init__(self, store: RedisStore, key: bytes, token: str, ttl: float) -> None:
-        super().__init__(key, token, ttl)
-        self._store = store
-        self._released = False
-
-    def __repr__(self) -> str:
-        return f"RedisLease({self.key.hex()[:12]}…, ttl={self.ttl})"
-
-    async def renew(self) -> bool:
-        """Extend the lease by ``ttl``; False when it was lost (expired or taken)."""
-        if self._released:
-            return False
-        return await self._store._renew(self)
-
-    async def release(self) -> None:
-        """Give the lease up and wake the waiters. Idempotent."""
-        if self._released:
-            return
-        await self._store._release(self)
-        self._released = True
-
-    async def complete(self, record: Record) -> bool:
-        """Store ``record``, drop the lease and wake waiters: one atomic call.
-
-        Waiters never see the lease gone without the result. Returns whether
-        the lease was still held.
-        """
-        held = await self._store._complete(self, record)
-        self._released = True
-        return held
-
-
-async def _close_pubsub(pubsub: PubSub) -> None:
-    with contextlib.suppress(*_ERRORS, RuntimeError):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    if isinstance(exc, AuthenticationError):
-        return True
-    text = str(exc)
-    return isinstance(exc, ResponseError) and ("NOAUTH" in text or "WRONGPASS" in text)
+_COUNTERS = (
+    "gets",
+    "hits",
+    "misses",
+    "bad_values",
+    "errors",
+    "puts",
+    "put_batches",
+    "claims_won",
+    "claims_lost",
+    "renewals_lost",
+    "releases",
+    "waits",
+    "wait_checks",
+    "wait_rounds",
+    "wait_wakeups",
+    "round_trips",
+    "batched_ops",
+    "batch_max",
+    "in_flight_max",
+)
 
 
 class RedisStore(LeaseStore):
@@ -249,35 +121,21 @@ class RedisStore(LeaseStore):
         tls_ca_file: str | os.PathLike[str] | None = None,
         client_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a str, not {type(url).__name__}")
-        try:
-            parse_url(url)
-        except ValueError as exc:
-            raise ValueError(f"bad Redis URL {url!r}: {exc}") from None
-        if not isinstance(namespace, str) or not namespace:
-            raise ValueError("namespace must be a non-empty str")
-        if "{" in namespace or "}" in namespace:
-            raise ValueError(
-                f"namespace {namespace!r} must not contain braces (they are the hash tag "
-                "that keeps a task's result and lease keys in one cluster slot)"
-            )
-        if ttl is not None and not ttl > 0:
-            raise ValueError(f"ttl must be > 0 seconds or None, not {ttl!r}")
-        if not lease_ttl > 0:
-            raise ValueError(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
-        if recheck_interval is not None and not recheck_interval > 0:
-            raise ValueError(f"recheck_interval must be > 0, not {recheck_interval!r}")
-        if not socket_timeout > 0 or not connect_timeout > 0:
-            raise ValueError("socket_timeout and connect_timeout must be > 0")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
-        if not isinstance(max_connections, int) or max_connections < 1:
-            raise ValueError(f"max_connections must be an int >= 1, not {max_connections!r}")
-        if cluster and url.startswith("unix:"):
-            raise ValueError("a Redis Cluster is reached over TCP, not a unix socket URL")
+        check_options(
+            url,
+            namespace=namespace,
+            ttl=ttl,
+            lease_ttl=lease_ttl,
+            recheck_interval=recheck_interval,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            batch_size=batch_size,
+            max_connections=max_connections,
+            cluster=cluster,
+            tls_ca_file=tls_ca_file,
+        )
         if tls_ca_file is not None and not url.startswith("rediss://"):
-            raise ValueError(f"tls_ca_file needs a rediss:// URL, not {self._strip(url)!r}")
+            raise ValueError(f"tls_ca_file needs a rediss:// URL, not {strip_url(url)!r}")
         if tls_ca_file is not None and not os.path.isfile(tls_ca_file):
             raise ValueError(f"tls_ca_file {os.fspath(tls_ca_file)!r} is not a file")
         self.url = url
@@ -301,47 +159,14 @@ class RedisStore(LeaseStore):
         self._client: Any = None  # aioredis.Redis or RedisCluster
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        # batching
-        self._queue: deque[_Op] = deque()
-        self._kick_scheduled = False
-        self._in_flight = 0
-        self._flushes: set[asyncio.Task[None]] = set()
-        self._bg: set[asyncio.Future[Any]] = set()
-        # waiting
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._sub_lock: asyncio.Lock | None = None
-        self._waiting: dict[bytes, _Waiting] = {}
-        self._due: set[bytes] = set()
-        self._timers: list[tuple[float, int, bytes]] = []
-        self._watcher: asyncio.Task[None] | None = None
-        self._watch_wake: asyncio.Event | None = None
         self._failing = False
-        self._counts: dict[str, int] = dict.fromkeys(
-            (
-                "gets",
-                "hits",
-                "misses",
-                "bad_values",
-                "errors",
-                "puts",
-                "put_batches",
-                "claims_won",
-                "claims_lost",
-                "renewals_lost",
-                "releases",
-                "waits",
-                "wait_checks",
-                "wait_rounds",
-                "wait_wakeups",
-                "round_trips",
-                "batched_ops",
-                "batch_max",
-                "in_flight_max",
-            ),
-            0,
-        )
+        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.last_error: str | None = None
+        self._batch = Batcher(self)
+        # the hot path: queue an operation (bound once, no per-call indirection)
+        self._submit = self._batch.submit
+        self._background = self._batch.background
+        self._waits = Watcher(self)
 
     async def __aenter__(self) -> RedisStore:
         await self.open()
@@ -360,42 +185,6 @@ class RedisStore(LeaseStore):
         """The Redis key holding the lease on task ``key``."""
         return self._ns + b":l:{" + key.hex().encode() + b"}"
 
-    # -- lifecycle ----------------------------------------------------------
-    def _connection_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.connect_timeout,
-            "decode_responses": False,
-            "client_name": f"aiomemo:{os.getpid()}",
-        }
-        if self.tls_ca_file is not None:
-            kwargs["ssl_ca_certs"] = self.tls_ca_file
-        kwargs.update(self._client_kwargs)
-        return kwargs
-
-    def _make_client(self) -> Any:
-        kwargs = self._connection_kwargs()
-        # One immediate retry on a broken connection: it re-establishes a
-        # pooled connection that a server restart broke. No retry on a
-        # timeout (a hung server would double the wait) and no back-off loop.
-        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-        if self.cluster:
-            return RedisCluster.from_url(
-                self.url,
-                retry=retry,
-                require_full_coverage=False,
-                max_connections=self.max_connections + 1,
-                **kwargs,
-            )
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=self.max_connections + 1,  # + the pub/sub connection
-            timeout=self.socket_timeout,
-            retry=retry,
-            **kwargs,
-        )
-        return aioredis.Redis.from_pool(pool)
-
     async def open(self, *, run_dir: Path | None = None) -> None:
         """Create the client and check the server with a PING.
 
@@ -413,14 +202,14 @@ class RedisStore(LeaseStore):
             # load the Lua scripts now (on every master of a cluster), so the
             # first batches need no NOSCRIPT retry; a server that lost them
             # later (restart) is served by that retry
-            for lua in _SCRIPTS.values():
+            for lua in SCRIPTS.values():
                 await client.script_load(lua)
-        except _ERRORS as cause:
+        except ERRORS as cause:
             # one warning, here; later failures stay quiet until Redis answers
             self._counts["errors"] += 1
             self.last_error = f"PING: {type(cause).__name__}: {cause}"
             self._failing = True
-            if _is_auth_error(cause):
+            if is_auth_error(cause):
                 log.warning(
                     "Redis at %s refused the credentials (%s): check the user and password "
                     "in the URL; continuing without it",
@@ -435,10 +224,17 @@ class RedisStore(LeaseStore):
                 )
 
     def _new_client(self) -> Any:
-        self._client = self._make_client()
+        self._client = make_client(
+            self.url,
+            cluster=self.cluster,
+            max_connections=self.max_connections,
+            socket_timeout=self.socket_timeout,
+            connect_timeout=self.connect_timeout,
+            tls_ca_file=self.tls_ca_file,
+            client_kwargs=self._client_kwargs,
+        )
         self._loop = asyncio.get_running_loop()
-        self._sub_lock = asyncio.Lock()
-        self._watch_wake = asyncio.Event()
+        self._waits.bind_loop()
         return self._client
 
     async def aclose(self) -> None:
@@ -453,49 +249,28 @@ class RedisStore(LeaseStore):
         except RuntimeError:
             same_loop = False
         closed = StoreError(f"{self!r} was closed")
-        tasks = [t for t in (self._watcher, self._reader, *self._flushes) if t is not None]
-        self._watcher = self._reader = None
+        tasks = [*self._waits.take_tasks(), *self._batch.take_tasks()]
         if same_loop:
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            while self._queue:
-                op = self._queue.popleft()
-                if not op.fut.done():
-                    op.fut.set_exception(closed)
-            for w in self._waiting.values():
-                for fut in w.futs:
-                    if not fut.done():
-                        fut.set_exception(closed)
-        self._queue.clear()
-        self._flushes.clear()
-        self._in_flight = 0
-        self._kick_scheduled = False
-        self._waiting.clear()
-        self._due.clear()
-        self._timers.clear()
-        pubsub, self._pubsub = self._pubsub, None
+            self._batch.fail_queued(closed)
+            self._waits.fail_waiters(closed)
+        self._batch.reset()
+        pubsub = self._waits.reset()
         client, self._client = self._client, None
         if same_loop:
             if pubsub is not None:
-                await _close_pubsub(pubsub)
+                await close_pubsub(pubsub)
             if client is not None:
-                with contextlib.suppress(*_ERRORS):
+                with contextlib.suppress(*ERRORS):
                     await client.aclose()
-
-    @staticmethod
-    def _strip(url: str) -> str:
-        head, sep, tail = url.rpartition("@")
-        if not sep:
-            return url
-        scheme, _, _ = head.partition("://")
-        return f"{scheme}://***@{tail}"
 
     def _safe_url(self) -> str:
         """The URL without its credentials, for messages."""
-        return self._strip(self.url)
+        return strip_url(self.url)
 
     def _conn(self) -> Any:
         if self._closed:
@@ -537,7 +312,7 @@ class RedisStore(LeaseStore):
         """Await a direct redis-py call, translating its errors into StoreError."""
         try:
             result = await aw
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._error(op, exc) from exc
         self._answered()
         return result
@@ -561,185 +336,9 @@ class RedisStore(LeaseStore):
         """
         out = dict(self._counts)
         out["max_connections"] = self.max_connections
-        out["connections"] = self._open_connections()
-        out["waiting_keys"] = len(self._waiting)
+        out["connections"] = open_connections(self._client, cluster=self.cluster)
+        out["waiting_keys"] = len(self._waits)
         return out
-
-    def _open_connections(self) -> int:
-        """Connections open now (pub/sub included; all nodes of a cluster); -1 if unknown."""
-        client = self._client
-        if client is None:
-            return 0
-        try:  # redis-py internals: a count for stats only, never relied upon
-            if self.cluster:
-                conns = [c for node in client.get_nodes() for c in node._connections]
-            else:
-                pool = client.connection_pool
-                conns = [*pool._get_free_connections(), *pool._get_in_use_connections()]
-            return sum(1 for c in conns if c.is_connected)
-        except Exception:
-            return -1
-
-    # -- batching -----------------------------------------------------------
-    def _submit(
-        self,
-        cmds: list[_Cmd],
-        *,
-        wake: bytes | Sequence[bytes] = (),
-        on_orphan: Callable[[list[Any]], None] | None = None,
-        urgent: bool = False,
-        weight: int = 1,
-    ) -> asyncio.Future[list[Any]]:
-        """Queue one operation; it goes out with the others of this loop iteration.
-
-        ``urgent`` (lease renewals) jumps the queue: a deep backlog of lookups
-        must not let a live holder's lease expire.
-        """
-        loop = self._own_loop()
-        fut: asyncio.Future[list[Any]] = loop.create_future()
-        op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight)
-        if urgent:
-            self._queue.appendleft(op)
-        else:
-            self._queue.append(op)
-        if not self._kick_scheduled:
-            self._kick_scheduled = True
-            loop.call_soon(self._kick)
-        return fut
-
-    def _kick(self) -> None:
-        self._kick_scheduled = False
-        while self._queue and self._in_flight < self.max_connections and not self._closed:
-            ops: list[_Op] = []
-            weight = 0
-            queue = self._queue
-            while queue and (not ops or weight + queue[0].weight <= self.batch_size):
-                op = queue.popleft()
-                ops.append(op)
-                weight += op.weight
-            self._in_flight += 1
-            if self._in_flight > self._counts["in_flight_max"]:
-                self._counts["in_flight_max"] = self._in_flight
-            task = asyncio.ensure_future(self._flush(ops))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
-
-    def _fill(self, pipe: Any, ops: Sequence[_Op], *, use_eval: bool) -> None:
-        for op in ops:
-            for cmd in op.cmds:
-                if cmd[0] == "script":
-                    _, name, keys, args = cmd
-                    if use_eval:
-                        pipe.execute_command("EVAL", _SCRIPTS[name], len(keys), *keys, *args)
-                    else:
-                        pipe.execute_command("EVALSHA", _SHA[name], len(keys), *keys, *args)
-                else:
-                    pipe.execute_command(*cmd)
-
-    async def _send(self, ops: Sequence[_Op], *, use_eval: bool) -> list[list[Any]]:
-        """One round trip for ``ops``: the replies of each op's commands, in order."""
-        client = self._client
-        pipe = client.pipeline(transaction=False)
-        gets: list[int] = []
-        if not self.cluster:
-            # plain lookups go as one MGET: far less client work than N GETs
-            # (a cluster cannot: its keys are in many slots)
-            gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
-            if len(gets) > 1:
-                pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
-            else:
-                gets = []
-        in_mget = set(gets)
-        rest = [i for i in range(len(ops)) if i not in in_mget]
-        self._fill(pipe, [ops[i] for i in rest], use_eval=use_eval)
-        wake = [k for op in ops for k in op.wake]
-        if wake and not self.cluster:
-            # same connection, after the writes: a woken waiter sees them
-            pipe.execute_command("PUBLISH", self.channel, key_list(b"p", wake))
-        self._counts["round_trips"] += 1
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        if wake and self.cluster:
-            # after the writes (they may be on other nodes): a second round trip
-            with contextlib.suppress(*_ERRORS):
-                await client.execute_command("SPUBLISH", self.channel, key_list(b"p", wake))
-                self._counts["round_trips"] += 1
-        out: list[list[Any]] = [[] for _ in ops]
-        pos = 0
-        if gets:
-            values = results[0]
-            pos = 1
-            for j, i in enumerate(gets):
-                out[i] = [values if isinstance(values, Exception) else values[j]]
-        for i in rest:
-            n = len(ops[i].cmds)
-            out[i] = results[pos : pos + n]
-            pos += n
-        return out
-
-    async def _round_trip(self, ops: list[_Op], *, use_eval: bool) -> list[_Op]:
-        """Send ``ops`` and settle them; return those that met NOSCRIPT (only without EVAL)."""
-        try:
-            replies = await self._send(ops, use_eval=use_eval)
-        except _ERRORS as exc:
-            err = self._error(f"pipeline of {len(ops)} operations", exc)
-            for op in ops:
-                self._settle(op, err)
-            # Redis is down or hung (redis-py already retried a broken
-            # connection once): what is queued behind this round trip
-            # fails now too, rather than one socket_timeout per batch
-            while self._queue:
-                self._settle(self._queue.popleft(), err)
-            return []
-        self._answered()
-        retry: list[_Op] = []
-        for op, res in zip(ops, replies, strict=True):
-            failed = next((r for r in res if isinstance(r, Exception)), None)
-            if isinstance(failed, NoScriptError) and not use_eval:
-                retry.append(op)
-            elif failed is not None:
-                self._settle(op, self._error("batched command", failed))
-            else:
-                self._settle(op, res)
-        return retry
-
-    async def _flush(self, ops: list[_Op]) -> None:
-        try:
-            size = sum(op.weight for op in ops)
-            self._counts["batched_ops"] += size
-            if size > self._counts["batch_max"]:
-                self._counts["batch_max"] = size
-            # EVALSHA first; the operations whose script the server lost (a
-            # restart) go again with EVAL, once
-            retry = await self._round_trip(ops, use_eval=False)
-            if retry:
-                await self._round_trip(retry, use_eval=True)
-        except asyncio.CancelledError:
-            # only aclose() cancels a flush: its callers learn the store closed
-            closed = StoreError(f"{self!r} was closed before Redis answered")
-            for op in ops:
-                if not op.fut.done():
-                    op.fut.set_exception(closed)
-            raise
-        finally:
-            self._in_flight -= 1
-            if self._queue and not self._closed:
-                self._kick()
-
-    def _settle(self, op: _Op, res: list[Any] | StoreError) -> None:
-        if op.fut.done():
-            # the caller gave up (cancelled): undo what it can no longer use
-            if op.on_orphan is not None and not isinstance(res, StoreError):
-                op.on_orphan(res)
-            return
-        if isinstance(res, StoreError):
-            op.fut.set_exception(res)
-        else:
-            op.fut.set_result(res)
-
-    def _background(self, fut: asyncio.Future[Any]) -> None:
-        self._bg.add(fut)
-        fut.add_done_callback(self._bg.discard)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # -- results ------------------------------------------------------------
     async def load(self) -> LoadReport:
@@ -854,9 +453,9 @@ class RedisStore(LeaseStore):
         return out
 
     def _px(self) -> int | None:
-        return None if self.ttl is None else _ms(self.ttl)
+        return None if self.ttl is None else ms(self.ttl)
 
-    def _set_cmd(self, rec: Record) -> _Cmd:
+    def _set_cmd(self, rec: Record) -> Cmd:
         blob = encode_value(rec, self._mac_key)
         px = self._px()
         if px is None:
@@ -908,46 +507,12 @@ class RedisStore(LeaseStore):
                 self._background(self._submit([("script", "release", [lkey], [token])], wake=key))
 
         (got,) = await self._submit(
-            [("script", "claim", [lkey, self.value_key(key)], [token, _ms(ttl), self._magic])],
+            [("script", "claim", [lkey, self.value_key(key)], [token, ms(ttl), self._magic])],
             on_orphan=orphan,
         )
         won = bool(got)
         self._counts["claims_won" if won else "claims_lost"] += 1
         return RedisLease(self, key, token, float(ttl)) if won else None
-
-    async def _renew(self, lease: RedisLease) -> bool:
-        (got,) = await self._submit(
-            [("script", "renew", [self.lease_key(lease.key)], [lease.token, _ms(lease.ttl)])],
-            urgent=True,
-        )
-        if not got:
-            self._counts["renewals_lost"] += 1
-        return bool(got)
-
-    async def _release(self, lease: RedisLease) -> None:
-        (got,) = await self._submit(
-            [("script", "release", [self.lease_key(lease.key)], [lease.token])], wake=lease.key
-        )
-        if got:
-            self._counts["releases"] += 1
-
-    async def _complete(self, lease: RedisLease, record: Record) -> bool:
-        if record.key != lease.key:
-            raise ValueError(
-                f"RedisLease.complete: the record's key {record.key.hex()[:12]}… is not "
-                f"the lease's key {lease.key.hex()[:12]}…"
-            )
-        cmd: _Cmd = (
-            "script",
-            "complete",
-            [self.value_key(record.key), self.lease_key(record.key)],
-            [encode_value(record, self._mac_key), self._px() or 0, lease.token],
-        )
-        (got,) = await self._submit([cmd], wake=record.key)
-        self._counts["puts"] += 1
-        if got:
-            self._counts["releases"] += 1
-        return bool(got)
 
     async def lease_token(self, key: bytes) -> str | None:
         """The token of the lease on ``key`` now (None: nobody holds it)."""
@@ -957,80 +522,6 @@ class RedisStore(LeaseStore):
         return bytes(raw).decode("utf-8", "replace")
 
     # -- waiting ------------------------------------------------------------
-    async def _ensure_subscribed(self) -> None:
-        if self._reader is not None and not self._reader.done():
-            return
-        client = self._conn()
-        assert self._sub_lock is not None
-        async with self._sub_lock:
-            if self._reader is not None and not self._reader.done():
-                return
-            old, self._pubsub = self._pubsub, None
-            if old is not None:
-                await _close_pubsub(old)
-            pubsub = client.pubsub()
-            try:
-                if self.cluster:
-                    await self._call("SSUBSCRIBE", pubsub.ssubscribe(self.channel))
-                else:
-                    await self._call("SUBSCRIBE", pubsub.subscribe(self.channel))
-                # Wait for the confirmation: only then is no later publish missed.
-                deadline = time.monotonic() + self.connect_timeout + self.socket_timeout
-                want = "ssubscribe" if self.cluster else "subscribe"
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise StoreError(f"Redis {want} not confirmed at {self._safe_url()}")
-                    msg = await self._call(want, self._next_message(pubsub, left))
-                    if msg is not None and msg.get("type") == want:
-                        break
-            except BaseException:
-                await _close_pubsub(pubsub)
-                raise
-            self._pubsub = pubsub
-            self._reader = asyncio.create_task(
-                self._read_events(pubsub), name="aiomemo-redis-events"
-            )
-
-    async def _next_message(self, pubsub: Any, wait: float | None) -> dict[str, Any] | None:
-        # the next pub/sub message, waiting up to ``wait`` seconds (None: no limit)
-        if self.cluster:
-            msg: dict[str, Any] | None = await cast("ClusterPubSub", pubsub).get_sharded_message(
-                timeout=wait if wait is not None else 1.0
-            )
-        else:
-            msg = await pubsub.get_message(timeout=wait)
-        return msg
-
-    async def _read_events(self, pubsub: PubSub) -> None:
-        try:
-            while True:
-                msg = await self._next_message(pubsub, None)
-                if msg is None or msg.get("type") not in ("message", "smessage"):
-                    continue
-                data = msg.get("data")
-                if not isinstance(data, bytes) or not data:
-                    continue
-                woke = 0
-                for k in parse_key_list(data):
-                    if k in self._waiting:
-                        self._due.add(k)
-                        woke += 1
-                if woke:
-                    self._counts["wait_wakeups"] += woke
-                    self._wake_watcher()
-        except _ERRORS as exc:
-            # Lost the subscription: every waiter re-checks (the watcher
-            # re-subscribes first, or reports the StoreError).
-            self._counts["errors"] += 1
-            self.last_error = f"event listener: {type(exc).__name__}: {exc}"
-            self._due.update(self._waiting)
-            self._wake_watcher()
-
-    def _wake_watcher(self) -> None:
-        if self._watch_wake is not None:
-            self._watch_wake.set()
-
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:  # noqa: ASYNC109
         """Wait until ``key`` has a result (return it) or nobody holds its lease (None).
 
@@ -1042,103 +533,4 @@ class RedisStore(LeaseStore):
         passes first (claim again, then wait again). Raises ``StoreError``
         when Redis fails: the caller may then compute the task itself.
         """
-        loop = self._own_loop()
-        self._counts["waits"] += 1
-        fut: asyncio.Future[bytes | None] = loop.create_future()
-        w = self._waiting.get(key)
-        if w is None:
-            w = self._waiting[key] = _Waiting()
-        w.futs.add(fut)
-        self._due.add(key)
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch(), name="aiomemo-redis-watch")
-        self._wake_watcher()
-        try:
-            async with asyncio.timeout(max(0.0, timeout)):
-                return await fut
-        except TimeoutError:
-            return None
-        finally:
-            w.futs.discard(fut)
-            if not w.futs and self._waiting.get(key) is w:
-                del self._waiting[key]
-
-    def _answer(self, key: bytes, result: bytes | StoreError | None) -> None:
-        w = self._waiting.pop(key, None)
-        if w is None:
-            return
-        for fut in w.futs:
-            if fut.done():
-                continue
-            if isinstance(result, StoreError):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
-
-    def _slack(self) -> float:
-        return min(0.05, self.recheck_interval / 10)
-
-    async def _watch(self) -> None:
-        """The one task that checks every waited-for key: batched, when due."""
-        wake = self._watch_wake
-        assert wake is not None
-        # re-checks due within ``slack`` of each other go in the same round
-        slack = self._slack()
-        while not self._closed:
-            now = time.monotonic()
-            timers = self._timers
-            while timers and timers[0][0] <= now + slack:
-                _, gen, k = heapq.heappop(timers)
-                w = self._waiting.get(k)
-                if w is not None and w.gen == gen:
-                    self._due.add(k)
-            due = [k for k in self._due if k in self._waiting]
-            self._due.clear()
-            if not due:
-                wake.clear()
-                delay = timers[0][0] - now if timers else None
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await wake.wait()
-                continue
-            await self._check_round(due)
-
-    async def _check_round(self, due: list[bytes]) -> None:
-        try:
-            await self._ensure_subscribed()
-        except StoreError as exc:
-            for k in due:
-                self._answer(k, exc)
-            return
-        self._counts["wait_rounds"] += 1
-        self._counts["wait_checks"] += len(due)
-        futs = [
-            self._submit([("GET", self.value_key(k)), ("PTTL", self.lease_key(k))]) for k in due
-        ]
-        replies = await asyncio.gather(*futs, return_exceptions=True)
-        now = time.monotonic()
-        for k, reply in zip(due, replies, strict=True):
-            w = self._waiting.get(k)
-            if w is None:
-                continue  # every waiter gave up meanwhile
-            if isinstance(reply, BaseException):
-                self._answer(k, reply if isinstance(reply, StoreError) else StoreError(str(reply)))
-                continue
-            blob, lease_ms = reply
-            rec, drop = self._check(k, blob)
-            if drop is not None:
-                self._background(drop)
-            if rec is not None:
-                self._answer(k, rec.value)
-            elif lease_ms == -2:  # no lease: nobody computes it
-                self._answer(k, None)
-            else:
-                nap = self.recheck_interval
-                if lease_ms > 0:
-                    # look again right after the lease would expire: a dead
-                    # holder is noticed within its lease time, a live one
-                    # renews before that (every ttl/3), so this is no busy poll
-                    # (+ slack: a round taken up to ``slack`` early is still after it)
-                    nap = min(nap, lease_ms / 1000 + 0.01 + self._slack())
-                w.gen += 1
-                heapq.heappush(self._timers, (now + nap, w.gen, k))
+        return await self._waits.wait_for(key, timeout)

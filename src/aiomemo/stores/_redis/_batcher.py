@@ -1,0 +1,251 @@
+"""The batcher: one pipelined round trip for the operations of an event-loop iteration.
+
+Every RedisStore operation is a list of commands queued here; the queue is
+sent in pipelines of up to ``batch_size`` operations, at most
+``max_connections`` of them in flight, and each operation's future gets the
+replies of its own commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
+
+from aiomemo._exceptions import StoreError
+from aiomemo.stores._redis._config import ERRORS
+from aiomemo.stores._redis._lease import SCRIPTS, SHA
+from aiomemo.stores._redis._values import key_list
+
+if TYPE_CHECKING:
+    from aiomemo.stores._redis._store import RedisStore
+
+__all__ = ["Batcher", "Cmd"]
+
+# One command of a batched operation: ("GET", key), ("PTTL", key), ("SET", ...),
+# or ("script", name, keys, args).
+Cmd = tuple[Any, ...]
+
+
+class _Op:
+    """One queued operation: its commands, the future of their replies, the keys to announce."""
+
+    __slots__ = ("cmds", "fut", "on_orphan", "wake", "weight")
+
+    def __init__(
+        self,
+        cmds: list[Cmd],
+        fut: asyncio.Future[list[Any]],
+        wake: Sequence[bytes],
+        on_orphan: Callable[[list[Any]], None] | None,
+        weight: int = 1,
+    ) -> None:
+        self.cmds = cmds
+        self.fut = fut
+        self.wake = wake
+        self.on_orphan = on_orphan
+        self.weight = weight  # operations it counts for in a batch (bulk ops: their records)
+
+
+class Batcher:
+    """The queue of a store's operations, and the round trips that carry them.
+
+    It uses the store's client, loop check and error accounting; it owns the
+    queue, the in-flight count and the flush tasks.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._own_loop = store._own_loop
+        self._counts = store._counts
+        self._batch_size = store.batch_size
+        self._max_connections = store.max_connections
+        self._cluster = store.cluster
+        self._channel = store.channel
+        self._queue: deque[_Op] = deque()
+        self._kick_scheduled = False
+        self._in_flight = 0
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._bg: set[asyncio.Future[Any]] = set()
+
+    def take_tasks(self) -> list[asyncio.Task[None]]:
+        """The flushes under way (for aclose to cancel)."""
+        return list(self._flushes)
+
+    def fail_queued(self, err: StoreError) -> None:
+        """Fail every operation still queued with ``err``."""
+        while self._queue:
+            op = self._queue.popleft()
+            if not op.fut.done():
+                op.fut.set_exception(err)
+
+    def reset(self) -> None:
+        """Forget the queue and the flushes (after aclose)."""
+        self._queue.clear()
+        self._flushes.clear()
+        self._in_flight = 0
+        self._kick_scheduled = False
+
+    def submit(
+        self,
+        cmds: list[Cmd],
+        *,
+        wake: bytes | Sequence[bytes] = (),
+        on_orphan: Callable[[list[Any]], None] | None = None,
+        urgent: bool = False,
+        weight: int = 1,
+    ) -> asyncio.Future[list[Any]]:
+        """Queue one operation; it goes out with the others of this loop iteration.
+
+        ``urgent`` (lease renewals) jumps the queue: a deep backlog of lookups
+        must not let a live holder's lease expire.
+        """
+        loop = self._own_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
+        op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight)
+        if urgent:
+            self._queue.appendleft(op)
+        else:
+            self._queue.append(op)
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return fut
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._queue and self._in_flight < self._max_connections and not self._store._closed:
+            ops: list[_Op] = []
+            weight = 0
+            queue = self._queue
+            while queue and (not ops or weight + queue[0].weight <= self._batch_size):
+                op = queue.popleft()
+                ops.append(op)
+                weight += op.weight
+            self._in_flight += 1
+            if self._in_flight > self._counts["in_flight_max"]:
+                self._counts["in_flight_max"] = self._in_flight
+            task = asyncio.ensure_future(self._flush(ops))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    def _fill(self, pipe: Any, ops: Sequence[_Op], *, use_eval: bool) -> None:
+        for op in ops:
+            for cmd in op.cmds:
+                if cmd[0] == "script":
+                    _, name, keys, args = cmd
+                    if use_eval:
+                        pipe.execute_command("EVAL", SCRIPTS[name], len(keys), *keys, *args)
+                    else:
+                        pipe.execute_command("EVALSHA", SHA[name], len(keys), *keys, *args)
+                else:
+                    pipe.execute_command(*cmd)
+
+    async def _send(self, ops: Sequence[_Op], *, use_eval: bool) -> list[list[Any]]:
+        """One round trip for ``ops``: the replies of each op's commands, in order."""
+        client = self._store._client
+        pipe = client.pipeline(transaction=False)
+        gets: list[int] = []
+        if not self._cluster:
+            # plain lookups go as one MGET: far less client work than N GETs
+            # (a cluster cannot: its keys are in many slots)
+            gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
+            if len(gets) > 1:
+                pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
+            else:
+                gets = []
+        in_mget = set(gets)
+        rest = [i for i in range(len(ops)) if i not in in_mget]
+        self._fill(pipe, [ops[i] for i in rest], use_eval=use_eval)
+        wake = [k for op in ops for k in op.wake]
+        if wake and not self._cluster:
+            # same connection, after the writes: a woken waiter sees them
+            pipe.execute_command("PUBLISH", self._channel, key_list(b"p", wake))
+        self._counts["round_trips"] += 1
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        if wake and self._cluster:
+            # after the writes (they may be on other nodes): a second round trip
+            with contextlib.suppress(*ERRORS):
+                await client.execute_command("SPUBLISH", self._channel, key_list(b"p", wake))
+                self._counts["round_trips"] += 1
+        out: list[list[Any]] = [[] for _ in ops]
+        pos = 0
+        if gets:
+            values = results[0]
+            pos = 1
+            for j, i in enumerate(gets):
+                out[i] = [values if isinstance(values, Exception) else values[j]]
+        for i in rest:
+            n = len(ops[i].cmds)
+            out[i] = results[pos : pos + n]
+            pos += n
+        return out
+
+    async def _round_trip(self, ops: list[_Op], *, use_eval: bool) -> list[_Op]:
+        """Send ``ops`` and settle them; return those that met NOSCRIPT (only without EVAL)."""
+        try:
+            replies = await self._send(ops, use_eval=use_eval)
+        except ERRORS as exc:
+            err = self._store._error(f"pipeline of {len(ops)} operations", exc)
+            for op in ops:
+                self._settle(op, err)
+            # Redis is down or hung (redis-py already retried a broken
+            # connection once): what is queued behind this round trip
+            # fails now too, rather than one socket_timeout per batch
+            while self._queue:
+                self._settle(self._queue.popleft(), err)
+            return []
+        self._store._answered()
+        retry: list[_Op] = []
+        for op, res in zip(ops, replies, strict=True):
+            failed = next((r for r in res if isinstance(r, Exception)), None)
+            if isinstance(failed, NoScriptError) and not use_eval:
+                retry.append(op)
+            elif failed is not None:
+                self._settle(op, self._store._error("batched command", failed))
+            else:
+                self._settle(op, res)
+        return retry
+
+    async def _flush(self, ops: list[_Op]) -> None:
+        try:
+            size = sum(op.weight for op in ops)
+            self._counts["batched_ops"] += size
+            if size > self._counts["batch_max"]:
+                self._counts["batch_max"] = size
+            # EVALSHA first; the operations whose script the server lost (a
+            # restart) go again with EVAL, once
+            retry = await self._round_trip(ops, use_eval=False)
+            if retry:
+                await self._round_trip(retry, use_eval=True)
+        except asyncio.CancelledError:
+            # only aclose() cancels a flush: its callers learn the store closed
+            closed = StoreError(f"{self._store!r} was closed before Redis answered")
+            for op in ops:
+                if not op.fut.done():
+                    op.fut.set_exception(closed)
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._queue and not self._store._closed:
+                self._kick()
+
+    def _settle(self, op: _Op, res: list[Any] | StoreError) -> None:
+        if op.fut.done():
+            # the caller gave up (cancelled): undo what it can no longer use
+            if op.on_orphan is not None and not isinstance(res, StoreError):
+                op.on_orphan(res)
+            return
+        if isinstance(res, StoreError):
+            op.fut.set_exception(res)
+        else:
+            op.fut.set_result(res)
+
+    def background(self, fut: asyncio.Future[Any]) -> None:
+        self._bg.add(fut)
+        fut.add_done_callback(self._bg.discard)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
