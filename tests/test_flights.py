@@ -264,3 +264,37 @@ async def test_recursion_and_collapse_are_not_cycles(tmp_path: pathlib.Path) -> 
         assert results == [6765] * 3
         assert calls == 21
         assert memo.stats().collapsed >= 2
+
+
+def test_claim_from_many_threads_makes_one_leader_per_key() -> None:
+    """Flights.claim is atomic: of the threads racing on a key exactly one leads."""
+    import concurrent.futures
+    import threading
+
+    from aiomemo._flights import Flights
+
+    loop = asyncio.new_event_loop()
+    try:
+        flights = Flights(collapse=True)
+        keys = [f"k{i % 8}" for i in range(400)]
+        gate = threading.Barrier(8)
+
+        def claim_all(offset: int) -> list[tuple[str, int, bool]]:
+            gate.wait(10)
+            out = []
+            for key in keys[offset:] + keys[:offset]:  # every thread, every key
+                flight, leads = flights.claim(key, loop)
+                out.append((key, id(flight), leads))
+            return out
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = [r for part in pool.map(claim_all, range(8)) for r in part]
+        leaders = [r for r in results if r[2]]
+        assert sorted(k for k, _, _ in leaders) == sorted({f"k{i}" for i in range(8)})
+        by_key = {k: fid for k, fid, _ in leaders}
+        assert all(fid == by_key[k] for k, fid, _ in results)  # followers got the leader's
+        assert len(flights) == 8
+        lone, lone_leads = Flights(collapse=False).claim("k0", loop)
+        assert lone_leads and lone is not flights.get("k0")
+    finally:
+        loop.close()

@@ -585,3 +585,97 @@ def test_check_memo_never_blocks_the_calling_threads_forever(tmp_path: Path) -> 
     finally:
         memoizer.close()
     assert _records(tmp_path / "000" / "checkpoint") == 7
+
+
+# ---------------------------------------------------------------- the calling thread's path
+
+
+def _bare_task(i: int, x: int) -> dict[str, Any]:
+    return {
+        "id": i,
+        "func": double.func,
+        "args": (x,),
+        "kwargs": {},
+        "memoize": True,
+        "ignore_for_cache": [],
+        "hashsum": None,
+    }
+
+
+def _started(tmp_path: Path, mode: Any) -> ParslMemoizer:
+    period = "00:05:00" if mode == "periodic" else None
+    memoizer = ParslMemoizer(checkpoint_mode=mode, checkpoint_period=period)
+    memoizer.start(run_dir=str(tmp_path / "000"), config_run_dir=str(tmp_path))
+    return memoizer
+
+
+def test_miss_follow_hit_and_completion_never_wait_for_the_loop(tmp_path: Path) -> None:
+    """With the loop thread busy, the DataFlowKernel's calls still return at once."""
+    memoizer = _started(tmp_path, "periodic")
+    portal = memoizer._portal
+    assert portal is not None
+    busy, release = threading.Event(), threading.Event()
+
+    async def hog() -> None:
+        busy.set()
+        release.wait(30)  # blocks the loop thread on purpose
+
+    blocked = portal.submit(hog())
+    try:
+        assert busy.wait(10)
+        leader, twin = _bare_task(1, 21), _bare_task(2, 21)
+        t0 = time.monotonic()
+        assert memoizer.check_memo(leader) is None  # type: ignore[arg-type]
+        follower = memoizer.check_memo(twin)  # type: ignore[arg-type]
+        assert follower is not None and not follower.done()
+        assert twin["hashsum"] == leader["hashsum"] and isinstance(leader["hashsum"], str)
+        memoizer.update_memo_result(leader, 42)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 10  # the loop is held for 30 s
+        assert not follower.done()  # the loop records it, once it is free
+    finally:
+        release.set()
+    blocked.result(10)
+    assert follower.result(10) == 42
+    hit = memoizer.check_memo(_bare_task(3, 21))  # type: ignore[arg-type]
+    assert hit is not None and hit.result(0) == 42
+    stats = memoizer.stats()
+    assert stats is not None and (stats.misses, stats.collapsed, stats.hits) == (1, 1, 1)
+    memoizer.close()
+
+
+def test_task_exit_group_commits_across_completion_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent completions share fsyncs, and each returns with its record durable."""
+    n = 32
+    memoizer = _started(tmp_path, "task_exit")
+    tasks = [_bare_task(i, i) for i in range(n)]
+    for task in tasks:
+        assert memoizer.check_memo(task) is None  # type: ignore[arg-type]
+    fsyncs = [0]
+    real_fsync = os.fsync
+    slow = threading.Lock()
+
+    def counting_fsync(fd: int) -> None:
+        with slow:
+            fsyncs[0] += 1
+        time.sleep(0.01)  # a slow disk: completions pile up behind a commit
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    gate = threading.Barrier(n)
+    durable: list[int] = []
+
+    def complete(task: dict[str, Any]) -> None:
+        gate.wait(10)
+        memoizer.update_memo_result(task, task["args"][0] * 2)  # type: ignore[arg-type]
+        durable.append(_records(tmp_path / "000" / "checkpoint"))
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        list(pool.map(complete, tasks))
+    monkeypatch.undo()
+    # each caller saw its own record (at least) on disk when it returned
+    assert min(durable) >= 1 and max(durable) == n
+    assert _records(tmp_path / "000" / "checkpoint") == n
+    assert 1 <= fsyncs[0] <= n // 4, fsyncs[0]
+    memoizer.close()

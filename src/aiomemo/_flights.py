@@ -106,6 +106,22 @@ class Flights:
                 self._by_key[key] = flight
         return flight
 
+    def claim(self, key: str, loop: asyncio.AbstractEventLoop) -> tuple[Flight, bool]:
+        """The flight of ``key`` and whether the caller leads it (thread-safe, atomic).
+
+        When collapsing, an existing flight is returned for the caller to
+        follow (False); otherwise a new one is registered, led by the caller
+        (True). Without collapse every caller leads an unregistered flight.
+        """
+        if not self.collapse:
+            return Flight(loop.create_future()), True
+        with self._lock:
+            current = self._by_key.get(key)
+            if current is not None:
+                return current, False
+            flight = self._by_key[key] = Flight(loop.create_future())
+        return flight, True
+
     def finish(
         self,
         key: str,

@@ -49,7 +49,7 @@ from aiomemo._exceptions import (
     MemoizerClosedError,
     MemoizerUsageError,
 )
-from aiomemo._flights import Flights, follow
+from aiomemo._flights import Flights, follow, settle
 from aiomemo._hashing import IgnoreNames, KeyHook, check_ignore, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._recorder import RecordMaker
@@ -129,6 +129,10 @@ class MemoStats(NamedTuple):
 
 
 _CLOSED_MID_TASK = "the Memoizer closed before this task finished"
+
+
+def _settle_raised(fut: asyncio.Future[Any], value: Raised) -> None:
+    settle(fut, exc=value.rearm())
 
 
 #: ``Memoizer(memory_limit=...)`` default: encoded bytes of results read from disk kept
@@ -524,11 +528,10 @@ class Memoizer:
         if value is not MISSING:
             self._counters.hits += 1
             return self._hit(value)
-        flight = self._flights.get(key)
-        if flight is not None and self.collapse:
+        flight, leads = self._flights.claim(key, loop)
+        if not leads:
             self._counters.collapsed += 1
             return follow(flight.future, loop)
-        flight = self._flights.begin(key, loop)
         if self._shared:
             try:
                 return await self._shared.lookup(key, raw, flight)
@@ -543,6 +546,47 @@ class Memoizer:
                 raise
         self._counters.misses += 1
         return None
+
+    def claim_threadsafe(
+        self, task: Mapping[str, Any], key: str, raw: bytes
+    ) -> tuple[Literal["hit", "follow", "lead", "loop"], Any]:
+        """``check_memo``'s common path for a caller on another thread: no loop hop.
+
+        ``task`` is keyed already (``key``/``raw``). Returns ``("hit", value)``
+        (a result or a :class:`Raised`), ``("follow", flight_future)`` (an
+        identical task runs now; the Future belongs to the loop),
+        ``("lead", None)`` (a miss: the caller runs the task and reports
+        through ``update_memo_result``/``update_memo_exception`` on the
+        loop), or ``("loop", None)``: not decidable here (not started,
+        shared stores to ask, a value to read from disk) and the caller
+        goes through ``check_memo``.
+        """
+        loop = self._loop
+        if self._state is not Lifecycle.STARTED or loop is None or self._shared:
+            return "loop", None
+        value = self._table.lookup(key, raw, task, read=False)
+        if type(value) is OnDisk:
+            return "loop", None
+        if value is not MISSING:
+            self._counters.hits += 1
+            return "hit", value
+        flight, leads = self._flights.claim(key, loop)
+        if not leads:
+            self._counters.collapsed += 1
+            return "follow", flight.future
+        # a leader may have finished between the lookup and the claim
+        value = self._table.done.get(key, MISSING)
+        if value is not MISSING:
+            # followers that found this flight meanwhile get the value (on the loop)
+            self._flights.finish(key, flight)
+            if type(value) is Raised:
+                loop.call_soon_threadsafe(_settle_raised, flight.future, value)
+            else:
+                loop.call_soon_threadsafe(settle, flight.future, value)
+            self._counters.hits += 1
+            return "hit", value
+        self._counters.misses += 1
+        return "lead", None
 
     def _hit(self, value: Any) -> asyncio.Future[Any]:
         """A done Future for a memo entry (the same exception object for a Raised)."""
@@ -576,8 +620,11 @@ class Memoizer:
             return
         self._table.put(key, r)
         flight = self._flights.finish(key, value=r)  # followers get it
-        record = self._records.make(task, key, r)
         lease_store = flight.lease_store if flight is not None else None
+        if self.checkpoint_mode is None and (flight is None or flight.lease is None):
+            # nothing to write or publish: a later manual checkpoint() encodes it
+            return
+        record = self._records.make(task, key, r)
         if record is None:
             if flight is not None:
                 self._shared.release_flight(flight)

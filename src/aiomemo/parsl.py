@@ -74,7 +74,7 @@ from aiomemo._exceptions import (
 )
 from aiomemo._memoizer import Memoizer, MemoStats
 from aiomemo._portal import Portal, PortalClosedError
-from aiomemo._table import MISSING, Raised
+from aiomemo._table import Raised
 from aiomemo.stores._base import Store
 
 __all__ = [
@@ -212,6 +212,9 @@ def _view(task: TaskRecord) -> dict[str, Any]:
 # the adapter
 # --------------------------------------------------------------------------
 
+#: :meth:`ParslMemoizer._check_here` could not decide: ask the loop
+_ASK_LOOP: Any = object()
+
 
 def _translate(exc: BaseException, hook_errors: list[BaseException]) -> BaseException:
     """The error a task gets when its key cannot be made: Parsl's, where Parsl has one.
@@ -288,6 +291,25 @@ class _Followers:
         with self._lock:
             self._waiting.setdefault(key, []).append(cf)
         afut.add_done_callback(functools.partial(self._relay, cf, key))
+
+    def add_threadsafe(
+        self,
+        key: str,
+        cf: concurrent.futures.Future[Any],
+        afut: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """:meth:`add` from another thread than the loop's: no wait for the loop.
+
+        ``cf`` is registered at once (a leader that completes after close
+        settles it through :meth:`after_close`); the relay from ``afut`` is
+        attached on the loop.
+        """
+        with self._lock:
+            self._waiting.setdefault(key, []).append(cf)
+        relay = functools.partial(self._relay, cf, key)
+        with contextlib.suppress(RuntimeError):  # loop closed: after_close settles cf
+            loop.call_soon_threadsafe(afut.add_done_callback, relay)
 
     def _relay(
         self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
@@ -403,6 +425,10 @@ class ParslMemoizer(_ParslMemoizerBase):
         # views of hits answered in the calling thread, on their way into
         # this run's checkpoint (under _lock)
         self._learn_queue: list[dict[str, Any]] = []
+        # outcomes of leaders on their way to the loop (under _lock), and the
+        # Future of the batch they ride in: one loop wake per burst
+        self._outbox: list[tuple[dict[str, Any], Any, BaseException | None]] = []
+        self._outbox_done: concurrent.futures.Future[None] | None = None
 
     def __repr__(self) -> str:
         args = [
@@ -438,6 +464,8 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._followers = _Followers()
         self._recorded = set()
         self._learn_queue = []
+        self._outbox = []
+        self._outbox_done = None
         try:
             memo = self._memo = self._make_memo(run_dir, config_run_dir)
         except BaseException:
@@ -586,28 +614,31 @@ class ParslMemoizer(_ParslMemoizerBase):
         view = _view(task)
         if self.track_code:
             view["track_code"] = True  # the app's code fingerprint joins the key
-        if len(memo._table):
-            hit = self._hit_here(memo, task, view)
-            if hit is not None:
-                return hit
         if portal.on_loop_thread():  # never expected: Parsl does not launch from here
             logger.warning(
                 "check_memo on the aiomemo loop thread; task %s not memoized", t.get("id")
             )
             t["hashsum"] = None
             return None
+        answer = self._check_here(memo, portal, task, view)
+        if answer is not _ASK_LOOP:
+            done: concurrent.futures.Future[Any] | None = answer
+            return done
         try:
             return portal.call(self._check(task, view))
         except (PortalClosedError, MemoizerClosedError):
             t["hashsum"] = None
             return None
 
-    def _hit_here(
-        self, memo: Memoizer, task: TaskRecord, view: dict[str, Any]
-    ) -> concurrent.futures.Future[Any] | None:
-        """Answer a hit on a finished task in the calling thread, without a hop to the loop.
+    def _check_here(
+        self, memo: Memoizer, portal: Portal, task: TaskRecord, view: dict[str, Any]
+    ) -> Any:
+        """``check_memo`` in the calling thread, without a round trip to the loop.
 
-        None: not known to be finished (a miss, or in flight); the loop decides.
+        The key is made here; hits are answered, misses registered as
+        leaders and followers attached under the table's and flights' locks.
+        Returns what ``check_memo`` returns, or :data:`_ASK_LOOP` when only the
+        loop can decide (shared stores, a value on disk, not started).
         """
         box: list[BaseException] = []
         token = _hook_errors.set(box)
@@ -618,23 +649,32 @@ class ParslMemoizer(_ParslMemoizerBase):
         finally:
             _hook_errors.reset(token)
         key = raw.hex()
-        value = memo._table.lookup(key, raw, view)  # thread-safe
-        if value is MISSING:
-            return None
+        kind, value = memo.claim_threadsafe(view, key, raw)
+        if kind == "loop":
+            return _ASK_LOOP
         t: Any = task
         t["hashsum"] = key
+        view["hashsum"] = key
+        logger.debug("Task %s has memoization hash %s", t.get("id"), key)
+        if kind == "lead":
+            logger.info("Task %s had no result in cache", t.get("id"))
+            with self._lock:
+                self._leaders[id(task)] = (task, view)
+            return None
+        if kind == "follow":
+            logger.info("Task %s waits for the identical task running now", t.get("id"))
+            cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self._followers.add_threadsafe(key, cf, value, portal.loop)
+            return cf
         logger.info("Task %s using result from cache", t.get("id"))
-        memo._counters.hits += 1
         if type(value) is Raised:
             return _done_future(None, value.rearm())
         if self.checkpoint_mode is not None and key not in self._recorded:
             self._recorded.add(key)
-            view["hashsum"] = key
             with self._lock:
                 self._learn_queue.append(view)
                 first = len(self._learn_queue) == 1
-            portal = self._portal
-            if first and portal is not None:
+            if first:
                 # one hop for a whole burst of hits, not one per hit
                 with contextlib.suppress(PortalClosedError):
                     portal.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
@@ -735,20 +775,82 @@ class ParslMemoizer(_ParslMemoizerBase):
             # a hit or a collapsed follower: aiomemo has the result already
             return
         view = entry[1]
+        with self._lock:
+            self._outbox.append((view, result, exc))
+            batch = self._outbox_done
+            first = batch is None
+            if batch is None:
+                batch = self._outbox_done = concurrent.futures.Future()
+        if first:
+            try:
+                # one hop for a whole burst of completions, not one per task
+                fut = portal.submit(self._record_outbox())
+                fut.add_done_callback(_log_failure)
+                fut.add_done_callback(self._outbox_ended)
+            except PortalClosedError:
+                self._return_outbox()
+                return
+        if self.checkpoint_mode == "task_exit" and exc is None and not portal.on_loop_thread():
+            # returns once the record is durable, as BasicMemoizer's write:
+            # one group commit for every completion thread's records
+            try:
+                batch.result()
+            except (
+                concurrent.futures.CancelledError,
+                asyncio.CancelledError,
+                PortalClosedError,
+                MemoizerClosedError,
+            ):
+                self._followers.after_close(hashsum, result, exc)
+            except Exception:
+                # a memo that cannot record must never fail the task
+                logger.exception("aiomemo could not record the outcome of task %s", t.get("id"))
+
+    def _outbox_ended(self, fut: concurrent.futures.Future[None]) -> None:
+        """The loop cancelled a batch (stopping), perhaps before it took its outcomes."""
+        if fut.cancelled():
+            self._return_outbox()
+
+    def _return_outbox(self) -> None:
+        """The loop is gone: complete the followers of the outcomes still waiting for it."""
+        with self._lock:
+            pending, self._outbox = self._outbox, []
+            batch, self._outbox_done = self._outbox_done, None
+        for view, result, exc in pending:
+            key = view.get("hashsum")
+            if isinstance(key, str):
+                self._followers.after_close(key, result, exc)
+        if batch is not None:
+            _settle(batch, None, PortalClosedError("the aiomemo loop is stopped"))
+
+    async def _record_outbox(self) -> None:
+        """Record a burst of outcomes on the loop; task_exit: one commit for them all."""
+        with self._lock:
+            pending, self._outbox = self._outbox, []
+            batch, self._outbox_done = self._outbox_done, None
+        error: BaseException | None = None
         try:
-            if self.checkpoint_mode == "task_exit" and exc is None and not portal.on_loop_thread():
-                # returns once the record is durable, as BasicMemoizer's write
-                portal.call(self._record_outcome(view, result, exc))
-            else:
-                # nothing to wait for: later calls queue behind it on the loop
-                portal.submit(self._record_outcome(view, result, exc)).add_done_callback(
-                    _log_failure
+            if self.checkpoint_mode == "task_exit":
+                outcomes = await asyncio.gather(
+                    *(self._record_outcome(v, r, e) for v, r, e in pending),
+                    return_exceptions=True,
                 )
-        except (PortalClosedError, MemoizerClosedError):
-            self._followers.after_close(hashsum, result, exc)
-        except Exception:
-            # a memo that cannot record must never fail the task
-            logger.exception("aiomemo could not record the outcome of task %s", t.get("id"))
+            else:
+                outcomes = []
+                for v, r, e in pending:
+                    try:
+                        await self._record_outcome(v, r, e)
+                    except Exception as exc:
+                        outcomes.append(exc)
+            for out in outcomes:
+                if isinstance(out, BaseException):
+                    logger.error("aiomemo could not record a task outcome: %r", out, exc_info=out)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if batch is not None:
+                _settle(batch, None, error)
 
     async def _record_outcome(
         self, view: dict[str, Any], result: Any, exc: BaseException | None
