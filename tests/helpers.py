@@ -22,7 +22,7 @@ from typing import Any
 
 from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import encode_batch, file_header
-from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record
+from aiomemo.stores import Lease, LeaseStore, MemoryStore, Record, Store
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -104,12 +104,12 @@ class SlowOpenStore(MemoryStore):
         await self.gate.wait()
 
 
-class GrantedLease(Lease):
-    """A lease of ClaimStore: complete() goes through the store's put gate."""
+class PutLease(Lease):
+    """An always-held lease whose completion is a plain put_many of its store."""
 
     __slots__ = ("store",)
 
-    def __init__(self, store: ClaimStore, key: bytes, ttl: float) -> None:
+    def __init__(self, store: Store, key: bytes, ttl: float) -> None:
         super().__init__(key, "token", ttl)
         self.store = store
 
@@ -120,10 +120,20 @@ class GrantedLease(Lease):
         return None
 
     async def complete(self, record: Record) -> bool:
-        self.store.in_put += 1
-        await self.store.put_gate.wait()
         await self.store.put_many([record])
         return True
+
+
+class GrantedLease(PutLease):
+    """A lease of ClaimStore: complete() goes through the store's put gate."""
+
+    __slots__ = ()
+    store: ClaimStore
+
+    async def complete(self, record: Record) -> bool:
+        self.store.in_put += 1
+        await self.store.put_gate.wait()
+        return await super().complete(record)
 
 
 class ClaimStore(LeaseStore):

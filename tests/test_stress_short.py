@@ -21,7 +21,7 @@ from _redis_server import RedisServer
 from aiomemo import Memoizer, StoreError
 from aiomemo._checkpoint import FILE_HEADER_SIZE, SegmentWriter, load_paths
 from aiomemo.stores import Lease, LeaseStore, LoadReport, Record, Store
-from helpers import load_script
+from helpers import PutLease, load_script
 
 stress = load_script("stress")  # the scenario functions of scripts/stress, in miniature
 
@@ -222,26 +222,6 @@ async def test_concurrent_checkpoints_lose_nothing(tmp_path: Path) -> None:
     assert want - written == set()
 
 
-class _PutLease(Lease):
-    """An always-held lease whose completion is a plain put_many of its store."""
-
-    __slots__ = ("store",)
-
-    def __init__(self, store: Store, key: bytes, ttl: float) -> None:
-        super().__init__(key, "token", ttl)
-        self.store = store
-
-    async def renew(self) -> bool:
-        return True
-
-    async def release(self) -> None:
-        return None
-
-    async def complete(self, record: Record) -> bool:
-        await self.store.put_many([record])
-        return True
-
-
 class _SharedStore(_GatedStore, LeaseStore):
     """A shared store with claims (like RedisStore) whose writes take a round trip."""
 
@@ -251,7 +231,7 @@ class _SharedStore(_GatedStore, LeaseStore):
         return None
 
     async def claim(self, key: bytes, ttl: float) -> Lease | None:
-        return _PutLease(self, key, ttl)
+        return PutLease(self, key, ttl)
 
     async def wait_for(self, key: bytes, timeout: float) -> bytes | None:
         return None
