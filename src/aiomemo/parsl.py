@@ -69,6 +69,7 @@ from aiomemo import _hashing, _rundir
 from aiomemo._exceptions import (
     CheckpointError,
     LeaderCancelledError,
+    MemoError,
     MemoizerClosedError,
     UnhashableInputError,
 )
@@ -91,8 +92,8 @@ T = TypeVar("T")
 CheckpointMode = Literal["task_exit", "periodic", "dfk_exit", "manual"]
 
 
-class ParslConfigurationError(_ParslConfigurationError, ValueError):
-    """A bad ``ParslMemoizer`` argument: Parsl's ConfigurationError, also a ValueError."""
+class ParslConfigurationError(_ParslConfigurationError, MemoError, ValueError):
+    """A bad ``ParslMemoizer`` argument: Parsl's ConfigurationError, a MemoError and a ValueError."""
 
 
 class ParslUnhashableInputError(UnhashableInputError, ValueError):
