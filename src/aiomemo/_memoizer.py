@@ -27,6 +27,7 @@ import asyncio
 import datetime as _dt
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -105,6 +106,23 @@ class TaskRecord(TypedDict, total=False):
 
 
 Task = TaskRecord | MutableMapping[str, Any]
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_aiomemo() -> int:
+    """The ``stacklevel`` that makes the caller's warning point at the user's code.
+
+    The first frame (from the caller of this function up) outside the aiomemo
+    package, however many of its parts the call went through.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 #: ``Memoizer(memory_limit=...)`` default: encoded bytes of results read from disk kept
@@ -302,7 +320,7 @@ class Memoizer:
 
     def _absorb(self, rep: LoadReport) -> None:
         for line in self._table.absorb(rep):
-            warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=_outside_aiomemo())
             logger.warning("%s", line)
 
     async def close(self) -> None:
