@@ -428,10 +428,18 @@ class Memoizer:
         caller cancelled while it waits gets its CancelledError once the
         batch is written (the write itself is never cancelled).
         """
-        self._check_on_loop()
-        key = task.get("hashsum")
-        if self.memoize and task.get("memoize", True) and isinstance(key, str):
-            await self._completion.result(cast(Mapping[str, Any], task), key, r)
+        life = self._life
+        if life.state is not Lifecycle.STARTED:
+            life.check_open()
+        loop = life.loop
+        if loop is not None and asyncio.get_running_loop() is not loop:
+            life.check_loop()
+        t: Any = task
+        key = t.get("hashsum")
+        if self.memoize and t.get("memoize", True) and isinstance(key, str):
+            durable = self._completion.result(t, key, r)
+            if durable is not None:  # task_exit: the record made durable
+                await durable
 
     async def update_memo_exception(self, task: Task, e: BaseException) -> None:
         """Record that a task the engine ran raised ``e``.
