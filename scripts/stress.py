@@ -637,6 +637,21 @@ def _batch_spans(m: Mutant, corpus: Corpus) -> list[tuple[int, int]]:
     return spans
 
 
+def _intact_value(m: Mutant, ref: _checkpoint.ValueRef, origin: int | None) -> bool:
+    """Whether ``ref`` points at its value's own bytes (at ``origin`` in the original), intact."""
+    a, n = ref.offset, ref.length
+    if origin is None or a < 0 or a + n > len(m):
+        return False
+    return bool(np.array_equal(m.orig[a : a + n], np.arange(origin, origin + n, dtype=np.int64)))
+
+
+def _value_offsets(corpus: Corpus, path: Path) -> dict[bytes, int]:
+    """Where each value kept in a value frame starts in the undamaged segment."""
+    path.write_bytes(corpus.data)
+    table = load_paths([path]).table
+    return {k: v.offset for k, v in table.items() if isinstance(v, _checkpoint.ValueRef)}
+
+
 def intact_keys(m: Mutant, corpus: Corpus) -> set[bytes]:
     """Keys of every record in a batch whose whole byte range survives as one piece.
 
@@ -672,6 +687,7 @@ async def scenario_corrupt(
         # format 2 with large values: damage to a value frame loses that value only
         corpora.append(await build_corpus(tmp / "corpus-large", seed * 10 + 3, large=True))
         path = tmp / "case.amlog"
+        value_at = [_value_offsets(c, path) for c in corpora]
         for n in range(cases):
             corpus = corpora[n % len(corpora)]
             m = Mutant(corpus.data)
@@ -697,13 +713,15 @@ async def scenario_corrupt(
                 if corpus.values.get(k) != v:
                     res.wrong += 1
                     res.fail(f"case {n} {names}: wrong value for {k.hex()[:16]}")
-            # A later sound copy of a batch whose value frame is damaged
-            # overrides the intact earlier record (values are checked on a
-            # hit, not at load): a miss, never a wrong value. Counted apart.
+            # A later copy of a batch whose value frame was damaged, cut apart
+            # or moved away from it overrides the intact earlier record (values
+            # are checked on a hit, not at load): its reference finds other
+            # bytes, a miss, never a wrong value; counted apart. A loss is a
+            # key that does not read back although its reference points at
+            # its own value's bytes, intact.
+            origin = value_at[n % len(corpora)]
             shadowed = {
-                k
-                for k in want & unreadable
-                if (off := rep.table[k].offset) < 0 or off >= len(m) or m.orig[off] == -1
+                k for k in want & unreadable if not _intact_value(m, rep.table[k], origin.get(k))
             }
             ops["shadowed by a damaged later copy"] += len(shadowed)
             intact_total += len(want)
