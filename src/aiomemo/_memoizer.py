@@ -393,9 +393,12 @@ class Memoizer:
         raw = await hash_task_async(t, self.key_hooks)
         key = raw.hex()
         t["hashsum"] = key
-        value = self._table.lookup(key, raw, t, read=False)
-        if type(value) is OnDisk:
-            value = await self._table.read(key, value)
+        table = self._table
+        value = table.done.get(key, MISSING)  # lookup's first step, inline: the common hit
+        if value is MISSING:
+            value = table.lookup(key, raw, t, read=False)
+            if type(value) is OnDisk:
+                value = await table.read(key, value)
         if value is not MISSING:
             self._counters.hits += 1
             return done_future(loop, value)
