@@ -920,13 +920,32 @@ _buffer_lock = threading.Lock()
 _buffer = bytearray()
 
 
-def read_value_with(ref: ValueRef, use: Callable[[memoryview], _T]) -> _T:
+#: ``direct(head, length)`` for :func:`read_value_with`: where a value's raw
+#: contents start, the object they fill and its writable view (None: the
+#: contents as one bytes object are the result), or None to decode it whole
+Direct = Callable[[bytes, int], "tuple[int, object, memoryview | None] | None"]
+#: how many leading bytes of a value a :data:`Direct` planner is shown
+DIRECT_HEAD: Final = 1024
+
+
+def read_value_with(
+    ref: ValueRef, use: Callable[[memoryview], _T], direct: Direct | None = None
+) -> _T | object:
     """``use(value)`` for the value ``ref`` points at, verified as :func:`read_value` does.
 
     The view is valid only during the call (it may be a reused buffer), so
-    ``use`` must copy what it keeps (decoding does). Blocking: a worker
-    thread's job.
+    ``use`` must copy what it keeps (decoding does). With ``direct``, a
+    value it recognizes (a flat result: bytes, bytearray, numpy array) is
+    read straight into its result object, which is returned as is (``use``
+    is not called): one pass from the page cache into the result, no buffer
+    and no decode copy in between. Blocking: a worker thread's job.
     """
+    if direct is not None:
+        with _open_value(ref) as fd:
+            head = _pread_exact(fd, ref, 0, min(DIRECT_HEAD, ref.length))
+            plan = direct(head, ref.length)
+            if plan is not None:
+                return _read_into(fd, ref, head, plan)
     global _buffer
     if ref.length <= _KEEP_BUFFER and _buffer_lock.acquire(blocking=False):
         try:
@@ -947,38 +966,101 @@ def read_value_with(ref: ValueRef, use: Callable[[memoryview], _T]) -> _T:
     return use(_read_checked(ref, bytearray))
 
 
-def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
-    where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+def _where(ref: ValueRef) -> str:
+    return f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+
+
+@contextlib.contextmanager
+def _open_value(ref: ValueRef) -> Iterator[int]:
+    """An fd on ``ref``'s segment, checked to hold the whole value (closed after)."""
     if ref.offset < 0:
-        raise CorruptCheckpointError(f"{where}: a reference to before the file (damaged)")
+        raise CorruptCheckpointError(f"{_where(ref)}: a reference to before the file (damaged)")
     try:
         fd = open_fd(ref.path)
     except OSError as exc:
-        raise CorruptCheckpointError(f"{where}: cannot open: {exc.strerror or exc}") from exc
+        raise CorruptCheckpointError(f"{_where(ref)}: cannot open: {exc.strerror or exc}") from exc
+    try:
+        try:
+            left = os.fstat(fd).st_size - ref.offset
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{_where(ref)}: read error: {exc.strerror or exc}"
+            ) from exc
+        if left < ref.length:  # checked before any buffer is made for it
+            raise CorruptCheckpointError(f"{_where(ref)}: cut short ({max(0, left)} bytes left)")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, ref: ValueRef, start: int, n: int) -> bytes:
+    """Bytes ``[start, start + n)`` of ``ref``'s value, as one bytes object (no copy when read at once)."""
+    try:
+        data = os.pread(fd, n, ref.offset + start)
+        if len(data) < n:  # a short read (rare): the rest, joined
+            parts = [data]
+            got = len(data)
+            while got < n:
+                more = os.pread(fd, n - got, ref.offset + start + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{_where(ref)}: read error: {exc.strerror or exc}") from exc
+    if len(data) != n:
+        raise CorruptCheckpointError(f"{_where(ref)}: cut short ({start + len(data)} bytes left)")
+    return data
+
+
+def _fill(fd: int, ref: ValueRef, start: int, view: memoryview) -> int:
+    """Read the value's bytes from ``start`` on into ``view``; how many were there."""
     got = 0
     try:
-        left = os.fstat(fd).st_size - ref.offset
-        if left < ref.length:  # checked before any buffer is made for it
-            os.close(fd)
-            fd = -1
-            raise CorruptCheckpointError(f"{where}: cut short ({max(0, left)} bytes left)")
-        view = memoryview(buffer(ref.length))[: ref.length]
-        while got < ref.length:
-            n = os.preadv(fd, [view[got:]], ref.offset + got)
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], ref.offset + start + got)
             if not n:
                 break
             got += n
     except OSError as exc:
-        raise CorruptCheckpointError(f"{where}: read error: {exc.strerror or exc}") from exc
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        raise CorruptCheckpointError(f"{_where(ref)}: read error: {exc.strerror or exc}") from exc
+    return got
+
+
+def _read_into(
+    fd: int, ref: ValueRef, head: bytes, plan: tuple[int, object, memoryview | None]
+) -> object:
+    """Fill ``plan``'s result with the value's contents; verify the whole value's digest."""
+    start, result, view = plan
+    hasher = blake3(memoryview(head)[:start])
+    if view is None:
+        data = _pread_exact(fd, ref, start, ref.length - start)
+        hasher.update(data)
+        result = data
+    else:
+        try:
+            got = _fill(fd, ref, start, view)
+            if got != len(view):
+                raise CorruptCheckpointError(f"{_where(ref)}: cut short ({start + got} bytes left)")
+            hasher.update(view)
+        finally:
+            view.release()
+    if hasher.digest(_VALUE_DIGEST_SIZE) != ref.digest:
+        raise CorruptCheckpointError(f"{_where(ref)}: checksum mismatch")
+    return result
+
+
+def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
+    with _open_value(ref) as fd:
+        view = memoryview(buffer(ref.length))[: ref.length]
+        got = _fill(fd, ref, 0, view)
     if got != ref.length:
-        raise CorruptCheckpointError(f"{where}: cut short ({got} bytes left)")
+        raise CorruptCheckpointError(f"{_where(ref)}: cut short ({got} bytes left)")
     # one thread: blake3's own pool (max_threads=AUTO) halved the hash time
     # on an idle 2-core machine but made hits 30% slower on a loaded one
     if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
-        raise CorruptCheckpointError(f"{where}: checksum mismatch")
+        raise CorruptCheckpointError(f"{_where(ref)}: checksum mismatch")
     return view
 
 

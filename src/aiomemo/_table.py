@@ -117,10 +117,15 @@ def _trim() -> None:
 
 
 def _read_decode(ref: ValueRef) -> Any:
-    """Read a value left on disk, verify and decode it (blocking)."""
+    """Read a value left on disk, verify and decode it (blocking).
+
+    A flat result (bytes, bytearray, numpy array: the usual large ones) is
+    read straight into the result object; anything else is read into a
+    reused buffer and decoded from it.
+    """
     from aiomemo._checkpoint import read_value_with
 
-    return read_value_with(ref, _codec.decode)
+    return read_value_with(ref, _codec.decode, _codec.direct_target)
 
 
 class MemoTable:
