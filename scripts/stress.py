@@ -193,6 +193,22 @@ class KeyBook:
         return found
 
 
+async def entry(table: Any, hexkey: str) -> asyncio.Future[Any] | None:
+    """A ``load_checkpoints`` mapping's entry as a done Future; None when it no longer reads back.
+
+    A result on disk comes as a pending Future (read off the loop): awaited here.
+    """
+    try:
+        fut: asyncio.Future[Any] = table[hexkey]
+    except KeyError:
+        return None
+    if not fut.done():
+        await asyncio.wait([fut])
+    if not fut.cancelled() and isinstance(fut.exception(), KeyError):
+        return None
+    return fut
+
+
 async def load_dirs(dirs: list[str]) -> dict[str, asyncio.Future[Any] | None]:
     """A fresh Memoizer loads ``dirs``: hex key -> done Future (None: listed, not decodable)."""
     memo = Memoizer(checkpoint_mode=None, config_run_dir=os.devnull)
@@ -202,10 +218,7 @@ async def load_dirs(dirs: list[str]) -> dict[str, asyncio.Future[Any] | None]:
             table = await memo.load_checkpoints(dirs)
             out: dict[str, asyncio.Future[Any] | None] = {}
             for k in table:
-                try:
-                    out[k] = table[k]
-                except KeyError:
-                    out[k] = None
+                out[k] = await entry(table, k)
         load_dirs.last_errors = memo.stats().load_errors  # type: ignore[attr-defined]
         return out
     finally:
@@ -749,9 +762,8 @@ async def _memo_check(
         async with memo:
             loaded = await memo.load_checkpoints([str(path)])
             for hexkey in list(loaded)[:20]:
-                try:
-                    fut = loaded[hexkey]
-                except KeyError:
+                fut = await entry(loaded, hexkey)
+                if fut is None:
                     continue  # a large value that no longer reads back: a miss
                 try:
                     value = fut.result()

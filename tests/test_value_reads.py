@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiomemo import CorruptCheckpointError, _codec
+from aiomemo import CorruptCheckpointError, Memoizer, MemoizerUsageError, _codec
 from aiomemo._checkpoint import (
     LARGE_VALUE_MIN,
     ValueRef,
@@ -19,8 +22,10 @@ from aiomemo._checkpoint import (
     load_paths,
     read_value_with,
 )
+from aiomemo._hashing import hash_task
 from aiomemo._table import _read_decode
 from aiomemo.stores import Record
+from helpers import mk
 
 
 def _segment(tmp: Path, values: list[Any], name: str = "seg-1.amlog") -> list[ValueRef]:
@@ -191,3 +196,139 @@ class TestDirectRead:
             return
         (ref,) = refs
         assert _same(_read_decode(ref), _codec.decode(_codec.encode(v)))
+
+
+# ---------------------------------------------------------------- load_checkpoints mapping
+
+BIG = 100 * 1024
+
+
+def value_task(i: int) -> dict[str, Any]:
+    return mk(i, func=value_task)
+
+
+def write_results(d: Path, n: int, size: int = BIG) -> dict[int, bytes]:
+    """A checkpoint dir holding the results of value_task(i) for i < n, each ``size`` bytes."""
+    vals = {i: (i.to_bytes(4, "big") * (size // 4 + 1))[:size] for i in range(n)}
+    records = [
+        Record(hash_task(value_task(i)), _codec.encode(v), "m.value_task", 1.7e9)
+        for i, v in vals.items()
+    ]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "seg-1.amlog").write_bytes(
+        file_header() + b"".join(encode_batch(records[i : i + 4]) for i in range(0, n, 4))
+    )
+    return vals
+
+
+def _key(i: int) -> str:
+    return hash_task(value_task(i)).hex()
+
+
+@pytest.fixture
+def reads_in(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The thread names values are read in."""
+    from aiomemo import _table
+
+    names: list[str] = []
+    real = _table._read_decode
+
+    def spy(ref: ValueRef) -> Any:
+        names.append(threading.current_thread().name)
+        return real(ref)
+
+    monkeypatch.setattr(_table, "_read_decode", spy)
+    return names
+
+
+class TestLoadCheckpointsMapping:
+    async def test_on_the_loop_values_on_disk_come_pending(
+        self, tmp_path: Path, reads_in: list[str]
+    ) -> None:
+        """On the loop a value on disk is a pending Future read in the reader thread, never here."""
+        vals = write_results(tmp_path / "ck", 6)
+        async with Memoizer(run_dir=tmp_path / "run", memory_limit=2 * BIG) as memo:
+            table = await memo.load_checkpoints([tmp_path / "ck"])
+            assert len(table) == 6 and reads_in == []
+            assert _key(3) in table and "00" * 32 not in table and 7 not in table
+            assert reads_in == []  # `in` reads nothing
+            futs = {i: table[_key(i)] for i in vals}
+            assert not any(f.done() for f in futs.values())
+            got = {i: await f for i, f in futs.items()}
+            assert got == vals
+            assert reads_in and all(n.startswith("aiomemo-read") for n in reads_in)
+            assert memo.stats().bytes_held <= 2 * BIG
+            # the Memoizer's hits share the same table
+            fut = await memo.check_memo(value_task(5))
+            assert fut is not None and fut.result() == vals[5]
+
+    async def test_damaged_value_ends_its_future_with_key_error(self, tmp_path: Path) -> None:
+        """A value that fails its checksum: awaiting its Future raises KeyError; the others read."""
+        vals = write_results(tmp_path / "ck", 3)
+        (seg,) = (tmp_path / "ck").iterdir()
+        refs = sorted(
+            (v for v in load_paths([seg]).table.values() if isinstance(v, ValueRef)),
+            key=lambda r: r.offset,
+        )
+        with open(seg, "r+b") as f:
+            f.seek(refs[1].offset + 50)
+            f.write(b"\xff\xfe")
+        async with Memoizer(run_dir=tmp_path / "run") as memo:
+            table = await memo.load_checkpoints([tmp_path / "ck"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                outcomes = await asyncio.gather(
+                    *(table[_key(i)] for i in vals), return_exceptions=True
+                )
+        assert sum(isinstance(o, KeyError) for o in outcomes) == 1
+        for i, o in zip(vals, outcomes, strict=True):
+            assert isinstance(o, KeyError) or o == vals[i]
+
+    async def test_from_a_thread_values_are_read_there(
+        self, tmp_path: Path, reads_in: list[str]
+    ) -> None:
+        """From a thread with no loop, a value on disk is read in that thread and comes done."""
+        vals = write_results(tmp_path / "ck", 4)
+        async with Memoizer(run_dir=tmp_path / "run", memoize=False) as memo:
+            table = await memo.load_checkpoints([tmp_path / "ck"])
+
+            def use() -> dict[int, Any]:
+                out = {}
+                for i in vals:
+                    fut = table[_key(i)]
+                    assert fut.done()
+                    out[i] = fut.result()
+                return out
+
+            assert await asyncio.to_thread(use) == vals
+        assert reads_in and not any(n.startswith("aiomemo-read") for n in reads_in)
+
+    async def test_memoize_false_keeps_the_limit(self, tmp_path: Path) -> None:
+        """With memoize=False the mapping's private table holds values within memory_limit too."""
+        vals = write_results(tmp_path / "ck", 8)
+        async with Memoizer(
+            run_dir=tmp_path / "run", memoize=False, memory_limit=BIG + 100
+        ) as memo:
+            table = await memo.load_checkpoints([tmp_path / "ck"])
+            for i in vals:
+                assert await table[_key(i)] == vals[i]
+            own = table._table  # type: ignore[attr-defined]
+            assert own.held <= BIG + 100 and len(own.bodies) == 1
+
+    def test_from_another_loop_is_a_usage_error(self, tmp_path: Path) -> None:
+        """Asked for a value on disk from a second event loop: MemoizerUsageError, not a blocked loop."""
+        write_results(tmp_path / "ck", 2)
+        memo = Memoizer(run_dir=tmp_path / "run")
+
+        async def first() -> Any:
+            await memo.start()
+            return await memo.load_checkpoints([tmp_path / "ck"])
+
+        table = asyncio.run(first())
+
+        async def second() -> None:
+            with pytest.raises(MemoizerUsageError, match="another event loop"):
+                table[_key(0)]
+
+        asyncio.run(second())
+        assert table[_key(1)].result() is not None  # no loop here: read in place

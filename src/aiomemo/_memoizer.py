@@ -140,11 +140,18 @@ DEFAULT_MEMORY_LIMIT: Final = 256 * 2**20
 
 
 class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
-    """Read-only view of loaded records as hex key -> done Future (decoded on access).
+    """Read-only view of loaded records as hex key -> Future (decoded on access).
 
     It reads through ``table``: the Memoizer's own (which may already have
     decoded an entry), or a private one when the Memoizer keeps nothing
-    (``memoize=False``).
+    (``memoize=False``). A result in memory (or small enough to sit in the
+    index) comes as a done Future. A result on disk is never read on the
+    event loop: asked for there, it comes as a pending Future that the
+    table's reader thread completes (await it; a value that no longer reads
+    back ends it with KeyError); asked for from a thread without a running
+    loop, it is read in that thread and comes done (or raises KeyError);
+    from another event loop, MemoizerUsageError. ``key in mapping`` reads
+    nothing.
     """
 
     def __init__(self, memo: Memoizer, keys: Sequence[bytes], table: MemoTable) -> None:
@@ -156,10 +163,30 @@ class _LazyTable(Mapping[str, "asyncio.Future[Any]"]):
     def __getitem__(self, key: str) -> asyncio.Future[Any]:
         if key not in self._set:
             raise KeyError(key)
-        value = self._table.lookup(key, bytes.fromhex(key))
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        value = self._table.lookup(key, bytes.fromhex(key), read=running is None)
+        if type(value) is OnDisk:
+            if running is not self._memo._loop:
+                self._memo._check_loop()  # another loop: say so rather than block it
+            assert running is not None
+            return running.create_task(self._read(key, value))
         if value is MISSING:
             raise KeyError(key)
         return self._memo._hit(value)
+
+    async def _read(self, key: str, hit: OnDisk) -> Any:
+        value = await self._table.read(key, hit)
+        if value is MISSING:
+            raise KeyError(key)
+        if type(value) is Raised:
+            raise value.rearm()
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -780,7 +807,13 @@ class Memoizer:
     async def load_checkpoints(
         self, dirs: Sequence[str | os.PathLike[str]] | None
     ) -> Mapping[str, asyncio.Future[Any]]:
-        """Load checkpoint dirs into the memo; returns hex key -> done Future (lazy)."""
+        """Load checkpoint dirs into the memo; returns hex key -> Future (lazy, read-only).
+
+        A result in memory or in the index comes as a done Future; a result
+        left on disk is read off the loop when asked for here: a pending
+        Future (await it; KeyError if it no longer reads back). From a
+        thread with no event loop it is read in place and comes done.
+        """
         from aiomemo import _checkpoint
 
         await self._ensure_started()
@@ -789,7 +822,7 @@ class Memoizer:
         rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
         keys = list(rep.table)
         if not self.memoize:
-            own = MemoTable(Counters())
+            own = MemoTable(Counters(), memory_limit=self.memory_limit)
             own.loaded = rep.table
             return _LazyTable(self, keys, own)
         self._absorb(rep)
