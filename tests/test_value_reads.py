@@ -25,7 +25,7 @@ from aiomemo._checkpoint import (
 from aiomemo._hashing import hash_task
 from aiomemo._table import _read_decode
 from aiomemo.stores import Record
-from helpers import mk
+from helpers import mk, run
 
 
 def _segment(tmp: Path, values: list[Any], name: str = "seg-1.amlog") -> list[ValueRef]:
@@ -332,3 +332,155 @@ class TestLoadCheckpointsMapping:
 
         asyncio.run(second())
         assert table[_key(1)].result() is not None  # no loop here: read in place
+
+
+# ---------------------------------------------------------------- hostile tries
+
+
+def _sized(i: int, encoded: int) -> bytes:
+    """A bytes result of task i whose encoding is exactly ``encoded`` bytes long."""
+    n = encoded - (3 if encoded - 3 < 1 << 16 else 5)
+    if encoded - 3 < 256:
+        n = encoded - 2
+    v = (i.to_bytes(4, "big") * (n // 4 + 1))[:n]
+    assert len(_codec.encode(v)) == encoded
+    return v
+
+
+class TestHostile:
+    @pytest.mark.parametrize("mode", ["task_exit", "dfk_exit"])
+    async def test_values_around_the_frame_threshold_and_empty(
+        self, tmp_path: Path, mode: str
+    ) -> None:
+        """0 bytes, threshold - 1, threshold, threshold + 1: each round-trips through a run and a resume."""
+        sizes = [LARGE_VALUE_MIN - 1, LARGE_VALUE_MIN, LARGE_VALUE_MIN + 1, LARGE_VALUE_MIN + 5]
+        vals: dict[int, Any] = {i: _sized(i, n) for i, n in enumerate(sizes)}
+        vals[len(sizes)] = b""
+        vals[len(sizes) + 1] = bytearray()
+        vals[len(sizes) + 2] = np.zeros(0)
+        vals[len(sizes) + 3] = np.arange(LARGE_VALUE_MIN // 8, dtype="<i8")  # just above
+        async with Memoizer(run_dir=tmp_path / "a", checkpoint_mode=mode, memory_limit=0) as memo:
+            for i, v in vals.items():
+                task = value_task(i)
+                assert await memo.check_memo(task) is None
+                await memo.update_memo_result(task, v)
+        refs = [v for v in load_paths([tmp_path / "a"]).table.values() if isinstance(v, ValueRef)]
+        assert sorted(r.length for r in refs) == sorted(
+            n for n in map(len, map(_codec.encode, vals.values())) if n >= LARGE_VALUE_MIN
+        )
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "a")], run_dir=tmp_path / "b", memory_limit=0
+        ) as memo:
+            for _ in range(2):
+                for i, v in vals.items():
+                    fut = await memo.check_memo(value_task(i))
+                    assert fut is not None
+                    assert _same(fut.result(), v), i
+            s = memo.stats()
+            assert s.bytes_held == 0 and s.disk_reads == 2 * len(refs)
+
+    async def test_memory_limit_smaller_than_one_value(self, tmp_path: Path) -> None:
+        """A value bigger than memory_limit is served on every hit and never held."""
+        vals = write_results(tmp_path / "ck", 3)
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "ck")], run_dir=tmp_path / "run", memory_limit=1000
+        ) as memo:
+            for _ in range(3):
+                for i, v in vals.items():
+                    fut = await memo.check_memo(value_task(i))
+                    assert fut is not None and fut.result() == v
+            s = memo.stats()
+            assert s.bytes_held == 0 and s.disk_reads == 9 and s.hits == 9
+
+    async def test_this_run_with_memory_limit_zero(self, tmp_path: Path) -> None:
+        """memory_limit=0: results leave memory once durable; later hits read them back."""
+        async with Memoizer(
+            run_dir=tmp_path / "run", checkpoint_mode="task_exit", memory_limit=0
+        ) as memo:
+            for i in range(4):
+                task = value_task(i)
+                assert await memo.check_memo(task) is None
+                await memo.update_memo_result(task, b"%d" % i * 30_000)
+            assert memo.stats().bytes_held == 0
+            for i in range(4):
+                fut = await memo.check_memo(value_task(i))
+                assert fut is not None and fut.result() == b"%d" % i * 30_000
+            assert memo.stats().disk_reads == 4
+
+    async def test_huge_value_past_the_shared_buffer(self, tmp_path: Path) -> None:
+        """A 70 MB result (past the 64 MiB reused buffer), flat and inside a tuple, reads back."""
+        flat = bytes(range(256)) * (70_000_000 // 256)
+        async with Memoizer(run_dir=tmp_path / "a", checkpoint_mode="task_exit") as memo:
+            for i, v in enumerate([flat, (flat, 1)]):
+                task = value_task(i)
+                assert await memo.check_memo(task) is None
+                await memo.update_memo_result(task, v)
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "a")], run_dir=tmp_path / "b", memory_limit=0
+        ) as memo:
+            f0 = await memo.check_memo(value_task(0))
+            assert f0 is not None and f0.result() == flat
+            del f0
+            f1 = await memo.check_memo(value_task(1))
+            assert f1 is not None and f1.result() == (flat, 1)
+
+    @pytest.mark.parametrize("how", ["deleted", "compacted"])
+    async def test_segment_gone_while_hits_read_it(self, tmp_path: Path, how: str) -> None:
+        """Segments deleted or compacted while 40 hits are in flight: each a right value or a miss."""
+        from aiomemo._maintenance import compact
+
+        vals = write_results(tmp_path / "ck", 40, 300_000)
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "ck")], run_dir=tmp_path / "run", memory_limit=0
+        ) as memo:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tasks = [value_task(i) for i in vals]
+                hits = [asyncio.ensure_future(memo.check_memo(t)) for t in tasks]
+                await asyncio.sleep(0)
+                if how == "deleted":
+                    for p in (tmp_path / "ck").iterdir():
+                        p.unlink()
+                else:
+                    await asyncio.to_thread(compact, tmp_path / "ck")
+                outcomes = await asyncio.gather(*hits)
+                for i, t, f in zip(vals, tasks, outcomes, strict=True):
+                    if f is None:  # a miss: the engine runs it and reports
+                        await memo.update_memo_result(t, vals[i])
+                    else:
+                        assert f.result() == vals[i]
+                if how == "deleted":
+                    assert any(f is None for f in outcomes)
+                # and afterwards: every task answers with its right value
+                for i in vals:
+                    assert await run(memo, value_task(i), vals[i]) == vals[i]
+            s = memo.stats()
+            if how == "deleted":  # each value a miss once (held nothing: memory_limit=0)
+                assert s.load_errors == len(vals) and s.entries == len(vals)
+
+    async def test_concurrent_hits_from_the_loop_and_threads(self, tmp_path: Path) -> None:
+        """One key hit at once by the loop (check_memo), by threads (lookup) and the mapping."""
+        vals = write_results(tmp_path / "ck", 2, 500_000)
+        async with Memoizer(run_dir=tmp_path / "run", memory_limit=2_000_000) as memo:
+            table = await memo.load_checkpoints([tmp_path / "ck"])
+            raw = hash_task(value_task(1))
+
+            def from_thread() -> list[Any]:
+                return [memo._table.lookup(raw.hex(), raw) for _ in range(5)] + [
+                    table[raw.hex()].result() for _ in range(5)
+                ]
+
+            threads = [asyncio.to_thread(from_thread) for _ in range(4)]
+            loop_hits = [memo.check_memo(value_task(1)) for _ in range(20)]
+            mapped = [table[raw.hex()] for _ in range(5)]
+            got = await asyncio.gather(*threads, *loop_hits, *mapped)
+            flat: list[Any] = [x for part in got[:4] for x in part]
+            flat += [f.result() for f in got[4:24]] + got[24:]
+            assert len(flat) == 4 * 10 + 20 + 5
+            assert all(x == vals[1] for x in flat)
+            assert memo.stats().bytes_held <= 2_000_000
+            # once held, every caller gets the one object
+            held = memo._table.bodies[raw.hex()][0]
+            fut = await memo.check_memo(value_task(1))
+            assert fut is not None and fut.result() is held
+            assert await asyncio.to_thread(lambda: memo._table.lookup(raw.hex(), raw)) is held
