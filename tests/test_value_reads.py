@@ -315,6 +315,19 @@ class TestLoadCheckpointsMapping:
             own = table._table  # type: ignore[attr-defined]
             assert own.held <= BIG + 100 and len(own.bodies) == 1
 
+    async def test_after_close_no_reader_thread_is_left(
+        self, tmp_path: Path, reads_in: list[str]
+    ) -> None:
+        """The mapping still reads after close(), in the loop's default executor: no thread left over."""
+        vals = write_results(tmp_path / "ck", 2)
+        async with Memoizer(run_dir=tmp_path / "run") as memo:
+            table = await memo.load_checkpoints([tmp_path / "ck"])
+            assert await table[_key(0)] == vals[0]
+        assert memo._table._reader is None
+        assert await table[_key(1)] == vals[1]
+        assert memo._table._reader is None
+        assert reads_in[0].startswith("aiomemo-read") and not reads_in[1].startswith("aiomemo-read")
+
     def test_from_another_loop_is_a_usage_error(self, tmp_path: Path) -> None:
         """Asked for a value on disk from a second event loop: MemoizerUsageError, not a blocked loop."""
         write_results(tmp_path / "ck", 2)
