@@ -497,3 +497,63 @@ class TestHostile:
             fut = await memo.check_memo(value_task(1))
             assert fut is not None and fut.result() is held
             assert await asyncio.to_thread(lambda: memo._table.lookup(raw.hex(), raw)) is held
+
+
+class TestShadowedCopies:
+    """A later copy of a record whose value frame did not come along must not hide the original."""
+
+    def _two_batches(self, tmp: Path) -> tuple[Path, bytes, bytes, bytes]:
+        v1, v2 = _codec.encode(b"a" * 50_000), _codec.encode(b"b" * 60_000)
+        r1 = Record(b"\x01" * 32, v1, "m.f", 1.7e9, b"")
+        r2 = Record(b"\x02" * 32, v2, "m.f", 1.7e9, b"")
+        b1, b2 = encode_batch([r1]), encode_batch([r2])
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp / "seg-1.amlog", b1, b2, v1
+
+    @staticmethod
+    def _batch_only(framed: bytes) -> bytes:
+        """The batch of ``framed`` (value frames + batch) without its value frames."""
+        from aiomemo._checkpoint import BATCH_MAGIC
+
+        return framed[framed.index(BATCH_MAGIC) :]
+
+    def test_duplicated_batch_without_its_frames(self, tmp_path: Path) -> None:
+        """Batch copied after another batch (frames left behind): the key still reads its value."""
+        path, b1, b2, v1 = self._two_batches(tmp_path / "ck")
+        path.write_bytes(file_header() + b1 + b2 + self._batch_only(b1))
+        table = load_paths([path]).table
+        ref = table[b"\x01" * 32]
+        assert isinstance(ref, ValueRef) and ref.prev is not None
+        alone = ValueRef(ref.path, ref.offset, ref.length, ref.digest)
+        with pytest.raises(CorruptCheckpointError):  # the copy's own reference does not read
+            _read_decode(alone)
+        assert read_value_with(ref, bytes) == v1  # the original does
+        assert _read_decode(ref) == b"a" * 50_000
+        from aiomemo._checkpoint import read_value
+
+        assert read_value(ref) == v1
+
+    def test_a_different_newer_value_does_not_fall_back(self, tmp_path: Path) -> None:
+        """A newer record with other bytes whose frame is damaged is a miss, not the older value."""
+        path = tmp_path / "seg-1.amlog"
+        old = Record(b"\x01" * 32, _codec.encode(b"o" * 50_000), "m.f", 1.7e9, b"")
+        new = Record(b"\x01" * 32, _codec.encode(b"n" * 50_000), "m.f", 1.8e9, b"")
+        path.write_bytes(file_header() + encode_batch([old]) + encode_batch([new]))
+        ref = load_paths([path]).table[old.key]
+        assert isinstance(ref, ValueRef) and ref.prev is None
+        with open(path, "r+b") as f:
+            f.seek(ref.offset + 100)
+            f.write(b"\x00\xff")
+        with pytest.raises(CorruptCheckpointError):
+            _read_decode(ref)
+
+    def test_damaged_earlier_copy_is_never_needed(self, tmp_path: Path) -> None:
+        """A sound later copy (frames and all) reads from itself; the earlier one may be damaged."""
+        path, b1, b2, _ = self._two_batches(tmp_path / "ck")
+        path.write_bytes(file_header() + b1 + b2 + b1)
+        ref = load_paths([path]).table[b"\x01" * 32]
+        assert isinstance(ref, ValueRef) and ref.prev is not None
+        with open(path, "r+b") as f:
+            f.seek(ref.prev.offset + 10)
+            f.write(b"\xff\xfe\xfd")
+        assert _read_decode(ref) == b"a" * 50_000

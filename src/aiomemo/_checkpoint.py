@@ -907,8 +907,23 @@ def read_value(ref: ValueRef) -> bytes:
     Raises :class:`~aiomemo.CorruptCheckpointError` naming the segment and
     offset when the value is cut short, fails its checksum, or cannot be read
     (the file was deleted or compacted meanwhile: the ``OSError`` is chained).
+    An earlier copy of the same bytes (``ref.prev``) is tried before giving up.
     """
-    return bytes(_read_checked(ref, bytearray))
+    return _first_readable(ref, lambda r: bytes(_read_checked(r, bytearray)))
+
+
+def _first_readable(ref: ValueRef, read: Callable[[ValueRef], _T]) -> _T:
+    """``read(ref)``, else ``read`` of the earlier copies ``ref.prev`` ...; the first error if none reads."""
+    try:
+        return read(ref)
+    except CorruptCheckpointError as first:
+        r = ref.prev
+        while r is not None:
+            try:
+                return read(r)
+            except CorruptCheckpointError:
+                r = r.prev
+        raise first
 
 
 #: one read buffer, shared by the worker threads that read values (one at a
@@ -938,8 +953,13 @@ def read_value_with(
     value it recognizes (a flat result: bytes, bytearray, numpy array) is
     read straight into its result object, which is returned as is (``use``
     is not called): one pass from the page cache into the result, no buffer
-    and no decode copy in between. Blocking: a worker thread's job.
+    and no decode copy in between. Earlier copies (``ref.prev``) are tried
+    before giving up. Blocking: a worker thread's job.
     """
+    return _first_readable(ref, lambda r: _read_with(r, use, direct))
+
+
+def _read_with(ref: ValueRef, use: Callable[[memoryview], _T], direct: Direct | None) -> _T | object:
     if direct is not None:
         with _open_value(ref) as fd:
             head = _pread_exact(fd, ref, 0, min(DIRECT_HEAD, ref.length))
@@ -1529,7 +1549,8 @@ _Table = dict[bytes, bytes | ValueRef]
 def _put(table: _Table, info: RecordInfo, refs: str | None) -> None:
     value = info.record.value
     ref = _as_ref(value, refs, info.batch_offset) if refs is not None else None
-    table[info.record.key] = value if ref is None else ref
+    key = info.record.key
+    table[key] = value if ref is None else _after(table.get(key), ref)
 
 
 def _load_run(
@@ -1611,7 +1632,7 @@ def _load_run(
             if refs is not None and len(value) == REF_SIZE:
                 ref = _as_ref(value, refs, pos)
                 if ref is not None:
-                    value = ref
+                    value = _after(table.get(rec[0]), ref)
             table[rec[0]] = value
         elif not _load_sound_batch(table, count, payload, refs, pos):
             break
@@ -1643,15 +1664,30 @@ def _load_sound_batch(
         return False
     if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
         return False
+    if refs is None or REF_SIZE not in set(map(len, values)):
+        table.update(zip(keys, values, strict=True))
+        return True
+    # value references (format 2): rare enough for a Python loop
+    before = {k: table.get(k) for k, v in zip(keys, values, strict=True) if len(v) == REF_SIZE}
     table.update(zip(keys, values, strict=True))
-    if refs is not None and REF_SIZE in set(map(len, values)):
-        # value references (format 2): rare enough for a Python loop
-        for k, v in zip(keys, values, strict=True):
-            if len(v) == REF_SIZE and table.get(k) is v:
-                ref = _as_ref(v, refs, batch_offset)
-                if ref is not None:
-                    table[k] = ref
+    for k, v in zip(keys, values, strict=True):
+        if len(v) == REF_SIZE and table.get(k) is v:
+            ref = _as_ref(v, refs, batch_offset)
+            if ref is not None:
+                table[k] = _after(before[k], ref)
     return True
+
+
+def _after(old: bytes | ValueRef | None, ref: ValueRef) -> ValueRef:
+    """``ref``, remembering ``old`` when it is a reference to the same bytes elsewhere."""
+    if (
+        type(old) is ValueRef
+        and old.digest == ref.digest
+        and old.length == ref.length
+        and (old.path, old.offset) != (ref.path, ref.offset)
+    ):
+        return ValueRef(ref.path, ref.offset, ref.length, ref.digest, old)
+    return ref
 
 
 def _looks_like_runinfo(d: Path) -> bool:
