@@ -275,7 +275,7 @@ async def _kill_worker(runinfo: str, mode: str, seed: int, universe: int) -> Non
     warnings.simplefilter("ignore")
     deadline = time.monotonic() + 120  # bounded even if nobody kills us
     base = 0
-    kwargs: dict[str, Any] = {"checkpoint_mode": mode, "config_run_dir": runinfo}
+    kwargs: dict[str, Any] = {"config_run_dir": runinfo}
     if mode == "dfk_exit_64k":
         mode, base, universe = "dfk_exit", BIG, BIG_UNIVERSE
     elif mode.endswith("_256k"):
