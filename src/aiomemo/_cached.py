@@ -54,6 +54,7 @@ def cached(
     ignore: IgnoreNames,
     version: object,
     track_code: bool | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Callable[P, Awaitable[R]]:
     """The wrapper ``memo.cached(fn, ...)`` returns (see :meth:`Memoizer.cached`)."""
     if not asyncio.iscoroutinefunction(fn):
@@ -68,6 +69,8 @@ def cached(
     fixed: dict[str, Any] = {"func": func, "ignore_for_cache": ignore_list, "version": version}
     if track_code is not None:
         fixed["track_code"] = track_code
+    if extra:
+        fixed.update(extra)  # ttl, refresh: task fields
 
     def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**fixed, "args": args, "kwargs": kwargs}

@@ -112,7 +112,6 @@ import os
 import re
 import struct
 import threading
-import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +122,7 @@ import aiofiles.os
 import msgpack
 from blake3 import blake3
 
+from aiomemo import _records
 from aiomemo._exceptions import CheckpointError, CorruptCheckpointError
 from aiomemo._paths import (
     FILE_MAGIC,
@@ -161,6 +161,7 @@ __all__ = [
     "fsync_dir",
     "is_segment_in_use",
     "iter_segment",
+    "keys_of_funcs",
     "list_segments",
     "load_paths",
     "read_segment_header",
@@ -1884,7 +1885,7 @@ def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = N
     :attr:`LoadReport.forgotten`), one written after it stays.
     """
     report = LoadReport()
-    sink = _Sink(report, time.time() if now is None else now)
+    sink = _Sink(report, _records.clock() if now is None else now)
     for p in paths:
         shown = os.fspath(p)
         try:
@@ -1918,3 +1919,50 @@ def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = N
         _apply_tombstones(sink, report)
     report.expired += sink.expired
     return report
+
+
+def keys_of_funcs(
+    paths: Sequence[str | os.PathLike[str]], funcs: set[str]
+) -> tuple[dict[str, set[bytes]], set[str]]:
+    """The keys of the records of each function in ``funcs``, and every function name seen.
+
+    Reads the segments ``paths`` resolve to (as :func:`load_paths` does; no
+    values read, tombstones not counted as records). Never raises for bad
+    data or a missing path (they hold no names). Blocking: a worker thread's job.
+    """
+    wanted = {f.encode("utf-8", "surrogateescape"): f for f in funcs}
+    out: dict[str, set[bytes]] = {f: set() for f in funcs}
+    names: set[bytes] = set()
+    for p in paths:
+        try:
+            r = resolve(p)
+            segs = list(r.segments) if r.kind != "none" else [Path(p)] if Path(p).is_file() else []
+        except OSError:
+            continue
+        for seg in segs:
+            try:
+                with _reading(seg) as (src, header, _problem):
+                    if header is None:
+                        continue
+                    for kind, offset, item in _iter_batches(src, header.header_size):
+                        if kind == "batch":
+                            recs = _sound_records(offset, item[0], item[1])
+                        elif kind == "record":
+                            r2 = item.record
+                            recs = [(r2.key, r2.value, r2.func.encode("utf-8", "surrogateescape"),
+                                     r2.time, r2.digests, r2.expires, b"")]
+                        else:
+                            continue
+                        names.update(map(_get_func, recs))
+                        if wanted.keys().isdisjoint(map(_get_func, recs)):
+                            continue
+                        for rec in recs:
+                            exp = rec[5] if len(rec) == 7 else _INF
+                            if exp == TOMBSTONE_EXPIRES and rec[1] in (FORGET_KEY, FORGET_FUNC):
+                                continue
+                            f = wanted.get(rec[2])
+                            if f is not None:
+                                out[f].add(rec[0])
+            except OSError:
+                continue
+    return out, {n.decode("utf-8", "surrogateescape") for n in names}

@@ -20,7 +20,6 @@ import mmap
 import os
 import pickle
 import secrets
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from aiomemo import _codec
+from aiomemo import _codec, _records
 from aiomemo._checkpoint import (
     BadSpan,
     RecordInfo,
@@ -449,7 +448,7 @@ def _live_records(
     earlier record of the key that it does not forget may still stand, so the
     segments are read again (no values) for those keys only.
     """
-    when = time.time() if now is None else now
+    when = _records.clock() if now is None else now
     dropped = {"expired": 0, "forgotten": 0}
     if tombs:
         redo = {k for k, info in table.items() if tombs.forgets(info.record)}

@@ -40,7 +40,7 @@ from typing import (
     overload,
 )
 
-from aiomemo import _setup
+from aiomemo import _expiry, _setup
 from aiomemo._counters import Counters, Lifecycle
 from aiomemo._drain import Drain
 from aiomemo._exceptions import (
@@ -50,6 +50,7 @@ from aiomemo._exceptions import (
     MemoizerUsageError,
 )
 from aiomemo._flights import Flights, follow, settle
+from aiomemo._forget import ByFunc
 from aiomemo._hashing import IgnoreNames, KeyHook, check_ignore, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._recorder import RecordMaker
@@ -87,8 +88,11 @@ class TaskRecord(TypedDict, total=False):
     (kwarg names left out of the key; ``outputs`` in kwargs are output
     refs), ``version`` (separates functions that share a qualname),
     ``track_code`` (the key includes the function's code fingerprint;
-    default: the Memoizer's ``track_code``). ``check_memo`` writes
-    ``hashsum``. Parsl's TaskRecord dicts work as they are.
+    default: the Memoizer's ``track_code``), ``ttl`` (seconds or a
+    timedelta the result stays valid; default: the Memoizer's ``ttl``;
+    ``math.inf``: never expires), ``refresh`` (True: run the task even on a
+    hit and replace the stored result). ``check_memo`` writes ``hashsum``.
+    Parsl's TaskRecord dicts work as they are.
     """
 
     func: Callable[..., Any]
@@ -99,6 +103,8 @@ class TaskRecord(TypedDict, total=False):
     ignore_for_cache: IgnoreNames
     version: object
     track_code: bool
+    ttl: float | _dt.timedelta | None
+    refresh: bool
     hashsum: str | None
 
 
@@ -126,6 +132,10 @@ class MemoStats(NamedTuple):
     bytes_on_disk: int = 0
     #: results read back from disk (each verified)
     disk_reads: int = 0
+    #: entries dropped because they expired (at load, or on a lookup)
+    expired: int = 0
+    #: entries dropped by ``forget()`` or by tombstones at load
+    forgotten: int = 0
 
 
 _CLOSED_MID_TASK = "the Memoizer closed before this task finished"
@@ -209,6 +219,10 @@ class Memoizer:
             Results this run produced stay in memory either way.
         key_hooks: extra keying rules, ``hook(obj, output_ref) -> value`` or
             ``NOT_HANDLED``, tried for types aiomemo has no rule for.
+        ttl: seconds (or a timedelta) a result stays valid after it was
+            recorded: then it is a miss, in memory, at the next load and in
+            a shared store. None (default): results never expire. A task's
+            ``ttl`` field or ``memo.cached(ttl=...)`` overrides it.
 
     A Memoizer belongs to the event loop it starts on: a call from another
     loop raises :class:`~aiomemo.MemoizerUsageError`.
@@ -243,8 +257,10 @@ class Memoizer:
         key_hooks: Sequence[KeyHook] = (),
         track_code: bool = False,
         memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+        ttl: float | _dt.timedelta | None = None,
     ) -> None:
         _setup.check_mode(checkpoint_mode)
+        self.ttl = _expiry.ttl_of(ttl)
         if memory_limit is not None and (
             isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 0
         ):
@@ -288,6 +304,7 @@ class Memoizer:
             self._counters, parsl_keys=parsl_keys, memory_limit=memory_limit
         )
         self._flights = Flights(collapse=collapse)
+        self._by_func = ByFunc()  # this run's result keys per function, for forget(func=)
         self._drain = Drain(
             self._counters,
             periodic=self.checkpoint_period if checkpoint_mode == "periodic" else None,
@@ -519,10 +536,13 @@ class Memoizer:
             return None
         if self.track_code and "track_code" not in t:
             t["track_code"] = True  # the record and explain see it too
+        if "ttl" in t:
+            _expiry.task_ttl(t, None)  # a bad one fails here, before the task runs
         raw = await hash_task_async(t, self.key_hooks)
         key = raw.hex()
         t["hashsum"] = key
-        value = self._table.lookup(key, raw, t, read=False)
+        refresh = t.get("refresh")
+        value = MISSING if refresh else self._table.lookup(key, raw, t, read=False)
         if type(value) is OnDisk:
             value = await self._table.read(key, value)
         if value is not MISSING:
@@ -530,9 +550,10 @@ class Memoizer:
             return self._hit(value)
         flight, leads = self._flights.claim(key, loop)
         if not leads:
+            # (a refresh joins an identical task in flight: its result is fresh)
             self._counters.collapsed += 1
             return follow(flight.future, loop)
-        if self._shared:
+        if self._shared and not refresh:
             try:
                 return await self._shared.lookup(key, raw, flight)
             except BaseException:
@@ -563,6 +584,8 @@ class Memoizer:
         """
         loop = self._loop
         if self._state is not Lifecycle.STARTED or loop is None or self._shared:
+            return "loop", None
+        if "refresh" in task or "ttl" in task:
             return "loop", None
         value = self._table.lookup(key, raw, task, read=False)
         if type(value) is OnDisk:
@@ -619,12 +642,13 @@ class Memoizer:
         if not self.memoize or not task.get("memoize", True) or not isinstance(key, str):
             return
         self._table.put(key, r)
+        expires = self._expiry_of(task, key)
         flight = self._flights.finish(key, value=r)  # followers get it
         lease_store = flight.lease_store if flight is not None else None
         if self.checkpoint_mode is None and (flight is None or flight.lease is None):
             # nothing to write or publish: a later manual checkpoint() encodes it
             return
-        record = self._records.make(task, key, r)
+        record = self._records.make(task, key, r, expires)
         if record is None:
             if flight is not None:
                 self._shared.release_flight(flight)
@@ -653,6 +677,15 @@ class Memoizer:
             self._table.trim_if_due()
         elif self.checkpoint_mode == "periodic" and self._drain.queued_enough():
             self._drain.wake()
+
+    def _expiry_of(self, task: Task, key: str) -> float:
+        """The absolute expiry of the result just recorded for ``key`` (noted in the table)."""
+        self._by_func.note(self._records.name_of(task.get("func")), key)
+        ttl = self.ttl if "ttl" not in task else _expiry.task_ttl(task, self.ttl)
+        expires = _expiry.expires_of(ttl, _expiry.now()) if ttl is not None else _expiry.NO_TTL
+        if expires < _expiry.NO_TTL or self._table.expires:
+            self._table.expire_at(bytes.fromhex(key), expires)
+        return expires
 
     async def update_memo_exception(self, task: Task, e: BaseException) -> None:
         """Record that a task the engine ran raised ``e``.
@@ -719,7 +752,8 @@ class Memoizer:
         value = self._table.finished(key)
         if value is MISSING or type(value) is Raised:
             return None
-        return self._records.make(task, key, value)
+        expires = self._table.expires.get(bytes.fromhex(key), _expiry.NO_TTL)
+        return self._records.make(task, key, value, expires)
 
     def _queue(self, record: Record, key: str, skip: Store | None = None) -> None:
         if not self._drain.sinks and self._state is Lifecycle.STARTED:
@@ -814,6 +848,29 @@ class Memoizer:
         snapshot = dict(cast(Mapping[str, Any], task))
         return await asyncio.to_thread(explain_task, snapshot, paths)
 
+    async def forget(
+        self, task: Task | None = None, *, func: Callable[..., Any] | str | None = None
+    ) -> int:
+        """Forget a task's result, or every result of a function; return how many entries went.
+
+        ``forget(task)`` drops the task's entry; ``forget(func=f)`` every
+        entry of ``f`` (a function or its ``"module.qualname"``), results of
+        this run and loaded ones alike. A tombstone is written to every
+        store (checkpoint segments, a shared store) before this returns, so
+        later runs, other processes loading the same checkpoints and the
+        shared store miss them too (with ``checkpoint_mode=None`` and no
+        store, only this memo forgets). A task of that key still running is
+        not stopped; its result, recorded after the forget, stays.
+
+        Raises:
+            UnknownFunctionError: ``func`` has no records here nor in the
+                loaded checkpoints (the message suggests a close name).
+            CheckpointError: the tombstone could not be written (retried later).
+        """
+        from aiomemo._forget import forget
+
+        return await forget(self, task, func)
+
     # ------------------------------------------------------------------ stats
     def stats(self) -> MemoStats:
         """Counters: hits, misses, collapsed, entries, checkpointed, pending, ..."""
@@ -831,6 +888,8 @@ class Memoizer:
             write_errors=c.write_errors,
             store_errors=c.store_errors,
             remote_hits=c.remote_hits,
+            expired=c.expired,
+            forgotten=c.forgotten,
             bytes_held=self._table.held,
             bytes_on_disk=self._table.bytes_on_disk(),
             disk_reads=self._table.disk_reads,
@@ -845,6 +904,8 @@ class Memoizer:
         ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
+        ttl: float | _dt.timedelta | None = None,
+        refresh: bool = False,
     ) -> Callable[P, Awaitable[R]]: ...
 
     @overload
@@ -855,6 +916,8 @@ class Memoizer:
         ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
+        ttl: float | _dt.timedelta | None = None,
+        refresh: bool = False,
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
     def cached(
@@ -864,6 +927,8 @@ class Memoizer:
         ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
+        ttl: float | _dt.timedelta | None = None,
+        refresh: bool = False,
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
 
@@ -871,7 +936,10 @@ class Memoizer:
         bare str is a TypeError); ``version`` separates functions that share
         a qualname (closures, lambdas) or marks a changed implementation;
         ``track_code`` (default: the Memoizer's) keys calls also by the code
-        fingerprint of the function and what it reaches.
+        fingerprint of the function and what it reaches; ``ttl`` (seconds
+        or a timedelta; default: the Memoizer's) how long its results stay
+        valid; ``refresh=True`` runs every call even on a hit and replaces
+        the stored result (identical concurrent calls still run once).
         Identical concurrent calls run once; if the running one is
         cancelled, a waiting caller takes over. A call that awaits itself
         with the same arguments raises :class:`~aiomemo.MemoizerUsageError`.
@@ -880,8 +948,15 @@ class Memoizer:
         from aiomemo._cached import cached
 
         ignore = check_ignore(ignore)  # a bare str would be read letter by letter
+        extra: dict[str, Any] = {}
+        if ttl is not None:
+            extra["ttl"] = _expiry.ttl_of(ttl)
+        if _setup.flag("refresh", refresh):
+            extra["refresh"] = True
         if fn is None:
             return lambda f: cached(
-                self, f, ignore=ignore, version=version, track_code=track_code
+                self, f, ignore=ignore, version=version, track_code=track_code, extra=extra
             )
-        return cached(self, fn, ignore=ignore, version=version, track_code=track_code)
+        return cached(
+            self, fn, ignore=ignore, version=version, track_code=track_code, extra=extra
+        )

@@ -21,6 +21,7 @@ Expiry and tombstones (segment format 3):
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -39,6 +40,9 @@ __all__ = [
     "func_tombstone_key",
     "key_tombstone",
 ]
+
+#: the clock loading compares expiries with (tests replace it)
+clock = time.time
 
 #: ``Record.expires`` of a record that never expires
 NEVER: Final = math.inf
