@@ -20,12 +20,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiomemo._exceptions import LeaderCancelledError, MemoizerUsageError
+from aiomemo._expiry import ttl_of
 from aiomemo._hashing import IgnoreNames, check_ignore
 
 if TYPE_CHECKING:
     from aiomemo._memoizer import Memoizer
 
-__all__ = ["cached"]
+__all__ = ["cached", "cached_or_decorator"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -119,3 +120,30 @@ def cached(
     wrapper.key = key  # type: ignore[attr-defined]
     wrapper._aiomemo_func = func  # type: ignore[attr-defined]  # for ``aiomemo explain``
     return wrapper
+
+
+def cached_or_decorator(
+    memo: Memoizer,
+    fn: Callable[P, Awaitable[R]] | None,
+    *,
+    ignore: IgnoreNames,
+    version: object,
+    track_code: bool | None,
+    ttl: Any = None,
+    refresh: bool = False,
+) -> Any:
+    """``memo.cached(fn, ...)``, or without ``fn`` the decorator ``memo.cached(...)`` is."""
+    ignore = check_ignore(ignore)  # at once: a bare str would be read letter by letter
+    extra: dict[str, Any] = {}  # task fields every call carries
+    if ttl is not None:
+        extra["ttl"] = ttl_of(ttl)
+    if not isinstance(refresh, bool):
+        raise TypeError(f"refresh must be True or False, not {refresh!r}")
+    if refresh:
+        extra["refresh"] = True
+    opts: dict[str, Any] = {
+        "ignore": ignore, "version": version, "track_code": track_code, "extra": extra
+    }
+    if fn is None:
+        return lambda f: cached(memo, f, **opts)
+    return cached(memo, fn, **opts)

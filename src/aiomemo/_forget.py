@@ -106,6 +106,6 @@ async def forget(
     memo._counters.forgotten += removed
     if memo.checkpoint_mode is not None or memo._drain.sinks:
         # durable before we return, in every store (a shared one too)
-        memo._queue(tomb, "forget:" + tomb.key.hex())
+        memo._completion.queue(tomb, "forget:" + tomb.key.hex())
         await memo.checkpoint_queue()
     return removed
