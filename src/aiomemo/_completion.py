@@ -17,8 +17,8 @@ from typing import Any
 
 from aiomemo import _expiry
 from aiomemo._drain import Drain
-from aiomemo._expiry import NO_TTL, expires_of, task_ttl
 from aiomemo._exceptions import LeaderCancelledError
+from aiomemo._expiry import NO_TTL, expires_of, task_ttl
 from aiomemo._flights import Flights
 from aiomemo._forget import ByFunc
 from aiomemo._leases import SharedTier

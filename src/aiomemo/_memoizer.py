@@ -46,11 +46,11 @@ from typing import (
 from aiomemo import _expiry, _setup, _shutdown, _views
 from aiomemo._cached import cached_or_decorator
 from aiomemo._completion import Completion
-from aiomemo._forget import ByFunc
 from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._exceptions import LeaderCancelledError
 from aiomemo._flights import Flights, follow
+from aiomemo._forget import ByFunc
 from aiomemo._hashing import IgnoreNames, KeyHook, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._lifecycle import Life, Lifecycle
