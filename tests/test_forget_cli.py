@@ -56,6 +56,13 @@ def test_forget_function(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out[0].startswith("removed 10 record(s) of mymod.simulate written up to ")
     assert out[1].startswith("tombstone: ") and len(out) == 2
     assert set(table(root)) == {call_key("mymod.other", i) for i in range(3)}
+    # verify: a tombstone is a sound record, not a value that fails to decode
+    assert _cli.main(["verify", str(root)]) == 0
+    capsys.readouterr()
+    assert _cli.main(["inspect", str(root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tombstones"] == 1 and "" not in info["functions"]
+    assert info["functions"]["mymod.simulate"]["records"] == 10
     # again: nothing left to remove, nothing written
     assert _cli.main(["forget", str(root), "--func", "mymod.simulate", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

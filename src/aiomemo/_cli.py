@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -191,6 +192,10 @@ class _Tally:
     recovered: int = 0
     with_digests: int = 0
     parsl: int = 0
+    tombstones: int = 0
+    expiring: int = 0
+    expired: int = 0
+    now: float = field(default_factory=time.time)
 
     def add(self, seg: Path, i: int, item: RecordInfo | BadSpan) -> None:
         st = self.segs[i]
@@ -205,6 +210,12 @@ class _Tally:
         if item.recovered:
             self.recovered += 1
             st.recovered += 1
+        if rec.tombstone is not None:
+            self.tombstones += 1  # not a result: counted apart, in no function's stats
+            return
+        if rec.expires < math.inf:
+            self.expiring += 1
+            self.expired += rec.expires <= self.now
         self.keys.add(rec.key)
         f = self.funcs.get(rec.func)
         if f is None:
@@ -261,6 +272,9 @@ def _inspect_report(resolved: Sequence[ResolvedPath], tally: _Tally) -> dict[str
         "unique_keys": len(tally.keys),
         "recovered_records": tally.recovered,
         "records_with_digests": tally.with_digests,
+        "tombstones": tally.tombstones,
+        "records_with_expiry": tally.expiring,
+        "records_expired": tally.expired,
         "parsl_records": tally.parsl,
         "first_time": first,
         "last_time": last,
@@ -306,6 +320,8 @@ def _print_inspect(r: dict[str, Any]) -> None:
         ("records", f"{r['records']:,}"),
         ("unique keys", f"{r['unique_keys']:,}"),
         ("with digests", f"{r['records_with_digests']:,} (explain can name changed inputs)"),
+        ("expiry", f"{r['records_with_expiry']:,} record(s) expire, {r['records_expired']:,} expired"),
+        ("tombstones", f"{r['tombstones']:,} (aiomemo forget / memo.forget)"),
     ]
     if r["parsl_records"]:
         rows.append(("parsl keys", f"{r['parsl_records']:,} (imported from Parsl)"))
@@ -363,7 +379,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 (in_flight if d["in_flight"] else bad).append(d)
                 continue
             records += 1
-            if args.decode:
+            if args.decode and item.record.tombstone is None:
                 try:
                     _codec.decode(item.record.value)
                 except _codec.CodecError as exc:

@@ -430,6 +430,8 @@ def explain(
             scanned += 1
             if progress is not None and not scanned & 0x3FFF:
                 progress(done_bytes + item.offset, total_bytes)
+            if rec.tombstone is not None:
+                continue  # not a recorded call
             if rec.key in keys:
                 hit_rec = rec
             if rec.func != name:
