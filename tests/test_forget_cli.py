@@ -143,8 +143,9 @@ def test_library_summary(tmp_path: Path) -> None:
 def test_kill_9_at_random_points_leaves_a_correct_checkpoint(tmp_path: Path) -> None:
     """aiomemo forget killed at random moments: a load gives the table of some prefix of the forgets.
 
-    The process forgets ten calls one by one (ten tombstone segments), so the
-    kills land before, between and inside the writes.
+    The process forgets ten calls one by one (ten tombstone segments) and
+    says when each is done; each case lets it finish a random number of them
+    and kills it a random few milliseconds later, inside or between writes.
     """
     root = make_dir(tmp_path / "base")
     before = table(root)
@@ -154,14 +155,9 @@ def test_kill_9_at_random_points_leaves_a_correct_checkpoint(tmp_path: Path) -> 
         "import sys; from aiomemo import _cli\n"
         "for i in range(10):\n"
         "    _cli.main(['forget', sys.argv[1], '--func', 'mymod.simulate', '--args', f'[{i}]'])\n"
+        "    print('done', flush=True)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    full_dir = tmp_path / "full"
-    shutil.copytree(root, full_dir)
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", script, str(full_dir)], env=env, capture_output=True)
-    full = time.monotonic() - t0
-    assert table(full_dir) == states[10]
     rng = random.Random(16)
     reached = []
     for n in range(12):
@@ -170,15 +166,24 @@ def test_kill_9_at_random_points_leaves_a_correct_checkpoint(tmp_path: Path) -> 
         p = subprocess.Popen(
             [sys.executable, "-c", script, str(d)],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            text=True,
         )
-        time.sleep(rng.uniform(0.2, 1.0) * full)
+        assert p.stdout is not None
+        wait_for = rng.randrange(10)
+        lines = 0
+        while lines < wait_for:
+            lines += "removed" in p.stdout.readline()
+        time.sleep(rng.uniform(0, 0.004))
         p.send_signal(signal.SIGKILL)
         p.wait()
+        p.stdout.close()
         got = table(d)  # loads without an error: no torn segment under a real name
         assert got in states, n
-        reached.append(states.index(got))
-        # a fresh Memoizer-style load of the whole runinfo agrees
+        j = states.index(got)
+        assert j >= wait_for, (wait_for, j)  # every forget it reported done is there
+        reached.append(j)
+        # a fresh load of the run dir agrees (temp files are never read)
         assert {k for k in load_paths([d / "000"]).table} == set(got)
     assert len(set(reached)) >= 3, reached  # the kills landed at different points
