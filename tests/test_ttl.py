@@ -178,6 +178,18 @@ async def test_memory_store_keeps_the_expiry(clock: Clock, tmp_path: Path) -> No
         assert await run(m, mk(1), -1) == -1
 
 
+async def test_forget_func_reaches_a_memory_store(clock: Clock, tmp_path: Path) -> None:
+    """Entries loaded from a MemoryStore are found by function too, and the store forgets them."""
+    store = MemoryStore()
+    async with Memoizer(run_dir=tmp_path / "a", store=store, checkpoint_mode="task_exit") as m:
+        await run(m, mk(1, func=sim), 1)
+        await run(m, mk(1, func=other), 2)
+    clock.t += 1
+    async with Memoizer(run_dir=tmp_path / "b", store=store, checkpoint_mode="task_exit") as m:
+        assert await m.forget(func=sim) == 1
+    assert [r.func for r in store.records.values()] == ["mymod.other"]
+
+
 # ------------------------------------------------------------------ refresh
 
 
