@@ -1799,6 +1799,8 @@ def _apply_tombstones(sink: _Sink, report: LoadReport) -> None:
                             tfuncs.keys().isdisjoint(map(_get_func, recs))
                         ):
                             for rec in recs:
+                                if rec[0] not in tkeys and rec[2] not in tfuncs:
+                                    continue  # a key with no tombstone on it or its function
                                 exp = rec[5] if len(rec) == 7 else _INF
                                 value = _ref_or(rec[1], refs, offset)
                                 one(rec[0], rec[1], rec[2], rec[3], exp, value)
