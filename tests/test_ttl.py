@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aiomemo import Memoizer, UnknownFunctionError, _expiry, _records, make_hash
 from aiomemo._checkpoint import RecordInfo, iter_segment, list_segments, load_paths
@@ -395,3 +397,89 @@ async def test_redis_forget_task_and_function(redis_url: str, redis_namespace: s
     ) as m:
         assert await run(m, mk(2, func=sim), -2) == -2
         assert await run(m, mk(0, func=other), -3) == "o"
+
+
+# ------------------------------------------------------------------ against a model
+
+_op = st.one_of(
+    st.tuples(
+        st.just("run"),
+        st.sampled_from([sim, other]),
+        st.integers(0, 2),
+        st.sampled_from([None, 5.0, 20.0]),
+        st.booleans(),
+    ),
+    st.tuples(st.just("tick"), st.sampled_from([1.0, 6.0, 25.0])),
+    st.tuples(st.just("forget_task"), st.sampled_from([sim, other]), st.integers(0, 2)),
+    st.tuples(st.just("forget_func"), st.sampled_from([sim, other])),
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=st.lists(_op, max_size=14))
+def test_ttl_forget_refresh_match_a_model(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, ops: list[Any]
+) -> None:
+    """Random runs (with ttl, refresh), clock ticks and forgets: hits in the run and after a reload match a model."""
+    clock = Clock()
+    monkeypatch.setattr(_expiry, "now", clock)
+    monkeypatch.setattr(_records, "clock", clock)
+    d = tmp_path_factory.mktemp("run")
+
+    async def go() -> None:
+        model: dict[tuple[str, int], tuple[int, float]] = {}
+        ever: set[str] = set()
+        counter = 0
+        async with Memoizer(run_dir=d, checkpoint_mode="task_exit") as memo:
+            for op in ops:
+                if op[0] == "run":
+                    _, f, x, ttl, refresh = op
+                    k = (f.__qualname__, x)
+                    task: dict[str, Any] = {"func": f, "args": (x,), "kwargs": {}}
+                    if ttl is not None:
+                        task["ttl"] = ttl
+                    if refresh:
+                        task["refresh"] = True
+                    live = model.get(k)
+                    if live is not None and live[1] <= clock.t:
+                        live = None
+                    fut = await memo.check_memo(task)
+                    if live is not None and not refresh:
+                        assert fut is not None and fut.result() == live[0], (op, live)
+                    else:
+                        assert fut is None, op
+                        counter += 1
+                        await memo.update_memo_result(task, counter)
+                        model[k] = (counter, clock.t + ttl if ttl else math.inf)
+                        ever.add(f.__qualname__)
+                elif op[0] == "tick":
+                    clock.t += op[1]
+                elif op[0] == "forget_task":
+                    _, f, x = op
+                    await memo.forget({"func": f, "args": (x,), "kwargs": {}})
+                    model.pop((f.__qualname__, x), None)
+                    clock.t += 0.001  # a result recorded after a forget is strictly later
+                else:
+                    f = op[1]
+                    if f.__qualname__ not in ever:
+                        with pytest.raises(UnknownFunctionError):
+                            await memo.forget(func=f)
+                        continue
+                    await memo.forget(func=f)
+                    for k in [k for k in model if k[0] == f.__qualname__]:
+                        del model[k]
+                    clock.t += 0.001
+        if not (d / "checkpoint").exists():  # nothing was ever recorded
+            assert not model
+            return
+        async with Memoizer(checkpoint_files=[str(d)], run_dir=d.parent / (d.name + "-b")) as memo:
+            for f in (sim, other):
+                for x in range(3):
+                    live = model.get((f.__qualname__, x))
+                    want = live[0] if live is not None and live[1] > clock.t else None
+                    fut = await memo.check_memo({"func": f, "args": (x,), "kwargs": {}})
+                    assert (fut.result() if fut is not None else None) == want, (f, x)
+
+    asyncio.run(go())

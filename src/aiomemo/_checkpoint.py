@@ -1955,13 +1955,11 @@ def keys_of_funcs(
                                      r2.time, r2.digests, r2.expires, b"")]
                         else:
                             continue
-                        names.update(map(_get_func, recs))
-                        if wanted.keys().isdisjoint(map(_get_func, recs)):
-                            continue
                         for rec in recs:
                             exp = rec[5] if len(rec) == 7 else _INF
                             if exp == TOMBSTONE_EXPIRES and rec[1] in (FORGET_KEY, FORGET_FUNC):
-                                continue
+                                continue  # a tombstone is no record of its function
+                            names.add(rec[2])
                             f = wanted.get(rec[2])
                             if f is not None:
                                 out[f].add(rec[0])
