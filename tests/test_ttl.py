@@ -284,6 +284,40 @@ async def test_forget_func_by_name_and_object(clock: Clock, tmp_path: Path) -> N
         assert await run(memo, mk(0, func=other), -3) == -3
 
 
+async def test_forget_while_the_task_runs(clock: Clock, tmp_path: Path) -> None:
+    """A task running when it is forgotten is not stopped; its result, recorded afterwards, stays."""
+    a = tmp_path / "a"
+    async with Memoizer(run_dir=a, checkpoint_mode="task_exit") as memo:
+        await run(memo, mk(1), "old")
+        task = mk(2)
+        assert await memo.check_memo(task) is None  # we lead mk(2) now
+        clock.t += 1
+        assert await memo.forget(mk(1)) == 1
+        assert await memo.forget(mk(2)) == 0  # running, not finished: nothing to drop
+        clock.t += 1
+        await memo.update_memo_result(task, "fresh")
+        assert await run(memo, mk(2), -1) == "fresh"
+    async with Memoizer(checkpoint_files=[str(a)], run_dir=tmp_path / "b") as memo:
+        assert await run(memo, mk(2), -1) == "fresh"
+        assert await run(memo, mk(1), "new") == "new"
+
+
+async def test_redis_refresh_replaces_the_shared_value(
+    redis_url: str, redis_namespace: str, tmp_path: Path
+) -> None:
+    """A refreshing call skips the shared lookup, runs, and its result replaces Redis's."""
+    def store() -> RedisStore:
+        return RedisStore(redis_url, namespace=redis_namespace, lease_ttl=2.0)
+
+    async with Memoizer(run_dir=tmp_path / "a", store=store(), checkpoint_mode="task_exit") as m:
+        await run(m, mk(5), "v1")
+    async with Memoizer(run_dir=tmp_path / "b", store=store(), checkpoint_mode="task_exit") as m:
+        assert await run(m, mk(5), "x") == "v1"  # a shared hit
+        assert await run(m, {**mk(5), "refresh": True}, "v2") == "v2"
+    async with Memoizer(run_dir=tmp_path / "c", store=store(), checkpoint_mode="task_exit") as m:
+        assert await run(m, mk(5), "x") == "v2"
+
+
 async def test_forget_unknown_function_says_did_you_mean(tmp_path: Path) -> None:
     async with Memoizer(run_dir=tmp_path, checkpoint_mode="task_exit") as memo:
         await run(memo, mk(1, func=sim), 1)
