@@ -1818,9 +1818,17 @@ def _apply_tombstones(sink: _Sink, report: LoadReport) -> None:
         if got is None:
             table.pop(key, None)
             expires.pop(key, None)
-        else:
+        else:  # (an expired one was counted when it was read)
             value, exp = got
-            sink.put(key, value, exp)
+            if exp <= sink.now:
+                table.pop(key, None)
+                expires.pop(key, None)
+            else:
+                table[key] = value
+                if exp < _INF:
+                    expires[key] = exp
+                else:
+                    expires.pop(key, None)
     report.forgotten += forgotten
 
 
