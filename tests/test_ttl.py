@@ -257,6 +257,21 @@ async def test_forget_task(clock: Clock, tmp_path: Path) -> None:
         assert await run(memo, mk(1), -9) == -1
 
 
+async def test_explain_says_forgotten_or_expired(clock: Clock, tmp_path: Path) -> None:
+    """explain agrees with the memo: a forgotten or expired record is no hit, and it says why."""
+    async with Memoizer(run_dir=tmp_path, checkpoint_mode="task_exit", ttl=10) as memo:
+        await run(memo, mk(1), 1)
+        await run(memo, mk(2), 2)
+        assert (await memo.explain(mk(1))).hit
+        clock.t += 1
+        await memo.forget(mk(1))
+        ex = await memo.explain(mk(1))
+        assert not ex.hit and "forgotten" in ex.note
+        clock.t += 10
+        ex = await memo.explain(mk(2))
+        assert not ex.hit and "expired at " in ex.note and "expired at " in str(ex)
+
+
 async def test_forget_func_by_name_and_object(clock: Clock, tmp_path: Path) -> None:
     """forget(func=...) drops this run's and loaded entries of the function, no other's."""
     a = tmp_path / "a"
