@@ -38,13 +38,14 @@ from typing import Any, Literal
 
 import msgpack
 
+from aiomemo import _records
 from aiomemo._checkpoint import RecordInfo, iter_segment
 from aiomemo._exceptions import CheckpointPathError, UnhashableInputError
 from aiomemo._fingerprint import code_fingerprint, split_record
 from aiomemo._hashing import arg_digests, hash_task
 from aiomemo._naming import func_name
 from aiomemo._paths import PathKind, ResolvedPath, find_segments, unique_segments
-from aiomemo._records import Record
+from aiomemo._records import Record, Tombstones
 
 __all__ = [
     "CheckpointPathError",
@@ -424,7 +425,8 @@ def _mine(task: Mapping[str, Any], key: bytes | str | None) -> _Mine:
 class _Scan:
     """What one pass over the records found for a task."""
 
-    hit: Record | None = None
+    hit_recs: list[Record] = field(default_factory=list)  # the task's own, in load order
+    tombs: Tombstones = field(default_factory=Tombstones)
     scanned: int = 0
     of_func: int = 0
     with_digests: int = 0
@@ -436,7 +438,7 @@ class _Scan:
 def _scan(
     mine: _Mine, segments: Sequence[Path], progress: Callable[[int, int], None] | None
 ) -> _Scan:
-    """Read every record once: the task's own record, and the nearest call of its function.
+    """Read every record once: the task's own records, and the nearest call of its function.
 
     One long loop on purpose: it runs once per record (millions), and a call
     per record would cost more than the loop's work; its counters stay locals.
@@ -450,7 +452,7 @@ def _scan(
     total_bytes = sum(sizes)
     done_bytes = 0
     out = _Scan()
-    names = out.names
+    names, hit_recs, tombs = out.names, out.hit_recs, out.tombs
     name, keys = mine.name, mine.keys
     scanned = of_func = with_digests = 0
     best: tuple[int, int, float] | None = None
@@ -464,8 +466,10 @@ def _scan(
             scanned += 1
             if progress is not None and not scanned & 0x3FFF:
                 progress(done_bytes + item.offset, total_bytes)
+            if tombs.add(rec):
+                continue  # a tombstone, not a recorded call
             if rec.key in keys:
-                out.hit = rec
+                hit_recs.append(rec)
             if rec.func != name:
                 if len(names) < 10_000:
                     names.add(rec.func)
@@ -496,7 +500,18 @@ def _scan(
 
 def _explanation(mine: _Mine, scan: _Scan) -> Explanation:
     """The answer, from the task's side and what the scan found."""
-    name, keys, hit_rec = mine.name, mine.keys, scan.hit
+    name, keys, note = mine.name, mine.keys, mine.note
+    # a load would keep the last record of the key no tombstone forgets, unexpired
+    now = _records.clock()
+    live = [r for r in scan.hit_recs if not scan.tombs.forgets(r)]
+    hit_rec = live[-1] if live and live[-1].expires > now else None
+    if scan.hit_recs and hit_rec is None:
+        gone = (
+            f"the recorded call expired at {_when(live[-1].expires)}"
+            if live
+            else "the recorded call was forgotten (aiomemo forget / memo.forget)"
+        )
+        note = f"{note}; {gone}" if note else gone
     task_key = None
     if len(keys) == 1:
         task_key = next(iter(keys)).hex()
@@ -517,11 +532,11 @@ def _explanation(mine: _Mine, scan: _Scan) -> Explanation:
             nearest_key=hit_rec.key.hex(),
             inputs=tuple(inputs),
             matched=sum(1 for i in inputs if i.status == "match"),
-            note=mine.note,
-            code=tuple(code_hit),
             records_of_func=scan.of_func,
             records_with_digests=scan.with_digests,
             records_scanned=scan.scanned,
+            note=note,
+            code=tuple(code_hit),
         )
     best_rec, best_theirs = scan.nearest, scan.nearest_digests
     best_matched, best_inputs = (
@@ -536,10 +551,10 @@ def _explanation(mine: _Mine, scan: _Scan) -> Explanation:
         nearest_key=best_rec.key.hex() if best_rec is not None else None,
         inputs=tuple(best_inputs),
         matched=best_matched,
-        similar_funcs=similar,
-        note=mine.note,
-        code=tuple(best_code),
         records_of_func=scan.of_func,
         records_with_digests=scan.with_digests,
         records_scanned=scan.scanned,
+        similar_funcs=similar,
+        note=note,
+        code=tuple(best_code),
     )
