@@ -59,6 +59,12 @@ class Life:
                 "make one Memoizer per event loop, e.g. inside the asyncio.run() that uses it"
             )
 
+    def check_call(self) -> None:
+        """Not closed, and (once started) called on the Memoizer's own loop (a coroutine's check)."""
+        self.check_open()
+        if self.loop is not None and asyncio.get_running_loop() is not self.loop:
+            self.check_loop()
+
     async def start(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` once (it sets ``state`` to STARTED when it succeeds). Idempotent."""
         if self.state is Lifecycle.STARTED:
