@@ -33,4 +33,5 @@ class Counters:
     write_errors: int = 0
     store_errors: int = 0
     remote_hits: int = 0
+    records_loaded: int = 0
     last_checkpoint: float | None = None

@@ -23,6 +23,7 @@ import contextlib
 import datetime as _dt
 import logging
 import os
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import (
     overload,
 )
 
-from aiomemo import _setup
+from aiomemo import _metrics, _setup
 from aiomemo._counters import Counters, Lifecycle
 from aiomemo._drain import Drain
 from aiomemo._exceptions import (
@@ -281,6 +282,7 @@ class Memoizer:
         self._warn_empty_dirs = True  # adapters whose engine is silent about it turn it off
 
         self._counters = Counters()
+        _metrics.attach(self, self._counters)
         self._records = RecordMaker(
             self._counters, explain=self.explain_digests, hooks=self.key_hooks
         )
@@ -354,6 +356,7 @@ class Memoizer:
             for s in stores:
                 await s.open(run_dir=self._run_dir)
                 opened.append(s)
+            t0 = time.perf_counter()
             self._loaded_paths, reports = await _setup.load_at_start(
                 self.checkpoint_files,
                 self.checkpoint_mode,
@@ -369,6 +372,8 @@ class Memoizer:
                 with contextlib.suppress(Exception):
                     await s.aclose()
             raise
+        if reports:
+            _metrics.record_load(time.perf_counter() - t0)
         for rep in reports:
             self._absorb(rep)
         self._shared = self._shared_tier(stores)
@@ -786,7 +791,9 @@ class Memoizer:
         await self._ensure_started()
         if not dirs:
             return {}
+        t0 = time.perf_counter()
         rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
+        _metrics.record_load(time.perf_counter() - t0)
         keys = list(rep.table)
         if not self.memoize:
             own = MemoTable(Counters())

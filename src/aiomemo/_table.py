@@ -367,4 +367,5 @@ class MemoTable:
         else:
             self.loaded = rep.table  # no copy: a million entries cost ~40 MB of dict
         self._counters.load_errors += max(rep.skipped, len(rep.errors))
+        self._counters.records_loaded += rep.records
         return list(rep.errors)
