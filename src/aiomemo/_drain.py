@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 from aiomemo import _metrics
@@ -257,7 +258,7 @@ class Drain:
         written = 0
         while sink.queue:
             chunk = sink.queue[:CHUNK]
-            t0 = time.perf_counter() if _metrics.active() else 0.0
+            t0 = perf_counter() if _metrics.active() else 0.0
             try:
                 await sink.store.put_many(chunk)
             except Exception as exc:  # CheckpointError, StoreError, or a store's bug
@@ -272,7 +273,7 @@ class Drain:
                     logger.warning("%s", msg)
                 return written
             if t0:
-                _metrics.record_write(sink.store, time.perf_counter() - t0, chunk)
+                _metrics.record_write(sink.store, perf_counter() - t0, chunk)
             del sink.queue[: len(chunk)]
             sink.failures = 0
             written += len(chunk)
@@ -302,7 +303,7 @@ class Drain:
         for s in self.sinks:
             async with s.lock:  # a flush takes records from this queue's head
                 s.queue[:] = [r for r in s.queue if r.key != record.key]
-                t0 = time.perf_counter() if _metrics.active() else 0.0
+                t0 = perf_counter() if _metrics.active() else 0.0
                 try:
                     await s.store.put_many([record])
                 except (CheckpointError, StoreError, OSError) as exc:
@@ -311,7 +312,7 @@ class Drain:
                         f"could not checkpoint task {key}: {exc}; it stays queued", unsaved=1
                     ) from exc
                 if t0:
-                    _metrics.record_write(s.store, time.perf_counter() - t0, [record])
+                    _metrics.record_write(s.store, perf_counter() - t0, [record])
                 if self.on_durable is not None:
                     self.on_durable(s.store)
         self._counters.checkpointed += 1
