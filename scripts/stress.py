@@ -672,6 +672,7 @@ async def scenario_corrupt(
         # format 2 with large values: damage to a value frame loses that value only
         corpora.append(await build_corpus(tmp / "corpus-large", seed * 10 + 3, large=True))
         path = tmp / "case.amlog"
+        value_offsets: dict[int, dict[bytes, int]] = {}
         for n in range(cases):
             corpus = corpora[n % len(corpora)]
             m = Mutant(corpus.data)
@@ -700,10 +701,17 @@ async def scenario_corrupt(
             # A later sound copy of a batch whose value frame is damaged
             # overrides the intact earlier record (values are checked on a
             # hit, not at load): a miss, never a wrong value. Counted apart.
+            # (the later copy's reference points at junk, or at original
+            # bytes that are not this value's: a duplicated batch moved away
+            # from its value frames)
+            own = value_offsets.setdefault(id(corpus), _value_offsets(corpus, tmp))
             shadowed = {
                 k
                 for k in want & unreadable
-                if (off := rep.table[k].offset) < 0 or off >= len(m) or m.orig[off] == -1
+                if (off := rep.table[k].offset) < 0
+                or off >= len(m)
+                or m.orig[off] == -1
+                or m.orig[off] != own.get(k, -2)
             }
             ops["shadowed by a damaged later copy"] += len(shadowed)
             intact_total += len(want)
@@ -739,6 +747,15 @@ async def scenario_corrupt(
         f"from damaged batches; {res.seconds / max(1, cases) * 1000:.1f} ms/case"
     )
     return res
+
+
+def _value_offsets(corpus: Corpus, tmp: Path) -> dict[bytes, int]:
+    """Where each large value of the undamaged corpus starts (key -> offset)."""
+    p = tmp / "corpus-whole.amlog"
+    p.write_bytes(corpus.data)
+    table = load_paths([p]).table
+    p.unlink()
+    return {k: v.offset for k, v in table.items() if isinstance(v, _checkpoint.ValueRef)}
 
 
 async def _memo_check(

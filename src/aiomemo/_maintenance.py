@@ -27,7 +27,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from aiomemo import _codec
+from aiomemo import _codec, _records
 from aiomemo._checkpoint import (
     BadSpan,
     RecordInfo,
@@ -49,7 +49,7 @@ from aiomemo._paths import (
     resolve,
     segment_name,
 )
-from aiomemo._records import Record
+from aiomemo._records import Record, Tombstones
 from aiomemo._rundir import ensure_dir, make_run_dir
 
 __all__ = ["ProgressFn", "compact", "import_parsl", "scan_segments", "total_size"]
@@ -158,7 +158,7 @@ def _chunks(records: Sequence[Record | RecordInfo], drop_damaged: bool) -> Itera
                         "what still loads",
                         code=1,
                     ) from exc
-                rec = Record(rec.key, value, rec.func, rec.time, rec.digests)
+                rec = Record(rec.key, value, rec.func, rec.time, rec.digests, rec.expires)
         else:
             rec = item
         batch.append(rec)
@@ -293,11 +293,17 @@ def compact(
     *,
     drop_damaged: bool = False,
     progress: ProgressFn | None = None,
+    now: float | None = None,
 ) -> dict[str, Any]:
     """Rewrite the segments under ``path`` as one segment, newest record per key.
 
     "Newest" is load order: a later segment's record for a key wins, exactly
     as loading picks it, so the compacted segment loads to the same table.
+    Records expired at ``now`` (default: the current time) and records a
+    tombstone forgets are left out, as loading leaves them out. Tombstones are
+    kept, always (the newest one per key and per function): they may forget
+    records in checkpoint dirs this compaction does not see (other runs,
+    copies), and each costs about a hundred bytes.
 
     In place (``out`` None; ``path`` must resolve to one checkpoint dir):
     refuses (:class:`~aiomemo.MaintenanceError`, code 2) while any segment is open in a writer,
@@ -354,6 +360,8 @@ def compact(
         records_in = 0
         live = {s for s in segments if out is not None and is_segment_in_use(s)}
         in_flight = 0
+        tombs = Tombstones()
+        newest: dict[tuple[str | None, bytes | str], Record] = {}
         for seg, _i, item in scan_segments(
             segments, verify_records=True, progress=progress, values=False
         ):
@@ -364,7 +372,14 @@ def compact(
                     bad.append(item)
             else:
                 records_in += 1
-                table[item.record.key] = item
+                rec = item.record
+                if tombs.add(rec):  # the newest tombstone per key / function is kept
+                    slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
+                    prev = newest.get(slot)
+                    if prev is None or rec.time > prev.time:
+                        newest[slot] = rec
+                else:
+                    table[rec.key] = item
         if bad and not drop_damaged:
             lost = sum(b.lost for b in bad)
             raise MaintenanceError(
@@ -372,7 +387,8 @@ def compact(
                 "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
                 code=1,
             )
-        records = list(table.values())
+        kept, dropped = _live_records(segments, table, tombs, now)
+        records: list[Record | RecordInfo] = [*newest.values(), *kept]
         bytes_in = total_size(segments)
         tmp = _write_temp_segment(target, records, drop_damaged=drop_damaged)
         size = tmp.size
@@ -402,6 +418,9 @@ def compact(
         "segments_in": len(segments),
         "records_in": records_in,
         "records_out": len(records),
+        "expired_dropped": dropped["expired"],
+        "forgotten_dropped": dropped["forgotten"],
+        "tombstones_kept": len(tombs),
         "bytes_in": bytes_in,
         "bytes_out": size,
         "damaged_spans_dropped": len(bad),
@@ -415,6 +434,42 @@ def compact(
 # --------------------------------------------------------------------------
 # import-parsl
 # --------------------------------------------------------------------------
+
+
+def _live_records(
+    segments: Sequence[Path],
+    table: dict[bytes, RecordInfo],
+    tombs: Tombstones,
+    now: float | None,
+) -> tuple[list[RecordInfo], dict[str, int]]:
+    """What loading keeps: per key the last record (load order) no tombstone forgets, if unexpired.
+
+    ``table`` holds the last record per key; when a tombstone forgets it, an
+    earlier record of the key that it does not forget may still stand, so the
+    segments are read again (no values) for those keys only.
+    """
+    when = _records.clock() if now is None else now
+    dropped = {"expired": 0, "forgotten": 0}
+    if tombs:
+        redo = {k for k, info in table.items() if tombs.forgets(info.record)}
+        if redo:
+            for k in redo:
+                del table[k]
+            for _seg, _i, item in scan_segments(segments, verify_records=True, values=False):
+                if isinstance(item, RecordInfo) and item.record.key in redo:
+                    rec = item.record
+                    if rec.tombstone is None:
+                        if tombs.forgets(rec):
+                            dropped["forgotten"] += 1
+                        else:
+                            table[rec.key] = item
+    out = []
+    for info in table.values():
+        if info.record.expires <= when:
+            dropped["expired"] += 1
+        else:
+            out.append(info)
+    return out, dropped
 
 
 def _find_pickles(path: Path) -> tuple[list[Path], Path | None]:

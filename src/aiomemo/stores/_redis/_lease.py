@@ -71,6 +71,11 @@ def ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _px_arg(px: int | None) -> int:
+    """The complete script's ttl argument: 0 for none, 1 ms for a record already expired."""
+    return 0 if px is None else max(1, px)
+
+
 class RedisLease(Lease):
     """A lease on one key in a :class:`RedisStore`, held under a random token.
 
@@ -129,7 +134,7 @@ class RedisLease(Lease):
             "script",
             "complete",
             [store.value_key(record.key), store.lease_key(record.key)],
-            [encode_value(record, store._mac_key), store._px() or 0, self.token],
+            [encode_value(record, store._mac_key), _px_arg(store._px(record)), self.token],
         )
         (got,) = await store._submit([cmd], wake=record.key)
         self._released = True

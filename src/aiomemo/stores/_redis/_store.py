@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
@@ -52,6 +54,7 @@ _COUNTERS = (
     "bad_values",
     "errors",
     "puts",
+    "forgotten",
     "put_batches",
     "claims_won",
     "claims_lost",
@@ -419,15 +422,70 @@ class RedisStore(LeaseStore):
             raise error
         return out
 
-    def _px(self) -> int | None:
-        return None if self.ttl is None else ms(self.ttl)
+    def _px(self, rec: Record | None = None) -> int | None:
+        """Milliseconds the value of ``rec`` lives: the store's ttl or the record's expiry, sooner.
+
+        0: the record has expired already (it is not written). None: no expiry.
+        """
+        px = None if self.ttl is None else ms(self.ttl)
+        if rec is not None and rec.expires < math.inf:
+            left = round((rec.expires - time.time()) * 1000)
+            if left <= 0:
+                return 0
+            px = left if px is None else min(px, left)
+        return px
 
     def _set_cmd(self, rec: Record) -> Cmd:
+        if rec.tombstone == "key":
+            return ("DEL", self.value_key(rec.key))
+        px = self._px(rec)
+        if px == 0:  # expired on the way: what a reader would find is a miss
+            return ("DEL", self.value_key(rec.key))
         blob = encode_value(rec, self._mac_key)
-        px = self._px()
         if px is None:
             return ("SET", self.value_key(rec.key), blob)
         return ("SET", self.value_key(rec.key), blob, "PX", px)
+
+    async def _forget_func(self, tomb: Record) -> int:
+        """Delete every value of function ``tomb.func`` recorded at or before ``tomb.time``.
+
+        A SCAN of this store's namespace (a function tombstone is rare); each
+        value is read and checked (its tag too) before it goes. Returns how
+        many were deleted.
+        """
+        client = self._conn()
+        pattern = self._ns + b":r:*"
+        deleted = 0
+        try:
+            batch: list[bytes] = []
+            async for name in client.scan_iter(match=pattern, count=1000):
+                batch.append(name)
+                if len(batch) >= 500:
+                    deleted += await self._forget_some(client, batch, tomb)
+                    batch = []
+            if batch:
+                deleted += await self._forget_some(client, batch, tomb)
+        except Exception as exc:
+            raise self._error("forget", exc) from exc
+        return deleted
+
+    async def _forget_some(self, client: Any, names: list[bytes], tomb: Record) -> int:
+        gone = []
+        for name in names:  # one GET each: keys of a cluster live on different nodes
+            blob = await client.get(name)
+            if blob is None:
+                continue
+            hexkey = name.rsplit(b"{", 1)[-1].rstrip(b"}")
+            try:
+                key = bytes.fromhex(hexkey.decode())
+            except ValueError:
+                continue
+            rec = decode_value(key, blob, self._mac_key)
+            if rec is not None and rec.func == tomb.func and rec.time <= tomb.time:
+                gone.append(name)
+        for name in gone:
+            await client.delete(name)
+        return len(gone)
 
     async def put_many(self, records: Sequence[Record]) -> None:
         """Write the records (SET with optional PX ttl), ``batch_size`` per round trip.
@@ -437,6 +495,11 @@ class RedisStore(LeaseStore):
         key wins. Raises ``StoreError`` when Redis fails (some may already be
         written; retrying all of them is safe).
         """
+        funcs = [r for r in records if r.tombstone == "func"]
+        if funcs:
+            for tomb in funcs:
+                self._counts["forgotten"] += await self._forget_func(tomb)
+            records = [r for r in records if r.tombstone != "func"]
         if not records:
             return
         chunks = [records[i : i + self.batch_size] for i in range(0, len(records), self.batch_size)]
