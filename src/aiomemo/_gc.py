@@ -1,0 +1,531 @@
+"""Size and age budgets for checkpoints: the library behind ``aiomemo gc``.
+
+Part of the format layer, beside :mod:`aiomemo._maintenance` (whose crash-safe
+rewrite it reuses: temp segment, fsync, read back, rename, old segments
+deleted oldest first). ``Memoizer(retention=...)`` runs the same policy.
+
+What a run removes, in this order:
+
+1. records loading would never return: older copies of a key (a later
+   record wins), records a tombstone forgets, records that have expired;
+2. records written before ``now - max_age``;
+3. the least recently *written* records (by record time) until the segment
+   files under the path take at most ``max_bytes``.
+
+Tombstones are kept (the newest per key and per function), as ``compact``
+keeps them: they may forget records in checkpoints this run does not see.
+
+Crash safety: checkpoint dirs are rewritten one at a time in load order, each
+as ``compact`` rewrites one. For every key the records still on disk at any
+moment are those kept plus a load-order suffix of the ones it had, so a
+kill -9 at any point loads to the table before the run or a step closer to
+the one after it, never to an older value of a key.
+
+Segments a writer holds: :func:`gc` refuses (the CLI), or with
+``held="skip"`` (the Memoizer) leaves them, and every later segment of their
+dir, as they are; a key with a record in such a segment keeps its newest
+record. Segments in ``pinned`` are left the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiomemo import _records
+from aiomemo._checkpoint import (
+    MAX_BATCH_PAYLOAD,
+    BadSpan,
+    RecordInfo,
+    is_segment_in_use,
+)
+from aiomemo._exceptions import MaintenanceError
+from aiomemo._maintenance import (
+    ProgressFn,
+    _check_written,
+    _compacted_name,
+    _lock_segments,
+    _publish,
+    _remove_old,
+    _remove_stale_temps,
+    _write_temp_segment,
+    scan_segments,
+    total_size,
+)
+from aiomemo._paths import find_segments
+from aiomemo._records import Tombstones
+
+__all__ = ["GcPlan", "apply_gc", "gc", "parse_age", "parse_size", "plan_gc"]
+
+# --------------------------------------------------------------------------
+# Sizes and ages
+# --------------------------------------------------------------------------
+
+#: decimal (kB, MB, GB, TB: powers of 1000) and binary (KiB, MiB, GiB, TiB: 1024) units
+SIZE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+#: seconds per unit of an age: s, m (minutes), h, d, w
+AGE_UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)([a-z]+)", re.IGNORECASE)
+
+
+def parse_size(value: str | int, what: str = "max-bytes") -> int:
+    """``"500MB"``, ``"10GiB"``, ``"1.5GB"`` or plain bytes (``"1000"``, an int) -> bytes.
+
+    Raises :class:`~aiomemo.MaintenanceError` (code 2) naming ``what``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise MaintenanceError(f"{what}: expected a size such as 500MB or 10GiB, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise MaintenanceError(f"{what}: a size cannot be negative ({value})")
+        return value
+    m = _SIZE.fullmatch(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or (unit not in SIZE_UNITS and unit != ""):
+        hint = ""
+        if m is not None and unit in ("k", "m", "g", "t"):
+            hint = f" (say {m.group(1)}{unit.upper()}B for powers of 1000 or {m.group(1)}{unit.upper()}iB for 1024)"
+        raise MaintenanceError(
+            f"{what}: {value!r} is not a size; use bytes or a number with B, kB, MB, GB, TB "
+            f"(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 500MB, 10GiB{hint}"
+        )
+    n = float(m.group(1)) * SIZE_UNITS[unit or "b"]
+    if not math.isfinite(n):
+        raise MaintenanceError(f"{what}: {value!r} is too large")
+    return int(n)
+
+
+def parse_age(value: str | float | _dt.timedelta, what: str = "max-age") -> float:
+    """``"30d"``, ``"12h"``, ``"1d12h"``, ``"90m"``, ``"2w"``, seconds, or a timedelta -> seconds (> 0).
+
+    Raises :class:`~aiomemo.MaintenanceError` (code 2) naming ``what``.
+    """
+    if isinstance(value, _dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise MaintenanceError(f"{what}: expected an age such as 30d or 12h, not {value!r}")
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _AGE_PART.findall(text)
+            if (
+                not parts
+                or "".join(n + u for n, u in parts) != text.replace(" ", "")
+                or any(u.lower() not in AGE_UNITS for _, u in parts)
+            ):
+                raise MaintenanceError(
+                    f"{what}: {value!r} is not an age; use a number with s, m, h, d or w "
+                    "(seconds, minutes, hours, days, weeks), e.g. 30d, 12h, 1d12h"
+                ) from None
+            seconds = sum(float(n) * AGE_UNITS[u.lower()] for n, u in parts)
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise MaintenanceError(f"{what}: an age must be a positive duration, not {value!r}")
+    return seconds
+
+
+# --------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------
+
+#: bytes a record may grow by when rewritten in the current format (an
+#: expiry added to a format-1/2 record), so estimates never fall short
+_RECORD_SLACK = 16
+_BATCH_OVERHEAD = 64  # batch header (40) + array header, rounded up
+_FILE_HEADER = 16
+_CHUNK_RECORDS = 10_000
+_CHUNK_VALUE_BYTES = 64 * 1024 * 1024
+
+Reason = Literal["superseded", "forgotten", "expired", "too_old", "over_budget"]
+REASONS: tuple[Reason, ...] = ("superseded", "forgotten", "expired", "too_old", "over_budget")
+
+
+@dataclass(slots=True)
+class _Item:
+    info: RecordInfo
+    seg: int  # index into the plan's segment list
+    order: int  # position in load order
+
+
+@dataclass(slots=True)
+class _Dir:
+    """One checkpoint dir: the segments rewritten (a prefix) and those left alone."""
+
+    path: Path
+    rewrite: list[Path] = field(default_factory=list)
+    fixed: list[Path] = field(default_factory=list)
+    keep: list[_Item] = field(default_factory=list)
+    dropped: int = 0
+    changed: bool = False  # rewritten by apply_gc
+
+
+@dataclass(slots=True)
+class GcPlan:
+    """What a gc run removes and keeps (:func:`plan_gc`), applied by :func:`apply_gc`.
+
+    ``evicted`` holds the raw keys whose live record is removed (too old,
+    over budget or expired): a Memoizer drops those from its table first.
+    """
+
+    path: str
+    now: float
+    max_bytes: int | None
+    max_age: float | None
+    dirs: list[_Dir]
+    segments: list[Path]
+    removed: dict[str, int]
+    evicted: set[bytes]
+    records_in: int
+    records_out: int
+    tombstones: int
+    bytes_in: int
+    bytes_estimate: int
+    held: list[str]
+    notes: list[str]
+
+    def summary(self, *, dry_run: bool, bytes_out: int | None = None) -> dict[str, Any]:
+        """A JSON-ready account of the run (``bytes_out``: measured after applying)."""
+        out = self.bytes_estimate if bytes_out is None else bytes_out
+        return {
+            "input": self.path,
+            "dry_run": dry_run,
+            "max_bytes": self.max_bytes,
+            "max_age": self.max_age,
+            "segments_in": len(self.segments),
+            "records_in": self.records_in,
+            "bytes_in": self.bytes_in,
+            "removed": dict(self.removed),
+            "records_removed": sum(self.removed.values()),
+            "records_out": self.records_out,
+            "tombstones_kept": self.tombstones,
+            "bytes_out": out,
+            "bytes_out_estimated": bytes_out is None,
+            "bytes_freed": self.bytes_in - out,
+            "budget_met": self.max_bytes is None or out <= self.max_bytes,
+            "dirs_rewritten": [os.fspath(d.path) for d in self.dirs if d.changed],
+            "segments_held": list(self.held),
+            "skipped_files": list(self.notes),
+        }
+
+
+def _size_of(info: RecordInfo) -> int:
+    n = info.length + _RECORD_SLACK
+    if info.ref is not None:
+        n += 40 + info.ref.length  # its value frame
+    return n
+
+
+def _segment_bytes(items: Sequence[_Item]) -> int:
+    """An upper bound on the bytes of one segment holding ``items``."""
+    if not items:
+        return 0
+    values = sum(i.info.ref.length for i in items if i.info.ref is not None)
+    inline = sum(i.info.length for i in items)
+    batches = (
+        2
+        + len(items) // _CHUNK_RECORDS
+        + values // _CHUNK_VALUE_BYTES
+        + inline // MAX_BATCH_PAYLOAD
+    )
+    return _FILE_HEADER + batches * _BATCH_OVERHEAD + sum(_size_of(i.info) for i in items)
+
+
+def _dirs_of(
+    segments: Sequence[Path], held: Literal["refuse", "skip"], pinned: Collection[str]
+) -> tuple[list[_Dir], set[int], list[str]]:
+    """Group segments by dir (load order); the fixed ones: held, pinned, or after those."""
+    dirs: dict[Path, _Dir] = {}
+    fixed: set[int] = set()
+    held_names: list[str] = []
+    pins = {os.path.realpath(p) for p in pinned}
+    for i, seg in enumerate(segments):
+        d = dirs.setdefault(seg.parent, _Dir(seg.parent))
+        in_use = is_segment_in_use(seg)
+        if in_use:
+            if held == "refuse":
+                raise MaintenanceError(
+                    f"{seg}: a writer holds this segment open (a run is still checkpointing "
+                    "here); run gc once it has finished"
+                )
+            held_names.append(os.fspath(seg))
+        if d.fixed or in_use or os.path.realpath(seg) in pins:
+            d.fixed.append(seg)
+            fixed.add(i)
+        else:
+            d.rewrite.append(seg)
+    return list(dirs.values()), fixed, held_names
+
+
+def plan_gc(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int | str | None = None,
+    max_age: float | str | _dt.timedelta | None = None,
+    now: float | None = None,
+    held: Literal["refuse", "skip"] = "refuse",
+    pinned: Collection[str] = (),
+    progress: ProgressFn | None = None,
+) -> GcPlan:
+    """Decide what a gc run removes (reads only; nothing is changed).
+
+    Raises :class:`~aiomemo.MaintenanceError`: bad budgets (code 2), a
+    segment a writer holds (with ``held="refuse"``, code 2), damaged spans
+    in a segment it would rewrite (code 1: see ``aiomemo verify``).
+    """
+    budget = None if max_bytes is None else parse_size(max_bytes)
+    age = None if max_age is None else parse_age(max_age)
+    resolved = find_segments(path, strict=True)
+    assert resolved is not None  # strict: raises instead
+    shown = os.fspath(path)
+    if resolved.kind == "segment":
+        raise MaintenanceError(
+            f"{shown}: is a segment file; gc works on a checkpoint dir, a run dir or a runinfo root"
+        )
+    when = _records.clock() if now is None else now
+    segments = list(resolved.segments)
+    dirs, fixed, held_names = _dirs_of(segments, held, pinned)
+
+    # one pass over every record (no values): the last record per key in load
+    # order, tombstones, the keys with a record in a segment left alone
+    last: dict[bytes, _Item] = {}
+    tombs = Tombstones()
+    newest_tomb: dict[tuple[str | None, bytes | str], _Item] = {}
+    fixed_keys: set[bytes] = set()
+    records_in = 0
+    in_rewritten = {d.path: 0 for d in dirs}  # records in the segments rewritten
+    bad: list[str] = []
+    seg_index = {s: i for i, s in enumerate(segments)}
+    for seg, i, item in scan_segments(
+        segments, verify_records=True, progress=progress, values=False
+    ):
+        if isinstance(item, BadSpan):
+            if i not in fixed:
+                bad.append(f"{seg}: offset {item.offset}: {item.reason}")
+            continue
+        records_in += 1
+        rec = item.record
+        it = _Item(item, seg_index[seg], records_in)
+        if i in fixed:
+            fixed_keys.add(rec.key)
+        else:
+            in_rewritten[seg.parent] += 1
+        if tombs.add(rec):
+            slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
+            prev = newest_tomb.get(slot)
+            if prev is None or rec.time > prev.info.record.time:
+                newest_tomb[slot] = it
+        else:
+            last[rec.key] = it
+    if bad:
+        raise MaintenanceError(
+            f"{shown}: {len(bad)} damaged span(s) found (first: {bad[0]}); nothing removed; "
+            "see `aiomemo verify`, then `aiomemo compact --drop-damaged`",
+            code=1,
+        )
+
+    removed: dict[str, int] = dict.fromkeys(REASONS, 0)
+
+    # a key whose last record is forgotten: an earlier record no tombstone
+    # forgets may stand (loading's rule). With tombstones, a second pass
+    # (no values) finds those and counts the forgotten records it removes.
+    if tombs:
+        redo = {k for k, it in last.items() if tombs.forgets(it.info.record)}
+        for k in redo:
+            del last[k]
+        n = 0
+        for seg, i, item in scan_segments(segments, verify_records=True, values=False):
+            if not isinstance(item, RecordInfo):
+                continue
+            n += 1
+            rec = item.record
+            if rec.tombstone is not None or not tombs.forgets(rec):
+                if rec.key in redo and rec.tombstone is None:
+                    last[rec.key] = _Item(item, seg_index[seg], n)
+            elif i not in fixed:
+                removed["forgotten"] += 1
+
+    winners: list[_Item] = []
+    evicted: set[bytes] = set()
+    for k, it in last.items():
+        rec = it.info.record
+        if it.seg in fixed or k in fixed_keys:
+            winners.append(it)  # left as it is: a record of its key stays put
+        elif rec.expired(when):
+            removed["expired"] += 1
+            evicted.add(k)
+        elif age is not None and rec.time < when - age:
+            removed["too_old"] += 1
+            evicted.add(k)
+        else:
+            winners.append(it)
+    tomb_keep = [it for it in newest_tomb.values() if it.seg not in fixed]
+    fixed_bytes = total_size([segments[i] for i in sorted(fixed)])
+    movable = [it for it in winners if it.seg not in fixed]
+    total = fixed_bytes + _estimate(segments, [*movable, *tomb_keep])
+
+    # over budget: the least recently written go first
+    if budget is not None and total > budget:
+        candidates = sorted(
+            (it for it in movable if it.info.record.key not in fixed_keys),
+            key=lambda it: (it.info.record.time, it.order),
+        )
+        over, j = total - budget, 0
+        while j < len(candidates) and over > 0:  # by record size first (cheap) ...
+            over -= _size_of(candidates[j].info)
+            j += 1
+        gone = {id(it) for it in candidates[:j]}
+        rest = [it for it in movable if id(it) not in gone]
+        total = fixed_bytes + _estimate(segments, [*rest, *tomb_keep])
+        while j < len(candidates) and total > budget:  # ... then on the estimate
+            gone.add(id(candidates[j]))
+            total -= _size_of(candidates[j].info)
+            j += 1
+        for it in candidates[:j]:
+            evicted.add(it.info.record.key)
+        removed["over_budget"] = j
+        movable = [it for it in movable if id(it) not in gone]
+        total = fixed_bytes + _estimate(segments, [*movable, *tomb_keep])
+
+    # the records each rewritten dir keeps, in load order
+    by_path = {d.path: d for d in dirs}
+    for it in sorted([*movable, *tomb_keep], key=lambda it: it.order):
+        by_path[segments[it.seg].parent].keep.append(it)
+    for d in dirs:
+        d.dropped = in_rewritten[d.path] - len(d.keep)
+        # with a budget, a dir that drops nothing is still rewritten when that
+        # makes it smaller (one batch per commit takes more than one per 10,000)
+        d.changed = d.dropped > 0 or (
+            budget is not None
+            and bool(d.rewrite)
+            and total_size(d.rewrite) > _segment_bytes(d.keep)
+        )
+    dropped = sum(d.dropped for d in dirs)
+    total = fixed_bytes + sum(
+        _segment_bytes(d.keep) if d.changed else total_size(d.rewrite) for d in dirs
+    )
+    removed["superseded"] = max(0, dropped - sum(removed.values()))
+    return GcPlan(
+        path=shown,
+        now=when,
+        max_bytes=budget,
+        max_age=age,
+        dirs=dirs,
+        segments=segments,
+        removed=removed,
+        evicted=evicted,
+        records_in=records_in,
+        records_out=records_in - dropped,
+        tombstones=len(newest_tomb),
+        bytes_in=total_size(segments),
+        bytes_estimate=total,
+        held=held_names,
+        notes=list(resolved.notes),
+    )
+
+
+def _estimate(segments: Sequence[Path], items: Sequence[_Item]) -> int:
+    """Upper bound on the bytes of the rewritten segments (one per dir) holding ``items``."""
+    by_dir: dict[Path, list[_Item]] = {}
+    for it in items:
+        by_dir.setdefault(segments[it.seg].parent, []).append(it)
+    return sum(_segment_bytes(v) for v in by_dir.values())
+
+
+# --------------------------------------------------------------------------
+# Applying
+# --------------------------------------------------------------------------
+
+
+def apply_gc(plan: GcPlan, *, held: Literal["refuse", "skip"] = "refuse") -> int:
+    """Rewrite the dirs of ``plan`` one at a time in load order; return the bytes left.
+
+    Each dir as ``compact`` rewrites one: lock its segments (refusing if a
+    writer or another compaction holds one), write the kept records to a temp
+    segment, fsync, read it back, rename it over the dir's first rewritten
+    segment, fsync the dir, delete the other rewritten segments oldest first.
+    A dir that keeps nothing just loses its rewritten segments, oldest first.
+    """
+    for d in plan.dirs:
+        if not d.changed:
+            continue
+        _remove_stale_temps(d.path)
+        rewrite = d.rewrite
+        if held == "skip":
+            # a writer may have opened one since the plan: it is never ours
+            rewrite = [s for s in rewrite if s.exists()]
+            if any(is_segment_in_use(s) for s in rewrite):
+                continue
+        fds = _lock_segments(rewrite)
+        try:
+            if not d.keep:
+                _remove_old(rewrite, d.path)
+                continue
+            tmp = _write_temp_segment(d.path, [it.info for it in d.keep])
+            try:
+                try:
+                    _check_written(tmp)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        tmp.path.unlink()
+                    raise
+                final = d.path / _compacted_name(rewrite)
+                _publish(tmp.path, final)
+                _remove_old([s for s in rewrite if s != final], d.path)
+            finally:
+                os.close(tmp.fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    left = find_segments(plan.path, strict=False)
+    return 0 if left is None else total_size(list(left.segments))
+
+
+def gc(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int | str | None = None,
+    max_age: float | str | _dt.timedelta | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Remove expired, forgotten and superseded records, then apply the budgets.
+
+    ``max_age``: records written longer ago than this go (``"30d"``, seconds,
+    a timedelta). ``max_bytes``: then the least recently written records go
+    until the segment files under ``path`` take at most this many bytes
+    (``"10GiB"``, ``"500MB"``, an int). ``dry_run``: only say what would go.
+    ``now`` defaults to the current time.
+
+    Refuses (:class:`~aiomemo.MaintenanceError`, code 2, nothing removed) bad
+    budgets, a segment file as ``path``, and any segment a writer holds;
+    damaged spans make it refuse with code 1. Returns a JSON-ready summary:
+    ``removed`` counts by reason (superseded, forgotten, expired, too_old,
+    over_budget), ``records_out``, ``bytes_in``/``bytes_out``, ``budget_met``.
+    """
+    plan = plan_gc(path, max_bytes=max_bytes, max_age=max_age, now=now, progress=progress)
+    if dry_run:
+        return plan.summary(dry_run=True)
+    return plan.summary(dry_run=False, bytes_out=apply_gc(plan))
