@@ -484,7 +484,12 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         f"{_size(summary['bytes_out'])}{budget}"
     )
     if not summary["budget_met"]:
-        print(f"{_PROG}: warning: the budget is not met: records of segments a writer holds stay")
+        print(
+            f"{_PROG}: the budget is not met: tombstones (and segments a writer holds) "
+            "are never removed to meet it",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

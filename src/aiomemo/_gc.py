@@ -59,7 +59,7 @@ from aiomemo._maintenance import (
     scan_segments,
     total_size,
 )
-from aiomemo._paths import find_segments
+from aiomemo._paths import ResolvedPath, find_segments
 from aiomemo._records import Tombstones
 
 __all__ = ["GcPlan", "apply_gc", "gc", "parse_age", "parse_size", "plan_gc"]
@@ -296,9 +296,12 @@ def plan_gc(
     """
     budget = None if max_bytes is None else parse_size(max_bytes)
     age = None if max_age is None else parse_age(max_age)
-    resolved = find_segments(path, strict=True)
-    assert resolved is not None  # strict: raises instead
     shown = os.fspath(path)
+    resolved = find_segments(path, strict=False)
+    if resolved is None:
+        if not Path(path).is_dir():
+            find_segments(path, strict=True)  # raises, naming what is wrong
+        resolved = ResolvedPath(Path(path), "none")  # a dir gc emptied: nothing to do
     if resolved.kind == "segment":
         raise MaintenanceError(
             f"{shown}: is a segment file; gc works on a checkpoint dir, a run dir or a runinfo root"
@@ -520,12 +523,17 @@ def gc(
     ``now`` defaults to the current time.
 
     Refuses (:class:`~aiomemo.MaintenanceError`, code 2, nothing removed) bad
-    budgets, a segment file as ``path``, and any segment a writer holds;
+    budgets, a segment file as ``path``, and any segment a writer holds (a
+    dry run lists those in ``segments_held`` instead);
     damaged spans make it refuse with code 1. Returns a JSON-ready summary:
     ``removed`` counts by reason (superseded, forgotten, expired, too_old,
     over_budget), ``records_out``, ``bytes_in``/``bytes_out``, ``budget_met``.
     """
-    plan = plan_gc(path, max_bytes=max_bytes, max_age=max_age, now=now, progress=progress)
+    # a dry run only reads: it reports the segments a writer holds instead of refusing
+    held: Literal["refuse", "skip"] = "skip" if dry_run else "refuse"
+    plan = plan_gc(
+        path, max_bytes=max_bytes, max_age=max_age, now=now, held=held, progress=progress
+    )
     if dry_run:
         return plan.summary(dry_run=True)
     return plan.summary(dry_run=False, bytes_out=apply_gc(plan))
