@@ -42,6 +42,7 @@ from typing import Any, Literal
 from aiomemo import _records
 from aiomemo._checkpoint import (
     MAX_BATCH_PAYLOAD,
+    SEGMENT_SUFFIX,
     BadSpan,
     RecordInfo,
     is_segment_in_use,
@@ -59,7 +60,7 @@ from aiomemo._maintenance import (
     scan_segments,
     total_size,
 )
-from aiomemo._paths import ResolvedPath, find_segments
+from aiomemo._paths import ResolvedPath, find_segments, unique_segments
 from aiomemo._records import Tombstones
 
 __all__ = ["GcPlan", "apply_gc", "gc", "parse_age", "parse_size", "plan_gc"]
@@ -278,8 +279,17 @@ def _dirs_of(
     return list(dirs.values()), fixed, held_names
 
 
+def _resolve_one(path: str | os.PathLike[str]) -> ResolvedPath:
+    resolved = find_segments(path, strict=False)
+    if resolved is None:
+        if not Path(path).is_dir():
+            find_segments(path, strict=True)  # raises, naming what is wrong
+        resolved = ResolvedPath(Path(path), "none")  # a dir gc emptied: nothing to do
+    return resolved
+
+
 def plan_gc(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     max_bytes: int | str | None = None,
     max_age: float | str | _dt.timedelta | None = None,
@@ -296,12 +306,18 @@ def plan_gc(
     """
     budget = None if max_bytes is None else parse_size(max_bytes)
     age = None if max_age is None else parse_age(max_age)
-    shown = os.fspath(path)
-    resolved = find_segments(path, strict=False)
-    if resolved is None:
-        if not Path(path).is_dir():
-            find_segments(path, strict=True)  # raises, naming what is wrong
-        resolved = ResolvedPath(Path(path), "none")  # a dir gc emptied: nothing to do
+    if isinstance(path, str | os.PathLike):
+        shown = os.fspath(path)
+        resolved = _resolve_one(path)
+    else:  # several paths (the Memoizer's): the segments of each, each once
+        shown = ", ".join(os.fspath(p) for p in path)
+        found = [_resolve_one(p) for p in path if Path(p).exists()]
+        resolved = ResolvedPath(
+            Path(shown),
+            "checkpoint dir",
+            tuple(unique_segments(found)),
+            notes=tuple(n for r in found for n in r.notes),
+        )
     if resolved.kind == "segment":
         raise MaintenanceError(
             f"{shown}: is a segment file; gc works on a checkpoint dir, a run dir or a runinfo root"
@@ -501,8 +517,8 @@ def apply_gc(plan: GcPlan, *, held: Literal["refuse", "skip"] = "refuse") -> int
         finally:
             for fd in fds:
                 os.close(fd)
-    left = find_segments(plan.path, strict=False)
-    return 0 if left is None else total_size(list(left.segments))
+    left = {s.parent for s in plan.segments}
+    return total_size([s for d in left for s in d.glob("*" + SEGMENT_SUFFIX)])
 
 
 def gc(

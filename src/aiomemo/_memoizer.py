@@ -43,7 +43,7 @@ from typing import (
     overload,
 )
 
-from aiomemo import _expiry, _metrics, _setup, _shutdown, _views
+from aiomemo import _expiry, _metrics, _retention, _setup, _shutdown, _views
 from aiomemo._cached import cached_or_decorator
 from aiomemo._completion import Completion
 from aiomemo._counters import Counters
@@ -56,6 +56,7 @@ from aiomemo._leases import SharedTier
 from aiomemo._lifecycle import Life, Lifecycle
 from aiomemo._lookup import ThreadClaim, done_future
 from aiomemo._recorder import RecordMaker
+from aiomemo._retention import Retention
 from aiomemo._setup import MIN_PERIOD, parse_period
 from aiomemo._table import MISSING, MemoTable, OnDisk
 from aiomemo._views import MemoStats
@@ -162,6 +163,10 @@ class Memoizer:
             recorded: then it is a miss, in memory, at the next load and in
             a shared store. None (default): results never expire. A task's
             ``ttl`` field or ``memo.cached(ttl=...)`` overrides it.
+        retention: a :class:`~aiomemo.Retention` (``max_bytes``, ``max_age``):
+            once loaded, ``aiomemo gc``'s policy runs over the loaded
+            checkpoints in the background (a worker thread); see
+            :meth:`retention_report`. None (default): nothing is removed.
 
     A Memoizer belongs to the event loop it starts on: a call from another
     loop raises :class:`~aiomemo.MemoizerUsageError`.
@@ -197,6 +202,7 @@ class Memoizer:
         track_code: bool = False,
         memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
         ttl: float | _dt.timedelta | None = None,
+        retention: Retention | None = None,
     ) -> None:
         _setup.check_mode(checkpoint_mode)
         self.ttl = _expiry.ttl_of(ttl)
@@ -225,6 +231,7 @@ class Memoizer:
         self._records = RecordMaker(c, explain=self.explain_digests, hooks=self.key_hooks)
         self._table = MemoTable(c, parsl_keys=parsl_keys, memory_limit=memory_limit)
         self._flights = Flights(collapse=collapse)
+        self._retention = _retention.of(retention, self._table)
         self._by_func = ByFunc()  # this run's result keys per function, for forget(func=)
         self._drain = Drain(
             c,
@@ -302,6 +309,8 @@ class Memoizer:
         )
         for rep in reports:
             self._absorb(rep)
+        if self._retention is not None:
+            self._retention.start(self._loaded_paths)
         self._shared.use(stores)
         # (mode None with a lease store: the drain only retries failed publishes)
         run = self.checkpoint_mode in ("periodic", "task_exit") or bool(
@@ -338,6 +347,8 @@ class Memoizer:
         _shutdown.adopt(self._drain, self._flights)
 
     async def _close_started(self) -> None:
+        if self._retention is not None:
+            await self._retention.report()  # a rewrite is not left half-way by this process
         await _shutdown.close_parts(
             self.checkpoint_mode, self._drain, self._shared, self._flights, self._table
         )
@@ -536,6 +547,13 @@ class Memoizer:
         return await forget(self, task, func)
 
     # ------------------------------------------------------------------ stats
+    async def retention_report(self) -> dict[str, Any] | None:
+        """Wait for the start-time retention run; its summary (as ``aiomemo gc --json``).
+
+        None without ``retention=``, before ``start()``, or when it failed (warned).
+        """
+        return None if self._retention is None else await self._retention.report()
+
     def stats(self) -> MemoStats:
         """Counters: hits, misses, collapsed, entries, checkpointed, pending, ..."""
         return _views.stats(self._counters, self._table, self._drain)
