@@ -436,3 +436,48 @@ def _read(ref: Any) -> bytes:
     from aiomemo._checkpoint import read_value
 
     return read_value(ref)
+
+
+def test_cli_reasons_json_and_an_unmet_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The printed reasons; --json; tombstones alone over the budget: exit 1, everything else gone."""
+    import json
+
+    now = time.time()
+    root = store(
+        tmp_path / "ri",
+        [
+            [
+                rec(1, now - 7200),
+                rec(2, now - 10),
+                func_tombstone("m.g", now - 5),
+                rec(3, now - 9, func="m.g"),
+            ]
+        ],
+    )
+    assert main(["gc", os.fspath(root), "--max-age", "1h", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["removed"]["too_old"] == 1 and s["removed"]["forgotten"] == 1 and s["budget_met"]
+    assert s["records_out"] == 2 and s["bytes_out"] == size(root)
+    assert main(["gc", os.fspath(root), "--max-bytes", "10"]) == 1
+    out = capsys.readouterr()
+    assert "1 least recently written, over the budget" in out.out
+    assert "the budget is not met" in out.err
+    assert table(root, now=now) == {}
+    assert main(["gc", os.fspath(root), "--max-bytes", "10", "--json"]) == 1
+
+
+def test_a_stale_plan_is_refused(tmp_path: Path) -> None:
+    """Another gc ran between planning and applying: nothing more is removed."""
+    from aiomemo._gc import apply_gc, plan_gc
+
+    root = store(
+        tmp_path / "ri", [[rec(i, T0 + i) for i in range(40)], [rec(i, T0 + 50) for i in range(5)]]
+    )
+    stale = plan_gc(root, max_bytes=size(root) // 2, now=NOW)
+    gc(root, max_bytes=size(root) // 3, now=NOW)
+    snap = files(root)
+    with pytest.raises(MaintenanceError, match="since gc read it"):
+        apply_gc(stale)
+    assert files(root) == snap

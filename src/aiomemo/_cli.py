@@ -456,7 +456,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         print(f"{_PROG}: warning: {note}", file=sys.stderr)
     if args.json:
         _emit_json(summary)
-        return 0
+        return 0 if summary["budget_met"] else 1
     r = summary["removed"]
     verb = "would remove" if summary["dry_run"] else "removed"
     why = ", ".join(

@@ -180,6 +180,7 @@ class _Dir:
     keep: list[_Item] = field(default_factory=list)
     dropped: int = 0
     changed: bool = False  # rewritten by apply_gc
+    seen: dict[Path, tuple[int, int]] = field(default_factory=dict)  # (inode, size) read
 
 
 @dataclass(slots=True)
@@ -276,6 +277,9 @@ def _dirs_of(
             fixed.add(i)
         else:
             d.rewrite.append(seg)
+            with contextlib.suppress(OSError):
+                st = seg.stat()
+                d.seen[seg] = (st.st_ino, st.st_size)
     return list(dirs.values()), fixed, held_names
 
 
@@ -496,8 +500,21 @@ def apply_gc(plan: GcPlan, *, held: Literal["refuse", "skip"] = "refuse") -> int
             rewrite = [s for s in rewrite if s.exists()]
             if any(is_segment_in_use(s) for s in rewrite):
                 continue
-        fds = _lock_segments(rewrite)
         try:
+            fds = _lock_segments(rewrite)
+        except FileNotFoundError as exc:
+            raise MaintenanceError(
+                f"{exc.filename}: gone since gc read it (another gc or compact ran); "
+                "nothing more removed: run gc again"
+            ) from None
+        try:
+            for seg, fd in zip(rewrite, fds, strict=True):
+                st = os.fstat(fd)
+                if d.seen.get(seg) != (st.st_ino, st.st_size):
+                    raise MaintenanceError(
+                        f"{seg}: changed since gc read it (another gc or compact ran); "
+                        "nothing more removed: run gc again"
+                    )
             if not d.keep:
                 _remove_old(rewrite, d.path)
                 continue
