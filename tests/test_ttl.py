@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aiomemo import Memoizer, UnknownFunctionError, _expiry, _records, make_hash
 from aiomemo._checkpoint import RecordInfo, iter_segment, list_segments, load_paths
@@ -178,6 +180,18 @@ async def test_memory_store_keeps_the_expiry(clock: Clock, tmp_path: Path) -> No
         assert await run(m, mk(1), -1) == -1
 
 
+async def test_forget_func_reaches_a_memory_store(clock: Clock, tmp_path: Path) -> None:
+    """Entries loaded from a MemoryStore are found by function too, and the store forgets them."""
+    store = MemoryStore()
+    async with Memoizer(run_dir=tmp_path / "a", store=store, checkpoint_mode="task_exit") as m:
+        await run(m, mk(1, func=sim), 1)
+        await run(m, mk(1, func=other), 2)
+    clock.t += 1
+    async with Memoizer(run_dir=tmp_path / "b", store=store, checkpoint_mode="task_exit") as m:
+        assert await m.forget(func=sim) == 1
+    assert [r.func for r in store.records.values()] == ["mymod.other"]
+
+
 # ------------------------------------------------------------------ refresh
 
 
@@ -243,6 +257,21 @@ async def test_forget_task(clock: Clock, tmp_path: Path) -> None:
         assert await run(memo, mk(1), -9) == -1
 
 
+async def test_explain_says_forgotten_or_expired(clock: Clock, tmp_path: Path) -> None:
+    """explain agrees with the memo: a forgotten or expired record is no hit, and it says why."""
+    async with Memoizer(run_dir=tmp_path, checkpoint_mode="task_exit", ttl=10) as memo:
+        await run(memo, mk(1), 1)
+        await run(memo, mk(2), 2)
+        assert (await memo.explain(mk(1))).hit
+        clock.t += 1
+        await memo.forget(mk(1))
+        ex = await memo.explain(mk(1))
+        assert not ex.hit and "forgotten" in ex.note
+        clock.t += 10
+        ex = await memo.explain(mk(2))
+        assert not ex.hit and "expired at " in ex.note and "expired at " in str(ex)
+
+
 async def test_forget_func_by_name_and_object(clock: Clock, tmp_path: Path) -> None:
     """forget(func=...) drops this run's and loaded entries of the function, no other's."""
     a = tmp_path / "a"
@@ -268,6 +297,40 @@ async def test_forget_func_by_name_and_object(clock: Clock, tmp_path: Path) -> N
         assert await run(memo, mk(7, func=sim), -7) == -7
         assert await run(memo, mk(1, func=sim), -5) == -1  # recorded after the forget
         assert await run(memo, mk(0, func=other), -3) == -3
+
+
+async def test_forget_while_the_task_runs(clock: Clock, tmp_path: Path) -> None:
+    """A task running when it is forgotten is not stopped; its result, recorded afterwards, stays."""
+    a = tmp_path / "a"
+    async with Memoizer(run_dir=a, checkpoint_mode="task_exit") as memo:
+        await run(memo, mk(1), "old")
+        task = mk(2)
+        assert await memo.check_memo(task) is None  # we lead mk(2) now
+        clock.t += 1
+        assert await memo.forget(mk(1)) == 1
+        assert await memo.forget(mk(2)) == 0  # running, not finished: nothing to drop
+        clock.t += 1
+        await memo.update_memo_result(task, "fresh")
+        assert await run(memo, mk(2), -1) == "fresh"
+    async with Memoizer(checkpoint_files=[str(a)], run_dir=tmp_path / "b") as memo:
+        assert await run(memo, mk(2), -1) == "fresh"
+        assert await run(memo, mk(1), "new") == "new"
+
+
+async def test_redis_refresh_replaces_the_shared_value(
+    redis_url: str, redis_namespace: str, tmp_path: Path
+) -> None:
+    """A refreshing call skips the shared lookup, runs, and its result replaces Redis's."""
+    def store() -> RedisStore:
+        return RedisStore(redis_url, namespace=redis_namespace, lease_ttl=2.0)
+
+    async with Memoizer(run_dir=tmp_path / "a", store=store(), checkpoint_mode="task_exit") as m:
+        await run(m, mk(5), "v1")
+    async with Memoizer(run_dir=tmp_path / "b", store=store(), checkpoint_mode="task_exit") as m:
+        assert await run(m, mk(5), "x") == "v1"  # a shared hit
+        assert await run(m, {**mk(5), "refresh": True}, "v2") == "v2"
+    async with Memoizer(run_dir=tmp_path / "c", store=store(), checkpoint_mode="task_exit") as m:
+        assert await run(m, mk(5), "x") == "v2"
 
 
 async def test_forget_unknown_function_says_did_you_mean(tmp_path: Path) -> None:
@@ -383,3 +446,89 @@ async def test_redis_forget_task_and_function(redis_url: str, redis_namespace: s
     ) as m:
         assert await run(m, mk(2, func=sim), -2) == -2
         assert await run(m, mk(0, func=other), -3) == "o"
+
+
+# ------------------------------------------------------------------ against a model
+
+_op = st.one_of(
+    st.tuples(
+        st.just("run"),
+        st.sampled_from([sim, other]),
+        st.integers(0, 2),
+        st.sampled_from([None, 5.0, 20.0]),
+        st.booleans(),
+    ),
+    st.tuples(st.just("tick"), st.sampled_from([1.0, 6.0, 25.0])),
+    st.tuples(st.just("forget_task"), st.sampled_from([sim, other]), st.integers(0, 2)),
+    st.tuples(st.just("forget_func"), st.sampled_from([sim, other])),
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=st.lists(_op, max_size=14))
+def test_ttl_forget_refresh_match_a_model(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, ops: list[Any]
+) -> None:
+    """Random runs (with ttl, refresh), clock ticks and forgets: hits in the run and after a reload match a model."""
+    clock = Clock()
+    monkeypatch.setattr(_expiry, "now", clock)
+    monkeypatch.setattr(_records, "clock", clock)
+    d = tmp_path_factory.mktemp("run")
+
+    async def go() -> None:
+        model: dict[tuple[str, int], tuple[int, float]] = {}
+        ever: set[str] = set()
+        counter = 0
+        async with Memoizer(run_dir=d, checkpoint_mode="task_exit") as memo:
+            for op in ops:
+                if op[0] == "run":
+                    _, f, x, ttl, refresh = op
+                    k = (f.__qualname__, x)
+                    task: dict[str, Any] = {"func": f, "args": (x,), "kwargs": {}}
+                    if ttl is not None:
+                        task["ttl"] = ttl
+                    if refresh:
+                        task["refresh"] = True
+                    live = model.get(k)
+                    if live is not None and live[1] <= clock.t:
+                        live = None
+                    fut = await memo.check_memo(task)
+                    if live is not None and not refresh:
+                        assert fut is not None and fut.result() == live[0], (op, live)
+                    else:
+                        assert fut is None, op
+                        counter += 1
+                        await memo.update_memo_result(task, counter)
+                        model[k] = (counter, clock.t + ttl if ttl else math.inf)
+                        ever.add(f.__qualname__)
+                elif op[0] == "tick":
+                    clock.t += op[1]
+                elif op[0] == "forget_task":
+                    _, f, x = op
+                    await memo.forget({"func": f, "args": (x,), "kwargs": {}})
+                    model.pop((f.__qualname__, x), None)
+                    clock.t += 0.001  # a result recorded after a forget is strictly later
+                else:
+                    f = op[1]
+                    if f.__qualname__ not in ever:
+                        with pytest.raises(UnknownFunctionError):
+                            await memo.forget(func=f)
+                        continue
+                    await memo.forget(func=f)
+                    for k in [k for k in model if k[0] == f.__qualname__]:
+                        del model[k]
+                    clock.t += 0.001
+        if not (d / "checkpoint").exists():  # nothing was ever recorded
+            assert not model
+            return
+        async with Memoizer(checkpoint_files=[str(d)], run_dir=d.parent / (d.name + "-b")) as memo:
+            for f in (sim, other):
+                for x in range(3):
+                    live = model.get((f.__qualname__, x))
+                    want = live[0] if live is not None and live[1] > clock.t else None
+                    fut = await memo.check_memo({"func": f, "args": (x,), "kwargs": {}})
+                    assert (fut.result() if fut is not None else None) == want, (f, x)
+
+    asyncio.run(go())

@@ -1799,6 +1799,8 @@ def _apply_tombstones(sink: _Sink, report: LoadReport) -> None:
                             tfuncs.keys().isdisjoint(map(_get_func, recs))
                         ):
                             for rec in recs:
+                                if rec[0] not in tkeys and rec[2] not in tfuncs:
+                                    continue  # a key with no tombstone on it or its function
                                 exp = rec[5] if len(rec) == 7 else _INF
                                 value = _ref_or(rec[1], refs, offset)
                                 one(rec[0], rec[1], rec[2], rec[3], exp, value)
@@ -1816,9 +1818,17 @@ def _apply_tombstones(sink: _Sink, report: LoadReport) -> None:
         if got is None:
             table.pop(key, None)
             expires.pop(key, None)
-        else:
+        else:  # (an expired one was counted when it was read)
             value, exp = got
-            sink.put(key, value, exp)
+            if exp <= sink.now:
+                table.pop(key, None)
+                expires.pop(key, None)
+            else:
+                table[key] = value
+                if exp < _INF:
+                    expires[key] = exp
+                else:
+                    expires.pop(key, None)
     report.forgotten += forgotten
 
 
@@ -1953,13 +1963,11 @@ def keys_of_funcs(
                                      r2.time, r2.digests, r2.expires, b"")]
                         else:
                             continue
-                        names.update(map(_get_func, recs))
-                        if wanted.keys().isdisjoint(map(_get_func, recs)):
-                            continue
                         for rec in recs:
                             exp = rec[5] if len(rec) == 7 else _INF
                             if exp == TOMBSTONE_EXPIRES and rec[1] in (FORGET_KEY, FORGET_FUNC):
-                                continue
+                                continue  # a tombstone is no record of its function
+                            names.add(rec[2])
                             f = wanted.get(rec[2])
                             if f is not None:
                                 out[f].add(rec[0])

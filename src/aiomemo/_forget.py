@@ -98,6 +98,10 @@ async def forget(
         paths = [*memo._loaded_paths, *([os.fspath(memo.run_dir)] if memo.run_dir else [])]
         found, names = await asyncio.to_thread(keys_of_funcs, paths, {name})
         raws = {bytes.fromhex(k) for k in keys} | found[name]
+        for sink in memo._drain.sinks:  # stores that hold records in memory (MemoryStore)
+            held = getattr(sink.store, "records", None)
+            if isinstance(held, Mapping):
+                raws |= {k for k, r in held.items() if getattr(r, "func", None) == name}
         if not raws and name not in names:
             known = names | set(memo._by_func.keys)
             raise unknown_function(name, known, "in this memo or the checkpoints it loaded")

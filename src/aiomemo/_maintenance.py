@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from blake3 import blake3
 
 from aiomemo import _codec, _records
@@ -49,10 +50,10 @@ from aiomemo._paths import (
     resolve,
     segment_name,
 )
-from aiomemo._records import Record, Tombstones
+from aiomemo._records import Record, Tombstones, func_tombstone, key_tombstone
 from aiomemo._rundir import ensure_dir, make_run_dir
 
-__all__ = ["ProgressFn", "compact", "import_parsl", "scan_segments", "total_size"]
+__all__ = ["ProgressFn", "compact", "forget", "import_parsl", "scan_segments", "total_size"]
 
 #: ``progress(done, total)`` in bytes; the CLI draws a bar from it
 ProgressFn = Callable[[int, int], None]
@@ -663,3 +664,125 @@ def import_parsl(
         "skipped_malformed": counts.malformed,
         "unreadable": counts.unreadable,
     }
+
+
+# --------------------------------------------------------------------------
+# forget
+# --------------------------------------------------------------------------
+
+
+def _same_args(recorded: bytes, wanted: bytes) -> bool:
+    """The argument digests of a record (its ``digests``) match ``wanted`` (``arg_digests``)."""
+    try:
+        a = msgpack.unpackb(recorded, raw=False, strict_map_key=False)
+        b = msgpack.unpackb(wanted, raw=False, strict_map_key=False)
+    except Exception:
+        return False
+    return (
+        isinstance(a, list) and isinstance(b, list) and len(a) >= 2 and len(b) >= 2
+        and a[:2] == b[:2]
+    )
+
+
+def forget(
+    path: str | os.PathLike[str],
+    *,
+    func: str,
+    keys: set[bytes] | None = None,
+    arg_digests: bytes | None = None,
+    before: float | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+    unknown: Callable[[str, set[str]], Exception] | None = None,
+) -> dict[str, Any]:
+    """Forget the records of function ``func`` under ``path`` (offline); return a summary.
+
+    Every record of ``func`` written at or before ``before`` (default: now)
+    is forgotten; with ``keys`` / ``arg_digests`` only the calls with one of
+    those keys or those argument digests (``--args``/``--kwargs``). Nothing
+    is rewritten: a tombstone segment (see :mod:`aiomemo._records`) is added
+    to each checkpoint dir that holds such records, written to a temp file,
+    fsynced, read back, renamed into place and the dir fsynced; a crash at
+    any point leaves either no tombstone or the whole segment, and every
+    checkpoint loads (the forgotten records drop out at load; ``compact``
+    removes them from disk).
+
+    Refuses (:class:`~aiomemo.MaintenanceError`, code 2; nothing written)
+    while a writer holds a segment, and when ``func`` has no records at all
+    (``unknown(name, known_names)`` makes that error: the CLI's names a
+    close match). ``removed`` counts the records a load gives today that it
+    would no longer give (one per key); ``dry_run`` only counts.
+    """
+    resolved = find_segments(path, strict=True)
+    assert resolved is not None
+    segments = list(resolved.segments)
+    shown = os.fspath(path)
+    for s in segments:
+        if is_segment_in_use(s):
+            raise MaintenanceError(
+                f"{s}: a writer holds this segment open (a run is still checkpointing here); "
+                "forget once it has finished"
+            )
+    when = _records.clock() if now is None else now
+    upto = when if before is None else before
+    tombs = Tombstones()
+    names: set[str] = set()
+    last: dict[bytes, tuple[Path, Record]] = {}  # key -> last record of func (load order)
+    for seg, _i, item in scan_segments(segments, verify_records=True, values=False):
+        if not isinstance(item, RecordInfo):
+            continue
+        rec = item.record
+        if tombs.add(rec):
+            continue
+        names.add(rec.func)
+        if rec.func == func:
+            last[rec.key] = (seg.parent, rec)
+    if func not in names:
+        if unknown is not None:
+            raise unknown(func, names)
+        raise MaintenanceError(f"{shown}: no records of {func}")
+    hits: dict[Path, set[bytes]] = {}
+    for key, (directory, rec) in last.items():
+        if tombs.forgets(rec) or rec.expires <= when or rec.time > upto:
+            continue  # not live today, or written after the cut-off
+        if keys is not None or arg_digests is not None:
+            by_key = keys is not None and key in keys
+            by_args = arg_digests is not None and _same_args(rec.digests, arg_digests)
+            if not (by_key or by_args):
+                continue
+        hits.setdefault(directory, set()).add(key)
+    removed = sum(len(v) for v in hits.values())
+    written: list[str] = []
+    if not dry_run:
+        for directory, ks in hits.items():
+            if keys is None and arg_digests is None:
+                recs = [func_tombstone(func, upto)]
+            else:
+                recs = [key_tombstone(k, func, upto) for k in sorted(ks)]
+            written.append(os.fspath(_write_tombstones(directory, recs)))
+    return {
+        "input": shown,
+        "func": func,
+        "before": upto,
+        "removed": removed,
+        "dry_run": dry_run,
+        "segments_written": written,
+        "checkpoint_dirs": len(hits),
+    }
+
+
+def _write_tombstones(directory: Path, records: list[Record]) -> Path:
+    """A new segment holding ``records`` in ``directory``, atomically and durably."""
+    tmp = _write_temp_segment(directory, records)
+    try:
+        try:
+            _check_written(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.path.unlink()
+            raise
+        final = directory / segment_name()
+        _publish(tmp.path, final)
+    finally:
+        os.close(tmp.fd)
+    return final

@@ -182,13 +182,14 @@ class MemoTable:
         event loop) an :class:`OnDisk` comes back instead, for :meth:`read`.
         """
         value = self.done.get(key, MISSING)
-        if value is not MISSING:
-            # one truth test on the hit path when nothing expires
-            if self.expires and self._expired(key, raw):
+        expires = self.expires
+        if expires:  # one truth test on the hit path when nothing expires
+            when = expires.get(raw)
+            if when is not None and when <= _expiry.now():
+                self._expire(key, raw)
                 return MISSING
+        if value is not MISSING:
             return value
-        if self.expires and self._expired(key, raw):
-            return MISSING
         enc = self.loaded.get(raw)
         if enc is None and task is not None and self.has_parsl_keys:
             praw = self._parsl_key(task)
@@ -246,14 +247,10 @@ class MemoTable:
         if reader is not None:
             reader.shutdown(wait=False)
 
-    def _expired(self, key: str, raw: bytes) -> bool:
-        """True (and the entry dropped, counted) when ``raw``'s entry has expired."""
-        when = self.expires.get(raw)
-        if when is None or when > _expiry.now():
-            return False
+    def _expire(self, key: str, raw: bytes) -> None:
+        """Drop (and count) the entry of ``raw``: it has expired."""
         if self.remove(key, raw):
             self._counters.expired += 1
-        return True
 
     def remove(self, key: str, raw: bytes) -> bool:
         """Drop the entry of ``key`` (hex) / ``raw`` wherever it is; True when there was one."""
