@@ -213,3 +213,17 @@ def test_sdk_set_after_the_memoizer_started(tmp_path: Path) -> None:
         tmp_path,
     )
     assert out.split() == ["1", "1"]
+
+
+async def test_expired_and_forgotten(reader: InMemoryMetricReader, tmp_path: Path) -> None:
+    """Entries dropped by expiry and by forget() are counted."""
+    before = snapshot(reader)
+    async with Memoizer(checkpoint_mode="task_exit", run_dir=tmp_path / "a", ttl=0.05) as memo:
+        await run(memo, mk(1), 1)
+        await asyncio.sleep(0.1)
+        assert await memo.check_memo(mk(1)) is None  # expired: a miss
+        await run(memo, mk(2), 2)
+        assert await memo.forget(mk(2)) == 1
+    after = snapshot(reader)
+    assert after["aiomemo.expired"] - before.get("aiomemo.expired", 0) == 1
+    assert after["aiomemo.forgotten"] - before.get("aiomemo.forgotten", 0) == 1

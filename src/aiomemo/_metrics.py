@@ -16,6 +16,8 @@ name                               kind                 unit         what
 ``aiomemo.checkpoint.records``     observable counter   ``{record}`` records written to the first store
 ``aiomemo.load.records``           observable counter   ``{record}`` records loaded from checkpoints
 ``aiomemo.load.errors``            observable counter   ``{error}``  damaged records / problems found loading
+``aiomemo.expired``                observable counter   ``{entry}``  entries dropped because they expired
+``aiomemo.forgotten``              observable counter   ``{entry}``  entries dropped by forget() or tombstones
 ``aiomemo.checkpoint.duration``    histogram            ``s``        one store write (``put_many``: write + fsync)
 ``aiomemo.checkpoint.size``        histogram            ``By``       encoded bytes of the records in that write
 ``aiomemo.load.duration``          histogram            ``s``        one load (at start, ``load_checkpoints``)
@@ -61,6 +63,8 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("aiomemo.checkpoint.records", "checkpointed", "{record}", "Records written to the checkpoint (the first store)"),
     ("aiomemo.load.records", "records_loaded", "{record}", "Records loaded from checkpoints"),
     ("aiomemo.load.errors", "load_errors", "{error}", "Damaged records and other problems found while loading"),
+    ("aiomemo.expired", "expired", "{entry}", "Entries dropped because they expired (at load or on a lookup)"),
+    ("aiomemo.forgotten", "forgotten", "{entry}", "Entries dropped by forget() or by tombstones at load"),
 )  # fmt: skip
 
 _SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
