@@ -321,7 +321,10 @@ def _print_inspect(r: dict[str, Any]) -> None:
         ("records", f"{r['records']:,}"),
         ("unique keys", f"{r['unique_keys']:,}"),
         ("with digests", f"{r['records_with_digests']:,} (explain can name changed inputs)"),
-        ("expiry", f"{r['records_with_expiry']:,} record(s) expire, {r['records_expired']:,} expired"),
+        (
+            "expiry",
+            f"{r['records_with_expiry']:,} record(s) expire, {r['records_expired']:,} expired",
+        ),
         ("tombstones", f"{r['tombstones']:,} (aiomemo forget / memo.forget)"),
     ]
     if r["parsl_records"]:
@@ -503,7 +506,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         f" of a {_size(summary['max_bytes'])} budget" if summary["max_bytes"] is not None else ""
     )
     print(
-        f"{left} {summary['records_out']:,} records ({summary['tombstones_kept']:,} tombstones), "
+        f"{left} {summary['records_out'] - summary['tombstones_kept']:,} records and "
+        f"{summary['tombstones_kept']:,} tombstone(s), "
         f"{_size(summary['bytes_out'])}{budget}"
     )
     if not summary["budget_met"]:
