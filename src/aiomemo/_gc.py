@@ -41,13 +41,15 @@ from typing import Any, Literal
 
 from aiomemo import _records
 from aiomemo._checkpoint import (
+    FORMAT_VERSION,
     MAX_BATCH_PAYLOAD,
     SEGMENT_SUFFIX,
     BadSpan,
     RecordInfo,
     is_segment_in_use,
+    read_segment_header,
 )
-from aiomemo._exceptions import MaintenanceError
+from aiomemo._exceptions import CorruptCheckpointError, MaintenanceError
 from aiomemo._maintenance import (
     ProgressFn,
     _check_written,
@@ -151,8 +153,8 @@ def parse_age(value: str | float | _dt.timedelta, what: str = "max-age") -> floa
 # Planning
 # --------------------------------------------------------------------------
 
-#: bytes a record may grow by when rewritten in the current format (an
-#: expiry added to a format-1/2 record), so estimates never fall short
+#: bytes a record of an older format may grow by when rewritten in the
+#: current one (format 3 adds the expiry), so estimates never fall short
 _RECORD_SLACK = 16
 _BATCH_OVERHEAD = 64  # batch header (40) + array header, rounded up
 _FILE_HEADER = 16
@@ -168,6 +170,7 @@ class _Item:
     info: RecordInfo
     seg: int  # index into the plan's segment list
     order: int  # position in load order
+    size: int  # bytes it takes when rewritten (at most)
 
 
 @dataclass(slots=True)
@@ -232,11 +235,19 @@ class GcPlan:
         }
 
 
-def _size_of(info: RecordInfo) -> int:
-    n = info.length + _RECORD_SLACK
+def _size_of(info: RecordInfo, slack: int) -> int:
+    n = info.length + slack
     if info.ref is not None:
         n += 40 + info.ref.length  # its value frame
     return n
+
+
+def _slack(seg: Path) -> int:
+    try:
+        version = read_segment_header(seg).version
+    except (OSError, CorruptCheckpointError):
+        return _RECORD_SLACK
+    return 0 if version >= FORMAT_VERSION else _RECORD_SLACK
 
 
 def _segment_bytes(items: Sequence[_Item]) -> int:
@@ -251,7 +262,7 @@ def _segment_bytes(items: Sequence[_Item]) -> int:
         + values // _CHUNK_VALUE_BYTES
         + inline // MAX_BATCH_PAYLOAD
     )
-    return _FILE_HEADER + batches * _BATCH_OVERHEAD + sum(_size_of(i.info) for i in items)
+    return _FILE_HEADER + batches * _BATCH_OVERHEAD + sum(i.size for i in items)
 
 
 def _dirs_of(
@@ -301,12 +312,15 @@ def plan_gc(
     held: Literal["refuse", "skip"] = "refuse",
     pinned: Collection[str] = (),
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> GcPlan:
     """Decide what a gc run removes (reads only; nothing is changed).
 
     Raises :class:`~aiomemo.MaintenanceError`: bad budgets (code 2), a
     segment a writer holds (with ``held="refuse"``, code 2), damaged spans
     in a segment it would rewrite (code 1: see ``aiomemo verify``).
+    ``verify``: check every record's own checksum too (as ``compact`` does),
+    not only each batch's digest (as loading does).
     """
     budget = None if max_bytes is None else parse_size(max_bytes)
     age = None if max_age is None else parse_age(max_age)
@@ -337,11 +351,12 @@ def plan_gc(
     newest_tomb: dict[tuple[str | None, bytes | str], _Item] = {}
     fixed_keys: set[bytes] = set()
     records_in = 0
-    in_rewritten = {d.path: 0 for d in dirs}  # records in the segments rewritten
+    in_rewritten = [0] * len(dirs)  # records in the segments rewritten, per dir
     bad: list[str] = []
-    seg_index = {s: i for i, s in enumerate(segments)}
+    dir_no = [next(n for n, d in enumerate(dirs) if d.path == s.parent) for s in segments]
+    slack = [_slack(s) for s in segments]
     for seg, i, item in scan_segments(
-        segments, verify_records=True, progress=progress, values=False
+        segments, verify_records=verify, progress=progress, values=False
     ):
         if isinstance(item, BadSpan):
             if i not in fixed:
@@ -349,11 +364,11 @@ def plan_gc(
             continue
         records_in += 1
         rec = item.record
-        it = _Item(item, seg_index[seg], records_in)
+        it = _Item(item, i, records_in, _size_of(item, slack[i]))
         if i in fixed:
             fixed_keys.add(rec.key)
         else:
-            in_rewritten[seg.parent] += 1
+            in_rewritten[dir_no[i]] += 1
         if tombs.add(rec):
             slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
             prev = newest_tomb.get(slot)
@@ -378,14 +393,14 @@ def plan_gc(
         for k in redo:
             del last[k]
         n = 0
-        for seg, i, item in scan_segments(segments, verify_records=True, values=False):
+        for _seg, i, item in scan_segments(segments, verify_records=verify, values=False):
             if not isinstance(item, RecordInfo):
                 continue
             n += 1
             rec = item.record
             if rec.tombstone is not None or not tombs.forgets(rec):
                 if rec.key in redo and rec.tombstone is None:
-                    last[rec.key] = _Item(item, seg_index[seg], n)
+                    last[rec.key] = _Item(item, i, n, _size_of(item, slack[i]))
             elif i not in fixed:
                 removed["forgotten"] += 1
 
@@ -406,7 +421,7 @@ def plan_gc(
     tomb_keep = [it for it in newest_tomb.values() if it.seg not in fixed]
     fixed_bytes = total_size([segments[i] for i in sorted(fixed)])
     movable = [it for it in winners if it.seg not in fixed]
-    total = fixed_bytes + _estimate(segments, [*movable, *tomb_keep])
+    total = fixed_bytes + _estimate(dir_no, [*movable, *tomb_keep])
 
     # over budget: the least recently written go first
     if budget is not None and total > budget:
@@ -416,27 +431,26 @@ def plan_gc(
         )
         over, j = total - budget, 0
         while j < len(candidates) and over > 0:  # by record size first (cheap) ...
-            over -= _size_of(candidates[j].info)
+            over -= candidates[j].size
             j += 1
         gone = {id(it) for it in candidates[:j]}
         rest = [it for it in movable if id(it) not in gone]
-        total = fixed_bytes + _estimate(segments, [*rest, *tomb_keep])
+        total = fixed_bytes + _estimate(dir_no, [*rest, *tomb_keep])
         while j < len(candidates) and total > budget:  # ... then on the estimate
             gone.add(id(candidates[j]))
-            total -= _size_of(candidates[j].info)
+            total -= candidates[j].size
             j += 1
         for it in candidates[:j]:
             evicted.add(it.info.record.key)
         removed["over_budget"] = j
         movable = [it for it in movable if id(it) not in gone]
-        total = fixed_bytes + _estimate(segments, [*movable, *tomb_keep])
+        total = fixed_bytes + _estimate(dir_no, [*movable, *tomb_keep])
 
     # the records each rewritten dir keeps, in load order
-    by_path = {d.path: d for d in dirs}
     for it in sorted([*movable, *tomb_keep], key=lambda it: it.order):
-        by_path[segments[it.seg].parent].keep.append(it)
-    for d in dirs:
-        d.dropped = in_rewritten[d.path] - len(d.keep)
+        dirs[dir_no[it.seg]].keep.append(it)
+    for n, d in enumerate(dirs):
+        d.dropped = in_rewritten[n] - len(d.keep)
         # with a budget, a dir that drops nothing is still rewritten when that
         # makes it smaller (one batch per commit takes more than one per 10,000)
         d.changed = d.dropped > 0 or (
@@ -468,11 +482,11 @@ def plan_gc(
     )
 
 
-def _estimate(segments: Sequence[Path], items: Sequence[_Item]) -> int:
+def _estimate(dir_no: Sequence[int], items: Sequence[_Item]) -> int:
     """Upper bound on the bytes of the rewritten segments (one per dir) holding ``items``."""
-    by_dir: dict[Path, list[_Item]] = {}
+    by_dir: dict[int, list[_Item]] = {}
     for it in items:
-        by_dir.setdefault(segments[it.seg].parent, []).append(it)
+        by_dir.setdefault(dir_no[it.seg], []).append(it)
     return sum(_segment_bytes(v) for v in by_dir.values())
 
 
