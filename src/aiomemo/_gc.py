@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import heapq
 import math
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from aiomemo import _records
 from aiomemo._checkpoint import (
@@ -63,7 +64,7 @@ from aiomemo._maintenance import (
     total_size,
 )
 from aiomemo._paths import ResolvedPath, find_segments, unique_segments
-from aiomemo._records import Tombstones
+from aiomemo._records import Record, Tombstones, ValueRef
 
 __all__ = ["GcPlan", "apply_gc", "gc", "parse_age", "parse_size", "plan_gc"]
 
@@ -165,12 +166,42 @@ Reason = Literal["superseded", "forgotten", "expired", "too_old", "over_budget"]
 REASONS: tuple[Reason, ...] = ("superseded", "forgotten", "expired", "too_old", "over_budget")
 
 
-@dataclass(slots=True)
-class _Item:
-    info: RecordInfo
-    seg: int  # index into the plan's segment list
-    order: int  # position in load order
-    size: int  # bytes it takes when rewritten (at most)
+#: a record as the plan keeps it, a plain tuple (the cyclic garbage collector
+#: stops tracking a tuple of plain values, so a million cost no GC pauses; a
+#: NamedTuple or a dataclass would be tracked, and every full collection
+#: would walk them all while the event loop waits for the GIL):
+#: (segment index, load order, bytes when rewritten (at most), packed length,
+#:  key, value, func, time, digests, expires, ValueRef fields or None)
+_Item = tuple[
+    int, int, int, int, bytes, bytes, str, float, bytes, float, tuple[str, int, int, bytes] | None
+]
+_I_SEG: Final = 0
+_I_ORDER: Final = 1
+_I_SIZE: Final = 2
+_I_LEN: Final = 3
+_I_KEY: Final = 4
+_I_VALUE: Final = 5
+_I_FUNC: Final = 6
+_I_TIME: Final = 7
+_I_DIGESTS: Final = 8
+_I_EXPIRES: Final = 9
+_I_REF: Final = 10
+
+
+def _item(info: RecordInfo, seg: int, order: int, slack: int) -> _Item:
+    r, ref = info.record, info.ref
+    refs = None if ref is None else (ref.path, ref.offset, ref.length, ref.digest)
+    return (
+        seg, order, _size_of(info, slack), info.length,
+        r.key, r.value, r.func, r.time, r.digests, r.expires, refs,
+    )  # fmt: skip
+
+
+def _info(it: _Item) -> RecordInfo:
+    """The record again, as the rewrite takes it (a value in a frame by reference)."""
+    rec = Record(it[_I_KEY], it[_I_VALUE], it[_I_FUNC], it[_I_TIME], it[_I_DIGESTS], it[_I_EXPIRES])
+    ref = it[_I_REF]
+    return RecordInfo(rec, 0, it[_I_LEN], 0, ref=None if ref is None else ValueRef(*ref))
 
 
 @dataclass(slots=True)
@@ -254,15 +285,15 @@ def _segment_bytes(items: Sequence[_Item]) -> int:
     """An upper bound on the bytes of one segment holding ``items``."""
     if not items:
         return 0
-    values = sum(i.info.ref.length for i in items if i.info.ref is not None)
-    inline = sum(i.info.length for i in items)
+    values = sum(r[2] for i in items if (r := i[_I_REF]) is not None)
+    inline = sum(i[_I_LEN] for i in items)
     batches = (
         2
         + len(items) // _CHUNK_RECORDS
         + values // _CHUNK_VALUE_BYTES
         + inline // MAX_BATCH_PAYLOAD
     )
-    return _FILE_HEADER + batches * _BATCH_OVERHEAD + sum(i.size for i in items)
+    return _FILE_HEADER + batches * _BATCH_OVERHEAD + sum(i[_I_SIZE] for i in items)
 
 
 def _dirs_of(
@@ -364,7 +395,6 @@ def plan_gc(
             continue
         records_in += 1
         rec = item.record
-        it = _Item(item, i, records_in, _size_of(item, slack[i]))
         if i in fixed:
             fixed_keys.add(rec.key)
         else:
@@ -372,10 +402,10 @@ def plan_gc(
         if tombs.add(rec):
             slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
             prev = newest_tomb.get(slot)
-            if prev is None or rec.time > prev.info.record.time:
-                newest_tomb[slot] = it
+            if prev is None or rec.time > prev[_I_TIME]:
+                newest_tomb[slot] = _item(item, i, records_in, slack[i])
         else:
-            last[rec.key] = it
+            last[rec.key] = _item(item, i, records_in, slack[i])
     if bad:
         raise MaintenanceError(
             f"{shown}: {len(bad)} damaged span(s) found (first: {bad[0]}); nothing removed; "
@@ -389,7 +419,7 @@ def plan_gc(
     # forgets may stand (loading's rule). With tombstones, a second pass
     # (no values) finds those and counts the forgotten records it removes.
     if tombs:
-        redo = {k for k, it in last.items() if tombs.forgets(it.info.record)}
+        redo = {k for k, it in last.items() if tombs.covers(k, it[_I_FUNC], it[_I_TIME])}
         for k in redo:
             del last[k]
         n = 0
@@ -400,55 +430,54 @@ def plan_gc(
             rec = item.record
             if rec.tombstone is not None or not tombs.forgets(rec):
                 if rec.key in redo and rec.tombstone is None:
-                    last[rec.key] = _Item(item, i, n, _size_of(item, slack[i]))
+                    last[rec.key] = _item(item, i, n, slack[i])
             elif i not in fixed:
                 removed["forgotten"] += 1
 
     winners: list[_Item] = []
     evicted: set[bytes] = set()
     for k, it in last.items():
-        rec = it.info.record
-        if it.seg in fixed or k in fixed_keys:
+        if it[_I_SEG] in fixed or k in fixed_keys:
             winners.append(it)  # left as it is: a record of its key stays put
-        elif rec.expired(when):
+        elif it[_I_EXPIRES] <= when:
             removed["expired"] += 1
             evicted.add(k)
-        elif age is not None and rec.time < when - age:
+        elif age is not None and it[_I_TIME] < when - age:
             removed["too_old"] += 1
             evicted.add(k)
         else:
             winners.append(it)
-    tomb_keep = [it for it in newest_tomb.values() if it.seg not in fixed]
+    tomb_keep = [it for it in newest_tomb.values() if it[_I_SEG] not in fixed]
     fixed_bytes = total_size([segments[i] for i in sorted(fixed)])
-    movable = [it for it in winners if it.seg not in fixed]
+    movable = [it for it in winners if it[_I_SEG] not in fixed]
     total = fixed_bytes + _estimate(dir_no, [*movable, *tomb_keep])
 
     # over budget: the least recently written go first
     if budget is not None and total > budget:
-        candidates = sorted(
-            (it for it in movable if it.info.record.key not in fixed_keys),
-            key=lambda it: (it.info.record.time, it.order),
+        candidates = _sorted(
+            [it for it in movable if it[_I_KEY] not in fixed_keys],
+            lambda it: (it[_I_TIME], it[_I_ORDER]),
         )
         over, j = total - budget, 0
         while j < len(candidates) and over > 0:  # by record size first (cheap) ...
-            over -= candidates[j].size
+            over -= candidates[j][_I_SIZE]
             j += 1
         gone = {id(it) for it in candidates[:j]}
         rest = [it for it in movable if id(it) not in gone]
         total = fixed_bytes + _estimate(dir_no, [*rest, *tomb_keep])
         while j < len(candidates) and total > budget:  # ... then on the estimate
             gone.add(id(candidates[j]))
-            total -= candidates[j].size
+            total -= candidates[j][_I_SIZE]
             j += 1
         for it in candidates[:j]:
-            evicted.add(it.info.record.key)
+            evicted.add(it[_I_KEY])
         removed["over_budget"] = j
         movable = [it for it in movable if id(it) not in gone]
         total = fixed_bytes + _estimate(dir_no, [*movable, *tomb_keep])
 
     # the records each rewritten dir keeps, in load order
-    for it in sorted([*movable, *tomb_keep], key=lambda it: it.order):
-        dirs[dir_no[it.seg]].keep.append(it)
+    for it in _sorted([*movable, *tomb_keep], lambda it: it[_I_ORDER]):
+        dirs[dir_no[it[_I_SEG]]].keep.append(it)
     for n, d in enumerate(dirs):
         d.dropped = in_rewritten[n] - len(d.keep)
         # with a budget, a dir that drops nothing is still rewritten when that
@@ -482,11 +511,24 @@ def plan_gc(
     )
 
 
+#: items sorted at once: a sort runs in C without letting other threads (the
+#: event loop, for a Memoizer's retention run) in; ~20,000 take a few ms
+_SORT_CHUNK = 20_000
+
+
+def _sorted(items: list[_Item], key: Callable[[_Item], Any]) -> list[_Item]:
+    """``sorted(items, key=key)``, in chunks merged in Python, so the GIL changes hands."""
+    if len(items) <= _SORT_CHUNK:
+        return sorted(items, key=key)
+    runs = [sorted(items[i : i + _SORT_CHUNK], key=key) for i in range(0, len(items), _SORT_CHUNK)]
+    return list(heapq.merge(*runs, key=key))
+
+
 def _estimate(dir_no: Sequence[int], items: Sequence[_Item]) -> int:
     """Upper bound on the bytes of the rewritten segments (one per dir) holding ``items``."""
     by_dir: dict[int, list[_Item]] = {}
     for it in items:
-        by_dir.setdefault(dir_no[it.seg], []).append(it)
+        by_dir.setdefault(dir_no[it[_I_SEG]], []).append(it)
     return sum(_segment_bytes(v) for v in by_dir.values())
 
 
@@ -532,7 +574,7 @@ def apply_gc(plan: GcPlan, *, held: Literal["refuse", "skip"] = "refuse") -> int
             if not d.keep:
                 _remove_old(rewrite, d.path)
                 continue
-            tmp = _write_temp_segment(d.path, [it.info for it in d.keep])
+            tmp = _write_temp_segment(d.path, [_info(it) for it in d.keep])
             try:
                 try:
                     _check_written(tmp)

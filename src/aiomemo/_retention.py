@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiomemo._exceptions import MaintenanceError
-from aiomemo._gc import apply_gc, parse_age, parse_size, plan_gc
+from aiomemo._gc import GcPlan, apply_gc, parse_age, parse_size, plan_gc
 from aiomemo._records import ValueRef
 from aiomemo._table import MemoTable
 
@@ -101,20 +101,19 @@ class RetentionRun:
 
     async def _run(self, paths: list[str | os.PathLike[str]]) -> dict[str, Any] | None:
         try:
-            refs = [v for v in list(self._table.loaded.values()) if type(v) is ValueRef]
-            pinned = {r.path for r in refs}
-            del refs
+            loaded = list(self._table.loaded.values())  # a C copy; looked through off the loop
             plan = await asyncio.to_thread(
-                plan_gc,
+                _plan,
+                loaded,
                 paths,
                 max_bytes=self.policy.max_bytes,
                 max_age=self.policy.max_age,
                 held="skip",
-                pinned=pinned,
                 verify=False,  # batch digests, as loading trusts them
             )
             if not any(d.changed for d in plan.dirs):
                 return plan.summary(dry_run=False, bytes_out=plan.bytes_in)
+            del loaded
             for n, raw in enumerate(plan.evicted, 1):
                 self._table.remove(raw.hex(), raw)
                 if not n % _SLICE:
@@ -134,6 +133,12 @@ class RetentionRun:
             summary["bytes_out"],
         )
         return summary
+
+
+def _plan(loaded: Sequence[object], paths: list[str | os.PathLike[str]], **kw: Any) -> GcPlan:
+    """:func:`plan_gc` with the segments of the large values the memo left on disk pinned."""
+    pinned = {v.path for v in loaded if type(v) is ValueRef}
+    return plan_gc(paths, pinned=pinned, **kw)
 
 
 def of(policy: object, table: MemoTable) -> RetentionRun | None:
