@@ -419,6 +419,54 @@ async def test_redis_value_expires_with_the_record(
     assert 40_000 < p1 <= 50_000 and 70_000 < p2 <= 80_000
 
 
+async def test_redis_shared_hit_keeps_the_recorded_expiry(
+    clock: Clock, redis_url: str, redis_namespace: str, tmp_path: Path
+) -> None:
+    """A result fetched from Redis expires in this memo at its recorded time (a fresh lookup then)."""
+    def store(**kw: Any) -> RedisStore:
+        return RedisStore(redis_url, namespace=redis_namespace, lease_ttl=2.0, **kw)
+
+    async with Memoizer(run_dir=tmp_path / "a", store=store(), checkpoint_mode="task_exit", ttl=50) as m:
+        await run(m, mk(1), "v")
+        await run(m, {**mk(2), "ttl": math.inf}, "w")
+    async with Memoizer(run_dir=tmp_path / "b", store=store(), checkpoint_mode="task_exit") as m:
+        assert await run(m, mk(1), "x") == "v" and await run(m, mk(2), "x") == "w"
+        assert m.stats().remote_hits == 2
+        clock.t += 49
+        assert await run(m, mk(1), "x") == "v"  # still valid, from memory
+        clock.t += 1
+        # expired in this memo: asked again from Redis (whose own PX, on the
+        # server's real clock, has 50 s to go here; it is the judge there)
+        assert await run(m, mk(1), "y") == "v"
+        assert await run(m, mk(2), "x") == "w"
+        assert m.stats().expired == 1 and m.stats().remote_hits == 3
+
+
+def test_redis_values_carry_the_expiry() -> None:
+    """Values that expire get the AMR\\x03/\\x04 form with the expiry; others keep the old bytes."""
+    from aiomemo.stores._redis._values import (
+        MAGIC,
+        MAGIC_EXP,
+        MAGIC_EXP_SIGNED,
+        decode_value,
+        derive_key,
+        encode_value,
+    )
+
+    key = bytes(range(32))
+    plain = _records.Record(key, b"\x01", "m.f", 5.0, b"d")
+    timed = _records.Record(key, b"\x01", "m.f", 5.0, b"d", 99.5)
+    assert encode_value(plain).startswith(MAGIC) and decode_value(key, encode_value(plain)) == plain
+    assert encode_value(timed).startswith(MAGIC_EXP) and decode_value(key, encode_value(timed)) == timed
+    mac = derive_key("s")
+    blob = encode_value(timed, mac)
+    assert blob.startswith(MAGIC_EXP_SIGNED) and decode_value(key, blob, mac) == timed
+    assert decode_value(key, blob) is None and decode_value(key, encode_value(timed), mac) is None
+    bad = bytearray(encode_value(timed))
+    bad[30] ^= 1  # inside the expiry
+    assert decode_value(key, bytes(bad)) is None
+
+
 async def test_redis_forget_task_and_function(redis_url: str, redis_namespace: str, tmp_path: Path) -> None:
     """A forget reaches the shared store: the task's value, and a function's values, are gone."""
     async with Memoizer(

@@ -500,12 +500,18 @@ class Memoizer:
     async def load_checkpoints(
         self, dirs: Sequence[str | os.PathLike[str]] | None
     ) -> Mapping[str, asyncio.Future[Any]]:
-        """Load checkpoint dirs into the memo; returns hex key -> done Future (lazy)."""
+        """Load checkpoint dirs into the memo; returns hex key -> Future (lazy, read-only).
+
+        A result in memory or in the index comes as a done Future; a result
+        left on disk is read off the loop when asked for here: a pending
+        Future (await it; KeyError if it no longer reads back). From a
+        thread with no event loop it is read in place and comes done.
+        """
         await self._ensure_started()
         if not dirs:
             return {}
         table = self._table if self.memoize else None
-        return await _views.load(dirs, self._life, table, self._absorb)
+        return await _views.load(dirs, self._life, table, self._absorb, self.memory_limit)
 
     async def explain(self, task: Task) -> Explanation:
         """Why did this task miss? Compare it with the recorded calls of its function.
@@ -526,21 +532,12 @@ class Memoizer:
     async def forget(
         self, task: Task | None = None, *, func: Callable[..., Any] | str | None = None
     ) -> int:
-        """Forget a task's result, or every result of a function; return how many entries went.
+        """Forget a task's result, or every result of ``func`` (a function or its name).
 
-        ``forget(task)`` drops the task's entry; ``forget(func=f)`` every
-        entry of ``f`` (a function or its ``"module.qualname"``), results of
-        this run and loaded ones alike. A tombstone is written to every
-        store (checkpoint segments, a shared store) before this returns, so
-        later runs, other processes loading the same checkpoints and the
-        shared store miss them too (with ``checkpoint_mode=None`` and no
-        store, only this memo forgets). A task of that key still running is
-        not stopped; its result, recorded after the forget, stays.
-
-        Raises:
-            UnknownFunctionError: ``func`` has no records here nor in the
-                loaded checkpoints (the message suggests a close name).
-            CheckpointError: the tombstone could not be written (retried later).
+        Returns how many entries left this memo; a tombstone reaches every
+        store before it returns, so later runs and other processes miss them
+        too (see :mod:`aiomemo._forget`). Raises
+        :class:`~aiomemo.UnknownFunctionError` for a function with no records.
         """
         from aiomemo._forget import forget
 

@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 
 __all__ = ["SCRIPTS", "SHA", "RedisLease", "ms"]
 
-# KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] magic.
+# KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] magic,
+# ARGV[4] the magic of a value that expires.
 # 1: taken; 0: held by another or a result (a value with our header) exists.
 _CLAIM_LUA = """
-if redis.call('getrange', KEYS[2], 0, 3) == ARGV[3] then return 0 end
+local head = redis.call('getrange', KEYS[2], 0, 3)
+if head == ARGV[3] or head == ARGV[4] then return 0 end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """

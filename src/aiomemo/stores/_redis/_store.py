@@ -13,12 +13,12 @@ import contextlib
 import logging
 import math
 import os
-import time
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from aiomemo import _records
 from aiomemo._exceptions import StoreError
 from aiomemo.stores._base import LeaseStore, LoadReport, Record
 from aiomemo.stores._redis._batcher import Batcher, Cmd
@@ -34,6 +34,8 @@ from aiomemo.stores._redis._config import (
 from aiomemo.stores._redis._lease import SCRIPTS, RedisLease, ms
 from aiomemo.stores._redis._values import (
     MAGIC,
+    MAGIC_EXP,
+    MAGIC_EXP_SIGNED,
     MAGIC_SIGNED,
     decode_value,
     derive_key,
@@ -152,6 +154,9 @@ class RedisStore(LeaseStore):
         self.tls_ca_file = os.fspath(tls_ca_file) if tls_ca_file is not None else None
         self._mac_key = derive_key(secret) if secret is not None else None
         self._magic = MAGIC if self._mac_key is None else MAGIC_SIGNED
+        self._magic_exp = MAGIC_EXP if self._mac_key is None else MAGIC_EXP_SIGNED
+        #: key -> expiry of values read that expire, until take_expiry() asks
+        self._expiry: dict[bytes, float] = {}
         self._client_kwargs = dict(client_kwargs or {})
         self._ns = namespace.encode("utf-8")
         self.channel = self._ns + b":events"
@@ -340,10 +345,10 @@ class RedisStore(LeaseStore):
             blob = blob.encode("utf-8", "surrogateescape")
         rec = decode_value(key, blob, self._mac_key)
         if rec is not None:
-            return rec, None
+            return self._fresh(key, rec), None
         self._counts["bad_values"] += 1
         log.warning("bad value in Redis under %r: ignored (read as a miss)", self.value_key(key))
-        if not blob.startswith(self._magic):
+        if not blob.startswith((self._magic, self._magic_exp)):
             # not one of ours (or signed differently): never blocks a claim,
             # and the next result simply overwrites it
             return None, None
@@ -351,6 +356,23 @@ class RedisStore(LeaseStore):
         # claim() lets someone recompute and rewrite it.
         drop = self._submit([("script", "drop", [self.value_key(key)], [blob])])
         return None, drop
+
+    def _fresh(self, key: bytes, rec: Record) -> Record:
+        """``rec``; remembers its expiry for :meth:`take_expiry` when it has one.
+
+        Whether it has expired is Redis's to say (its ``PX``, on the server's
+        clock): a value Redis still returns is a hit, so a reader whose clock
+        runs ahead never refuses a value that blocks a claim.
+        """
+        if rec.expires < math.inf:
+            if len(self._expiry) >= 100_000:  # nobody asks: do not grow without end
+                self._expiry.clear()
+            self._expiry[key] = rec.expires
+        return rec
+
+    def take_expiry(self, key: bytes) -> float:
+        """When the value last read for ``key`` expires (``math.inf``: never, or not read)."""
+        return self._expiry.pop(key, math.inf)
 
     async def get_record(self, key: bytes) -> Record | None:
         """The whole record for ``key`` (with func, time), or None."""
@@ -383,6 +405,8 @@ class RedisStore(LeaseStore):
         if type(blob) is bytes:
             rec = decode_value(key, blob, self._mac_key)
             if rec is not None:
+                if rec.expires < math.inf:
+                    self._fresh(key, rec)
                 counts["hits"] += 1
                 return rec.value
         rec, drop = self._check(key, blob)
@@ -429,7 +453,7 @@ class RedisStore(LeaseStore):
         """
         px = None if self.ttl is None else ms(self.ttl)
         if rec is not None and rec.expires < math.inf:
-            left = round((rec.expires - time.time()) * 1000)
+            left = round((rec.expires - _records.clock()) * 1000)
             if left <= 0:
                 return 0
             px = left if px is None else min(px, left)
@@ -537,7 +561,14 @@ class RedisStore(LeaseStore):
                 self._background(self._submit([("script", "release", [lkey], [token])], wake=key))
 
         (got,) = await self._submit(
-            [("script", "claim", [lkey, self.value_key(key)], [token, ms(ttl), self._magic])],
+            [
+                (
+                    "script",
+                    "claim",
+                    [lkey, self.value_key(key)],
+                    [token, ms(ttl), self._magic, self._magic_exp],
+                )
+            ],
             on_orphan=orphan,
         )
         won = bool(got)
