@@ -173,8 +173,9 @@ REASONS: tuple[Reason, ...] = ("superseded", "forgotten", "expired", "too_old", 
 #: (segment index, load order, bytes when rewritten (at most), packed length,
 #:  key, value, func, time, digests, expires, ValueRef fields or None)
 _Item = tuple[
-    int, int, int, int, bytes, bytes, str, float, bytes, float, tuple[str, int, int, bytes] | None
-]
+    int, int, int, int, bytes, bytes, str, float, bytes, float,
+    tuple[str, int, int, bytes] | ValueRef | None,
+]  # fmt: skip
 _I_SEG: Final = 0
 _I_ORDER: Final = 1
 _I_SIZE: Final = 2
@@ -190,18 +191,28 @@ _I_REF: Final = 10
 
 def _item(info: RecordInfo, seg: int, order: int, slack: int) -> _Item:
     r, ref = info.record, info.ref
-    refs = None if ref is None else (ref.path, ref.offset, ref.length, ref.digest)
+    refs: tuple[str, int, int, bytes] | ValueRef | None = None
+    if ref is not None:  # (a reference with fallbacks kept whole: rare, and read with them)
+        refs = ref if ref.prev is not None else (ref.path, ref.offset, ref.length, ref.digest)
     return (
         seg, order, _size_of(info, slack), info.length,
         r.key, r.value, r.func, r.time, r.digests, r.expires, refs,
     )  # fmt: skip
 
 
+def _ref_length(ref: tuple[str, int, int, bytes] | ValueRef | None) -> int:
+    if ref is None:
+        return 0
+    return ref[2] if isinstance(ref, tuple) else ref.length
+
+
 def _info(it: _Item) -> RecordInfo:
     """The record again, as the rewrite takes it (a value in a frame by reference)."""
     rec = Record(it[_I_KEY], it[_I_VALUE], it[_I_FUNC], it[_I_TIME], it[_I_DIGESTS], it[_I_EXPIRES])
     ref = it[_I_REF]
-    return RecordInfo(rec, 0, it[_I_LEN], 0, ref=None if ref is None else ValueRef(*ref))
+    if isinstance(ref, tuple):
+        ref = ValueRef(*ref)
+    return RecordInfo(rec, 0, it[_I_LEN], 0, ref=ref)
 
 
 @dataclass(slots=True)
@@ -285,7 +296,7 @@ def _segment_bytes(items: Sequence[_Item]) -> int:
     """An upper bound on the bytes of one segment holding ``items``."""
     if not items:
         return 0
-    values = sum(r[2] for i in items if (r := i[_I_REF]) is not None)
+    values = sum(_ref_length(i[_I_REF]) for i in items)
     inline = sum(i[_I_LEN] for i in items)
     batches = (
         2

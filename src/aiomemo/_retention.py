@@ -137,7 +137,12 @@ class RetentionRun:
 
 def _plan(loaded: Sequence[object], paths: list[str | os.PathLike[str]], **kw: Any) -> GcPlan:
     """:func:`plan_gc` with the segments of the large values the memo left on disk pinned."""
-    pinned = {v.path for v in loaded if type(v) is ValueRef}
+    pinned: set[str] = set()
+    for v in loaded:
+        ref = v
+        while isinstance(ref, ValueRef):  # the reference and its fallbacks
+            pinned.add(ref.path)
+            ref = ref.prev
     return plan_gc(paths, pinned=pinned, **kw)
 
 
