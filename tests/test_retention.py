@@ -145,3 +145,21 @@ async def test_segments_a_writer_holds_are_left(tmp_path: Path) -> None:
             for i in (1000, 1099):
                 fut = await memo.check_memo(mk(i))
                 assert fut is not None and await fut == i
+
+
+async def test_a_segment_file_given_is_left_alone(tmp_path: Path) -> None:
+    """checkpoint_files naming one segment: retention does not rewrite its dir."""
+    root = tmp_path / "ri"
+    await _runs(root, n=1, per=20)
+    seg = next(root.rglob("*.amlog"))
+    before = seg.read_bytes()
+    async with Memoizer(
+        checkpoint_mode=None,
+        checkpoint_files=[seg],
+        config_run_dir=tmp_path / "other",
+        retention=Retention(max_bytes=1),
+    ) as memo:
+        report = await memo.retention_report()
+        assert report is not None and report["records_removed"] == 0
+        assert report["skipped_files"] and "segment file" in report["skipped_files"][0]
+    assert seg.read_bytes() == before

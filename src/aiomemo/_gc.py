@@ -372,11 +372,15 @@ def plan_gc(
     else:  # several paths (the Memoizer's): the segments of each, each once
         shown = ", ".join(os.fspath(p) for p in path)
         found = [_resolve_one(p) for p in path if Path(p).exists()]
+        # a single segment file is left out: rewriting its dir would need the
+        # dir's other segments, which were not asked for
+        notes = [f"{r.path}: a segment file, left as it is" for r in found if r.kind == "segment"]
+        found = [r for r in found if r.kind != "segment"]
         resolved = ResolvedPath(
             Path(shown),
             "checkpoint dir",
             tuple(unique_segments(found)),
-            notes=tuple(n for r in found for n in r.notes),
+            notes=(*notes, *(n for r in found for n in r.notes)),
         )
     if resolved.kind == "segment":
         raise MaintenanceError(
