@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """aiomemo benchmarks, each against Parsl's BasicMemoizer in the same run.
 
-Usage: scripts/bench [keys|memo|memory|parsl|redis|all ...] [--quick] [--out DIR]
+Usage: scripts/bench [keys|memo|memory|gc|parsl|redis|all ...] [--quick] [--out DIR]
 
 Prints one table per section (figure, aiomemo, Parsl or reference, ratio,
 target, ok) and writes JSON to DIR (default bench-results/). The machines
@@ -933,10 +933,106 @@ def bench_memory(quick: bool) -> Table:
     return t
 
 
+# ---------------------------------------------------------------------------- gc
+
+
+def _gc_store(root: Path, runs: int, per: int) -> None:
+    """``runs`` run dirs of ``per`` small records each, in batches of 4,096 (as the drain writes)."""
+    from aiomemo._checkpoint import encode_batch, file_header
+    from aiomemo.stores import Record
+
+    now = time.time()
+    for r in range(runs):
+        d = root / f"{r:03d}" / "checkpoint"
+        d.mkdir(parents=True)
+        recs = [
+            Record((r * per + i).to_bytes(8, "big") * 4, b"v" * 60, "bench.f",
+                   now - 10_000 + r * 1000 + i * 1e-3, b"12345678")
+            for i in range(per)
+        ]  # fmt: skip
+        with open(d / f"seg-20260101T0000{r:02d}.000000Z-1-{r:08x}.amlog", "wb") as f:
+            f.write(file_header())
+            for i in range(0, per, 4096):
+                f.write(encode_batch(recs[i : i + 4096]))
+
+
+def bench_gc(quick: bool) -> Table:
+    """aiomemo gc against compact of the same store; retention's loop gaps."""
+    import shutil
+
+    from aiomemo import Memoizer, Retention
+    from aiomemo._gc import gc as run_gc
+    from aiomemo._maintenance import compact
+
+    per = 50_000 if quick else 250_000
+    t = Table(f"gc: size budgets (scripts/bench gc{' --quick' if quick else ''}, {4 * per:,} records)")
+    tmp = Path(tempfile.mkdtemp(prefix="aiomemo-bench-gc-"))
+    try:
+        _gc_store(tmp / "store", 4, per)
+        size = sum(p.stat().st_size for p in (tmp / "store").rglob("*.amlog"))
+        budget = size // 2
+        best_gc = best_compact = float("inf")
+        for n in range(2):  # alternate, keep the best of each
+            shutil.copytree(tmp / "store", tmp / f"c{n}")
+            t0 = time.perf_counter()
+            compact(tmp / f"c{n}", tmp / f"c{n}-out")
+            best_compact = min(best_compact, time.perf_counter() - t0)
+            shutil.copytree(tmp / "store", tmp / f"g{n}")
+            t0 = time.perf_counter()
+            summary = run_gc(tmp / f"g{n}", max_bytes=budget)
+            best_gc = min(best_gc, time.perf_counter() - t0)
+            left = sum(p.stat().st_size for p in (tmp / f"g{n}").rglob("*.amlog"))
+            for d in (f"c{n}", f"c{n}-out", f"g{n}"):
+                shutil.rmtree(tmp / d, ignore_errors=True)
+        t.add(
+            f"gc to half the size ({summary['records_removed']:,} records out)",
+            f"{best_gc:.2f} s",
+            f"{best_compact:.2f} s (compact -o)",
+            best_gc / best_compact,
+            "<= 1.5x compact",
+            best_gc / best_compact <= 1.5,
+        )
+        t.add(
+            "gc: bytes left / budget",
+            f"{left:,} B",
+            f"{budget:,} B",
+            left / budget,
+            "0.95 .. 1.0",
+            0.95 <= left / budget <= 1.0,
+        )
+
+        shutil.copytree(tmp / "store", tmp / "r")
+
+        async def retention() -> tuple[float, float, dict[str, Any] | None]:
+            async with Memoizer(
+                checkpoint_mode="dfk_exit",  # loads every run under config_run_dir
+                config_run_dir=tmp / "r",
+                retention=Retention(max_bytes=budget),
+            ) as memo:
+                t0 = time.perf_counter()
+                lag, report, _ticks = await max_loop_lag(memo.retention_report)
+                return lag, time.perf_counter() - t0, report
+
+        lag, took, report = asyncio.run(retention())
+        assert report is not None and report["budget_met"]
+        t.add(
+            f"Memoizer(retention=...) at start: max loop gap ({took:.1f} s run)",
+            f"{lag * 1e3:.1f} ms",
+            "",
+            None,
+            "< 100 ms",
+            lag < 0.1,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return t
+
+
 SECTIONS: dict[str, Callable[[bool], Table]] = {
     "keys": bench_keys,
     "memo": bench_memo,
     "memory": bench_memory,
+    "gc": bench_gc,
     "parsl": bench_parsl,
     "redis": bench_redis,
 }
@@ -944,7 +1040,7 @@ SECTIONS: dict[str, Callable[[bool], Table]] = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="aiomemo benchmarks against Parsl, side by side")
-    ap.add_argument("sections", nargs="*", default=["all"], help="keys, memo, memory, parsl, redis, all")
+    ap.add_argument("sections", nargs="*", default=["all"], help="keys, memo, memory, gc, parsl, redis, all")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--out", default=str(ROOT / "bench-results"), help="where JSON goes")
     args = ap.parse_args()
