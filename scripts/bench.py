@@ -864,22 +864,28 @@ def bench_memory(quick: bool) -> Table:
         "<= 64 MiB + 16 MiB",
         ours["hit_rss_peak"] <= limit + slack,
     )
-    ref = ours["readhash_median_s"]
+    # The target's reference is reading + hashing the same values the hits
+    # read (each once, from the segment, with pread): a hit has to do at least
+    # that. One 4 MB file read over and over stays in the CPU caches and is the
+    # lower figure; it is shown beside, for scale.
+    hot = ours["readhash_median_s"]
+    each = ours.get("readhash_each_median_s")
+    ref = each or hot
     t.add(
         "then hit all: median time per hit",
         f"{ours['hit_median_s'] * 1e3:.2f} ms (mean {ours['hit_mean_s'] * 1e3:.2f})",
-        f"{ref * 1e3:.2f} ms (read + blake3 4 MB, median); Parsl {theirs['hit_median_s'] * 1e6:.0f} µs",
+        f"{ref * 1e3:.2f} ms (read + blake3 of each value hit, median); Parsl "
+        f"{theirs['hit_median_s'] * 1e6:.0f} µs",
         ours["hit_median_s"] / ref,
         "<= 2x read + hash",
         ours["hit_median_s"] <= 2 * ref,
     )
-    each = ours.get("readhash_each_median_s")
     if each:
         t.add(
-            "  (for scale: read + blake3 of each of the values hit, once)",
-            f"{each * 1e3:.2f} ms median",
-            "distinct values, as the hits read them; the row above reads one file over and over",
-            ours["hit_median_s"] / each,
+            "  (for scale: one 4 MB file read + blake3, over and over)",
+            f"{hot * 1e3:.2f} ms median",
+            "stays in the CPU caches: a lower bound no hit on distinct values reaches",
+            ours["hit_median_s"] / hot,
             "",
             None,
         )
