@@ -137,6 +137,16 @@ class Drain:
                 s.failed(exc)
         self.wake()
 
+    def requeue_many(self, store: Store, records: list[Record], exc: BaseException) -> None:
+        """A write of ``records`` to ``store`` made off the drain failed: queue them for retry."""
+        for rec in records:
+            self.queued_keys.add(rec.key.hex())
+        for s in self.sinks:
+            if s.store is store:
+                s.queue.extend(records)
+                self._write_failed(s, exc)
+        self.wake()
+
     def pending(self) -> int:
         return max((len(s.queue) for s in self.sinks), default=0)
 
@@ -259,15 +269,7 @@ class Drain:
             try:
                 await sink.store.put_many(chunk)
             except Exception as exc:  # CheckpointError, StoreError, or a store's bug
-                sink.failed(exc)
-                self._counters.write_errors += 1
-                if sink.failures == 1 or sink.failures % 100 == 0:
-                    msg = (
-                        f"aiomemo: checkpoint write to {type(sink.store).__name__} failed "
-                        f"({exc}); {len(sink.queue)} record(s) stay queued and will be retried"
-                    )
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                    logger.warning("%s", msg)
+                self._write_failed(sink, exc)
                 return written
             del sink.queue[: len(chunk)]
             sink.failures = 0
@@ -278,6 +280,18 @@ class Drain:
             if sink.queue:
                 await asyncio.sleep(0)  # let the loop breathe between chunks
         return written
+
+    def _write_failed(self, sink: Sink, exc: BaseException) -> None:
+        """Count a failed write to ``sink`` (its records stay queued); warn now and then."""
+        sink.failed(exc)
+        self._counters.write_errors += 1
+        if sink.failures == 1 or sink.failures % 100 == 0:
+            msg = (
+                f"aiomemo: checkpoint write to {type(sink.store).__name__} failed "
+                f"({exc}); {len(sink.queue)} record(s) stay queued and will be retried"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            logger.warning("%s", msg)
 
     async def flush_or_raise(self) -> int:
         """:meth:`flush` every store now; CheckpointError for what stays queued."""

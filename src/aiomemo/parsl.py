@@ -73,6 +73,8 @@ from aiomemo._exceptions import (
     UnhashableInputError,
 )
 from aiomemo._memoizer import Memoizer, MemoStats
+from aiomemo._parsl_followers import Followers, done_future, log_failure, settle_cf
+from aiomemo._parsl_outcomes import Outcomes
 from aiomemo._portal import Portal, PortalClosedError
 from aiomemo._table import Raised
 from aiomemo.stores._base import Store
@@ -232,121 +234,6 @@ def _translate(exc: BaseException, hook_errors: list[BaseException]) -> BaseExce
     return exc
 
 
-def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
-    """Done callback of a call nobody waits for: log what went wrong, quietly at close."""
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    if exc is not None and not isinstance(exc, MemoizerClosedError):
-        logger.error("aiomemo call failed: %r", exc, exc_info=exc)
-
-
-def _done_future(result: Any, exc: BaseException | None) -> concurrent.futures.Future[Any]:
-    """A finished Future holding ``result`` or ``exc``."""
-    cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    if exc is not None:
-        cf.set_exception(exc)
-    else:
-        cf.set_result(result)
-    return cf
-
-
-def _settle(cf: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
-    """Complete ``cf`` unless it is done already (a racing settle)."""
-    try:
-        if exc is not None:
-            cf.set_exception(exc)
-        else:
-            cf.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
-class _Followers:
-    """Parsl-side followers of running tasks, completed off the loop thread.
-
-    Completing a follower's Future runs the DataFlowKernel's callbacks, which
-    call back into the memoizer and block on the loop: so never on the loop
-    thread, always on a completer thread. A leader that completes after
-    close settles its followers directly (:meth:`after_close`).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # key -> followers' futures not completed yet
-        self._waiting: dict[str, list[concurrent.futures.Future[Any]]] = {}
-        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def open(self) -> None:
-        self._completer = concurrent.futures.ThreadPoolExecutor(
-            thread_name_prefix="aiomemo-parsl-complete"
-        )
-
-    def shutdown(self) -> None:
-        if self._completer is not None:
-            self._completer.shutdown(wait=False)
-
-    def add(self, key: str, cf: concurrent.futures.Future[Any], afut: asyncio.Future[Any]) -> None:
-        """``cf`` completes with the outcome of the leader's ``afut`` (on the loop)."""
-        with self._lock:
-            self._waiting.setdefault(key, []).append(cf)
-        afut.add_done_callback(functools.partial(self._relay, cf, key))
-
-    def add_threadsafe(
-        self,
-        key: str,
-        cf: concurrent.futures.Future[Any],
-        afut: asyncio.Future[Any],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """:meth:`add` from another thread than the loop's: no wait for the loop.
-
-        ``cf`` is registered at once (a leader that completes after close
-        settles it through :meth:`after_close`); the relay from ``afut`` is
-        attached on the loop.
-        """
-        with self._lock:
-            self._waiting.setdefault(key, []).append(cf)
-        relay = functools.partial(self._relay, cf, key)
-        with contextlib.suppress(RuntimeError):  # loop closed: after_close settles cf
-            loop.call_soon_threadsafe(afut.add_done_callback, relay)
-
-    def _relay(
-        self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
-    ) -> None:
-        if afut.cancelled():
-            exc: BaseException | None = LeaderCancelledError("the identical task was cancelled")
-            result = None
-        else:
-            exc = afut.exception()
-            result = afut.result() if exc is None else None
-        if isinstance(exc, MemoizerClosedError):
-            # closed with the leader still running: its completion, which
-            # arrives later, settles cf (see after_close)
-            return
-        with self._lock:
-            waiting = self._waiting.get(key)
-            if waiting is not None:
-                with contextlib.suppress(ValueError):
-                    waiting.remove(cf)
-                if not waiting:
-                    del self._waiting[key]
-        completer = self._completer
-        if completer is None:
-            return
-        try:
-            completer.submit(_settle, cf, result, exc)
-        except RuntimeError:  # completer shut down: settle from a fresh thread
-            threading.Thread(target=_settle, args=(cf, result, exc), daemon=True).start()
-
-    def after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
-        """A leader finished after close: complete its followers directly."""
-        with self._lock:
-            waiting = self._waiting.pop(key, [])
-        for cf in waiting:
-            _settle(cf, result, exc)
-
-
 class ParslMemoizer(_ParslMemoizerBase):
     """Parsl ``Memoizer`` backed by aiomemo: a drop-in for ``BasicMemoizer``.
 
@@ -419,16 +306,14 @@ class ParslMemoizer(_ParslMemoizerBase):
         # run (misses), until their update_memo_*; a leader's retry is let run
         # again instead of waiting on itself
         self._leaders: dict[int, tuple[TaskRecord, dict[str, Any]]] = {}
-        self._followers = _Followers()
+        self._followers = Followers()
         # keys whose record this run has written or queued already
         self._recorded: set[str] = set()
         # views of hits answered in the calling thread, on their way into
         # this run's checkpoint (under _lock)
         self._learn_queue: list[dict[str, Any]] = []
-        # outcomes of leaders on their way to the loop (under _lock), and the
-        # Future of the batch they ride in: one loop wake per burst
-        self._outbox: list[tuple[dict[str, Any], Any, BaseException | None]] = []
-        self._outbox_done: concurrent.futures.Future[None] | None = None
+        # the leaders' outcomes on their way into the memo (while running)
+        self._outcomes: Outcomes | None = None
 
     def __repr__(self) -> str:
         args = [
@@ -461,11 +346,10 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.config_run_dir = config_run_dir
         self.checkpointed_tasks = 0
         self._leaders = {}
-        self._followers = _Followers()
+        self._followers = Followers()
         self._recorded = set()
         self._learn_queue = []
-        self._outbox = []
-        self._outbox_done = None
+        self._outcomes = None
         try:
             memo = self._memo = self._make_memo(run_dir, config_run_dir)
         except BaseException:
@@ -485,6 +369,7 @@ class ParslMemoizer(_ParslMemoizerBase):
             self._followers.shutdown()
             self._state = "closed"
             raise
+        self._outcomes = Outcomes(memo, self._portal, self._followers, self._recorded)
         if memo.checkpoint_files:
             logger.info("Completed loading checkpoints: %d tasks", memo.stats().entries)
         if self.memoize:
@@ -540,9 +425,11 @@ class ParslMemoizer(_ParslMemoizerBase):
             if self._state != "running":
                 return
             self._state = "closing"
-        portal, memo = self._portal, self._memo
+        portal, memo, outcomes = self._portal, self._memo, self._outcomes
         assert portal is not None and memo is not None
         try:
+            if outcomes is not None:
+                outcomes.close()  # completions being recorded in their threads end first
             if self.checkpoint_mode == "periodic":
                 logger.info("Stopping checkpoint timer")
             if self.checkpoint_mode is not None:
@@ -668,7 +555,7 @@ class ParslMemoizer(_ParslMemoizerBase):
             return cf
         logger.info("Task %s using result from cache", t.get("id"))
         if type(value) is Raised:
-            return _done_future(None, value.rearm())
+            return done_future(None, value.rearm())
         if self.checkpoint_mode is not None and key not in self._recorded:
             self._recorded.add(key)
             with self._lock:
@@ -677,8 +564,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             if first:
                 # one hop for a whole burst of hits, not one per hit
                 with contextlib.suppress(PortalClosedError):
-                    portal.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
-        return _done_future(value, None)
+                    portal.submit(self._learn(_LEARN_DELAY)).add_done_callback(log_failure)
+        return done_future(value, None)
 
     def _learn_now(self) -> None:
         """Queue the results used since the last call into this run's checkpoint.
@@ -730,10 +617,10 @@ class ParslMemoizer(_ParslMemoizerBase):
             logger.info("Task %s using result from cache", t.get("id"))
             # a fresh Future with no callbacks yet: completing it here is safe
             if afut.cancelled():
-                _settle(cf, None, LeaderCancelledError("the memoized task was cancelled"))
+                settle_cf(cf, None, LeaderCancelledError("the memoized task was cancelled"))
             else:
                 error = afut.exception()
-                _settle(cf, afut.result() if error is None else None, error)
+                settle_cf(cf, afut.result() if error is None else None, error)
             if (
                 self.checkpoint_mode is not None
                 and isinstance(hashsum, str)
@@ -764,115 +651,15 @@ class ParslMemoizer(_ParslMemoizerBase):
         with self._lock:
             entry = self._leaders.pop(id(task), None)
             running = self._running()
-            portal = self._portal
+            outcomes = self._outcomes
         hashsum = t.get("hashsum")
         if not isinstance(hashsum, str):
             return  # not memoized, never looked up, or a dependency failure
-        if not running or portal is None:
+        if not running or outcomes is None:
             self._followers.after_close(hashsum, result, exc)
             return
-        if entry is None:
-            # a hit or a collapsed follower: aiomemo has the result already
-            return
-        view = entry[1]
-        with self._lock:
-            self._outbox.append((view, result, exc))
-            batch = self._outbox_done
-            first = batch is None
-            if batch is None:
-                batch = self._outbox_done = concurrent.futures.Future()
-        if first:
-            try:
-                # one hop for a whole burst of completions, not one per task
-                fut = portal.submit(self._record_outbox())
-                fut.add_done_callback(_log_failure)
-                fut.add_done_callback(self._outbox_ended)
-            except PortalClosedError:
-                self._return_outbox()
-                return
-        if self.checkpoint_mode == "task_exit" and exc is None and not portal.on_loop_thread():
-            # returns once the record is durable, as BasicMemoizer's write:
-            # one group commit for every completion thread's records
-            try:
-                batch.result()
-            except (
-                concurrent.futures.CancelledError,
-                asyncio.CancelledError,
-                PortalClosedError,
-                MemoizerClosedError,
-            ):
-                self._followers.after_close(hashsum, result, exc)
-            except Exception:
-                # a memo that cannot record must never fail the task
-                logger.exception("aiomemo could not record the outcome of task %s", t.get("id"))
-
-    def _outbox_ended(self, fut: concurrent.futures.Future[None]) -> None:
-        """The loop cancelled a batch (stopping), perhaps before it took its outcomes."""
-        if fut.cancelled():
-            self._return_outbox()
-
-    def _return_outbox(self) -> None:
-        """The loop is gone: complete the followers of the outcomes still waiting for it."""
-        with self._lock:
-            pending, self._outbox = self._outbox, []
-            batch, self._outbox_done = self._outbox_done, None
-        for view, result, exc in pending:
-            key = view.get("hashsum")
-            if isinstance(key, str):
-                self._followers.after_close(key, result, exc)
-        if batch is not None:
-            _settle(batch, None, PortalClosedError("the aiomemo loop is stopped"))
-
-    async def _record_outbox(self) -> None:
-        """Record a burst of outcomes on the loop; task_exit: one commit for them all."""
-        with self._lock:
-            pending, self._outbox = self._outbox, []
-            batch, self._outbox_done = self._outbox_done, None
-        error: BaseException | None = None
-        try:
-            if self.checkpoint_mode == "task_exit":
-                outcomes = await asyncio.gather(
-                    *(self._record_outcome(v, r, e) for v, r, e in pending),
-                    return_exceptions=True,
-                )
-            else:
-                outcomes = []
-                for v, r, e in pending:
-                    try:
-                        await self._record_outcome(v, r, e)
-                    except Exception as exc:
-                        outcomes.append(exc)
-            for out in outcomes:
-                if isinstance(out, BaseException):
-                    logger.error("aiomemo could not record a task outcome: %r", out, exc_info=out)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if batch is not None:
-                _settle(batch, None, error)
-
-    async def _record_outcome(
-        self, view: dict[str, Any], result: Any, exc: BaseException | None
-    ) -> None:
-        memo = self._memo
-        assert memo is not None
-        key = view.get("hashsum")
-        try:
-            if exc is not None:
-                await memo.update_memo_exception(view, exc)
-            else:
-                if isinstance(key, str):
-                    self._recorded.add(key)
-                await memo.update_memo_result(view, result)
-        except MemoizerClosedError:
-            if isinstance(key, str):  # closed under us: complete the followers anyway
-                threading.Thread(
-                    target=self._followers.after_close, args=(key, result, exc), daemon=True
-                ).start()
-            return
-        if self.checkpoint_mode == "task_exit":
-            logger.debug("Task %s checkpointed", view.get("id"))
+        if entry is not None:  # else a hit or a follower: aiomemo has the result already
+            outcomes.report(entry[1], hashsum, result, exc)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
