@@ -39,22 +39,16 @@ Importing this module without Parsl raises an ImportError naming the extra
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
-import contextvars
 import datetime
-import functools
 import logging
 import os
 import threading
 import time
-import types
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 try:
-    import parsl.dataflow.memoization as _parsl_memoization
     from parsl.dataflow.errors import BadCheckpoint as _BadCheckpoint
     from parsl.dataflow.memoization import Memoizer as _ParslMemoizerBase
     from parsl.dataflow.taskrecord import TaskRecord
@@ -65,18 +59,15 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
         "install aiomemo with the parsl extra, e.g. pip install 'aiomemo[parsl]'"
     ) from _exc
 
-from aiomemo import _hashing, _rundir
-from aiomemo._exceptions import (
-    CheckpointError,
-    LeaderCancelledError,
-    MemoizerClosedError,
-    UnhashableInputError,
-)
+from aiomemo import _rundir
+from aiomemo._exceptions import CheckpointError
 from aiomemo._memoizer import Memoizer, MemoStats
-from aiomemo._parsl_followers import Followers, done_future, log_failure, settle_cf
+from aiomemo._parsl_followers import Followers
+from aiomemo._parsl_keys import KEY_HOOKS as _KEY_HOOKS
+from aiomemo._parsl_keys import ParslUnhashableInputError
+from aiomemo._parsl_lookups import Lookups
 from aiomemo._parsl_outcomes import Outcomes
 from aiomemo._portal import Portal, PortalClosedError
-from aiomemo._table import Raised
 from aiomemo.stores._base import Store
 
 __all__ = [
@@ -95,143 +86,6 @@ CheckpointMode = Literal["task_exit", "periodic", "dfk_exit", "manual"]
 
 class ParslConfigurationError(_ParslConfigurationError, ValueError):
     """A bad ``ParslMemoizer`` argument: Parsl's ConfigurationError, also a ValueError."""
-
-
-class ParslUnhashableInputError(UnhashableInputError, ValueError):
-    """An input that neither aiomemo nor Parsl's ``id_for_memo`` can key.
-
-    Also a ``ValueError``, which is what Parsl's own memoizer raises for an
-    unknown type, so code written against ``BasicMemoizer`` still catches it.
-    """
-
-
-# --------------------------------------------------------------------------
-# keying through Parsl's id_for_memo registry
-# --------------------------------------------------------------------------
-
-_parsl_id_for_memo: Any = _parsl_memoization.id_for_memo
-
-#: Parsl's own registrations (the default, str/int/float/None, list, tuple,
-#: dict, functions): aiomemo keys these types itself, better (Parsl's raise
-#: for subclasses of list/tuple/dict); only registrations made by users or
-#: by other Parsl modules are bridged.
-_PARSL_BUILTIN_IMPLS: frozenset[Any] = frozenset(
-    _parsl_id_for_memo.dispatch(t)
-    for t in (object, str, int, float, type(None), list, tuple, dict, types.FunctionType)
-)
-
-#: Errors raised by a Parsl registration while a key is being made, so that
-#: the adapter can hand the task the very exception (as Parsl would) even if
-#: hashing wrapped it. A list per check_memo call, shared across the threads
-#: that hashing may use (contextvars are copied into them).
-_hook_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
-    "aiomemo_parsl_hook_errors", default=None
-)
-
-
-def _parsl_id_for_memo_hook(obj: object, output_ref: bool = False) -> object:
-    """aiomemo fallback hook: key ``obj`` with Parsl's ``id_for_memo`` when Parsl has a registration.
-
-    Returns Parsl's value (usually bytes) or :data:`aiomemo._hashing.NOT_HANDLED`.
-    """
-    impl = _parsl_id_for_memo.dispatch(type(obj))
-    if impl in _PARSL_BUILTIN_IMPLS:
-        return _hashing.NOT_HANDLED
-    try:
-        return impl(obj, output_ref=output_ref)
-    except BaseException as exc:
-        box = _hook_errors.get()
-        if box is not None:
-            box.append(exc)
-        raise
-
-
-#: the key hooks of every ParslMemoizer (and of nothing else: importing this
-#: module changes no other Memoizer's keys)
-_KEY_HOOKS: tuple[_hashing.KeyHook, ...] = (_parsl_id_for_memo_hook,)
-
-
-# --------------------------------------------------------------------------
-# the task as aiomemo sees it
-# --------------------------------------------------------------------------
-
-_BASH_VERSION_PREFIX = "parsl.bash_app:"
-
-#: seconds the loop waits for more hits on loaded results before queueing a batch
-_LEARN_DELAY = 0.02
-
-
-def _bash_app_version(func: object) -> str | None:
-    """For a Parsl bash app, a ``version`` naming the user's function; else None.
-
-    Parsl submits every bash app as the same wrapper
-    (``functools.partial(remote_side_bash_executor, user_func)`` wrapped by
-    ``wrap_error``), whose module and qualname are the same for all bash
-    apps: aiomemo, which keys functions by module + qualname, would give two
-    bash apps called with the same arguments the same key. The user's
-    function goes into the task's ``version`` instead (the ``func`` itself is
-    left alone so Parsl's own key, used for records imported from Parsl
-    checkpoints, stays the same).
-    """
-    inner = getattr(func, "__wrapped__", None)
-    if not isinstance(inner, functools.partial) or not inner.args:
-        return None
-    if getattr(inner.func, "__name__", None) != "remote_side_bash_executor":
-        return None
-    user = inner.args[0]
-    mod = getattr(user, "__module__", None) or "?"
-    qual = getattr(user, "__qualname__", None) or getattr(user, "__name__", None) or "?"
-    return f"{_BASH_VERSION_PREFIX}{mod}.{qual}"
-
-
-def _ignore_names(ignore: Any) -> Any:
-    return ignore if isinstance(ignore, str | bytes) else list(ignore or ())
-
-
-def _view(task: TaskRecord) -> dict[str, Any]:
-    """The fields of a Parsl task record that make its key, as a plain dict."""
-    t: Any = task
-    view: dict[str, Any] = {
-        "func": t["func"],
-        "args": t.get("args", ()),
-        "kwargs": t.get("kwargs") or {},
-        # a bare str stays one, so that the key refuses it (not "l", "o", "g")
-        "ignore_for_cache": _ignore_names(t.get("ignore_for_cache")),
-        "memoize": t.get("memoize", True),
-    }
-    if "id" in t:
-        view["id"] = t["id"]
-    version = _bash_app_version(t["func"])
-    if version is not None:
-        view["version"] = version
-    hashsum = t.get("hashsum")
-    if isinstance(hashsum, str):
-        view["hashsum"] = hashsum
-    return view
-
-
-# --------------------------------------------------------------------------
-# the adapter
-# --------------------------------------------------------------------------
-
-#: :meth:`ParslMemoizer._check_here` could not decide: ask the loop
-_ASK_LOOP: Any = object()
-
-
-def _translate(exc: BaseException, hook_errors: list[BaseException]) -> BaseException:
-    """The error a task gets when its key cannot be made: Parsl's, where Parsl has one.
-
-    An error raised by a Parsl ``id_for_memo`` registration reaches the task
-    as itself (even if hashing wrapped it); an input nobody can key gives
-    :class:`ParslUnhashableInputError`, a ValueError as with Parsl.
-    """
-    if hook_errors and exc is not hook_errors[0]:
-        return hook_errors[0]
-    if isinstance(exc, UnhashableInputError) and not isinstance(exc, ValueError):
-        err = ParslUnhashableInputError(str(exc), where=exc.where, type_name=exc.type_name)
-        err.__cause__ = exc
-        return err
-    return exc
 
 
 class ParslMemoizer(_ParslMemoizerBase):
@@ -302,17 +156,10 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._portal: Portal | None = None
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._lock = threading.Lock()
-        # id(task record) -> (task record, its view): tasks this memoizer let
-        # run (misses), until their update_memo_*; a leader's retry is let run
-        # again instead of waiting on itself
-        self._leaders: dict[int, tuple[TaskRecord, dict[str, Any]]] = {}
         self._followers = Followers()
-        # keys whose record this run has written or queued already
-        self._recorded: set[str] = set()
-        # views of hits answered in the calling thread, on their way into
-        # this run's checkpoint (under _lock)
-        self._learn_queue: list[dict[str, Any]] = []
-        # the leaders' outcomes on their way into the memo (while running)
+        # the run's lookups (and leaders) and the leaders' outcomes on their
+        # way into the memo: while running
+        self._lookups: Lookups | None = None
         self._outcomes: Outcomes | None = None
 
     def __repr__(self) -> str:
@@ -345,10 +192,8 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.run_dir = run_dir
         self.config_run_dir = config_run_dir
         self.checkpointed_tasks = 0
-        self._leaders = {}
         self._followers = Followers()
-        self._recorded = set()
-        self._learn_queue = []
+        self._lookups = None
         self._outcomes = None
         try:
             memo = self._memo = self._make_memo(run_dir, config_run_dir)
@@ -359,9 +204,13 @@ class ParslMemoizer(_ParslMemoizerBase):
         memo._warn_empty_dirs = False
         memo._drain.origin = started
         memo._drain.on_pass = self._log_pass
-        memo._drain.before_pass = self._learn_now
         self._followers.open()
         self._portal = Portal(name="aiomemo-parsl-loop")
+        recorded: set[str] = set()  # keys whose record this run wrote or queued already
+        lookups = Lookups(
+            memo, self._portal, self._followers, recorded, track_code=self.track_code
+        )
+        memo._drain.before_pass = lookups.learn_now
         try:
             self._portal.call(memo.start())
         except BaseException:
@@ -369,7 +218,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             self._followers.shutdown()
             self._state = "closed"
             raise
-        self._outcomes = Outcomes(memo, self._portal, self._followers, self._recorded)
+        self._outcomes = Outcomes(memo, self._portal, self._followers, recorded)
+        self._lookups = lookups
         if memo.checkpoint_files:
             logger.info("Completed loading checkpoints: %d tasks", memo.stats().entries)
         if self.memoize:
@@ -450,7 +300,9 @@ class ParslMemoizer(_ParslMemoizerBase):
             portal.stop()
             with self._lock:
                 self._state = "closed"
-                self._leaders.clear()
+                lookups = self._lookups
+            if lookups is not None:
+                lookups.clear()
             self._followers.shutdown()
 
     def _ensure_checkpoint_dir(self) -> None:
@@ -490,152 +342,14 @@ class ParslMemoizer(_ParslMemoizerBase):
             t["hashsum"] = None
             logger.debug("Task %s will not be memoized", t.get("id"))
             return None
-        # plain reads: a dict lookup and an attribute are atomic
-        if id(task) in self._leaders:
+        lookups = self._lookups  # plain reads: an attribute, a dict lookup are atomic
+        if lookups is not None and lookups.is_leader(task):
             # a retry of a task this memoizer let run: run it again
             return None
-        portal, memo = self._portal, self._memo
-        if self._state != "running" or portal is None or memo is None:
+        if self._state != "running" or lookups is None:
             t["hashsum"] = None  # shutting down: run it, record nothing
             return None
-        view = _view(task)
-        if self.track_code:
-            view["track_code"] = True  # the app's code fingerprint joins the key
-        if portal.on_loop_thread():  # never expected: Parsl does not launch from here
-            logger.warning(
-                "check_memo on the aiomemo loop thread; task %s not memoized", t.get("id")
-            )
-            t["hashsum"] = None
-            return None
-        answer = self._check_here(memo, portal, task, view)
-        if answer is not _ASK_LOOP:
-            done: concurrent.futures.Future[Any] | None = answer
-            return done
-        try:
-            return portal.call(self._check(task, view))
-        except (PortalClosedError, MemoizerClosedError):
-            t["hashsum"] = None
-            return None
-
-    def _check_here(
-        self, memo: Memoizer, portal: Portal, task: TaskRecord, view: dict[str, Any]
-    ) -> Any:
-        """``check_memo`` in the calling thread, without a round trip to the loop.
-
-        The key is made here; hits are answered, misses registered as
-        leaders and followers attached under the table's and flights' locks.
-        Returns what ``check_memo`` returns, or :data:`_ASK_LOOP` when only the
-        loop can decide (shared stores, a value on disk, not started).
-        """
-        box: list[BaseException] = []
-        token = _hook_errors.set(box)
-        try:
-            raw = _hashing.hash_task(view, _KEY_HOOKS)
-        except BaseException as exc:
-            raise _translate(exc, box) from None
-        finally:
-            _hook_errors.reset(token)
-        key = raw.hex()
-        kind, value = memo.claim_threadsafe(view, key, raw)
-        if kind == "loop":
-            return _ASK_LOOP
-        t: Any = task
-        t["hashsum"] = key
-        view["hashsum"] = key
-        logger.debug("Task %s has memoization hash %s", t.get("id"), key)
-        if kind == "lead":
-            logger.info("Task %s had no result in cache", t.get("id"))
-            with self._lock:
-                self._leaders[id(task)] = (task, view)
-            return None
-        if kind == "follow":
-            logger.info("Task %s waits for the identical task running now", t.get("id"))
-            cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            self._followers.add_threadsafe(key, cf, value, portal.loop)
-            return cf
-        logger.info("Task %s using result from cache", t.get("id"))
-        if type(value) is Raised:
-            return done_future(None, value.rearm())
-        if self.checkpoint_mode is not None and key not in self._recorded:
-            self._recorded.add(key)
-            with self._lock:
-                self._learn_queue.append(view)
-                first = len(self._learn_queue) == 1
-            if first:
-                # one hop for a whole burst of hits, not one per hit
-                with contextlib.suppress(PortalClosedError):
-                    portal.submit(self._learn(_LEARN_DELAY)).add_done_callback(log_failure)
-        return done_future(value, None)
-
-    def _learn_now(self) -> None:
-        """Queue the results used since the last call into this run's checkpoint.
-
-        Parsl writes a record for every task that used a result, so that
-        ``get_last_checkpoint()`` still finds it next time. On the loop; also
-        run by the drain before every pass, so none is left behind.
-        """
-        memo = self._memo
-        with self._lock:
-            batch, self._learn_queue = self._learn_queue, []
-        if memo is None:
-            return
-        for view in batch:
-            memo._queue_finished(view)
-
-    async def _learn(self, delay: float) -> None:
-        await asyncio.sleep(delay)  # let a burst of hits gather into one batch
-        self._learn_now()
-        memo = self._memo
-        if self.checkpoint_mode == "task_exit" and memo is not None and not memo.closed:
-            # durable as BasicMemoizer's task_exit makes it: one group commit
-            await memo._drain.commit(asyncio.get_running_loop())
-
-    async def _check(
-        self, task: TaskRecord, view: dict[str, Any]
-    ) -> concurrent.futures.Future[Any] | None:
-        memo = self._memo
-        assert memo is not None
-        t: Any = task
-        box: list[BaseException] = []
-        token = _hook_errors.set(box)
-        try:
-            afut = await memo.check_memo(view)
-        except BaseException as exc:
-            raise _translate(exc, box) from None
-        finally:
-            _hook_errors.reset(token)
-        hashsum = view.get("hashsum")
-        t["hashsum"] = hashsum
-        logger.debug("Task %s has memoization hash %s", t.get("id"), hashsum)
-        if afut is None:
-            logger.info("Task %s had no result in cache", t.get("id"))
-            with self._lock:
-                self._leaders[id(task)] = (task, view)
-            return None
-        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if afut.done():
-            logger.info("Task %s using result from cache", t.get("id"))
-            # a fresh Future with no callbacks yet: completing it here is safe
-            if afut.cancelled():
-                settle_cf(cf, None, LeaderCancelledError("the memoized task was cancelled"))
-            else:
-                error = afut.exception()
-                settle_cf(cf, afut.result() if error is None else None, error)
-            if (
-                self.checkpoint_mode is not None
-                and isinstance(hashsum, str)
-                and not afut.cancelled()
-                and afut.exception() is None
-                and hashsum not in self._recorded
-            ):
-                # Parsl writes a record for every task that used a result
-                self._recorded.add(hashsum)
-                memo.update_checkpoint(view)
-            return cf
-        logger.info("Task %s waits for the identical task running now", t.get("id"))
-        assert isinstance(hashsum, str)
-        self._followers.add(hashsum, cf, afut)
-        return cf
+        return lookups.check(task)
 
     # ------------------------------------------------------------ completions
     def update_memo_result(self, task: TaskRecord, r: Any) -> None:
@@ -649,17 +363,17 @@ class ParslMemoizer(_ParslMemoizerBase):
     def _update(self, task: TaskRecord, result: Any, exc: BaseException | None) -> None:
         t: Any = task
         with self._lock:
-            entry = self._leaders.pop(id(task), None)
             running = self._running()
-            outcomes = self._outcomes
+            lookups, outcomes = self._lookups, self._outcomes
+        view = lookups.pop_leader(task) if lookups is not None else None
         hashsum = t.get("hashsum")
         if not isinstance(hashsum, str):
             return  # not memoized, never looked up, or a dependency failure
         if not running or outcomes is None:
             self._followers.after_close(hashsum, result, exc)
             return
-        if entry is not None:  # else a hit or a follower: aiomemo has the result already
-            outcomes.report(entry[1], hashsum, result, exc)
+        if view is not None:  # else a hit or a follower: aiomemo has the result already
+            outcomes.report(view, hashsum, result, exc)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
