@@ -25,7 +25,7 @@ from aiomemo._hashing import IgnoreNames, check_ignore
 if TYPE_CHECKING:
     from aiomemo._memoizer import Memoizer
 
-__all__ = ["cached"]
+__all__ = ["cached", "cached_or_decorator"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -116,3 +116,18 @@ def cached(
     wrapper.key = key  # type: ignore[attr-defined]
     wrapper._aiomemo_func = func  # type: ignore[attr-defined]  # for ``aiomemo explain``
     return wrapper
+
+
+def cached_or_decorator(
+    memo: Memoizer,
+    fn: Callable[P, Awaitable[R]] | None,
+    *,
+    ignore: IgnoreNames,
+    version: object,
+    track_code: bool | None,
+) -> Any:
+    """``memo.cached(fn, ...)``, or without ``fn`` the decorator ``memo.cached(...)`` is."""
+    ignore = check_ignore(ignore)  # at once: a bare str would be read letter by letter
+    if fn is None:
+        return lambda f: cached(memo, f, ignore=ignore, version=version, track_code=track_code)
+    return cached(memo, fn, ignore=ignore, version=version, track_code=track_code)

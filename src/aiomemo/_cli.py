@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from aiomemo import _codec
-from aiomemo._checkpoint import BadSpan, is_segment_in_use
+from aiomemo._checkpoint import BadSpan, RecordInfo, is_segment_in_use
 from aiomemo._exceptions import MaintenanceError, MemoError
 from aiomemo._explain import explain
 from aiomemo._maintenance import ProgressFn, compact, import_parsl, scan_segments, total_size
@@ -172,76 +172,96 @@ class _FuncStats:
     keys: set[bytes] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What ``inspect`` counts over the records and bad spans of its segments."""
+
+    segs: list[_SegStats]
+    funcs: dict[str, _FuncStats] = field(default_factory=dict)
+    keys: set[bytes] = field(default_factory=set)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    records: int = 0
+    recovered: int = 0
+    with_digests: int = 0
+    parsl: int = 0
+
+    def add(self, seg: Path, i: int, item: RecordInfo | BadSpan) -> None:
+        st = self.segs[i]
+        if isinstance(item, BadSpan):
+            st.bad_spans += 1
+            st.lost += item.lost
+            self.problems.append(_span_dict(seg, item, st.in_use))
+            return
+        rec = item.record
+        self.records += 1
+        st.records += 1
+        if item.recovered:
+            self.recovered += 1
+            st.recovered += 1
+        self.keys.add(rec.key)
+        f = self.funcs.get(rec.func)
+        if f is None:
+            f = self.funcs[rec.func] = _FuncStats()
+        f.records += 1
+        # a value in a value frame is not read: its length is in the index
+        f.value_bytes += item.ref.length if item.ref is not None else len(rec.value)
+        f.record_bytes += item.length + (item.ref.length if item.ref is not None else 0)
+        f.keys.add(rec.key)
+        if rec.digests:
+            self.with_digests += 1
+        if len(rec.key) == 16:
+            self.parsl += 1
+        t = rec.time
+        if st.first is None or t < st.first:
+            st.first = t
+        if st.last is None or t > st.last:
+            st.last = t
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     resolved = _resolve(args.paths)
     segments = unique_segments(resolved)
-    segs = [_SegStats(s, total_size([s]), in_use=is_segment_in_use(s)) for s in segments]
-    funcs: dict[str, _FuncStats] = {}
-    keys: set[bytes] = set()
-    records = recovered = with_digests = parsl = 0
-    first: float | None = None
-    last: float | None = None
-    problems: list[dict[str, Any]] = []
+    tally = _Tally([_SegStats(s, total_size([s]), in_use=is_segment_in_use(s)) for s in segments])
     progress = Progress("inspect")
     try:
         for seg, i, item in scan_segments(
             segments, verify_records=False, progress=progress.update, values=False
         ):
-            st = segs[i]
-            if isinstance(item, BadSpan):
-                st.bad_spans += 1
-                st.lost += item.lost
-                problems.append(_span_dict(seg, item, st.in_use))
-                continue
-            rec = item.record
-            records += 1
-            st.records += 1
-            if item.recovered:
-                recovered += 1
-                st.recovered += 1
-            keys.add(rec.key)
-            f = funcs.get(rec.func)
-            if f is None:
-                f = funcs[rec.func] = _FuncStats()
-            f.records += 1
-            # a value in a value frame is not read: its length is in the index
-            f.value_bytes += item.ref.length if item.ref is not None else len(rec.value)
-            f.record_bytes += item.length + (item.ref.length if item.ref is not None else 0)
-            f.keys.add(rec.key)
-            if rec.digests:
-                with_digests += 1
-            if len(rec.key) == 16:
-                parsl += 1
-            t = rec.time
-            if st.first is None or t < st.first:
-                st.first = t
-            if st.last is None or t > st.last:
-                st.last = t
+            tally.add(seg, i, item)
     finally:
         progress.close()
-    for st in segs:
-        if st.first is not None and (first is None or st.first < first):
-            first = st.first
-        if st.last is not None and (last is None or st.last > last):
-            last = st.last
-    report: dict[str, Any] = {
+    report = _inspect_report(resolved, tally)
+    if args.json:
+        _emit_json(report)
+    else:
+        _print_inspect(report)
+    return 0
+
+
+def _inspect_report(resolved: Sequence[ResolvedPath], tally: _Tally) -> dict[str, Any]:
+    segs = tally.segs
+    firsts = [s.first for s in segs if s.first is not None]
+    lasts = [s.last for s in segs if s.last is not None]
+    first = min(firsts) if firsts else None
+    last = max(lasts) if lasts else None
+    return {
         "paths": [{"path": os.fspath(r.path), "kind": r.kind} for r in resolved],
         "checkpoint_dirs": sorted({os.fspath(d) for r in resolved for d in r.checkpoint_dirs}),
         "segments": len(segs),
         "segments_in_use": sum(s.in_use for s in segs),
         "bytes": sum(s.size for s in segs),
-        "records": records,
-        "unique_keys": len(keys),
-        "recovered_records": recovered,
-        "records_with_digests": with_digests,
-        "parsl_records": parsl,
+        "records": tally.records,
+        "unique_keys": len(tally.keys),
+        "recovered_records": tally.recovered,
+        "records_with_digests": tally.with_digests,
+        "parsl_records": tally.parsl,
         "first_time": first,
         "last_time": last,
         "first_time_iso": _iso(first),
         "last_time_iso": _iso(last),
         "bad_spans": sum(s.bad_spans for s in segs),
         "skipped_records": sum(s.lost for s in segs),
-        "problems": problems,
+        "problems": tally.problems,
         "skipped_files": _skipped_files(resolved),
         "functions": {
             name: {
@@ -250,7 +270,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 "value_bytes": f.value_bytes,
                 "record_bytes": f.record_bytes,
             }
-            for name, f in sorted(funcs.items(), key=lambda kv: (-kv[1].records, kv[0]))
+            for name, f in sorted(tally.funcs.items(), key=lambda kv: (-kv[1].records, kv[0]))
         },
         "segment_list": [
             {
@@ -267,11 +287,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             for s in segs
         ],
     }
-    if args.json:
-        _emit_json(report)
-    else:
-        _print_inspect(report)
-    return 0
 
 
 def _print_inspect(r: dict[str, Any]) -> None:
@@ -587,25 +602,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=_PROG,
-        description="Look after aiomemo checkpoints: inspect, verify, compact, explain "
-        "misses, import Parsl checkpoints, or run the demo.",
-        epilog="Exit codes: 0 success, 1 a finding (damaged records), 2 usage or input error.",
-    )
-    from aiomemo import __version__
+#: ``add(name, handler, help, description)``: a subcommand's parser (with ``--json``)
+_Add = Callable[[str, Callable[[argparse.Namespace], int], str, str], argparse.ArgumentParser]
 
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str, desc: str) -> Any:
-        p = sub.add_parser(name, help=help, description=desc)
-        p.set_defaults(handler=handler)
-        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-        return p
-
+def _demo_parser(add: _Add) -> None:
     p = add(
         "demo",
         _cmd_demo,
@@ -620,6 +621,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="runinfo directory (default: a fresh temp dir); runs already in it are loaded too",
     )
 
+
+def _inspect_parser(add: _Add) -> None:
     p = add(
         "inspect",
         _cmd_inspect,
@@ -629,6 +632,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help=_PATH_HELP)
 
+
+def _verify_parser(add: _Add) -> None:
     p = add(
         "verify",
         _cmd_verify,
@@ -644,6 +649,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="check checksums only (skip decoding every value)",
     )
 
+
+def _compact_parser(add: _Add) -> None:
     p = add(
         "compact",
         _cmd_compact,
@@ -666,6 +673,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="compact even when damaged spans are found (keeps what loads today)",
     )
 
+
+def _explain_parser(add: _Add) -> None:
     p = add(
         "explain",
         _cmd_explain,
@@ -698,6 +707,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a kwarg left out of the key (ignore_for_cache); repeat for more",
     )
 
+
+def _import_parsl_parser(add: _Add) -> None:
     p = add(
         "import-parsl",
         _cmd_import_parsl,
@@ -716,6 +727,43 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="checkpoint dir to write (default: a new numbered run dir under RUNINFO)",
     )
+
+
+#: the subcommands, in the order ``--help`` lists them: one function each
+#: (a new command is a ``_cmd_x`` handler, an ``_x_parser`` and a line here)
+_SUBCOMMANDS: tuple[Callable[[_Add], None], ...] = (
+    _demo_parser,
+    _inspect_parser,
+    _verify_parser,
+    _compact_parser,
+    _explain_parser,
+    _import_parsl_parser,
+)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=_PROG,
+        description="Look after aiomemo checkpoints: inspect, verify, compact, explain "
+        "misses, import Parsl checkpoints, or run the demo.",
+        epilog="Exit codes: 0 success, 1 a finding (damaged records), 2 usage or input error.",
+    )
+    from aiomemo import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str, desc: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=desc)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return p
+
+    for define in _SUBCOMMANDS:
+        define(add)
     return parser
 
 

@@ -1,19 +1,10 @@
-"""The Memoizer's counters (one dataclass) and its lifecycle states (one enum)."""
+"""The Memoizer's counters: one dataclass, shared by the parts that count."""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-__all__ = ["Counters", "Lifecycle"]
-
-
-class Lifecycle(enum.Enum):
-    """Where a Memoizer is in its life: NEW -> STARTED -> CLOSED (never back)."""
-
-    NEW = "new"
-    STARTED = "started"
-    CLOSED = "closed"
+__all__ = ["Counters"]
 
 
 @dataclass(slots=True)

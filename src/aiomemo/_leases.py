@@ -55,13 +55,19 @@ class SharedTier:
     ) -> None:
         self._table = table
         self._flights = flights
-        self.stores = [s for s in stores if s.shared]
-        self.lease_stores = [s for s in self.stores if isinstance(s, LeaseStore)]
+        self.stores: list[Store] = []
+        self.lease_stores: list[LeaseStore] = []
+        self.use(stores)
         self.ttl = ttl
         self._counters = counters
         self.on_publish_failed = on_publish_failed
         self._bg: set[asyncio.Future[Any]] = set()  # completions and releases
         self._waits: set[asyncio.Future[Any]] = set()  # followers of other processes
+
+    def use(self, stores: Sequence[Store]) -> None:
+        """Ask the shared ones of ``stores`` (the Memoizer's, once open)."""
+        self.stores = [s for s in stores if s.shared]
+        self.lease_stores = [s for s in self.stores if isinstance(s, LeaseStore)]
 
     def __bool__(self) -> bool:
         return bool(self.stores)

@@ -8,15 +8,18 @@ Bad configuration fails at construction with an error naming the argument:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiomemo._exceptions import MemoizerClosedError
 from aiomemo._hashing import KeyHook
+from aiomemo._lifecycle import Life, Lifecycle
 from aiomemo.stores._base import LoadReport, Store
 
-__all__ = ["MIN_PERIOD", "load_at_start", "parse_period"]
+__all__ = ["MIN_PERIOD", "load_at_start", "open_and_load", "parse_period"]
 
 #: the shortest checkpoint period: a drain waking faster only burns the CPU
 MIN_PERIOD = 0.01
@@ -71,6 +74,25 @@ def parse_period(value: object) -> float:
             "do nothing but wake up; use checkpoint_mode='task_exit' to write every result at once"
         )
     return seconds
+
+
+def period_of(period: object, mode: object) -> float | None:
+    """``checkpoint_period`` in seconds (None: not given; ``'periodic'`` needs one)."""
+    if period is not None:
+        return parse_period(period)
+    if mode == "periodic":
+        raise ValueError("checkpoint_mode='periodic' needs a checkpoint_period (e.g. '00:05:00')")
+    return None
+
+
+def memory_limit_of(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"memory_limit must be a number of bytes (int >= 0) or None, not {value!r}"
+        )
+    return value
 
 
 def flag(name: str, value: object) -> bool:
@@ -196,3 +218,36 @@ async def load_at_start(
         if memoize and not s.shared:
             reports.append(await s.load())
     return list(paths), reports
+
+
+async def open_and_load(
+    stores: Sequence[Store],
+    life: Life,
+    files: list[str] | None,
+    mode: object,
+    config_run_dir: str,
+    *,
+    memoize: bool,
+    warn_empty: bool,
+) -> tuple[list[str], list[LoadReport]]:
+    """Open ``stores`` in the run dir, then :func:`load_at_start`.
+
+    If anything fails, is cancelled, or the Memoizer was closed meanwhile
+    (MemoizerClosedError), the stores opened so far are closed again.
+    """
+    opened: list[Store] = []
+    try:
+        for s in stores:
+            await s.open(run_dir=life.run_dir)
+            opened.append(s)
+        loaded = await load_at_start(
+            files, mode, config_run_dir, stores, memoize=memoize, warn_empty=warn_empty
+        )
+        if life.state is Lifecycle.CLOSED:
+            raise MemoizerClosedError("the Memoizer was closed while it was starting")
+    except BaseException:
+        for s in opened:
+            with contextlib.suppress(Exception):
+                await s.aclose()
+        raise
+    return loaded

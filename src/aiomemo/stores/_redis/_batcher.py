@@ -116,6 +116,28 @@ class Batcher:
             loop.call_soon(self._kick)
         return fut
 
+    async def get_blobs(self, keys: Sequence[bytes]) -> list[Any]:
+        """Each key's GET reply (``[blob]``), or the error of its round trip.
+
+        One MGET operation per ``batch_size`` keys; in a cluster (keys in many
+        slots) one GET per key, batched all the same.
+        """
+        value_key = self._store.value_key
+        if self._cluster:
+            futs = [self.submit([("GET", value_key(k))]) for k in keys]
+            each: list[Any] = await asyncio.gather(*futs, return_exceptions=True)
+            return each
+        size = self._batch_size
+        chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
+        futs = [self.submit([("MGET", *(value_key(k) for k in c))], weight=len(c)) for c in chunks]
+        replies: list[Any] = []
+        for c, got in zip(chunks, await asyncio.gather(*futs, return_exceptions=True), strict=True):
+            if isinstance(got, BaseException):
+                replies += [got] * len(c)
+            else:
+                replies += [[v] for v in got[0]]
+        return replies
+
     def _kick(self) -> None:
         self._kick_scheduled = False
         while self._queue and self._in_flight < self._max_connections and not self._store._closed:

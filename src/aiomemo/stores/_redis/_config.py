@@ -165,3 +165,13 @@ def is_auth_error(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, ResponseError) and ("NOAUTH" in text or "WRONGPASS" in text)
+
+
+def open_failure(safe_url: str, cause: BaseException) -> str:
+    """The one warning of a store whose server did not answer its PING at open."""
+    if is_auth_error(cause):
+        return (
+            f"Redis at {safe_url} refused the credentials ({cause}): check the user and "
+            "password in the URL; continuing without it"
+        )
+    return f"Redis at {safe_url} is unreachable at open ({cause}); continuing without it"

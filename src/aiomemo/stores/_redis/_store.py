@@ -24,9 +24,9 @@ from aiomemo.stores._redis._config import (
     ERRORS,
     check_options,
     close_pubsub,
-    is_auth_error,
     make_client,
     open_connections,
+    open_failure,
     strip_url,
 )
 from aiomemo.stores._redis._lease import SCRIPTS, RedisLease, ms
@@ -134,10 +134,6 @@ class RedisStore(LeaseStore):
             cluster=cluster,
             tls_ca_file=tls_ca_file,
         )
-        if tls_ca_file is not None and not url.startswith("rediss://"):
-            raise ValueError(f"tls_ca_file needs a rediss:// URL, not {strip_url(url)!r}")
-        if tls_ca_file is not None and not os.path.isfile(tls_ca_file):
-            raise ValueError(f"tls_ca_file {os.fspath(tls_ca_file)!r} is not a file")
         self.url = url
         self.namespace = namespace
         self.ttl = ttl
@@ -209,19 +205,7 @@ class RedisStore(LeaseStore):
             self._counts["errors"] += 1
             self.last_error = f"PING: {type(cause).__name__}: {cause}"
             self._failing = True
-            if is_auth_error(cause):
-                log.warning(
-                    "Redis at %s refused the credentials (%s): check the user and password "
-                    "in the URL; continuing without it",
-                    self._safe_url(),
-                    cause,
-                )
-            else:
-                log.warning(
-                    "Redis at %s is unreachable at open (%s); continuing without it",
-                    self._safe_url(),
-                    cause,
-                )
+            log.warning("%s", open_failure(self._safe_url(), cause))
 
     def _new_client(self) -> Any:
         self._client = make_client(
@@ -413,24 +397,7 @@ class RedisStore(LeaseStore):
         out: dict[bytes, bytes] = {}
         if not keys:
             return out
-        replies: list[Any]
-        if self.cluster:  # keys in many slots: one GET each (batched all the same)
-            futs = [self._submit([("GET", self.value_key(k))]) for k in keys]
-            replies = await asyncio.gather(*futs, return_exceptions=True)
-        else:  # one MGET operation per batch_size keys
-            chunks = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
-            futs = [
-                self._submit([("MGET", *(self.value_key(k) for k in c))], weight=len(c))
-                for c in chunks
-            ]
-            replies = []
-            for c, got in zip(
-                chunks, await asyncio.gather(*futs, return_exceptions=True), strict=True
-            ):
-                if isinstance(got, BaseException):
-                    replies += [got] * len(c)
-                else:
-                    replies += [[v] for v in got[0]]
+        replies = await self._batch.get_blobs(keys)
         drops: list[asyncio.Future[Any]] = []
         error: BaseException | None = None
         for k, reply in zip(keys, replies, strict=True):

@@ -1,0 +1,171 @@
+"""Completion: a task the engine ran has finished; its outcome goes where it must.
+
+The table takes the outcome, the task's flight hands it to the followers,
+and a result's record goes to the drain (every store but the one holding
+the task's lease) and to that lease's store (``complete``). In
+``'task_exit'`` mode the caller waits until the record is durable. A record
+is queued before any await, so neither a cancelled caller nor a ``close()``
+in between loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiomemo._drain import Drain
+from aiomemo._exceptions import LeaderCancelledError
+from aiomemo._flights import Flights
+from aiomemo._leases import SharedTier
+from aiomemo._lifecycle import Life, Lifecycle
+from aiomemo._recorder import RecordMaker
+from aiomemo._records import ValueRef
+from aiomemo._table import MISSING, MemoTable, Raised
+from aiomemo.stores._base import Record, Store
+
+__all__ = ["Completion"]
+
+
+class Completion:
+    """The ``update_memo_*`` and checkpoint-queueing paths of one Memoizer."""
+
+    __slots__ = ("_drain", "_flights", "_life", "_records", "_shared", "_table", "mode")
+
+    def __init__(
+        self,
+        life: Life,
+        mode: str | None,
+        table: MemoTable,
+        flights: Flights,
+        records: RecordMaker,
+        drain: Drain,
+        shared: SharedTier,
+    ) -> None:
+        self._life = life
+        self.mode = mode
+        self._table = table
+        self._flights = flights
+        self._records = records
+        self._drain = drain
+        self._shared = shared
+
+    async def result(self, task: Mapping[str, Any], key: str, r: Any) -> None:
+        """``task`` (hex ``key``) finished with ``r``: table, followers, record, store."""
+        mode = self.mode
+        self._table.put(key, r)
+        flight = self._flights.finish(key, value=r)  # followers get it
+        lease_store = flight.lease_store if flight is not None else None
+        if mode is None and (flight is None or flight.lease is None):
+            # nothing to write or publish: a later manual checkpoint() encodes it
+            return
+        record = self._records.make(task, key, r)
+        if record is None:
+            if flight is not None:
+                self._shared.release_flight(flight)
+            return
+        if mode is not None:
+            self.queue(record, key, skip=lease_store)
+        if flight is not None and flight.lease is not None and lease_store is not None:
+            publish = self._shared.complete(lease_store, flight.lease, record)
+            if mode == "task_exit":
+                # durable before we return: the shared store has it (or, if it
+                # failed, the record is queued for retry like any other); the
+                # write itself is never cancelled with its caller
+                await asyncio.shield(publish)
+        if mode is None or self._life.state is not Lifecycle.STARTED:
+            return
+        if mode == "task_exit":
+            if self._drain.stopping:
+                return  # close() is making the final pass with this record
+            loop = self._life.loop
+            assert loop is not None
+            await self._drain.commit(loop)
+            # durable, so spilled: once this frame lets go of the encoded
+            # record, its bytes can go back to the system
+            del record
+            self._table.trim_if_due()
+        elif mode == "periodic" and self._drain.queued_enough():
+            self._drain.wake()
+
+    def exception(self, key: str, e: BaseException) -> None:
+        """The task of ``key`` raised ``e`` (memoized for this run) or was stopped (dropped)."""
+        if not isinstance(e, Exception):
+            what = (
+                "cancelled"
+                if isinstance(e, asyncio.CancelledError)
+                else f"stopped ({type(e).__name__})"
+            )
+            flight = self._flights.finish(
+                key, exc=LeaderCancelledError(f"the identical task {key[:12]}… was {what}")
+            )
+        else:
+            if isinstance(e, StopIteration):
+                # a Future refuses StopIteration (as a coroutine turns it into
+                # RuntimeError); memoize what awaiting the task would have raised
+                wrapped = RuntimeError(f"the task raised StopIteration: {e!r}")
+                wrapped.__cause__ = e
+                e = wrapped
+            self._table.put(key, Raised(e))
+            flight = self._flights.finish(key, exc=e)  # followers get it
+        if flight is not None:
+            self._shared.release_flight(flight)
+
+    # ------------------------------------------------------------ checkpoint queueing
+    def queue_finished(self, task: Mapping[str, Any]) -> None:
+        """Queue the record of a finished task unless it is queued already (also while closing)."""
+        key = task.get("hashsum")
+        if not isinstance(key, str) or key in self._drain.queued_keys:
+            return
+        record = self.finished_record(task, key)
+        if record is not None:
+            self.queue(record, key)
+
+    def finished_record(self, task: Mapping[str, Any], key: str) -> Record | None:
+        """The record of a task that finished with a result (None: no result, or not encodable)."""
+        value = self._table.finished(key)
+        if value is MISSING or type(value) is Raised:
+            return None
+        return self._records.make(task, key, value)
+
+    def queue(self, record: Record, key: str, skip: Store | None = None) -> None:
+        if not self._drain.sinks and self._life.state is Lifecycle.STARTED:
+            self._add_default_sink()
+        self._drain.queue(record, key, skip)
+
+    async def write_one(self, task: Mapping[str, Any]) -> int:
+        """Write one finished task's record now (1), or 0 when it has none."""
+        key = task.get("hashsum")
+        if not isinstance(key, str):
+            return 0
+        record = self.finished_record(task, key)
+        if record is None:
+            return 0
+        if not self._drain.sinks:
+            self._add_default_sink()
+        await self._drain.write_one(record, key)
+        return 1
+
+    def _add_default_sink(self) -> None:
+        # checkpoint_mode None with a manual checkpoint(): a LogStore on demand
+        from aiomemo.stores._log import LogStore
+
+        self._drain.add_sink(LogStore(Path(self._life.run_dir or ".") / "checkpoint"))
+
+    def spill(self, store: Store) -> None:
+        """Results this run produced that are now durable in ``store`` may leave memory.
+
+        Their large values sit in a segment (``LogStore``): the index points
+        there and the decoded value joins the ones held within memory_limit
+        (the same object while held; a fresh copy read back after eviction).
+        """
+        take = getattr(store, "take_refs", None)
+        if take is None:
+            return
+        refs: dict[bytes, ValueRef] = take()
+        for raw, ref in refs.items():
+            self._table.spill(raw.hex(), raw, ref)
+        del refs
+        if self.mode != "task_exit":  # there the caller still holds its record
+            self._table.trim_if_due()

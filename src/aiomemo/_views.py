@@ -1,0 +1,123 @@
+"""What a Memoizer reports about its memo: ``stats()``, ``load_checkpoints()``' view, ``explain()``.
+
+Read-only: nothing here changes what a lookup finds, except that
+``load_checkpoints`` hands what it read to the table first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from aiomemo._counters import Counters
+from aiomemo._drain import Drain
+from aiomemo._lifecycle import Life
+from aiomemo._lookup import done_future
+from aiomemo._table import MISSING, MemoTable
+from aiomemo.stores._base import LoadReport
+
+if TYPE_CHECKING:
+    from aiomemo._explain import Explanation
+
+__all__ = ["LoadedView", "MemoStats", "explain", "load", "stats"]
+
+
+class MemoStats(NamedTuple):
+    """Counters of a Memoizer (``memo.stats()``)."""
+
+    hits: int
+    misses: int
+    collapsed: int
+    entries: int
+    checkpointed: int
+    pending: int
+    unserializable: int
+    load_errors: int
+    last_checkpoint: float | None
+    write_errors: int
+    store_errors: int
+    remote_hits: int
+    #: encoded bytes of results read from disk and held within ``memory_limit``
+    bytes_held: int = 0
+    #: encoded bytes of loaded results left on disk (read on a hit)
+    bytes_on_disk: int = 0
+    #: results read back from disk (each verified)
+    disk_reads: int = 0
+
+
+def stats(c: Counters, table: MemoTable, drain: Drain) -> MemoStats:
+    return MemoStats(
+        hits=c.hits,
+        misses=c.misses,
+        collapsed=c.collapsed,
+        entries=len(table),
+        checkpointed=c.checkpointed,
+        pending=drain.pending(),
+        unserializable=c.unserializable,
+        load_errors=c.load_errors,
+        last_checkpoint=c.last_checkpoint,
+        write_errors=c.write_errors,
+        store_errors=c.store_errors,
+        remote_hits=c.remote_hits,
+        bytes_held=table.held,
+        bytes_on_disk=table.bytes_on_disk(),
+        disk_reads=table.disk_reads,
+    )
+
+
+class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
+    """Read-only view of loaded records as hex key -> done Future (decoded on access).
+
+    It reads through ``table``: the Memoizer's own (which may already have
+    decoded an entry), or a private one when the Memoizer keeps nothing
+    (``memoize=False``).
+    """
+
+    def __init__(self, life: Life, keys: Sequence[bytes], table: MemoTable) -> None:
+        self._life = life
+        self._keys = [k.hex() for k in keys]
+        self._set = set(self._keys)
+        self._table = table
+
+    def __getitem__(self, key: str) -> asyncio.Future[Any]:
+        if key not in self._set:
+            raise KeyError(key)
+        value = self._table.lookup(key, bytes.fromhex(key))
+        if value is MISSING:
+            raise KeyError(key)
+        assert self._life.loop is not None
+        return done_future(self._life.loop, value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+async def load(
+    dirs: Sequence[str | os.PathLike[str]],
+    life: Life,
+    table: MemoTable | None,
+    absorb: Callable[[LoadReport], None],
+) -> LoadedView:
+    """Load checkpoint ``dirs`` (a worker thread) into ``table`` (None: the memo is off)."""
+    from aiomemo import _checkpoint
+
+    rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
+    keys = list(rep.table)
+    if table is None:
+        table = MemoTable(Counters())
+        table.loaded = rep.table
+    else:
+        absorb(rep)
+    return LoadedView(life, keys, table)
+
+
+async def explain(task: Mapping[str, Any], paths: list[str]) -> Explanation:
+    """``explain_task`` over ``paths`` in a worker thread (on a snapshot of ``task``)."""
+    from aiomemo._explain import explain as explain_task
+
+    return await asyncio.to_thread(explain_task, dict(task), paths)
