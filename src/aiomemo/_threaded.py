@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiomemo._counters import Lifecycle
 from aiomemo._flights import settle
+from aiomemo._lifecycle import Lifecycle
 
 if TYPE_CHECKING:
     import asyncio
@@ -89,7 +89,7 @@ class GroupCommit:
 
 def usable(memo: Memoizer) -> bool:
     """Whether ``memo``'s completions may be made in an engine's threads (see the module)."""
-    if memo._state is not Lifecycle.STARTED or memo._shared:
+    if memo._life.state is not Lifecycle.STARTED or memo._shared:
         return False
     if memo.checkpoint_mode is None:
         return True
