@@ -311,7 +311,11 @@ class Drain:
         self.queued_keys.add(key)
         for s in self.sinks:
             async with s.lock:  # a flush takes records from this queue's head
-                s.queue[:] = [r for r in s.queue if r.key != record.key]
+                # in place, from the end: an engine's thread may append meanwhile
+                q = s.queue
+                for i in range(len(q) - 1, -1, -1):
+                    if q[i].key == record.key:
+                        del q[i]
                 try:
                     await s.store.put_many([record])
                 except (CheckpointError, StoreError, OSError) as exc:
