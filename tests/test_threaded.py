@@ -98,6 +98,70 @@ def test_group_commit_survives_a_write_that_raises() -> None:
     assert calls[0] == 2
 
 
+# ---------------------------------------------------------------- one call: append + sync
+
+
+def test_append_synced_appends_at_the_end_and_moves_the_offset(tmp_path: Path) -> None:
+    """Whatever the file position, the bytes go at the end; a plain write after it follows them."""
+    fd = os.open(tmp_path / "seg", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"head")
+        os.lseek(fd, 0, os.SEEK_SET)
+        ck._append_synced_now(fd, b"-synced")
+        os.write(fd, b"-plain")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "seg").read_bytes() == b"head-synced-plain"
+
+
+def test_append_synced_without_the_flags_writes_and_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without RWF_APPEND/RWF_DSYNC: os.write + os.fsync, same bytes, errors as OSError."""
+    monkeypatch.setattr(ck, "_APPEND_DSYNC", None)
+    fsyncs = [0]
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs[0] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(ck.os, "fsync", counting)
+    fd = os.open(tmp_path / "seg", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"a")
+        ck._append_synced_now(fd, b"bc")
+        assert fsyncs[0] == 1
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(ck.os, "fsync", failing)
+        with pytest.raises(OSError):
+            ck._append_synced_now(fd, b"d")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "seg").read_bytes().startswith(b"abc")
+
+
+def _break_disk(monkeypatch: pytest.MonkeyPatch, broken: threading.Event) -> None:
+    """While ``broken`` is set, every sync to a segment fails (the threads' and the loop's)."""
+    real_append, real_fsync = ck._append_synced, os.fsync
+
+    def append(fd: int, data: bytes) -> None:
+        if broken.is_set():
+            raise OSError(errno.EIO, "I/O error")
+        real_append(fd, data)
+
+    def fsync(fd: int) -> None:
+        if broken.is_set():
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(ck, "_append_synced", append)
+    monkeypatch.setattr(ck.os, "fsync", fsync)
+
+
 # ---------------------------------------------------------------- ParslMemoizer task_exit
 
 
@@ -155,14 +219,14 @@ def test_task_exit_each_completion_returns_with_its_own_record_on_disk(
     for task in tasks:
         assert task_exit.check_memo(task) is None  # type: ignore[arg-type]
     fsyncs = [0]
-    real_fsync = os.fsync
+    real_append = ck._append_synced
 
-    def slow_fsync(fd: int) -> None:
+    def slow_append(fd: int, data: bytes) -> None:
         fsyncs[0] += 1
         time.sleep(0.005)  # completions pile up behind a commit
-        real_fsync(fd)
+        real_append(fd, data)
 
-    monkeypatch.setattr(ck.os, "fsync", slow_fsync)
+    monkeypatch.setattr(ck, "_append_synced", slow_append)
     missing: list[int] = []
 
     def check(task: dict[str, Any]) -> None:
@@ -200,16 +264,9 @@ def test_task_exit_failed_fsync_keeps_records_queued_until_written(
     tasks = [_task(i) for i in range(12)]
     for task in tasks:
         assert task_exit.check_memo(task) is None  # type: ignore[arg-type]
-    real_fsync = os.fsync
     broken = threading.Event()
     broken.set()
-
-    def flaky_fsync(fd: int) -> None:
-        if broken.is_set():
-            raise OSError(errno.EIO, "I/O error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(ck.os, "fsync", flaky_fsync)
+    _break_disk(monkeypatch, broken)
     with pytest.warns(RuntimeWarning, match="stay queued"):
         _complete_all(task_exit, tasks, lambda task: None)
         deadline = time.monotonic() + 10
@@ -237,10 +294,9 @@ def test_task_exit_close_reports_records_a_broken_disk_never_took(
     for task in tasks:
         assert memoizer.check_memo(task) is None  # type: ignore[arg-type]
 
-    def no_fsync(fd: int) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
-    monkeypatch.setattr(ck.os, "fsync", no_fsync)
+    broken = threading.Event()
+    broken.set()
+    _break_disk(monkeypatch, broken)
     with pytest.warns(RuntimeWarning, match="stay queued"):
         _complete_all(memoizer, tasks, lambda task: None)
         with caplog.at_level(logging.ERROR, logger="parsl.aiomemo"):
@@ -254,15 +310,15 @@ def test_close_waits_for_completions_being_written(
     """close() during a slow commit: the record lands, nothing is lost or raised."""
     task = _task(1)
     assert task_exit.check_memo(task) is None  # type: ignore[arg-type]
-    real_fsync = os.fsync
+    real_append = ck._append_synced
     in_fsync = threading.Event()
 
-    def slow_fsync(fd: int) -> None:
+    def slow_append(fd: int, data: bytes) -> None:
         in_fsync.set()
         time.sleep(0.3)
-        real_fsync(fd)
+        real_append(fd, data)
 
-    monkeypatch.setattr(ck.os, "fsync", slow_fsync)
+    monkeypatch.setattr(ck, "_append_synced", slow_append)
     t = threading.Thread(target=task_exit.update_memo_result, args=(task, 2))
     t.start()
     assert in_fsync.wait(10)
