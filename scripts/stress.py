@@ -85,11 +85,19 @@ stress_task.__qualname__ = "stress_task"
 
 #: tasks from here on have ~64 KiB results (multi-page writes a kill can cut short)
 BIG = 10_000_000
+#: tasks from here on have ~256 KiB results: a value frame each (format 2), whose
+#: write takes long enough for a kill to land inside it
+HUGE = 20_000_000
+HUGE_SIZE = 256 * 1024
 _PAD = bytes(range(256)) * 300
+_HUGE_PAD = bytes(range(256)) * (HUGE_SIZE // 256 + 17)
 
 
 def expected(i: int) -> Any:
-    """The one right result of task ``i`` (0..112 bytes, some ~1 KiB; ~64 KiB from BIG)."""
+    """The one right result of task ``i`` (0..112 bytes, some ~1 KiB; ~64 KiB from BIG, ~256 KiB from HUGE)."""
+    if i >= HUGE:
+        n = HUGE_SIZE + i % 4096
+        return {"i": i, "pad": _HUGE_PAD[i % 256 : i % 256 + n]}
     n = (i * 37) % 113
     if i % 11 == 0:
         n += 600 + (i * 7) % 900
@@ -163,9 +171,11 @@ def _quiet() -> Iterator[None]:
 class KeyBook:
     """Hex key -> task index for ``range(n)`` (hashing is the slow part: done once)."""
 
-    def __init__(self, n: int, *, big: int = 0) -> None:
+    def __init__(self, n: int, *, big: int = 0, huge: int = 0) -> None:
         self.n = n
-        self.index = {key_of(i): i for i in [*range(n), *range(BIG, BIG + big)]}
+        self.index = {
+            key_of(i): i for i in [*range(n), *range(BIG, BIG + big), *range(HUGE, HUGE + huge)]
+        }
 
     def check_table(self, table: Any, res: Result) -> set[int]:
         """Verify a ``load_checkpoints`` mapping; return the task indices it holds."""
@@ -193,6 +203,22 @@ class KeyBook:
         return found
 
 
+async def entry(table: Any, hexkey: str) -> asyncio.Future[Any] | None:
+    """A ``load_checkpoints`` mapping's entry as a done Future; None when it no longer reads back.
+
+    A result on disk comes as a pending Future (read off the loop): awaited here.
+    """
+    try:
+        fut: asyncio.Future[Any] = table[hexkey]
+    except KeyError:
+        return None
+    if not fut.done():
+        await asyncio.wait([fut])
+    if not fut.cancelled() and isinstance(fut.exception(), KeyError):
+        return None
+    return fut
+
+
 async def load_dirs(dirs: list[str]) -> dict[str, asyncio.Future[Any] | None]:
     """A fresh Memoizer loads ``dirs``: hex key -> done Future (None: listed, not decodable)."""
     memo = Memoizer(checkpoint_mode=None, config_run_dir=os.devnull)
@@ -202,10 +228,7 @@ async def load_dirs(dirs: list[str]) -> dict[str, asyncio.Future[Any] | None]:
             table = await memo.load_checkpoints(dirs)
             out: dict[str, asyncio.Future[Any] | None] = {}
             for k in table:
-                try:
-                    out[k] = table[k]
-                except KeyError:
-                    out[k] = None
+                out[k] = await entry(table, k)
         load_dirs.last_errors = memo.stats().load_errors  # type: ignore[attr-defined]
         return out
     finally:
@@ -217,9 +240,24 @@ async def load_dirs(dirs: list[str]) -> dict[str, asyncio.Future[Any] | None]:
 # --------------------------------------------------------------------------
 
 #: dfk_exit_64k: dfk_exit with ~64 KiB results, so that each close() writes one
-#: batch of megabytes and a kill can land inside that write (a torn tail)
-KILL_MODES = ("task_exit", "periodic", "manual", "dfk_exit", "dfk_exit_64k")
+#: batch of megabytes and a kill can land inside that write (a torn tail);
+#: the *_256k modes: ~256 KiB results, each in a value frame of its own (format
+#: 2) before the batch that points at it, so that kills land in value frames as
+#: well as in batches (dfk_exit_256k's close writes tens of MB at once, where
+#: most of its kills are aimed); the worker's memory_limit (1 MiB) makes its
+#: own hits read values back from disk too
+KILL_MODES = (
+    "task_exit",
+    "periodic",
+    "manual",
+    "dfk_exit",
+    "dfk_exit_64k",
+    "task_exit_256k",
+    "periodic_256k",
+    "dfk_exit_256k",
+)
 BIG_UNIVERSE = 2_000
+HUGE_UNIVERSE = 2_000
 
 
 def _stored(v: bytes | _checkpoint.ValueRef) -> bytes:
@@ -236,13 +274,17 @@ async def _kill_worker(runinfo: str, mode: str, seed: int, universe: int) -> Non
     rng = random.Random(seed)
     warnings.simplefilter("ignore")
     deadline = time.monotonic() + 120  # bounded even if nobody kills us
+    base = 0
+    kwargs: dict[str, Any] = {"config_run_dir": runinfo}
+    if mode == "dfk_exit_64k":
+        mode, base, universe = "dfk_exit", BIG, BIG_UNIVERSE
+    elif mode.endswith("_256k"):
+        mode, base, universe = mode.removesuffix("_256k"), HUGE, HUGE_UNIVERSE
+        kwargs["memory_limit"] = 1 << 20
+    kwargs["checkpoint_mode"] = mode
+    if mode == "periodic":
+        kwargs["checkpoint_period"] = 0.01
     while time.monotonic() < deadline:
-        base = 0
-        if mode == "dfk_exit_64k":
-            mode, base, universe = "dfk_exit", BIG, BIG_UNIVERSE
-        kwargs: dict[str, Any] = {"checkpoint_mode": mode, "config_run_dir": runinfo}
-        if mode == "periodic":
-            kwargs["checkpoint_period"] = 0.01
         memo = Memoizer(**kwargs)
         await memo.start()
         _say("S")
@@ -353,12 +395,17 @@ async def scenario_kill(
     res = Result("kill -9 (writer)")
     rng = random.Random(seed)
     t0 = time.monotonic()
-    book = KeyBook(universe, big=BIG_UNIVERSE if "dfk_exit_64k" in modes else 0)
+    book = KeyBook(
+        universe,
+        big=BIG_UNIVERSE if "dfk_exit_64k" in modes else 0,
+        huge=HUGE_UNIVERSE if any(m.endswith("_256k") for m in modes) else 0,
+    )
     tmp = tempfile.mkdtemp(prefix="aiomemo-kill-", dir=workdir)
     acked: dict[str, set[int]] = {m: set() for m in modes}
     checked = 0
     prev_damage: dict[str, int] = {}
     per_mode: dict[str, Counter[str]] = {m: Counter() for m in modes}
+    seen_errors: dict[str, set[str]] = {m: set() for m in modes}
     try:
         for n in range(kills):
             mode = modes[n % len(modes)]
@@ -381,7 +428,7 @@ async def scenario_kill(
             # a third of the kills early (start-up, load), the rest anywhere; some aimed
             # at the final checkpoint's write (most in the 64 KiB mode: torn tails)
             delay = rng.uniform(0.05, 0.6) if rng.random() < 0.3 else rng.uniform(0.3, max_delay)
-            if rng.random() < (0.6 if mode == "dfk_exit_64k" else 0.15):
+            if rng.random() < (0.6 if mode.startswith("dfk_exit_") else 0.15):
                 await _until_closing(lines, rng.randint(1, 3), proc, limit=max_delay + 3)
                 await asyncio.sleep(rng.uniform(0, 0.02))
             else:
@@ -420,6 +467,13 @@ async def scenario_kill(
             if damaged > prev_damage.get(mode, 0):  # this kill cut a write short
                 per_mode[mode]["torn_by_kill"] += 1
             prev_damage[mode] = damaged
+            # where the kill cut a write short: a value frame, a batch, a header
+            rep = await asyncio.to_thread(load_paths, get_all_checkpoints(runinfo))
+            for line in set(rep.errors) - seen_errors[mode]:
+                seen_errors[mode].add(line)
+                for what in ("value", "batch", "batch header"):
+                    if f"torn tail: {what} at" in line:
+                        per_mode[mode][f"torn_in_{what.replace(' ', '_')}"] += 1
             found = book.check_table(table, res)
             checked += len(acked[mode])
             missing = acked[mode] - found
@@ -427,6 +481,7 @@ async def scenario_kill(
                 res.lost += len(missing)
                 res.fail(f"kill {n} ({mode}): {len(missing)} acknowledged records missing")
                 acked[mode] -= missing  # count each loss once
+            await _hits_check(runinfo, sorted(acked[mode]), rng, res, f"kill {n} ({mode})")
             per_mode[mode]["kills"] += 1
             if (
                 per_mode[mode]["kills"] % reset_every == 0
@@ -434,17 +489,43 @@ async def scenario_kill(
                 shutil.rmtree(runinfo, ignore_errors=True)
                 acked[mode] = set()
                 prev_damage[mode] = 0
+                seen_errors[mode] = set()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total_acked = sum(c["acked"] for c in per_mode.values())
     torn = sum(c["torn_by_kill"] for c in per_mode.values())
+    in_values = sum(c["torn_in_value"] for c in per_mode.values())
     res.seconds = time.monotonic() - t0
     res.details = {"modes": {m: dict(c) for m, c in per_mode.items()}, "acked": total_acked}
     res.figure = (
         f"{total_acked:,} records acked durable, {checked:,} checks; "
-        f"{torn} kills left a torn tail (recovered); {res.seconds:.0f} s"
+        f"{torn} kills left a torn tail ({in_values} inside a value frame), recovered; "
+        f"{res.seconds:.0f} s"
     )
     return res
+
+
+async def _hits_check(
+    runinfo: str, acked: list[int], rng: random.Random, res: Result, where: str
+) -> None:
+    """A fresh Memoizer loading ``runinfo``'s checkpoints hits acknowledged tasks with their values.
+
+    Up to 20 of them, the large ones read back from disk (a small memory_limit).
+    """
+    if not acked:
+        return
+    with _quiet():
+        memo = Memoizer(checkpoint_mode=None, config_run_dir=os.devnull, memory_limit=1 << 20)
+        async with memo:
+            await memo.load_checkpoints(get_all_checkpoints(runinfo))
+            for i in rng.sample(acked, min(20, len(acked))):
+                fut = await memo.check_memo(task_for(i))
+                if fut is None:
+                    res.lost += 1
+                    res.fail(f"{where}: acknowledged task {i} misses")
+                elif fut.result() != expected(i):
+                    res.wrong += 1
+                    res.fail(f"{where}: task {i} hit with a wrong value")
 
 
 # --------------------------------------------------------------------------
@@ -741,6 +822,104 @@ async def scenario_corrupt(
     return res
 
 
+VALUE_DAMAGE = ("truncate", "bitflip", "zero", "zero_frame_header")
+
+
+async def scenario_value_damage(
+    cases: int = 3_000, *, seed: int = 1, workdir: Path | None = None
+) -> Result:
+    """Damage aimed at one large value's region of a format-2 segment: only that value is lost.
+
+    Each case takes a real segment with ~64 KiB values and damages one value
+    frame: cut the file inside it (a torn tail: it and everything after it
+    go, every batch before it loads), flip bits in it, zero a stretch of it
+    (one byte to all of it), or zero its frame header (the loader then finds
+    the next batch by scanning, and the value, intact, still reads). Every
+    other record must load and read back exactly; the damaged value must
+    never read back wrong (it is a miss).
+    """
+    res = Result("large-value damage (format 2)")
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="aiomemo-vdamage-", dir=workdir))
+    ops: Counter[str] = Counter()
+    try:
+        corpus = await build_corpus(tmp / "corpus", seed * 10 + 5, large=True)
+        path = tmp / "case.amlog"
+        path.write_bytes(corpus.data)
+        refs = {
+            k: v for k, v in load_paths([path]).table.items() if isinstance(v, _checkpoint.ValueRef)
+        }
+        batch_end = {key: e for _s, e, ks in corpus.batches for key in ks}
+        header = _checkpoint.VALUE_HEADER_SIZE
+        for n in range(cases):
+            key = rng.choice(sorted(refs))
+            ref = refs[key]
+            lo, hi = ref.offset, ref.offset + ref.length
+            op = VALUE_DAMAGE[n % len(VALUE_DAMAGE)]
+            data = bytearray(corpus.data)
+            cut = len(data)
+            if op == "truncate":
+                cut = rng.randrange(lo - header, hi)
+                del data[cut:]
+            elif op == "bitflip":
+                for _ in range(rng.randint(1, 8)):
+                    p = rng.randrange(lo, hi)
+                    data[p] ^= 1 << rng.randrange(8)
+            elif op == "zero":
+                a = rng.randrange(lo, hi)
+                b = min(hi, a + rng.choice([1, 16, 4096, ref.length]))
+                if not any(data[a:b]):
+                    continue  # nothing would change
+                data[a:b] = bytes(b - a)
+            else:
+                data[lo - header : lo] = bytes(header)
+            if bytes(data) == corpus.data:
+                continue  # the flips cancelled out
+            ops[op] += 1
+            res.cases += 1
+            path.write_bytes(bytes(data))
+            try:
+                loaded = load_paths([path]).table
+            except Exception as exc:
+                res.fail(f"case {n} {op}: load_paths raised {exc!r}")
+                continue
+            may_lose = {key} if op in ("bitflip", "zero") else set()
+            if op == "truncate":
+                may_lose = {k for k, e in batch_end.items() if e > cut}
+            for k, want in corpus.values.items():
+                v = loaded.get(k)
+                if v is None:
+                    if k not in may_lose:
+                        res.lost += 1
+                        res.fail(f"case {n} {op}: an undamaged record did not load")
+                    continue
+                if isinstance(v, _checkpoint.ValueRef):
+                    try:
+                        v = _checkpoint.read_value(v)
+                    except CorruptCheckpointError:
+                        if k not in may_lose:
+                            res.lost += 1
+                            res.fail(f"case {n} {op}: an undamaged value does not read back")
+                        else:
+                            ops[f"{op}: damaged value a miss"] += 1
+                        continue
+                if v != want:
+                    res.wrong += 1
+                    res.fail(f"case {n} {op}: wrong value for {k.hex()[:16]}")
+            if n % 25 == 0:  # through a Memoizer too (reads on the loop's reader thread)
+                await _memo_check(path, loaded, corpus, res, n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res.seconds = time.monotonic() - t0
+    res.details = {"ops": dict(ops), "values": len(refs)}
+    res.figure = (
+        ", ".join(f"{op} {ops[op]:,}" for op in VALUE_DAMAGE)
+        + f" (in {len(refs)} values); {res.seconds:.0f} s"
+    )
+    return res
+
+
 async def _memo_check(
     path: Path, table: dict[bytes, Any], corpus: Corpus, res: Result, n: int
 ) -> None:
@@ -749,9 +928,8 @@ async def _memo_check(
         async with memo:
             loaded = await memo.load_checkpoints([str(path)])
             for hexkey in list(loaded)[:20]:
-                try:
-                    fut = loaded[hexkey]
-                except KeyError:
+                fut = await entry(loaded, hexkey)
+                if fut is None:
                     continue  # a large value that no longer reads back: a miss
                 try:
                     value = fut.result()
@@ -1868,6 +2046,7 @@ async def run_all(only: list[str], quick: bool, seed: int) -> list[Result]:
         await step("kill", scenario_kill(20 if quick else 200, seed=seed))
     if "corrupt" in only:
         await step("corrupt", scenario_corrupt(1000 if quick else 10_000, seed=seed))
+        await step("value damage", scenario_value_damage(300 if quick else 3_000, seed=seed))
     if "diskfull" in only:
         await step("diskfull", scenario_diskfull(1 if quick else 3, seed=seed))
     if "load" in only:

@@ -47,8 +47,10 @@ def _ok(res: Any) -> None:
 
 
 async def test_kill_9_of_a_writer_in_every_mode(tmp_path: Path) -> None:
-    """8 SIGKILLs (2 per mode): every acknowledged record loads, with its value."""
-    res = await stress.scenario_kill(8, seed=3, max_delay=1.0, workdir=tmp_path)
+    """SIGKILLs in every mode (~256 KiB value frames too): every acknowledged record loads and hits."""
+    res = await stress.scenario_kill(
+        len(stress.KILL_MODES), seed=3, max_delay=1.0, workdir=tmp_path
+    )
     _ok(res)
     assert res.details["acked"] > 0
 
@@ -61,6 +63,14 @@ async def test_corruption_300_cases(tmp_path: Path) -> None:
     res = await stress.scenario_corrupt(300, seed=7, workdir=tmp_path)
     _ok(res)
     assert res.details["intact_records"] > 0
+
+
+async def test_damage_to_one_large_value_loses_only_it(tmp_path: Path) -> None:
+    """Truncated, bit-flipped, zeroed value regions and zeroed frame headers (format 2)."""
+    res = await stress.scenario_value_damage(80, seed=5, workdir=tmp_path)
+    _ok(res)
+    assert all(res.details["ops"][op] > 0 for op in stress.VALUE_DAMAGE)
+    assert res.details["ops"]["bitflip: damaged value a miss"] > 0
 
 
 async def test_a_batch_after_a_cut_short_batch_loads_whole(tmp_path: Path) -> None:

@@ -989,8 +989,23 @@ def read_value(ref: ValueRef) -> bytes:
     Raises :class:`~aiomemo.CorruptCheckpointError` naming the segment and
     offset when the value is cut short, fails its checksum, or cannot be read
     (the file was deleted or compacted meanwhile: the ``OSError`` is chained).
+    An earlier copy of the same bytes (``ref.prev``) is tried before giving up.
     """
-    return bytes(_read_checked(ref, bytearray))
+    return _first_readable(ref, lambda r: bytes(_read_checked(r, bytearray)))
+
+
+def _first_readable(ref: ValueRef, read: Callable[[ValueRef], _T]) -> _T:
+    """``read(ref)``, else ``read`` of the earlier copies ``ref.prev`` ...; the first error if none reads."""
+    try:
+        return read(ref)
+    except CorruptCheckpointError as first:
+        r = ref.prev
+        while r is not None:
+            try:
+                return read(r)
+            except CorruptCheckpointError:
+                r = r.prev
+        raise first
 
 
 #: one read buffer, shared by the worker threads that read values (one at a
@@ -1002,13 +1017,37 @@ _buffer_lock = threading.Lock()
 _buffer = bytearray()
 
 
-def read_value_with(ref: ValueRef, use: Callable[[memoryview], _T]) -> _T:
+#: ``direct(head, length)`` for :func:`read_value_with`: where a value's raw
+#: contents start, the object they fill and its writable view (None: the
+#: contents as one bytes object are the result), or None to decode it whole
+Direct = Callable[[bytes, int], "tuple[int, object, memoryview | None] | None"]
+#: how many leading bytes of a value a :data:`Direct` planner is shown
+DIRECT_HEAD: Final = 1024
+
+
+def read_value_with(
+    ref: ValueRef, use: Callable[[memoryview], _T], direct: Direct | None = None
+) -> _T | object:
     """``use(value)`` for the value ``ref`` points at, verified as :func:`read_value` does.
 
     The view is valid only during the call (it may be a reused buffer), so
-    ``use`` must copy what it keeps (decoding does). Blocking: a worker
-    thread's job.
+    ``use`` must copy what it keeps (decoding does). With ``direct``, a
+    value it recognizes (a flat result: bytes, bytearray, numpy array) is
+    read straight into its result object, which is returned as is (``use``
+    is not called): one pass from the page cache into the result, no buffer
+    and no decode copy in between. Earlier copies (``ref.prev``) are tried
+    before giving up. Blocking: a worker thread's job.
     """
+    return _first_readable(ref, lambda r: _read_with(r, use, direct))
+
+
+def _read_with(ref: ValueRef, use: Callable[[memoryview], _T], direct: Direct | None) -> _T | object:
+    if direct is not None:
+        with _open_value(ref) as fd:
+            head = _pread_exact(fd, ref, 0, min(DIRECT_HEAD, ref.length))
+            plan = direct(head, ref.length)
+            if plan is not None:
+                return _read_into(fd, ref, head, plan)
     global _buffer
     if ref.length <= _KEEP_BUFFER and _buffer_lock.acquire(blocking=False):
         try:
@@ -1029,38 +1068,101 @@ def read_value_with(ref: ValueRef, use: Callable[[memoryview], _T]) -> _T:
     return use(_read_checked(ref, bytearray))
 
 
-def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
-    where = f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+def _where(ref: ValueRef) -> str:
+    return f"{ref.path}: value at offset {ref.offset} ({ref.length} bytes)"
+
+
+@contextlib.contextmanager
+def _open_value(ref: ValueRef) -> Iterator[int]:
+    """An fd on ``ref``'s segment, checked to hold the whole value (closed after)."""
     if ref.offset < 0:
-        raise CorruptCheckpointError(f"{where}: a reference to before the file (damaged)")
+        raise CorruptCheckpointError(f"{_where(ref)}: a reference to before the file (damaged)")
     try:
         fd = open_fd(ref.path)
     except OSError as exc:
-        raise CorruptCheckpointError(f"{where}: cannot open: {exc.strerror or exc}") from exc
+        raise CorruptCheckpointError(f"{_where(ref)}: cannot open: {exc.strerror or exc}") from exc
+    try:
+        try:
+            left = os.fstat(fd).st_size - ref.offset
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{_where(ref)}: read error: {exc.strerror or exc}"
+            ) from exc
+        if left < ref.length:  # checked before any buffer is made for it
+            raise CorruptCheckpointError(f"{_where(ref)}: cut short ({max(0, left)} bytes left)")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, ref: ValueRef, start: int, n: int) -> bytes:
+    """Bytes ``[start, start + n)`` of ``ref``'s value, as one bytes object (no copy when read at once)."""
+    try:
+        data = os.pread(fd, n, ref.offset + start)
+        if len(data) < n:  # a short read (rare): the rest, joined
+            parts = [data]
+            got = len(data)
+            while got < n:
+                more = os.pread(fd, n - got, ref.offset + start + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{_where(ref)}: read error: {exc.strerror or exc}") from exc
+    if len(data) != n:
+        raise CorruptCheckpointError(f"{_where(ref)}: cut short ({start + len(data)} bytes left)")
+    return data
+
+
+def _fill(fd: int, ref: ValueRef, start: int, view: memoryview) -> int:
+    """Read the value's bytes from ``start`` on into ``view``; how many were there."""
     got = 0
     try:
-        left = os.fstat(fd).st_size - ref.offset
-        if left < ref.length:  # checked before any buffer is made for it
-            os.close(fd)
-            fd = -1
-            raise CorruptCheckpointError(f"{where}: cut short ({max(0, left)} bytes left)")
-        view = memoryview(buffer(ref.length))[: ref.length]
-        while got < ref.length:
-            n = os.preadv(fd, [view[got:]], ref.offset + got)
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], ref.offset + start + got)
             if not n:
                 break
             got += n
     except OSError as exc:
-        raise CorruptCheckpointError(f"{where}: read error: {exc.strerror or exc}") from exc
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        raise CorruptCheckpointError(f"{_where(ref)}: read error: {exc.strerror or exc}") from exc
+    return got
+
+
+def _read_into(
+    fd: int, ref: ValueRef, head: bytes, plan: tuple[int, object, memoryview | None]
+) -> object:
+    """Fill ``plan``'s result with the value's contents; verify the whole value's digest."""
+    start, result, view = plan
+    hasher = blake3(memoryview(head)[:start])
+    if view is None:
+        data = _pread_exact(fd, ref, start, ref.length - start)
+        hasher.update(data)
+        result = data
+    else:
+        try:
+            got = _fill(fd, ref, start, view)
+            if got != len(view):
+                raise CorruptCheckpointError(f"{_where(ref)}: cut short ({start + got} bytes left)")
+            hasher.update(view)
+        finally:
+            view.release()
+    if hasher.digest(_VALUE_DIGEST_SIZE) != ref.digest:
+        raise CorruptCheckpointError(f"{_where(ref)}: checksum mismatch")
+    return result
+
+
+def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
+    with _open_value(ref) as fd:
+        view = memoryview(buffer(ref.length))[: ref.length]
+        got = _fill(fd, ref, 0, view)
     if got != ref.length:
-        raise CorruptCheckpointError(f"{where}: cut short ({got} bytes left)")
+        raise CorruptCheckpointError(f"{_where(ref)}: cut short ({got} bytes left)")
     # one thread: blake3's own pool (max_threads=AUTO) halved the hash time
     # on an idle 2-core machine but made hits 30% slower on a loaded one
     if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
-        raise CorruptCheckpointError(f"{where}: checksum mismatch")
+        raise CorruptCheckpointError(f"{_where(ref)}: checksum mismatch")
     return view
 
 
@@ -1529,7 +1631,8 @@ _Table = dict[bytes, bytes | ValueRef]
 def _put(table: _Table, info: RecordInfo, refs: str | None) -> None:
     value = info.record.value
     ref = _as_ref(value, refs, info.batch_offset) if refs is not None else None
-    table[info.record.key] = value if ref is None else ref
+    key = info.record.key
+    table[key] = value if ref is None else _after(table.get(key), ref)
 
 
 def _load_run(
@@ -1611,7 +1714,7 @@ def _load_run(
             if refs is not None and len(value) == REF_SIZE:
                 ref = _as_ref(value, refs, pos)
                 if ref is not None:
-                    value = ref
+                    value = _after(table.get(rec[0]), ref)
             table[rec[0]] = value
         elif not _load_sound_batch(table, count, payload, refs, pos):
             break
@@ -1643,15 +1746,30 @@ def _load_sound_batch(
         return False
     if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
         return False
+    if refs is None or REF_SIZE not in set(map(len, values)):
+        table.update(zip(keys, values, strict=True))
+        return True
+    # value references (format 2): rare enough for a Python loop
+    before = {k: table.get(k) for k, v in zip(keys, values, strict=True) if len(v) == REF_SIZE}
     table.update(zip(keys, values, strict=True))
-    if refs is not None and REF_SIZE in set(map(len, values)):
-        # value references (format 2): rare enough for a Python loop
-        for k, v in zip(keys, values, strict=True):
-            if len(v) == REF_SIZE and table.get(k) is v:
-                ref = _as_ref(v, refs, batch_offset)
-                if ref is not None:
-                    table[k] = ref
+    for k, v in zip(keys, values, strict=True):
+        if len(v) == REF_SIZE and table.get(k) is v:
+            ref = _as_ref(v, refs, batch_offset)
+            if ref is not None:
+                table[k] = _after(before[k], ref)
     return True
+
+
+def _after(old: bytes | ValueRef | None, ref: ValueRef) -> ValueRef:
+    """``ref``, remembering ``old`` when it is a reference to the same bytes elsewhere."""
+    if (
+        type(old) is ValueRef
+        and old.digest == ref.digest
+        and old.length == ref.length
+        and (old.path, old.offset) != (ref.path, ref.offset)
+    ):
+        return ValueRef(ref.path, ref.offset, ref.length, ref.digest, old)
+    return ref
 
 
 def _looks_like_runinfo(d: Path) -> bool:

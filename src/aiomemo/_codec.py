@@ -90,6 +90,7 @@ __all__ = [
     "CodecError",
     "UnencodableResultError",
     "decode",
+    "direct_target",
     "encode",
 ]
 
@@ -568,6 +569,73 @@ def decode(data: bytes | memoryview) -> object:
 
 
 _CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
+
+
+def direct_target(head: bytes, length: int) -> tuple[int, object, memoryview | None] | None:
+    """How to read a large flat result without decoding it: its raw bytes go straight to the result.
+
+    ``head`` is the first bytes (about 1 KiB, or all) of an encoding
+    ``length`` bytes long. When the whole result is one ``bytes``,
+    ``bytearray`` or numpy array, returns ``(start, result, view)``: the
+    encoding's bytes from ``start`` on are the result's raw contents, to be
+    read into ``view`` (a writable byte view of the fresh, not yet filled
+    ``result``; release it once filled), or, when ``view`` is None, read as
+    one ``bytes`` object that is the result itself. The result equals what
+    :func:`decode` makes of the same bytes, with no copy in between.
+
+    None: any other encoding, one that does not add up, or a numpy array
+    that :func:`decode` would refuse; decode the whole encoding instead (it
+    raises the right :class:`CodecError`).
+    """
+    if len(head) < 3:
+        return None
+    lead = head[0]
+    if lead in _BIN_LENGTHS:
+        size = _BIN_LENGTHS[lead]
+        start = 1 + size
+        n = int.from_bytes(head[1:start], "big")
+        return (start, None, None) if start + n == length and len(head) >= start else None
+    size = _EXT_LENGTHS.get(lead, 0)
+    if not size or len(head) < 2 + size:
+        return None
+    n = int.from_bytes(head[1 : 1 + size], "big")
+    code = head[1 + size]
+    start = 2 + size
+    if start + n != length:
+        return None
+    if code == EXT_BYTEARRAY:
+        target = bytearray(n)
+        return start, target, memoryview(target)
+    if code == EXT_NDARRAY:
+        try:
+            return _ndarray_target(head[start:], n, start)
+        except Exception:  # decode() then says what is wrong with it
+            return None
+    return None
+
+
+#: msgpack bin 8/16/32 and ext 8/16/32 lead bytes -> width of their length field
+_BIN_LENGTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_EXT_LENGTHS: Final = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+
+
+def _ndarray_target(
+    payload_head: bytes, n: int, start: int
+) -> tuple[int, object, memoryview] | None:
+    np, header, offset = _np_header(payload_head)
+    if type(header) is not list or len(header) != 2 or type(header[1]) is not list:
+        return None
+    dtype = _np_dtype(np, header[0])
+    shape = header[1]
+    if len(shape) > 64 or any(type(d) is not int or d < 0 for d in shape):
+        return None
+    count = 1
+    for d in shape:
+        count *= d
+    if count == 0 or count * dtype.itemsize != n - offset:
+        return None
+    target = np.empty(shape, dtype=dtype)
+    return start + offset, target, memoryview(target.reshape(-1).view(np.uint8))
 
 
 def _reject_timestamps(obj: object, data: bytes | memoryview) -> None:

@@ -469,12 +469,18 @@ class Memoizer:
     async def load_checkpoints(
         self, dirs: Sequence[str | os.PathLike[str]] | None
     ) -> Mapping[str, asyncio.Future[Any]]:
-        """Load checkpoint dirs into the memo; returns hex key -> done Future (lazy)."""
+        """Load checkpoint dirs into the memo; returns hex key -> Future (lazy, read-only).
+
+        A result in memory or in the index comes as a done Future; a result
+        left on disk is read off the loop when asked for here: a pending
+        Future (await it; KeyError if it no longer reads back). From a
+        thread with no event loop it is read in place and comes done.
+        """
         await self._ensure_started()
         if not dirs:
             return {}
         table = self._table if self.memoize else None
-        return await _views.load(dirs, self._life, table, self._absorb)
+        return await _views.load(dirs, self._life, table, self._absorb, self.memory_limit)
 
     async def explain(self, task: Task) -> Explanation:
         """Why did this task miss? Compare it with the recorded calls of its function.

@@ -44,12 +44,17 @@ class ValueRef:
         offset: file offset of the value's first byte.
         length: how many bytes the value takes.
         digest: blake3 of the value, first 16 bytes.
+        prev: an earlier reference to the same bytes (same length and
+            digest) that a later copy of the record replaced, tried when
+            this one does not read back: a duplicated batch whose value
+            frames did not come along must not hide the intact original.
     """
 
     path: str
     offset: int
     length: int
     digest: bytes
+    prev: ValueRef | None = None
 
 
 @dataclass(slots=True)

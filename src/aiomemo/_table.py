@@ -117,16 +117,22 @@ def _trim() -> None:
 
 
 def _read_decode(ref: ValueRef) -> Any:
-    """Read a value left on disk, verify and decode it (blocking)."""
+    """Read a value left on disk, verify and decode it (blocking).
+
+    A flat result (bytes, bytearray, numpy array: the usual large ones) is
+    read straight into the result object; anything else is read into a
+    reused buffer and decoded from it.
+    """
     from aiomemo._checkpoint import read_value_with
 
-    return read_value_with(ref, _codec.decode)
+    return read_value_with(ref, _codec.decode, _codec.direct_target)
 
 
 class MemoTable:
     """Finished tasks by key: decoded entries, still-encoded loaded ones, Parsl keys."""
 
     __slots__ = (
+        "_closed",
         "_counters",
         "_decode_lock",
         "_freed",
@@ -163,6 +169,9 @@ class MemoTable:
         self._freed = 0
         #: the one thread that reads values for the event loop (made on first use)
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        #: after close(): reads (through a load_checkpoints mapping) go to the loop's default
+        #: executor, so no reader thread is made that nothing would end
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self.done) + len(self.loaded)
@@ -216,7 +225,7 @@ class MemoTable:
         pending = self._reads.get(key)
         if pending is None:
             self.disk_reads += 1
-            if self._reader is None:
+            if self._reader is None and not self._closed:
                 self._reader = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="aiomemo-read"
                 )
@@ -234,6 +243,7 @@ class MemoTable:
 
     def close(self) -> None:
         """Let the reader thread go once it has no more reads to make."""
+        self._closed = True
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.shutdown(wait=False)

@@ -15,7 +15,7 @@ from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._lifecycle import Life
 from aiomemo._lookup import done_future
-from aiomemo._table import MISSING, MemoTable
+from aiomemo._table import MISSING, MemoTable, OnDisk, Raised
 from aiomemo.stores._base import LoadReport
 
 if TYPE_CHECKING:
@@ -68,11 +68,18 @@ def stats(c: Counters, table: MemoTable, drain: Drain) -> MemoStats:
 
 
 class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
-    """Read-only view of loaded records as hex key -> done Future (decoded on access).
+    """Read-only view of loaded records as hex key -> Future (decoded on access).
 
     It reads through ``table``: the Memoizer's own (which may already have
     decoded an entry), or a private one when the Memoizer keeps nothing
-    (``memoize=False``).
+    (``memoize=False``). A result in memory (or small enough to sit in the
+    index) comes as a done Future. A result on disk is never read on the
+    event loop: asked for there, it comes as a pending Future that the
+    table's reader thread completes (await it; a value that no longer reads
+    back ends it with KeyError); asked for from a thread without a running
+    loop, it is read in that thread and comes done (or raises KeyError);
+    from another event loop, MemoizerUsageError. ``key in view`` reads
+    nothing.
     """
 
     def __init__(self, life: Life, keys: Sequence[bytes], table: MemoTable) -> None:
@@ -84,11 +91,31 @@ class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
     def __getitem__(self, key: str) -> asyncio.Future[Any]:
         if key not in self._set:
             raise KeyError(key)
-        value = self._table.lookup(key, bytes.fromhex(key))
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        value = self._table.lookup(key, bytes.fromhex(key), read=running is None)
+        if type(value) is OnDisk:
+            if running is not self._life.loop:
+                self._life.check_loop()  # another loop: say so rather than block it
+            assert running is not None
+            return running.create_task(self._read(key, value))
         if value is MISSING:
             raise KeyError(key)
         assert self._life.loop is not None
         return done_future(self._life.loop, value)
+
+    async def _read(self, key: str, hit: OnDisk) -> Any:
+        value = await self._table.read(key, hit)
+        if value is MISSING:
+            raise KeyError(key)
+        if type(value) is Raised:
+            raise value.rearm()
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -102,14 +129,19 @@ async def load(
     life: Life,
     table: MemoTable | None,
     absorb: Callable[[LoadReport], None],
+    memory_limit: int | None = None,
 ) -> LoadedView:
-    """Load checkpoint ``dirs`` (a worker thread) into ``table`` (None: the memo is off)."""
+    """Load checkpoint ``dirs`` (a worker thread) into ``table``.
+
+    ``table`` None (the memo is off): a private table, holding values read
+    back within ``memory_limit``.
+    """
     from aiomemo import _checkpoint
 
     rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
     keys = list(rep.table)
     if table is None:
-        table = MemoTable(Counters())
+        table = MemoTable(Counters(), memory_limit=memory_limit)
         table.loaded = rep.table
     else:
         absorb(rep)
