@@ -92,7 +92,7 @@ async def test_file_header_and_segment_name(tmp_path: Path) -> None:
     assert seg.name.startswith("seg-") and seg.name.endswith(".amlog")
     assert f"-{os.getpid()}-" in seg.name
     head = read_segment_header(seg)
-    assert (head.version, head.header_size) == (2, FILE_HEADER_SIZE)
+    assert (head.version, head.header_size) == (3, FILE_HEADER_SIZE)
     assert seg.read_bytes()[:8] == ck.FILE_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -287,15 +287,15 @@ async def test_unsupported_version_and_foreign_files(tmp_path: Path) -> None:
     """A sound header of another version skips the file; a non-segment file loads nothing; an empty one is fine."""
     seg = await write_segment(tmp_path / "d", [[rec(1)]])
     data = seg.read_bytes()
-    fixed = struct.pack("<8sHH", ck.FILE_MAGIC, 3, 16)
+    fixed = struct.pack("<8sHH", ck.FILE_MAGIC, 4, 16)
     from blake3 import blake3
 
-    v3 = tmp_path / "v3.amlog"
-    v3.write_bytes(fixed + blake3(fixed).digest(4) + data[16:])
-    r = load_paths([v3])
-    assert r.table == {} and "version 3" in r.errors[0]
+    v4 = tmp_path / "v4.amlog"
+    v4.write_bytes(fixed + blake3(fixed).digest(4) + data[16:])
+    r = load_paths([v4])
+    assert r.table == {} and "version 4" in r.errors[0]
     with pytest.raises(CorruptCheckpointError):
-        read_segment_header(v3)
+        read_segment_header(v4)
     other = tmp_path / "other.amlog"
     other.write_bytes(b"hello world, not a segment at all" * 10)
     r = load_paths([other])

@@ -128,7 +128,7 @@ class TestEncodeAndLoad:
         """A version-1 file (every value inline) loads with plain bytes, large values included."""
         records = mixed()
         p = tmp_path / "seg-1.amlog"
-        p.write_bytes(file_header(1) + encode_batch(records, large_values=False))
+        p.write_bytes(file_header(1) + encode_batch(records, large_values=False, version=1))
         assert ck.read_segment_header(p).version == 1
         r = load_paths([p])
         assert r.errors == []
@@ -138,7 +138,7 @@ class TestEncodeAndLoad:
         """In a version-1 file a 33-byte value starting 0xc1 is a value, never a reference."""
         fake = b"\xc1" + bytes(32)
         p = tmp_path / "seg-1.amlog"
-        p.write_bytes(file_header(1) + encode_batch([rec(1, fake)], large_values=False))
+        p.write_bytes(file_header(1) + encode_batch([rec(1, fake)], large_values=False, version=1))
         assert load_paths([p]).table == {rec(1, b"").key: fake}
 
     async def test_writer_writes_v2(self, tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ class TestEncodeAndLoad:
         await w.write_batch(records[3:], fsync=True)
         await w.close()
         path = w.path
-        assert path is not None and ck.read_segment_header(path).version == 2
+        assert path is not None and ck.read_segment_header(path).version == ck.FORMAT_VERSION
         t = load_paths([tmp_path]).table
         assert sum(isinstance(v, ValueRef) for v in t.values()) == 4
         assert {k: read_value(v) if isinstance(v, ValueRef) else v for k, v in t.items()} == {
@@ -489,7 +489,7 @@ def test_compact_keeps_large_values(capsys: pytest.CaptureFixture[str], tmp_path
     assert _cli.main(["compact", str(d), "--json"]) == 0
     capsys.readouterr()
     segs = list(ck.list_segments(d))
-    assert len(segs) == 1 and ck.read_segment_header(segs[0]).version == 2
+    assert len(segs) == 1 and ck.read_segment_header(segs[0]).version == ck.FORMAT_VERSION
     t = load_paths([d]).table
     assert len(t) == 6
     for i, v in vals.items():

@@ -681,3 +681,22 @@ def test_task_exit_group_commits_across_completion_threads(
     assert _records(tmp_path / "000" / "checkpoint") == n
     assert 1 <= fsyncs[0] <= n // 4, fsyncs[0]
     memoizer.close()
+
+
+def test_ttl_is_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ttl unless configured (Parsl's behaviour); with ttl=, an app result expires."""
+    from aiomemo import _expiry
+
+    with pytest.raises(ParslConfigurationError, match="positive"):
+        ParslMemoizer(ttl=0)
+    assert ParslMemoizer().ttl is None and "ttl" not in repr(ParslMemoizer())
+    now = [time.time()]
+    monkeypatch.setattr(_expiry, "now", lambda: now[0])
+    memo = ParslMemoizer(checkpoint_mode="task_exit", ttl=60)
+    with parsl.load(_config(tmp_path, memo)):
+        assert double(21).result() == 42
+        assert double(21).result() == 42
+        assert _calls["double"] == 1
+        now[0] += 61
+        assert double(21).result() == 42
+        assert _calls["double"] == 2

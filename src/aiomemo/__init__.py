@@ -18,6 +18,7 @@ from aiomemo._exceptions import (
     StoreError,
     UnencodableResultError,
     UnhashableInputError,
+    UnknownFunctionError,
 )
 from aiomemo._explain import Explanation
 from aiomemo._hashing import File, id_for_memo, make_hash
@@ -46,6 +47,7 @@ __all__ = [
     "TaskRecord",
     "UnencodableResultError",
     "UnhashableInputError",
+    "UnknownFunctionError",
     "get_all_checkpoints",
     "get_last_checkpoint",
     "id_for_memo",

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiomemo._exceptions import LeaderCancelledError, MemoizerUsageError
+from aiomemo._expiry import ttl_of
 from aiomemo._hashing import IgnoreNames, check_ignore
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def cached(
     ignore: IgnoreNames,
     version: object,
     track_code: bool | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Callable[P, Awaitable[R]]:
     """The wrapper ``memo.cached(fn, ...)`` returns (see :meth:`Memoizer.cached`)."""
     if not asyncio.iscoroutinefunction(fn):
@@ -68,6 +70,8 @@ def cached(
     fixed: dict[str, Any] = {"func": func, "ignore_for_cache": ignore_list, "version": version}
     if track_code is not None:
         fixed["track_code"] = track_code
+    if extra:
+        fixed.update(extra)  # ttl, refresh: task fields
 
     def _task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**fixed, "args": args, "kwargs": kwargs}
@@ -125,9 +129,21 @@ def cached_or_decorator(
     ignore: IgnoreNames,
     version: object,
     track_code: bool | None,
+    ttl: Any = None,
+    refresh: bool = False,
 ) -> Any:
     """``memo.cached(fn, ...)``, or without ``fn`` the decorator ``memo.cached(...)`` is."""
     ignore = check_ignore(ignore)  # at once: a bare str would be read letter by letter
+    extra: dict[str, Any] = {}  # task fields every call carries
+    if ttl is not None:
+        extra["ttl"] = ttl_of(ttl)
+    if not isinstance(refresh, bool):
+        raise TypeError(f"refresh must be True or False, not {refresh!r}")
+    if refresh:
+        extra["refresh"] = True
+    opts: dict[str, Any] = {
+        "ignore": ignore, "version": version, "track_code": track_code, "extra": extra
+    }
     if fn is None:
-        return lambda f: cached(memo, f, ignore=ignore, version=version, track_code=track_code)
-    return cached(memo, fn, ignore=ignore, version=version, track_code=track_code)
+        return lambda f: cached(memo, f, **opts)
+    return cached(memo, fn, **opts)

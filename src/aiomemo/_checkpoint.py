@@ -1,4 +1,4 @@
-"""The on-disk checkpoint log (format version 2, reads 1): framing, writer, reader, recovery.
+"""The on-disk checkpoint log (format version 3, reads 1 and 2): framing, writer, reader, recovery.
 
 A checkpoint directory (``<run_dir>/checkpoint/``) holds append-only *segment*
 files named ``seg-<UTC time>-<pid>-<random>.amlog``. Every writer creates a
@@ -13,7 +13,8 @@ Byte layout (all integers little-endian)::
 
     file header (16 bytes)
       0   8  magic            b"\\x89AMLOG\\r\\n"
-      8   2  format version   2 (1 still loads: it is 2 without value frames)
+      8   2  format version   3 (1 and 2 load forever: 2 is 3 with 6-field records,
+                                 1 is 2 without value frames)
       10  2  header size      16 (a reader skips any extra header bytes)
       12  4  header digest    blake3(bytes 0..12), first 4 bytes
     then batches and value frames, to the end of the file
@@ -23,11 +24,20 @@ Byte layout (all integers little-endian)::
       16  16 payload digest   blake3(payload), first 16 bytes
       32  8  header digest    blake3(bytes 0..32 of this header), first 8 bytes
       40  .. payload          one msgpack array of ``count`` records
-    record (a msgpack array of 6, so it starts 0x96 0xc4: fixarray 6, bin 8 key)
+    record (format 3: a msgpack array of 7, so it starts 0x97 0xc4: fixarray 7,
+    bin 8 key; formats 1-2: the same without ``expires``, an array of 6, 0x96 0xc4)
       [key: bin 8 (1..255 bytes: 32 blake3, 16 imported Parsl md5),
        value: bin, func: str, time: float64 (0xcb), digests: bin,
+       expires: float64 (0xcb; absolute unix time, +inf = never),
        checksum: bin 16 = blake3(every byte of the packed record before the
        checksum's own 16 bytes, i.e. including its 0xc4 0x10 bin header)]
+    tombstone (format 3: a record whose value is 2 bytes starting 0xc1 and
+    whose expires is 0.0; see :mod:`aiomemo._records`)
+      value 0xc1 0x01  forget key: records of ``key`` with time <= ``time``
+      value 0xc1 0x02  forget function: records whose func is ``func`` with
+                       time <= ``time``; key = blake3("aiomemo forget func\0" + func)
+      No encoded value starts with 0xc1 and a value reference is exactly 33
+      bytes, so neither is ever taken for a value (or a value for them).
     value frame (format 2: an encoded value of LARGE_VALUE_MIN bytes or more)
       0   8  value magic      b"\\x8dAMVALU\\n"
       8   8  value length     bytes (u64)
@@ -51,10 +61,20 @@ back and checks its digest; a damaged or vanished value is a
 :class:`CorruptCheckpointError` there (a miss for the memo), never a wrong
 value, and it costs only itself: the index around it still loads.
 
+Expiry and tombstones at load: a record expired at load time is left out
+(it is the newest for its key, so it removes an older one too); the expiry
+of every other record that expires goes to :attr:`LoadReport.expires`.
+Tombstones are collected while reading and applied once every segment is
+read, by record time, never by segment order: a record written at or before
+a tombstone's time is forgotten, one written after it is live (a second pass
+over the batches that hold a tombstoned key or function; only when the load
+found tombstones). ``compact`` leaves out what loading leaves out and keeps
+every tombstone (the newest per key and per function).
+
 Loading a sound batch costs one blake3 call and one ``msgpack.unpackb`` (C);
 the per-record checksums are read only to recover what a damaged batch still
 holds: the record walk keeps every record whose own checksum verifies and
-resynchronises on the next ``0x96 0xc4`` after garbage (candidates are parsed
+resynchronises on the next ``0x96 0xc4`` or ``0x97 0xc4`` after garbage (candidates are parsed
 by hand, every declared length checked before anything is hashed, so garbage
 costs linear time), and the batch walk resynchronises on the next batch magic
 (or value frame) whose header digest verifies. A damaged *file* header is
@@ -86,8 +106,10 @@ import contextlib
 import errno
 import fcntl
 import io
+import math
 import operator
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -98,6 +120,7 @@ from typing import IO, Any, Final, TypeVar
 import msgpack
 from blake3 import blake3
 
+from aiomemo import _records
 from aiomemo._exceptions import CheckpointError, CorruptCheckpointError
 from aiomemo._paths import (
     FILE_MAGIC,
@@ -109,7 +132,14 @@ from aiomemo._paths import (
     segment_name,
     segment_stamp,
 )
-from aiomemo._records import LoadReport, Record, ValueRef
+from aiomemo._records import (
+    FORGET_FUNC,
+    FORGET_KEY,
+    TOMBSTONE_EXPIRES,
+    LoadReport,
+    Record,
+    ValueRef,
+)
 from aiomemo._rundir import ensure_dir
 
 __all__ = [
@@ -129,6 +159,7 @@ __all__ = [
     "fsync_dir",
     "is_segment_in_use",
     "iter_segment",
+    "keys_of_funcs",
     "list_segments",
     "load_paths",
     "read_segment_header",
@@ -137,9 +168,9 @@ __all__ = [
     "segment_stamp",
 ]
 
-FORMAT_VERSION: Final = 2
-#: the versions this reader loads (1: no value frames)
-READ_VERSIONS: Final = frozenset({1, 2})
+FORMAT_VERSION: Final = 3
+#: the versions this reader loads (1: no value frames; 2: no expiry, no tombstones)
+READ_VERSIONS: Final = frozenset({1, 2, 3})
 FILE_HEADER_SIZE: Final = 16
 _FILE_HEADER = struct.Struct("<8sHH")  # the 12 bytes the file header digest covers
 
@@ -163,8 +194,10 @@ REF_SIZE: Final = _REF.size  # 33
 _REF_TAG: Final = 0xC1  # never the first byte of any msgpack object
 
 RECORD_CHECKSUM_SIZE: Final = 16
-# Every record starts with these two bytes: fixarray of 6, then the key as bin 8.
-_RECORD_START: Final = b"\x96\xc4"
+# Every record starts with one of these two-byte pairs: fixarray of 6 (formats
+# 1-2) or of 7 (format 3), then the key as bin 8.
+_RECORD_STARTS: Final = re.compile(b"[\x96\x97]\xc4")
+_INF: Final = math.inf
 MAX_KEY_SIZE: Final = 255
 _CHECKSUM_BIN_HEADER: Final = b"\xc4\x10"  # msgpack bin 8, length 16
 _ZERO_CHECKSUM: Final = bytes(RECORD_CHECKSUM_SIZE)
@@ -192,6 +225,8 @@ _SMALL_READ: Final = 64 * 1024
 _T = TypeVar("_T")
 _get_key = operator.itemgetter(0)
 _get_value = operator.itemgetter(1)
+_get_func = operator.itemgetter(2)
+_get_expires = operator.itemgetter(5)
 
 
 # --------------------------------------------------------------------------
@@ -267,7 +302,9 @@ class BadSpan:
 # --------------------------------------------------------------------------
 
 
-def _record_bytes(packer: msgpack.Packer, rec: Record, ref: bytes | None = None) -> bytes:
+def _record_bytes(
+    packer: msgpack.Packer, rec: Record, ref: bytes | None = None, version: int = FORMAT_VERSION
+) -> bytes:
     key, value, digests, func = rec.key, rec.value, rec.digests, rec.func
     # Exact types only: what the reader gets back must equal what was given, and
     # a subclass (or a bytearray) would pack the same but mislead the caller.
@@ -281,9 +318,19 @@ def _record_bytes(packer: msgpack.Packer, rec: Record, ref: bytes | None = None)
         raise TypeError(f"Record.digests must be bytes, not {type(digests).__name__}")
     if type(func) is not str:
         raise TypeError(f"Record.func must be str, not {type(func).__name__}")
+    expires = rec.expires
+    if type(expires) not in (float, int) or expires != expires:
+        raise ValueError(f"Record.expires must be a number of seconds, not {expires!r}")
     if ref is not None:
         value = ref
-    body: bytes = packer.pack((key, value, func, float(rec.time), digests, _ZERO_CHECKSUM))
+    fields: tuple[Any, ...]
+    if version >= 3:
+        fields = (key, value, func, float(rec.time), digests, float(expires), _ZERO_CHECKSUM)
+    elif expires != _INF or rec.tombstone is not None:
+        raise ValueError(f"format {version} has no expiry or tombstones (format 3 has)")
+    else:
+        fields = (key, value, func, float(rec.time), digests, _ZERO_CHECKSUM)
+    body: bytes = packer.pack(fields)
     signed = memoryview(body)[:-RECORD_CHECKSUM_SIZE]
     return b"".join((signed, blake3(signed).digest(RECORD_CHECKSUM_SIZE)))
 
@@ -298,30 +345,37 @@ def _frame(packer: msgpack.Packer, parts: list[bytes]) -> bytes:
     return b"".join((fixed, blake3(fixed).digest(_HEADER_DIGEST_SIZE), payload))
 
 
-def encode_batch(records: Sequence[Record], *, large_values: bool = True) -> bytes:
+def encode_batch(
+    records: Sequence[Record], *, large_values: bool = True, version: int = FORMAT_VERSION
+) -> bytes:
     """Frame ``records`` as they go to disk: one batch (several when very large).
 
     Values of :data:`LARGE_VALUE_MIN` bytes or more go to value frames right
-    before their batch (format 2); ``large_values=False`` keeps every value
-    inline (what format 1 holds). The bytes are position-independent: they
+    before their batch (format 2 on); ``large_values=False`` keeps every value
+    inline (what format 1 holds). ``version`` below 3 writes the 6-field
+    records of formats 1-2 (for tests of old files; a record that expires or
+    a tombstone is then a ``ValueError``). The bytes are position-independent: they
     may be appended at any offset. Pure and thread-safe, so callers may run
     it in a worker thread for large values. Raises ``TypeError`` for a record
     whose fields have the wrong types and ``ValueError`` for a single inline
     record too large for a batch (4 GiB). Returns ``b""`` for no records.
     """
-    return _encode(records, large_values=large_values)[0]
+    return _encode(records, large_values=large_values, version=version)[0]
 
 
 #: (key, offset of the value relative to the encoded bytes, length, digest)
 _Located = list[tuple[bytes, int, int, bytes]]
 
 
-def _encode(records: Sequence[Record], *, large_values: bool = True) -> tuple[bytes, _Located]:
+def _encode(
+    records: Sequence[Record], *, large_values: bool = True, version: int = FORMAT_VERSION
+) -> tuple[bytes, _Located]:
     """:func:`encode_batch`, plus where each framed value sits in the bytes."""
     packer = msgpack.Packer(use_bin_type=True)  # one per call: Packer is not thread-safe
     located: _Located = []
     if not large_values or not any(_is_large(rec.value) for rec in records):
-        return _frame_all(packer, [_record_bytes(packer, rec) for rec in records]), located
+        raws = [_record_bytes(packer, rec, None, version) for rec in records]
+        return _frame_all(packer, raws), located
     out: list[bytes] = []
     pos = 0
     group: list[Record] = []
@@ -330,11 +384,11 @@ def _encode(records: Sequence[Record], *, large_values: bool = True) -> tuple[by
         est = (REF_SIZE if _is_large(rec.value) else len(rec.value)) + len(rec.key) + 64
         est += len(rec.digests) + 4 * len(rec.func)
         if group and size + est > MAX_BATCH_PAYLOAD:
-            pos = _frame_group(packer, group, out, pos, located)
+            pos = _frame_group(packer, group, out, pos, located, version)
             group, size = [], 0
         group.append(rec)
         size += est
-    _frame_group(packer, group, out, pos, located)
+    _frame_group(packer, group, out, pos, located, version)
     return b"".join(out), located
 
 
@@ -363,7 +417,12 @@ def _is_large(value: object) -> bool:
 
 
 def _frame_group(
-    packer: msgpack.Packer, group: list[Record], out: list[bytes], pos: int, located: _Located
+    packer: msgpack.Packer,
+    group: list[Record],
+    out: list[bytes],
+    pos: int,
+    located: _Located,
+    version: int = FORMAT_VERSION,
 ) -> int:
     """Append ``group``'s value frames, then its batch, to ``out``; return the new end."""
     where: dict[int, tuple[int, bytes]] = {}
@@ -383,7 +442,7 @@ def _frame_group(
         if i in where:
             at, digest = where[i]
             ref = _REF.pack(_REF_TAG, batch_at - at, len(rec.value), digest)
-        raws.append(_record_bytes(packer, rec, ref))
+        raws.append(_record_bytes(packer, rec, ref, version))
     frame = _frame(packer, raws)
     out.append(frame)
     return pos + len(frame)
@@ -1168,9 +1227,15 @@ def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryvi
 
 def _check_record(obj: Any, raw: memoryview) -> Record | None:
     """The record ``obj`` unpacked from ``raw`` if it is well-formed and its checksum verifies."""
-    if type(obj) is not tuple or len(obj) != 6:
+    if type(obj) is not tuple or len(obj) not in (6, 7):
         return None
-    key, value, func, when, digests, checksum = obj
+    if len(obj) == 7:
+        key, value, func, when, digests, expires, checksum = obj
+        if type(expires) is not float:
+            return None
+    else:
+        key, value, func, when, digests, checksum = obj
+        expires = _INF
     if not (
         type(key) is bytes
         and 0 < len(key) <= MAX_KEY_SIZE
@@ -1186,7 +1251,7 @@ def _check_record(obj: Any, raw: memoryview) -> Record | None:
         return None
     if blake3(raw[:-RECORD_CHECKSUM_SIZE]).digest(RECORD_CHECKSUM_SIZE) != checksum:
         return None
-    return Record(key=key, value=value, func=func, time=when, digests=digests)
+    return Record(key, value, func, when, digests, expires)
 
 
 def _unpacker(bio: io.BytesIO, limit: int) -> msgpack.Unpacker:
@@ -1233,11 +1298,11 @@ def _span(data: bytes, p: int, limit: int, *, text: bool) -> tuple[int, int] | N
 def _record_at(data: bytes, view: memoryview, pos: int, limit: int) -> tuple[Record, int] | None:
     """The record starting at ``pos`` and its end, if well-formed with a verified checksum.
 
-    Parses the six msgpack headers by hand, so a candidate made of garbage
+    Parses the six (format 3: seven) msgpack headers by hand, so a candidate made of garbage
     costs O(1) (every declared length is checked against ``limit`` before
     anything is read or hashed) and only a well-formed one is hashed.
     """
-    if pos + 2 > limit or data[pos] != 0x96:
+    if pos + 2 > limit or data[pos] not in (0x96, 0x97):
         return None
     key = _span(data, pos + 1, limit, text=False)
     if key is None or not 0 < key[1] - key[0] <= MAX_KEY_SIZE:
@@ -1255,6 +1320,12 @@ def _record_at(data: bytes, view: memoryview, pos: int, limit: int) -> tuple[Rec
     if digests is None:
         return None
     c = digests[1]
+    expires = _INF
+    if data[pos] == 0x97:
+        if c + 9 > limit or data[c] != 0xCB:
+            return None
+        expires = _F64.unpack_from(data, c + 1)[0]
+        c += 9
     end = c + 2 + RECORD_CHECKSUM_SIZE
     if end > limit or data[c : c + 2] != _CHECKSUM_BIN_HEADER:
         return None
@@ -1270,6 +1341,7 @@ def _record_at(data: bytes, view: memoryview, pos: int, limit: int) -> tuple[Rec
         func=name,
         time=_F64.unpack_from(data, t + 1)[0],
         digests=data[digests[0] : digests[1]],
+        expires=expires,
     )
     return rec, end
 
@@ -1285,9 +1357,9 @@ def _walk(
 
     Yields :class:`RecordInfo` for every record that verifies and ``(start,
     end)`` file-offset pairs for the stretches in between that hold none.
-    After garbage it resynchronises on every later ``0x96 0xc4`` (the first
-    two bytes of any record: a 6-array whose key is a bin 8), so one damaged
-    record costs only itself.
+    After garbage it resynchronises on every later ``0x96 0xc4`` or ``0x97
+    0xc4`` (the first two bytes of any record: a 6-array, or in format 3 a
+    7-array, whose key is a bin 8), so one damaged record costs only itself.
     """
     view = memoryview(data)
     n = len(data)
@@ -1309,9 +1381,10 @@ def _walk(
             continue
         if bad_from is None:
             bad_from = pos
-        pos = data.find(_RECORD_START, pos + 1)
-        if pos == -1:
+        m = _RECORD_STARTS.search(data, pos + 1)
+        if m is None:
             break
+        pos = m.start()
     if bad_from is not None:
         yield (base + bad_from, base + n)
 
@@ -1502,7 +1575,7 @@ def _with_value(src: _Source, shown: str, info: RecordInfo, *, read: bool) -> Re
             return BadSpan(ref.offset, ref.length, why, 1)
     rec = info.record
     return RecordInfo(
-        Record(rec.key, value, rec.func, rec.time, rec.digests),
+        Record(rec.key, value, rec.func, rec.time, rec.digests, rec.expires),
         info.offset,
         info.length,
         info.batch_offset,
@@ -1556,23 +1629,82 @@ def _records_of_sound_batch(
 
 
 def _trusted_record(obj: Any) -> Record | None:
-    if type(obj) is not tuple or len(obj) != 6:
+    if type(obj) is not tuple or len(obj) not in (6, 7):
         return None
-    key, value, func, when, digests, _ = obj
+    key, value, func, when, digests = obj[:5]
+    expires = obj[5] if len(obj) == 7 else _INF
     if not (
         type(key) is bytes
         and type(value) is bytes
         and type(func) is str
         and type(when) is float
         and type(digests) is bytes
+        and type(expires) is float
     ):
         return None
-    return Record(key=key, value=value, func=func, time=when, digests=digests)
+    return Record(key, value, func, when, digests, expires)
 
 
-def _load_segment(path: Path, report: LoadReport) -> None:
-    """Add segment ``path``'s records to ``report`` (later records override)."""
-    table = report.table
+class _Sink:
+    """Where a load puts what it reads: the table, expiries, tombstones, counts.
+
+    ``put`` is "a later record for a key overrides an earlier one", with
+    expiry: a record already expired at ``now`` removes the key (it is the
+    newest, and it is a miss). Tombstones are only collected here; they are
+    applied once every segment is read (:func:`_apply_tombstones`), so that
+    they act the same whatever order the segments load in.
+    """
+
+    __slots__ = ("expired", "expires", "now", "segments", "table", "tombs")
+
+    def __init__(self, report: LoadReport, now: float) -> None:
+        self.table = report.table
+        self.expires = report.expires
+        self.tombs = report.tombstones
+        self.now = now
+        self.expired = 0
+        #: (path, its value-reference base or None) of every segment read, in load order
+        self.segments: list[tuple[Path, str | None]] = []
+
+    def add(
+        self,
+        key: bytes,
+        raw: bytes,
+        func: bytes | str,
+        when: float,
+        expires: float,
+        value: bytes | ValueRef,
+    ) -> None:
+        """One record that may expire or be a tombstone (``raw``: its value field)."""
+        if expires == TOMBSTONE_EXPIRES and raw in (FORGET_KEY, FORGET_FUNC):
+            name = func.decode("utf-8", "surrogateescape") if type(func) is bytes else func
+            if type(name) is str and type(when) is float:  # else a foreign writer's: ignored
+                self.tombs.add(Record(key, raw, name, when, b"", expires))
+            return
+        self.put(key, value, expires)
+
+    def put(self, key: bytes, value: bytes | ValueRef, expires: float) -> None:
+        if expires <= self.now:
+            self.table.pop(key, None)
+            self.expires.pop(key, None)
+            self.expired += 1
+            return
+        self.table[key] = value
+        if expires < _INF:
+            self.expires[key] = expires
+        elif self.expires:
+            self.expires.pop(key, None)
+
+    def overwrite(self, keys: list[bytes]) -> None:
+        """Records that never expire replace ``keys``: forget their old expiries."""
+        expires = self.expires
+        if expires and not expires.keys().isdisjoint(keys):
+            for k in keys:
+                expires.pop(k, None)
+
+
+def _load_segment(path: Path, sink: _Sink, report: LoadReport) -> None:
+    """Add segment ``path``'s records to ``sink`` (later records override)."""
     shown = os.fspath(path)
     with contextlib.ExitStack() as stack:
         try:
@@ -1590,7 +1722,8 @@ def _load_segment(path: Path, report: LoadReport) -> None:
                 report.errors.append(f"{shown}: {problem}")
             report.files += 1
             refs = shown if header.version >= 2 else None
-            pos, n = _load_run(f, size, header.header_size, table, refs)
+            sink.segments.append((path, refs))
+            pos, n = _load_run(f, size, header.header_size, sink, refs)
             report.records += n
             if pos >= size:
                 return
@@ -1598,20 +1731,20 @@ def _load_segment(path: Path, report: LoadReport) -> None:
             for kind, _offset, item in _iter_batches(src, pos):
                 if kind == "batch":
                     count, payload = item
-                    if _load_sound_batch(table, count, payload, refs, _offset):
+                    if _load_sound_batch(sink, count, payload, refs, _offset):
                         report.records += count
                     else:  # digest fine, contents not: a foreign or buggy writer
                         for rec in _records_of_sound_batch(
                             _offset, count, payload, verify_records=True
                         ):
                             if isinstance(rec, RecordInfo):
-                                _put(table, rec, refs)
+                                _put(sink, rec, refs)
                                 report.records += 1
                             else:
                                 report.skipped += rec.lost
                                 report.errors.append(f"{shown}: {rec.reason}")
                 elif kind == "record":
-                    _put(table, item, refs)
+                    _put(sink, item, refs)
                     report.records += 1
                 else:
                     span: BadSpan = item
@@ -1628,15 +1761,30 @@ _unpackb = msgpack.unpackb
 _Table = dict[bytes, bytes | ValueRef]
 
 
-def _put(table: _Table, info: RecordInfo, refs: str | None) -> None:
-    value = info.record.value
-    ref = _as_ref(value, refs, info.batch_offset) if refs is not None else None
-    key = info.record.key
-    table[key] = value if ref is None else _after(table.get(key), ref)
+def _ref_or(
+    value: bytes, refs: str | None, batch_offset: int, prev: bytes | ValueRef | None
+) -> bytes | ValueRef:
+    """``value``, or the :class:`ValueRef` it holds (remembering ``prev``, see :func:`_after`)."""
+    if refs is not None and len(value) == REF_SIZE:
+        ref = _as_ref(value, refs, batch_offset)
+        if ref is not None:
+            return _after(prev, ref)
+    return value
+
+
+def _put(sink: _Sink, info: RecordInfo, refs: str | None) -> None:
+    rec = info.record
+    value = _ref_or(rec.value, refs, info.batch_offset, sink.table.get(rec.key))
+    if rec.expires < _INF:
+        sink.add(rec.key, rec.value, rec.func, rec.time, rec.expires, value)
+    else:
+        sink.table[rec.key] = value
+        if sink.expires:
+            sink.expires.pop(rec.key, None)
 
 
 def _load_run(
-    f: IO[bytes], size: int, start: int, table: _Table, refs: str | None = None
+    f: IO[bytes], size: int, start: int, sink: _Sink, refs: str | None = None
 ) -> tuple[int, int]:
     """Load sound batches from ``start`` on, as fast as possible; stop at the first irregularity.
 
@@ -1651,6 +1799,7 @@ def _load_run(
     fields = _BATCH_FIXED.unpack_from
     hsize = BATCH_HEADER_SIZE
     magic_expected = BATCH_MAGIC
+    table = sink.table
     loaded = 0
     pos = start
     buf = b""
@@ -1702,7 +1851,7 @@ def _load_run(
                 ok = (
                     len(recs) == 1
                     and type(rec) is tuple
-                    and len(rec) == 6
+                    and (len(rec) == 6 or (len(rec) == 7 and type(rec[5]) is float))
                     and type(rec[0]) is bytes
                     and type(rec[1]) is bytes
                 )
@@ -1710,13 +1859,15 @@ def _load_run(
                 ok = False
             if not ok:
                 break
-            value = rec[1]
-            if refs is not None and len(value) == REF_SIZE:
-                ref = _as_ref(value, refs, pos)
-                if ref is not None:
-                    value = _after(table.get(rec[0]), ref)
-            table[rec[0]] = value
-        elif not _load_sound_batch(table, count, payload, refs, pos):
+            raw = rec[1]
+            value = _ref_or(raw, refs, pos, table.get(rec[0])) if len(raw) == REF_SIZE else raw
+            if len(rec) == 7 and rec[5] < _INF:
+                sink.add(rec[0], raw, rec[2], rec[3], rec[5], value)
+            else:
+                table[rec[0]] = value
+                if sink.expires:
+                    sink.expires.pop(rec[0], None)
+        elif not _load_sound_batch(sink, count, payload, refs, pos):
             break
         loaded += count
         pos += hsize + length
@@ -1724,7 +1875,7 @@ def _load_run(
 
 
 def _load_sound_batch(
-    table: _Table,
+    sink: _Sink,
     count: int,
     payload: bytes | memoryview,
     refs: str | None = None,
@@ -1742,22 +1893,168 @@ def _load_sound_batch(
         return False
     # Shape check at C speed: a wrong type here would put a non-bytes value
     # in the table (only a foreign writer could produce such a sound batch).
-    if set(map(type, recs)) != {tuple} or set(map(len, recs)) != {6}:
+    if set(map(type, recs)) != {tuple}:
         return False
+    lens = set(map(len, recs))
     if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
         return False
-    if refs is None or REF_SIZE not in set(map(len, values)):
+    table = sink.table
+    if lens == {7}:  # format 3: an expiry per record
+        exps: list[float] = list(map(_get_expires, recs))
+        try:
+            lo = min(exps)
+            special = lo <= sink.now
+        except TypeError:  # not numbers: a foreign writer's, record by record
+            return False
+        hi = max(exps)
+        if hi != hi:  # NaN: a foreign writer's, record by record
+            return False
+        if special:
+            # tombstones (expires 0.0) or records already expired: one by one
+            for rec in recs:
+                raw = rec[1]
+                prev = table.get(rec[0]) if len(raw) == REF_SIZE else None
+                value = _ref_or(raw, refs, batch_offset, prev)
+                if rec[5] < _INF:
+                    sink.add(rec[0], raw, rec[2], rec[3], rec[5], value)
+                else:
+                    table[rec[0]] = value
+                    if sink.expires:
+                        sink.expires.pop(rec[0], None)
+            return True
+        sink.overwrite(keys)
+        before = _before_refs(table, keys, values, refs)
         table.update(zip(keys, values, strict=True))
-        return True
-    # value references (format 2): rare enough for a Python loop
-    before = {k: table.get(k) for k, v in zip(keys, values, strict=True) if len(v) == REF_SIZE}
-    table.update(zip(keys, values, strict=True))
-    for k, v in zip(keys, values, strict=True):
-        if len(v) == REF_SIZE and table.get(k) is v:
-            ref = _as_ref(v, refs, batch_offset)
-            if ref is not None:
-                table[k] = _after(before[k], ref)
+        if lo < _INF:
+            if hi < _INF:
+                sink.expires.update(zip(keys, exps, strict=True))
+            else:
+                sink.expires.update((k, e) for k, e in zip(keys, exps, strict=True) if e < _INF)
+    elif lens == {6}:
+        sink.overwrite(keys)
+        before = _before_refs(table, keys, values, refs)
+        table.update(zip(keys, values, strict=True))
+    else:
+        return False  # mixed shapes: the careful reader, record by record
+    if before is not None:
+        # value references (format 2): rare enough for a Python loop
+        for k, v in zip(keys, values, strict=True):
+            if len(v) == REF_SIZE and table.get(k) is v:
+                ref = _as_ref(v, refs or "", batch_offset)
+                if ref is not None:
+                    table[k] = _after(before[k], ref)
     return True
+
+
+def _before_refs(
+    table: _Table, keys: list[bytes], values: list[bytes], refs: str | None
+) -> dict[bytes, bytes | ValueRef | None] | None:
+    """What the table held for the keys of a batch's value references (None: the batch has none)."""
+    if refs is None or REF_SIZE not in set(map(len, values)):
+        return None
+    return {k: table.get(k) for k, v in zip(keys, values, strict=True) if len(v) == REF_SIZE}
+
+
+def _apply_tombstones(sink: _Sink, report: LoadReport) -> None:
+    """Drop what the load's tombstones forget, whatever order the segments loaded in.
+
+    A second pass over the segments read, only when some tombstone was found:
+    for every key with a forgotten record, the table ends up holding the last
+    record (in load order) that no tombstone forgets, or nothing. Records
+    written after a tombstone's time stay live. Only batches holding a
+    tombstoned key or function are looked into: every record of a key names
+    the same function (a key is derived from the function's name), so no
+    other batch holds a record of a key with a forgotten record.
+    """
+    tombs = sink.tombs
+    tkeys = tombs.keys
+    tfuncs = {f.encode("utf-8", "surrogateescape"): t for f, t in tombs.funcs.items()}
+    dead: set[bytes] = set()
+    live: dict[bytes, tuple[bytes | ValueRef, float]] = {}
+    forgotten = 0
+
+    def one(key: bytes, raw: bytes, func: bytes, when: float, expires: float, value: Any) -> None:
+        nonlocal forgotten
+        if expires == TOMBSTONE_EXPIRES and raw in (FORGET_KEY, FORGET_FUNC):
+            return
+        t = tkeys.get(key)
+        ft = tfuncs.get(func)
+        if (t is not None and when <= t) or (ft is not None and when <= ft):
+            dead.add(key)
+            forgotten += 1
+        else:
+            live[key] = (value, expires)
+
+    for path, refs in sink.segments:
+        try:
+            with _reading(path) as (src, header, _problem):
+                if header is None:
+                    continue
+                for kind, offset, item in _iter_batches(src, header.header_size):
+                    if kind == "batch":
+                        count, payload = item
+                        recs = _sound_records(offset, count, payload)
+                        if not tkeys.keys().isdisjoint(map(_get_key, recs)) or not (
+                            tfuncs.keys().isdisjoint(map(_get_func, recs))
+                        ):
+                            for rec in recs:
+                                if rec[0] not in tkeys and rec[2] not in tfuncs:
+                                    continue  # a key with no tombstone on it or its function
+                                exp = rec[5] if len(rec) == 7 else _INF
+                                prev = live.get(rec[0])
+                                value = _ref_or(rec[1], refs, offset, prev[0] if prev else None)
+                                one(rec[0], rec[1], rec[2], rec[3], exp, value)
+                    elif kind == "record":
+                        info: RecordInfo = item
+                        r = info.record
+                        prev = live.get(r.key)
+                        value = _ref_or(r.value, refs, info.batch_offset, prev[0] if prev else None)
+                        one(r.key, r.value, r.func.encode("utf-8", "surrogateescape"), r.time,
+                            r.expires, value)
+        except OSError as exc:  # vanished or unreadable since: say so, keep what we have
+            report.errors.append(f"{os.fspath(path)}: read error applying tombstones: {exc}")
+    table, expires = sink.table, sink.expires
+    for key in dead:
+        got = live.get(key)
+        if got is None:
+            table.pop(key, None)
+            expires.pop(key, None)
+        else:  # (an expired one was counted when it was read)
+            value, exp = got
+            if exp <= sink.now:
+                table.pop(key, None)
+                expires.pop(key, None)
+            else:
+                table[key] = value
+                if exp < _INF:
+                    expires[key] = exp
+                else:
+                    expires.pop(key, None)
+    report.forgotten += forgotten
+
+
+def _sound_records(offset: int, count: int, payload: bytes) -> list[tuple[Any, ...]]:
+    """The records of a sound batch as (key, value, func bytes, time, digests[, expires], ...)."""
+    try:
+        recs = msgpack.unpackb(payload, use_list=False, raw=True, strict_map_key=False)
+        if (
+            type(recs) is tuple
+            and len(recs) == count
+            and set(map(type, recs)) <= {tuple}
+            and set(map(len, recs)) <= {6, 7}
+            and all(type(r[0]) is bytes and type(r[1]) is bytes and type(r[2]) is bytes
+                    and type(r[3]) is float for r in recs)
+        ):
+            return list(recs)
+    except Exception:
+        pass
+    out: list[tuple[Any, ...]] = []  # what the careful reader still finds in it
+    for it in _records_of_sound_batch(offset, count, payload, verify_records=True):
+        if isinstance(it, RecordInfo):
+            r = it.record
+            out.append((r.key, r.value, r.func.encode("utf-8", "surrogateescape"), r.time,
+                        r.digests, r.expires, b""))
+    return out
 
 
 def _after(old: bytes | ValueRef | None, ref: ValueRef) -> ValueRef:
@@ -1786,7 +2083,7 @@ def _pickle_skipped(pkl: Path) -> str:
     )
 
 
-def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
+def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = None) -> LoadReport:
     """Load checkpoints into one table (key -> encoded value); never raises for bad data.
 
     Each path may be a run directory (holding ``checkpoint/``), a checkpoint
@@ -1801,8 +2098,17 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
     :attr:`LoadReport.errors`; ``skipped`` counts the records known lost.
     Synchronous and blocking: from a coroutine, call it through
     ``asyncio.to_thread``.
+
+    Format 3: a record whose expiry is at or before ``now`` (default: the
+    current time) is left out (counted in :attr:`LoadReport.expired`; being
+    the newest for its key, it removes an older one too), and the expiries of
+    the rest are in :attr:`LoadReport.expires`. Tombstones are applied after
+    every path is read, so segment order does not matter: a record written at
+    or before a tombstone's time is left out (counted in
+    :attr:`LoadReport.forgotten`), one written after it stays.
     """
     report = LoadReport()
+    sink = _Sink(report, _records.clock() if now is None else now)
     for p in paths:
         shown = os.fspath(p)
         try:
@@ -1823,13 +2129,61 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadReport:
                     report.errors.append(f"{shown}: no such checkpoint directory or file")
                 elif path.is_file():
                     # named explicitly: read it (the reader reports what is wrong)
-                    _load_segment(path, report)
+                    _load_segment(path, sink, report)
                 elif not path.is_dir():
                     report.errors.append(f"{shown}: skipped: {r.problem}")
                 # an empty directory holds nothing to load
                 continue
             for seg in r.segments:
-                _load_segment(seg, report)
+                _load_segment(seg, sink, report)
         except OSError as exc:
             report.errors.append(f"{shown}: cannot read: {exc.strerror or exc}")
+    if sink.tombs:
+        _apply_tombstones(sink, report)
+    report.expired += sink.expired
     return report
+
+
+def keys_of_funcs(
+    paths: Sequence[str | os.PathLike[str]], funcs: set[str]
+) -> tuple[dict[str, set[bytes]], set[str]]:
+    """The keys of the records of each function in ``funcs``, and every function name seen.
+
+    Reads the segments ``paths`` resolve to (as :func:`load_paths` does; no
+    values read, tombstones not counted as records). Never raises for bad
+    data or a missing path (they hold no names). Blocking: a worker thread's job.
+    """
+    wanted = {f.encode("utf-8", "surrogateescape"): f for f in funcs}
+    out: dict[str, set[bytes]] = {f: set() for f in funcs}
+    names: set[bytes] = set()
+    for p in paths:
+        try:
+            r = resolve(p)
+            segs = list(r.segments) if r.kind != "none" else [Path(p)] if Path(p).is_file() else []
+        except OSError:
+            continue
+        for seg in segs:
+            try:
+                with _reading(seg) as (src, header, _problem):
+                    if header is None:
+                        continue
+                    for kind, offset, item in _iter_batches(src, header.header_size):
+                        if kind == "batch":
+                            recs = _sound_records(offset, item[0], item[1])
+                        elif kind == "record":
+                            r2 = item.record
+                            recs = [(r2.key, r2.value, r2.func.encode("utf-8", "surrogateescape"),
+                                     r2.time, r2.digests, r2.expires, b"")]
+                        else:
+                            continue
+                        for rec in recs:
+                            exp = rec[5] if len(rec) == 7 else _INF
+                            if exp == TOMBSTONE_EXPIRES and rec[1] in (FORGET_KEY, FORGET_FUNC):
+                                continue  # a tombstone is no record of its function
+                            names.add(rec[2])
+                            f = wanted.get(rec[2])
+                            if f is not None:
+                                out[f].add(rec[0])
+            except OSError:
+                continue
+    return out, {n.decode("utf-8", "surrogateescape") for n in names}

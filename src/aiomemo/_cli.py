@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,7 +39,14 @@ from aiomemo import _codec
 from aiomemo._checkpoint import BadSpan, RecordInfo, is_segment_in_use
 from aiomemo._exceptions import MaintenanceError, MemoError
 from aiomemo._explain import explain
-from aiomemo._maintenance import ProgressFn, compact, import_parsl, scan_segments, total_size
+from aiomemo._maintenance import (
+    ProgressFn,
+    compact,
+    forget,
+    import_parsl,
+    scan_segments,
+    total_size,
+)
 from aiomemo._paths import ResolvedPath, find_segments, unique_segments
 
 __all__ = ["CliError", "Progress", "main"]
@@ -184,6 +192,10 @@ class _Tally:
     recovered: int = 0
     with_digests: int = 0
     parsl: int = 0
+    tombstones: int = 0
+    expiring: int = 0
+    expired: int = 0
+    now: float = field(default_factory=time.time)
 
     def add(self, seg: Path, i: int, item: RecordInfo | BadSpan) -> None:
         st = self.segs[i]
@@ -198,6 +210,12 @@ class _Tally:
         if item.recovered:
             self.recovered += 1
             st.recovered += 1
+        if rec.tombstone is not None:
+            self.tombstones += 1  # not a result: counted apart, in no function's stats
+            return
+        if rec.expires < math.inf:
+            self.expiring += 1
+            self.expired += rec.expires <= self.now
         self.keys.add(rec.key)
         f = self.funcs.get(rec.func)
         if f is None:
@@ -254,6 +272,9 @@ def _inspect_report(resolved: Sequence[ResolvedPath], tally: _Tally) -> dict[str
         "unique_keys": len(tally.keys),
         "recovered_records": tally.recovered,
         "records_with_digests": tally.with_digests,
+        "tombstones": tally.tombstones,
+        "records_with_expiry": tally.expiring,
+        "records_expired": tally.expired,
         "parsl_records": tally.parsl,
         "first_time": first,
         "last_time": last,
@@ -299,6 +320,8 @@ def _print_inspect(r: dict[str, Any]) -> None:
         ("records", f"{r['records']:,}"),
         ("unique keys", f"{r['unique_keys']:,}"),
         ("with digests", f"{r['records_with_digests']:,} (explain can name changed inputs)"),
+        ("expiry", f"{r['records_with_expiry']:,} record(s) expire, {r['records_expired']:,} expired"),
+        ("tombstones", f"{r['tombstones']:,} (aiomemo forget / memo.forget)"),
     ]
     if r["parsl_records"]:
         rows.append(("parsl keys", f"{r['parsl_records']:,} (imported from Parsl)"))
@@ -356,7 +379,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 (in_flight if d["in_flight"] else bad).append(d)
                 continue
             records += 1
-            if args.decode:
+            if args.decode and item.record.tombstone is None:
                 try:
                     _codec.decode(item.record.value)
                 except _codec.CodecError as exc:
@@ -586,6 +609,68 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# forget
+# --------------------------------------------------------------------------
+
+
+def _parse_date(text: str) -> float:
+    """Unix seconds from ``2026-12-01``, ``2026-12-01T12:00[:00][Z|+02:00]`` or a number."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            f"--before: not a date: {text!r} (e.g. 2026-12-01, 2026-12-01T12:00Z, or unix seconds)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # a date without a zone is UTC, as inspect prints
+    return when.timestamp()
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from aiomemo._forget import unknown_function
+    from aiomemo._hashing import arg_digests
+
+    before = _parse_date(args.before) if args.before is not None else None
+    keys: set[bytes] | None = None
+    digests: bytes | None = None
+    if args.args is not None or args.kwargs is not None:
+        from aiomemo._explain import _candidate_keys
+
+        task: dict[str, Any] = {
+            "func": args.func,
+            "args": _json_arg(args.args, "args", list),
+            "kwargs": _json_arg(args.kwargs, "kwargs", dict),
+        }
+        try:
+            keys = _candidate_keys(task)
+            digests = arg_digests(task)
+        except MemoError as exc:
+            raise CliError(f"--args/--kwargs: {exc}") from None
+    summary = forget(
+        args.path,
+        func=args.func,
+        keys=keys,
+        arg_digests=digests,
+        before=before,
+        dry_run=args.dry_run,
+        unknown=lambda name, known: unknown_function(name, known, f"in {args.path}"),
+    )
+    if args.json:
+        _emit_json(summary)
+        return 0
+    what = "would remove" if args.dry_run else "removed"
+    cut = datetime.fromtimestamp(summary["before"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    print(f"{what} {summary['removed']:,} record(s) of {args.func} written up to {cut}")
+    for seg in summary["segments_written"]:
+        print(f"tombstone: {seg}")
+    return 0
+
+
+# --------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------
 
@@ -729,6 +814,29 @@ def _import_parsl_parser(add: _Add) -> None:
     )
 
 
+def _forget_parser(add: _Add) -> None:
+    p = add(
+        "forget",
+        _cmd_forget,
+        "forget the records of a function (or of some calls of it)",
+        "Forget every record of --func written up to --before (default: now), or only the "
+        "calls given by --args/--kwargs (JSON, as explain takes them). Adds a tombstone "
+        "segment (written to a temp file, fsynced, renamed into place) to each checkpoint "
+        "dir holding such records: a later load misses them; compact removes them from "
+        "disk. Refuses while a writer holds a segment.",
+    )
+    p.add_argument("path", metavar="PATH", help=_PATH_HELP)
+    p.add_argument("--func", required=True, help='the function as recorded: "module.qualname"')
+    p.add_argument("--args", help="only this call: positional arguments as a JSON array")
+    p.add_argument("--kwargs", help="only this call: keyword arguments as a JSON object")
+    p.add_argument(
+        "--before",
+        metavar="DATE",
+        help="only records written up to DATE (2026-12-01, 2026-12-01T12:00Z, unix seconds)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count; write nothing")
+
+
 #: the subcommands, in the order ``--help`` lists them: one function each
 #: (a new command is a ``_cmd_x`` handler, an ``_x_parser`` and a line here)
 _SUBCOMMANDS: tuple[Callable[[_Add], None], ...] = (
@@ -737,6 +845,7 @@ _SUBCOMMANDS: tuple[Callable[[_Add], None], ...] = (
     _verify_parser,
     _compact_parser,
     _explain_parser,
+    _forget_parser,
     _import_parsl_parser,
 )
 

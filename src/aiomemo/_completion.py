@@ -15,9 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from aiomemo import _expiry
 from aiomemo._drain import Drain
 from aiomemo._exceptions import LeaderCancelledError
+from aiomemo._expiry import NO_TTL, expires_of, task_ttl
 from aiomemo._flights import Flights
+from aiomemo._forget import ByFunc
 from aiomemo._leases import SharedTier
 from aiomemo._lifecycle import Life, Lifecycle
 from aiomemo._recorder import RecordMaker
@@ -31,7 +34,17 @@ __all__ = ["Completion"]
 class Completion:
     """The ``update_memo_*`` and checkpoint-queueing paths of one Memoizer."""
 
-    __slots__ = ("_drain", "_flights", "_life", "_records", "_shared", "_table", "mode")
+    __slots__ = (
+        "_by_func",
+        "_drain",
+        "_flights",
+        "_life",
+        "_records",
+        "_shared",
+        "_table",
+        "mode",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -42,7 +55,12 @@ class Completion:
         records: RecordMaker,
         drain: Drain,
         shared: SharedTier,
+        *,
+        ttl: float | None = None,
+        by_func: ByFunc | None = None,
     ) -> None:
+        self.ttl = ttl
+        self._by_func = by_func if by_func is not None else ByFunc()
         self._life = life
         self.mode = mode
         self._table = table
@@ -55,12 +73,13 @@ class Completion:
         """``task`` (hex ``key``) finished with ``r``: table, followers, record, store."""
         mode = self.mode
         self._table.put(key, r)
+        expires = self._expiry_of(task, key)
         flight = self._flights.finish(key, value=r)  # followers get it
         lease_store = flight.lease_store if flight is not None else None
         if mode is None and (flight is None or flight.lease is None):
             # nothing to write or publish: a later manual checkpoint() encodes it
             return
-        record = self._records.make(task, key, r)
+        record = self._records.make(task, key, r, expires)
         if record is None:
             if flight is not None:
                 self._shared.release_flight(flight)
@@ -88,6 +107,15 @@ class Completion:
             self._table.trim_if_due()
         elif mode == "periodic" and self._drain.queued_enough():
             self._drain.wake()
+
+    def _expiry_of(self, task: Mapping[str, Any], key: str) -> float:
+        """The absolute expiry of the result just recorded for ``key`` (noted in the table)."""
+        self._by_func.note(self._records.name_of(task.get("func")), key)
+        ttl = self.ttl if "ttl" not in task else task_ttl(task, self.ttl)
+        expires = expires_of(ttl, _expiry.now()) if ttl is not None else NO_TTL
+        if expires < NO_TTL or self._table.expires:
+            self._table.expire_at(bytes.fromhex(key), expires)
+        return expires
 
     def exception(self, key: str, e: BaseException) -> None:
         """The task of ``key`` raised ``e`` (memoized for this run) or was stopped (dropped)."""
@@ -127,7 +155,8 @@ class Completion:
         value = self._table.finished(key)
         if value is MISSING or type(value) is Raised:
             return None
-        return self._records.make(task, key, value)
+        expires = self._table.expires.get(bytes.fromhex(key), NO_TTL)
+        return self._records.make(task, key, value, expires)
 
     def queue(self, record: Record, key: str, skip: Store | None = None) -> None:
         if not self._drain.sinks and self._life.state is Lifecycle.STARTED:

@@ -135,3 +135,11 @@ class MemoizerUsageError(MemoError, RuntimeError):
 
 class StoreError(MemoError):
     """A store failed (Redis unreachable, an OS error writing a file...)."""
+
+
+class UnknownFunctionError(MemoError, LookupError):
+    """``forget(func=...)`` / ``aiomemo forget --func`` named a function with no records.
+
+    The message names it and, when a recorded name is close, suggests it:
+    ``no records of mymod.sim; did you mean mymod.simulate?``.
+    """

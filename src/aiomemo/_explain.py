@@ -38,12 +38,14 @@ from typing import Any, Literal
 
 import msgpack
 
+from aiomemo import _records
 from aiomemo._checkpoint import RecordInfo, iter_segment
 from aiomemo._exceptions import CheckpointPathError, UnhashableInputError
 from aiomemo._fingerprint import code_fingerprint, split_record
 from aiomemo._hashing import arg_digests, hash_task
 from aiomemo._naming import func_name
 from aiomemo._paths import PathKind, ResolvedPath, find_segments, unique_segments
+from aiomemo._records import Record, Tombstones
 
 __all__ = [
     "CheckpointPathError",
@@ -412,7 +414,8 @@ def explain(
     total_bytes = sum(sizes)
     done_bytes = 0
 
-    hit_rec = None
+    hit_recs: list[Record] = []  # the task's own records, in load order
+    tombs = Tombstones()
     scanned = 0
     of_func = 0
     with_digests = 0
@@ -430,8 +433,10 @@ def explain(
             scanned += 1
             if progress is not None and not scanned & 0x3FFF:
                 progress(done_bytes + item.offset, total_bytes)
+            if tombs.add(rec):
+                continue  # a tombstone, not a recorded call
             if rec.key in keys:
-                hit_rec = rec
+                hit_recs.append(rec)
             if rec.func != name:
                 if len(names) < 10_000:
                     names.add(rec.func)
@@ -457,6 +462,17 @@ def explain(
     if progress is not None:
         progress(total_bytes, total_bytes)
 
+    # a load would keep the last record of the key no tombstone forgets, unexpired
+    now = _records.clock()
+    live = [r for r in hit_recs if not tombs.forgets(r)]
+    hit_rec = live[-1] if live and live[-1].expires > now else None
+    if hit_recs and hit_rec is None:
+        gone = (
+            f"the recorded call expired at {_when(live[-1].expires)}"
+            if live
+            else "the recorded call was forgotten (aiomemo forget / memo.forget)"
+        )
+        note = f"{note}; {gone}" if note else gone
     task_key = None
     if len(keys) == 1:
         task_key = next(iter(keys)).hex()

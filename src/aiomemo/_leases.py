@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -110,6 +111,15 @@ class SharedTier:
             logger.warning("shared result for %s could not be decoded: %s", key, exc)
             return MISSING
         self._table.put(key, value)
+        # the shared value's own expiry, when its store tells (RedisStore does)
+        raw = bytes.fromhex(key)
+        expires = math.inf
+        for store in self.stores:
+            take = getattr(store, "take_expiry", None)
+            if take is not None:
+                expires = min(expires, take(raw))
+        if expires < math.inf or self._table.expires:
+            self._table.expire_at(raw, expires)
         return value
 
     async def _follow_remote(self, store: LeaseStore, key: str, raw: bytes, flight: Flight) -> None:

@@ -76,6 +76,8 @@ class ThreadClaim:
         loop = life.loop
         if life.state is not Lifecycle.STARTED or loop is None or self._shared:
             return "loop", None
+        if "refresh" in task or "ttl" in task:
+            return "loop", None
         value = self._table.lookup(key, raw, task, read=False)
         if type(value) is OnDisk:
             return "loop", None

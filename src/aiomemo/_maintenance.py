@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from blake3 import blake3
 
-from aiomemo import _codec
+from aiomemo import _codec, _records
 from aiomemo._checkpoint import (
     BadSpan,
     RecordInfo,
@@ -49,10 +50,10 @@ from aiomemo._paths import (
     resolve,
     segment_name,
 )
-from aiomemo._records import Record
+from aiomemo._records import Record, Tombstones, func_tombstone, key_tombstone
 from aiomemo._rundir import ensure_dir, make_run_dir
 
-__all__ = ["ProgressFn", "compact", "import_parsl", "scan_segments", "total_size"]
+__all__ = ["ProgressFn", "compact", "forget", "import_parsl", "scan_segments", "total_size"]
 
 #: ``progress(done, total)`` in bytes; the CLI draws a bar from it
 ProgressFn = Callable[[int, int], None]
@@ -158,7 +159,7 @@ def _chunks(records: Sequence[Record | RecordInfo], drop_damaged: bool) -> Itera
                         "what still loads",
                         code=1,
                     ) from exc
-                rec = Record(rec.key, value, rec.func, rec.time, rec.digests)
+                rec = Record(rec.key, value, rec.func, rec.time, rec.digests, rec.expires)
         else:
             rec = item
         batch.append(rec)
@@ -293,11 +294,17 @@ def compact(
     *,
     drop_damaged: bool = False,
     progress: ProgressFn | None = None,
+    now: float | None = None,
 ) -> dict[str, Any]:
     """Rewrite the segments under ``path`` as one segment, newest record per key.
 
     "Newest" is load order: a later segment's record for a key wins, exactly
     as loading picks it, so the compacted segment loads to the same table.
+    Records expired at ``now`` (default: the current time) and records a
+    tombstone forgets are left out, as loading leaves them out. Tombstones are
+    kept, always (the newest one per key and per function): they may forget
+    records in checkpoint dirs this compaction does not see (other runs,
+    copies), and each costs about a hundred bytes.
 
     In place (``out`` None; ``path`` must resolve to one checkpoint dir):
     refuses (:class:`~aiomemo.MaintenanceError`, code 2) while any segment is open in a writer,
@@ -354,6 +361,8 @@ def compact(
         records_in = 0
         live = {s for s in segments if out is not None and is_segment_in_use(s)}
         in_flight = 0
+        tombs = Tombstones()
+        newest: dict[tuple[str | None, bytes | str], Record] = {}
         for seg, _i, item in scan_segments(
             segments, verify_records=True, progress=progress, values=False
         ):
@@ -364,7 +373,14 @@ def compact(
                     bad.append(item)
             else:
                 records_in += 1
-                table[item.record.key] = item
+                rec = item.record
+                if tombs.add(rec):  # the newest tombstone per key / function is kept
+                    slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
+                    prev = newest.get(slot)
+                    if prev is None or rec.time > prev.time:
+                        newest[slot] = rec
+                else:
+                    table[rec.key] = item
         if bad and not drop_damaged:
             lost = sum(b.lost for b in bad)
             raise MaintenanceError(
@@ -372,7 +388,8 @@ def compact(
                 "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
                 code=1,
             )
-        records = list(table.values())
+        kept, dropped = _live_records(segments, table, tombs, now)
+        records: list[Record | RecordInfo] = [*newest.values(), *kept]
         bytes_in = total_size(segments)
         tmp = _write_temp_segment(target, records, drop_damaged=drop_damaged)
         size = tmp.size
@@ -402,6 +419,9 @@ def compact(
         "segments_in": len(segments),
         "records_in": records_in,
         "records_out": len(records),
+        "expired_dropped": dropped["expired"],
+        "forgotten_dropped": dropped["forgotten"],
+        "tombstones_kept": len(tombs),
         "bytes_in": bytes_in,
         "bytes_out": size,
         "damaged_spans_dropped": len(bad),
@@ -415,6 +435,42 @@ def compact(
 # --------------------------------------------------------------------------
 # import-parsl
 # --------------------------------------------------------------------------
+
+
+def _live_records(
+    segments: Sequence[Path],
+    table: dict[bytes, RecordInfo],
+    tombs: Tombstones,
+    now: float | None,
+) -> tuple[list[RecordInfo], dict[str, int]]:
+    """What loading keeps: per key the last record (load order) no tombstone forgets, if unexpired.
+
+    ``table`` holds the last record per key; when a tombstone forgets it, an
+    earlier record of the key that it does not forget may still stand, so the
+    segments are read again (no values) for those keys only.
+    """
+    when = _records.clock() if now is None else now
+    dropped = {"expired": 0, "forgotten": 0}
+    if tombs:
+        redo = {k for k, info in table.items() if tombs.forgets(info.record)}
+        if redo:
+            for k in redo:
+                del table[k]
+            for _seg, _i, item in scan_segments(segments, verify_records=True, values=False):
+                if isinstance(item, RecordInfo) and item.record.key in redo:
+                    rec = item.record
+                    if rec.tombstone is None:
+                        if tombs.forgets(rec):
+                            dropped["forgotten"] += 1
+                        else:
+                            table[rec.key] = item
+    out = []
+    for info in table.values():
+        if info.record.expires <= when:
+            dropped["expired"] += 1
+        else:
+            out.append(info)
+    return out, dropped
 
 
 def _find_pickles(path: Path) -> tuple[list[Path], Path | None]:
@@ -608,3 +664,125 @@ def import_parsl(
         "skipped_malformed": counts.malformed,
         "unreadable": counts.unreadable,
     }
+
+
+# --------------------------------------------------------------------------
+# forget
+# --------------------------------------------------------------------------
+
+
+def _same_args(recorded: bytes, wanted: bytes) -> bool:
+    """The argument digests of a record (its ``digests``) match ``wanted`` (``arg_digests``)."""
+    try:
+        a = msgpack.unpackb(recorded, raw=False, strict_map_key=False)
+        b = msgpack.unpackb(wanted, raw=False, strict_map_key=False)
+    except Exception:
+        return False
+    return (
+        isinstance(a, list) and isinstance(b, list) and len(a) >= 2 and len(b) >= 2
+        and a[:2] == b[:2]
+    )
+
+
+def forget(
+    path: str | os.PathLike[str],
+    *,
+    func: str,
+    keys: set[bytes] | None = None,
+    arg_digests: bytes | None = None,
+    before: float | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+    unknown: Callable[[str, set[str]], Exception] | None = None,
+) -> dict[str, Any]:
+    """Forget the records of function ``func`` under ``path`` (offline); return a summary.
+
+    Every record of ``func`` written at or before ``before`` (default: now)
+    is forgotten; with ``keys`` / ``arg_digests`` only the calls with one of
+    those keys or those argument digests (``--args``/``--kwargs``). Nothing
+    is rewritten: a tombstone segment (see :mod:`aiomemo._records`) is added
+    to each checkpoint dir that holds such records, written to a temp file,
+    fsynced, read back, renamed into place and the dir fsynced; a crash at
+    any point leaves either no tombstone or the whole segment, and every
+    checkpoint loads (the forgotten records drop out at load; ``compact``
+    removes them from disk).
+
+    Refuses (:class:`~aiomemo.MaintenanceError`, code 2; nothing written)
+    while a writer holds a segment, and when ``func`` has no records at all
+    (``unknown(name, known_names)`` makes that error: the CLI's names a
+    close match). ``removed`` counts the records a load gives today that it
+    would no longer give (one per key); ``dry_run`` only counts.
+    """
+    resolved = find_segments(path, strict=True)
+    assert resolved is not None
+    segments = list(resolved.segments)
+    shown = os.fspath(path)
+    for s in segments:
+        if is_segment_in_use(s):
+            raise MaintenanceError(
+                f"{s}: a writer holds this segment open (a run is still checkpointing here); "
+                "forget once it has finished"
+            )
+    when = _records.clock() if now is None else now
+    upto = when if before is None else before
+    tombs = Tombstones()
+    names: set[str] = set()
+    last: dict[bytes, tuple[Path, Record]] = {}  # key -> last record of func (load order)
+    for seg, _i, item in scan_segments(segments, verify_records=True, values=False):
+        if not isinstance(item, RecordInfo):
+            continue
+        rec = item.record
+        if tombs.add(rec):
+            continue
+        names.add(rec.func)
+        if rec.func == func:
+            last[rec.key] = (seg.parent, rec)
+    if func not in names:
+        if unknown is not None:
+            raise unknown(func, names)
+        raise MaintenanceError(f"{shown}: no records of {func}")
+    hits: dict[Path, set[bytes]] = {}
+    for key, (directory, rec) in last.items():
+        if tombs.forgets(rec) or rec.expires <= when or rec.time > upto:
+            continue  # not live today, or written after the cut-off
+        if keys is not None or arg_digests is not None:
+            by_key = keys is not None and key in keys
+            by_args = arg_digests is not None and _same_args(rec.digests, arg_digests)
+            if not (by_key or by_args):
+                continue
+        hits.setdefault(directory, set()).add(key)
+    removed = sum(len(v) for v in hits.values())
+    written: list[str] = []
+    if not dry_run:
+        for directory, ks in hits.items():
+            if keys is None and arg_digests is None:
+                recs = [func_tombstone(func, upto)]
+            else:
+                recs = [key_tombstone(k, func, upto) for k in sorted(ks)]
+            written.append(os.fspath(_write_tombstones(directory, recs)))
+    return {
+        "input": shown,
+        "func": func,
+        "before": upto,
+        "removed": removed,
+        "dry_run": dry_run,
+        "segments_written": written,
+        "checkpoint_dirs": len(hits),
+    }
+
+
+def _write_tombstones(directory: Path, records: list[Record]) -> Path:
+    """A new segment holding ``records`` in ``directory``, atomically and durably."""
+    tmp = _write_temp_segment(directory, records)
+    try:
+        try:
+            _check_written(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.path.unlink()
+            raise
+        final = directory / segment_name()
+        _publish(tmp.path, final)
+    finally:
+        os.close(tmp.fd)
+    return final

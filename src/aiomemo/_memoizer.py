@@ -43,13 +43,14 @@ from typing import (
     overload,
 )
 
-from aiomemo import _setup, _shutdown, _views
+from aiomemo import _expiry, _setup, _shutdown, _views
 from aiomemo._cached import cached_or_decorator
 from aiomemo._completion import Completion
 from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._exceptions import LeaderCancelledError
 from aiomemo._flights import Flights, follow
+from aiomemo._forget import ByFunc
 from aiomemo._hashing import IgnoreNames, KeyHook, hash_task_async
 from aiomemo._leases import SharedTier
 from aiomemo._lifecycle import Life, Lifecycle
@@ -89,8 +90,11 @@ class TaskRecord(TypedDict, total=False):
     (kwarg names left out of the key; ``outputs`` in kwargs are output
     refs), ``version`` (separates functions that share a qualname),
     ``track_code`` (the key includes the function's code fingerprint;
-    default: the Memoizer's ``track_code``). ``check_memo`` writes
-    ``hashsum``. Parsl's TaskRecord dicts work as they are.
+    default: the Memoizer's ``track_code``), ``ttl`` (seconds or a
+    timedelta the result stays valid; default: the Memoizer's ``ttl``;
+    ``math.inf``: never expires), ``refresh`` (True: run the task even on a
+    hit and replace the stored result). ``check_memo`` writes ``hashsum``.
+    Parsl's TaskRecord dicts work as they are.
     """
 
     func: Callable[..., Any]
@@ -101,6 +105,8 @@ class TaskRecord(TypedDict, total=False):
     ignore_for_cache: IgnoreNames
     version: object
     track_code: bool
+    ttl: float | _dt.timedelta | None
+    refresh: bool
     hashsum: str | None
 
 
@@ -152,6 +158,10 @@ class Memoizer:
             Results this run produced stay in memory either way.
         key_hooks: extra keying rules, ``hook(obj, output_ref) -> value`` or
             ``NOT_HANDLED``, tried for types aiomemo has no rule for.
+        ttl: seconds (or a timedelta) a result stays valid after it was
+            recorded: then it is a miss, in memory, at the next load and in
+            a shared store. None (default): results never expire. A task's
+            ``ttl`` field or ``memo.cached(ttl=...)`` overrides it.
 
     A Memoizer belongs to the event loop it starts on: a call from another
     loop raises :class:`~aiomemo.MemoizerUsageError`.
@@ -186,8 +196,10 @@ class Memoizer:
         key_hooks: Sequence[KeyHook] = (),
         track_code: bool = False,
         memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+        ttl: float | _dt.timedelta | None = None,
     ) -> None:
         _setup.check_mode(checkpoint_mode)
+        self.ttl = _expiry.ttl_of(ttl)
         self.memory_limit = _setup.memory_limit_of(memory_limit)
         self.checkpoint_mode: CheckpointMode | None = checkpoint_mode
         self.checkpoint_period = _setup.period_of(checkpoint_period, checkpoint_mode)
@@ -212,6 +224,7 @@ class Memoizer:
         self._records = RecordMaker(c, explain=self.explain_digests, hooks=self.key_hooks)
         self._table = MemoTable(c, parsl_keys=parsl_keys, memory_limit=memory_limit)
         self._flights = Flights(collapse=collapse)
+        self._by_func = ByFunc()  # this run's result keys per function, for forget(func=)
         self._drain = Drain(
             c,
             periodic=self.checkpoint_period if checkpoint_mode == "periodic" else None,
@@ -228,6 +241,8 @@ class Memoizer:
             self._records,
             self._drain,
             self._shared,
+            ttl=self.ttl,
+            by_func=self._by_func,
         )
         #: ``check_memo``'s common path for a caller on another thread, no loop
         #: hop (adapters): see :meth:`aiomemo._lookup.ThreadClaim.claim`
@@ -372,10 +387,13 @@ class Memoizer:
             return None
         if self.track_code and "track_code" not in t:
             t["track_code"] = True  # the record and explain see it too
+        if "ttl" in t:
+            _expiry.task_ttl(t, None)  # a bad one fails here, before the task runs
         raw = await hash_task_async(t, self.key_hooks)
         key = raw.hex()
         t["hashsum"] = key
-        value = self._table.lookup(key, raw, t, read=False)
+        refresh = t.get("refresh")
+        value = MISSING if refresh else self._table.lookup(key, raw, t, read=False)
         if type(value) is OnDisk:
             value = await self._table.read(key, value)
         if value is not MISSING:
@@ -383,9 +401,10 @@ class Memoizer:
             return done_future(loop, value)
         flight, leads = self._flights.claim(key, loop)
         if not leads:
+            # (a refresh joins an identical task in flight: its result is fresh)
             self._counters.collapsed += 1
             return follow(flight.future, loop)
-        if self._shared:
+        if self._shared and not refresh:
             try:
                 return await self._shared.lookup(key, raw, flight)
             except BaseException:
@@ -498,6 +517,20 @@ class Memoizer:
             paths.append(os.fspath(self._life.run_dir))
         return await _views.explain(cast(Mapping[str, Any], task), paths)
 
+    async def forget(
+        self, task: Task | None = None, *, func: Callable[..., Any] | str | None = None
+    ) -> int:
+        """Forget a task's result, or every result of ``func`` (a function or its name).
+
+        Returns how many entries left this memo; a tombstone reaches every
+        store before it returns, so later runs and other processes miss them
+        too (see :mod:`aiomemo._forget`). Raises
+        :class:`~aiomemo.UnknownFunctionError` for a function with no records.
+        """
+        from aiomemo._forget import forget
+
+        return await forget(self, task, func)
+
     # ------------------------------------------------------------------ stats
     def stats(self) -> MemoStats:
         """Counters: hits, misses, collapsed, entries, checkpointed, pending, ..."""
@@ -512,6 +545,8 @@ class Memoizer:
         ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
+        ttl: float | _dt.timedelta | None = None,
+        refresh: bool = False,
     ) -> Callable[P, Awaitable[R]]: ...
 
     @overload
@@ -522,6 +557,8 @@ class Memoizer:
         ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
+        ttl: float | _dt.timedelta | None = None,
+        refresh: bool = False,
     ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
     def cached(
@@ -531,6 +568,8 @@ class Memoizer:
         ignore: IgnoreNames = (),
         version: object = None,
         track_code: bool | None = None,
+        ttl: float | _dt.timedelta | None = None,
+        refresh: bool = False,
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
 
@@ -538,10 +577,21 @@ class Memoizer:
         bare str is a TypeError); ``version`` separates functions that share
         a qualname (closures, lambdas) or marks a changed implementation;
         ``track_code`` (default: the Memoizer's) keys calls also by the code
-        fingerprint of the function and what it reaches.
+        fingerprint of the function and what it reaches; ``ttl`` (seconds
+        or a timedelta; default: the Memoizer's) how long its results stay
+        valid; ``refresh=True`` runs every call even on a hit and replaces
+        the stored result (identical concurrent calls still run once).
         Identical concurrent calls run once; if the running one is
         cancelled, a waiting caller takes over. A call that awaits itself
         with the same arguments raises :class:`~aiomemo.MemoizerUsageError`.
         ``wrapper.key(*args, **kwargs)`` gives the key a call would have.
         """
-        return cached_or_decorator(self, fn, ignore=ignore, version=version, track_code=track_code)
+        return cached_or_decorator(
+            self,
+            fn,
+            ignore=ignore,
+            version=version,
+            track_code=track_code,
+            ttl=ttl,
+            refresh=refresh,
+        )

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from aiomemo import _codec, _fingerprint
+from aiomemo import _codec, _expiry, _fingerprint
 from aiomemo._counters import Counters
 from aiomemo._hashing import KeyHook, arg_digests
 from aiomemo._naming import func_name
+from aiomemo._records import NEVER
 from aiomemo.stores._base import Record
 
 __all__ = ["RecordMaker"]
@@ -34,8 +34,24 @@ class RecordMaker:
         self._func_names: dict[object, str] = {}
         self._warned_types: set[str] = set()
 
-    def make(self, task: Mapping[str, Any], key: str, r: Any) -> Record | None:
-        """The record of ``task`` (hex ``key``) finished with ``r``; None when ``r`` cannot be encoded."""
+    def name_of(self, func: object) -> str:
+        """``"module.qualname"`` of ``func`` (cached for the first 10,000 functions)."""
+        try:
+            return self._func_names[func]
+        except (KeyError, TypeError):
+            name = func_name(func)
+            if len(self._func_names) < 10_000:
+                with contextlib.suppress(TypeError):
+                    self._func_names[func] = name
+            return name
+
+    def make(
+        self, task: Mapping[str, Any], key: str, r: Any, expires: float = NEVER
+    ) -> Record | None:
+        """The record of ``task`` (hex ``key``) finished with ``r``; None when ``r`` cannot be encoded.
+
+        ``expires``: the record's absolute expiry (default: never).
+        """
         try:
             value = _codec.encode(r)
         except _codec.UnencodableResultError as exc:
@@ -51,14 +67,8 @@ class RecordMaker:
                 logger.warning("%s", msg)
             return None
         func = task.get("func")
-        try:
-            name = self._func_names[func]
-        except (KeyError, TypeError):
-            name = func_name(func)
-            if len(self._func_names) < 10_000:
-                with contextlib.suppress(TypeError):
-                    self._func_names[func] = name
+        name = self.name_of(func)
         digests = arg_digests(task, self._hooks) if self.explain else b""
         if digests and task.get("track_code"):
             digests = _fingerprint.with_code_digests(digests, func)
-        return Record(bytes.fromhex(key), value, name, time.time(), digests)
+        return Record(bytes.fromhex(key), value, name, _expiry.now(), digests, expires)

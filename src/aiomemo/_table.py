@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, cast
 
-from aiomemo import _codec
+from aiomemo import _codec, _expiry
 from aiomemo._counters import Counters
 from aiomemo._exceptions import CorruptCheckpointError
 from aiomemo._records import LoadReport, ValueRef
@@ -142,6 +142,7 @@ class MemoTable:
         "bodies",
         "disk_reads",
         "done",
+        "expires",
         "has_parsl_keys",
         "held",
         "loaded",
@@ -157,6 +158,8 @@ class MemoTable:
         self.has_parsl_keys = False
         self.done: dict[str, Any] = {}
         self.loaded: dict[bytes, bytes | ValueRef] = {}
+        #: raw key -> absolute expiry, for the entries (done or loaded) that expire
+        self.expires: dict[bytes, float] = {}
         self._decode_lock = threading.Lock()
         self.memory_limit = memory_limit
         #: hex key -> (decoded value, encoded size) read from disk, oldest first
@@ -188,6 +191,12 @@ class MemoTable:
         event loop) an :class:`OnDisk` comes back instead, for :meth:`read`.
         """
         value = self.done.get(key, MISSING)
+        expires = self.expires
+        if expires:  # one truth test on the hit path when nothing expires
+            when = expires.get(raw)
+            if when is not None and when <= _expiry.now():
+                self._expire(key, raw)
+                return MISSING
         if value is not MISSING:
             return value
         enc = self.loaded.get(raw)
@@ -247,6 +256,30 @@ class MemoTable:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.shutdown(wait=False)
+
+    def _expire(self, key: str, raw: bytes) -> None:
+        """Drop (and count) the entry of ``raw``: it has expired."""
+        if self.remove(key, raw):
+            self._counters.expired += 1
+
+    def remove(self, key: str, raw: bytes) -> bool:
+        """Drop the entry of ``key`` (hex) / ``raw`` wherever it is; True when there was one."""
+        with self._decode_lock:
+            found = self.done.pop(key, MISSING) is not MISSING
+            found = self.loaded.pop(raw, None) is not None or found
+            body = self.bodies.pop(key, None)
+            if body is not None:
+                self.held -= body[1]
+                self._freed += body[1]
+            self.expires.pop(raw, None)
+        return found
+
+    def expire_at(self, raw: bytes, when: float) -> None:
+        """The entry of ``raw`` expires at ``when`` (inf: never)."""
+        if when < _expiry.NO_TTL:
+            self.expires[raw] = when
+        elif self.expires:
+            self.expires.pop(raw, None)
 
     def _held(self, key: str) -> Any:
         with self._decode_lock:
@@ -372,9 +405,18 @@ class MemoTable:
         # a scan of every key: only when Parsl-key lookups were asked for
         if self.parsl_keys and not self.has_parsl_keys:
             self.has_parsl_keys = any(len(k) == 16 for k in rep.table)
+        if self.expires and rep.table:  # entries a newer record replaces without expiry
+            for k in self.expires.keys() & rep.table.keys() - rep.expires.keys():
+                del self.expires[k]
         if self.loaded:
             self.loaded.update(rep.table)
         else:
             self.loaded = rep.table  # no copy: a million entries cost ~40 MB of dict
+        if self.expires:
+            self.expires.update(rep.expires)
+        else:
+            self.expires = rep.expires
         self._counters.load_errors += max(rep.skipped, len(rep.errors))
+        self._counters.expired += rep.expired
+        self._counters.forgotten += rep.forgotten
         return list(rep.errors)

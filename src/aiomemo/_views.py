@@ -45,6 +45,10 @@ class MemoStats(NamedTuple):
     bytes_on_disk: int = 0
     #: results read back from disk (each verified)
     disk_reads: int = 0
+    #: entries dropped because they expired (at load, or on a lookup)
+    expired: int = 0
+    #: entries dropped by ``forget()`` or by tombstones at load
+    forgotten: int = 0
 
 
 def stats(c: Counters, table: MemoTable, drain: Drain) -> MemoStats:
@@ -64,6 +68,8 @@ def stats(c: Counters, table: MemoTable, drain: Drain) -> MemoStats:
         bytes_held=table.held,
         bytes_on_disk=table.bytes_on_disk(),
         disk_reads=table.disk_reads,
+        expired=c.expired,
+        forgotten=c.forgotten,
     )
 
 

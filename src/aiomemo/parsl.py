@@ -109,6 +109,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             app's function (its code, the helpers, classes and module-level
             values it reaches in your code, the versions of installed
             distributions it uses): editing a helper is then a miss.
+        ttl: seconds (or a timedelta) an app result stays valid after it was
+            recorded; None (default, as Parsl): results never expire.
 
     Raises:
         ParslConfigurationError: a bad mode or period (Parsl's
@@ -127,6 +129,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         store: Store | Sequence[Store] | None = None,
         collapse: bool = True,
         track_code: bool = False,
+        ttl: float | datetime.timedelta | None = None,
     ) -> None:
         if isinstance(checkpoint_files, str | os.PathLike):
             raise ParslConfigurationError(
@@ -139,6 +142,7 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.store = store
         self.collapse = collapse
         self.track_code = track_code
+        self.ttl = ttl
         # validate now (Parsl validates the period only at start)
         try:
             probe = Memoizer(
@@ -146,6 +150,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                 checkpoint_period=checkpoint_period,
                 checkpoint_mode=checkpoint_mode,
                 collapse=collapse,
+                ttl=ttl,
             )
         except (ValueError, TypeError) as exc:
             raise ParslConfigurationError(str(exc)) from exc
@@ -170,6 +175,8 @@ class ParslMemoizer(_ParslMemoizerBase):
         args.append(f"collapse={self.collapse!r}")
         if self.track_code:
             args.append("track_code=True")
+        if self.ttl is not None:
+            args.append(f"ttl={self.ttl!r}")
         if self.store is not None:
             args.append(f"store={self.store!r}")
         return f"ParslMemoizer({', '.join(args)})"
@@ -258,6 +265,7 @@ class ParslMemoizer(_ParslMemoizerBase):
                 collapse=self.collapse,
                 parsl_keys=True,  # records imported from Parsl's checkpoints
                 key_hooks=_KEY_HOOKS,
+                ttl=self.ttl,
             )
         except (ValueError, TypeError) as exc:
             raise ParslConfigurationError(str(exc)) from exc

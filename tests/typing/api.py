@@ -112,5 +112,30 @@ def more_errors(data: bytes) -> None:
         pass
 
 
+async def expiry_forget_refresh() -> None:
+    import datetime as dt
+
+    async with Memoizer(checkpoint_mode="task_exit", ttl=dt.timedelta(days=7)) as memo:
+
+        @memo.cached(ttl=3600)
+        async def quote(symbol: str) -> float:
+            return 1.0
+
+        @memo.cached(refresh=True)
+        async def latest() -> int:
+            return 2
+
+        price: float = await quote("X")
+        fresh: int = await latest()
+        task: aiomemo.TaskRecord = {"func": quote, "args": ("X",), "kwargs": {}, "ttl": 60.0}
+        await memo.check_memo({**task, "refresh": True})
+        try:
+            gone: int = await memo.forget(func="mymod.sim")
+        except aiomemo.UnknownFunctionError as exc:  # also a LookupError
+            print(exc)
+            gone = await memo.forget(task) + await memo.forget(func=quote)
+        print(price, fresh, gone, memo.stats().expired, memo.stats().forgotten, memo.ttl)
+
+
 if __name__ == "__main__":
     asyncio.run(engine())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from aiomemo._records import ValueRef
+from aiomemo import _records
+from aiomemo._records import NEVER
 from aiomemo.stores._base import LoadReport, Record, Store
 
 __all__ = ["MemoryStore"]
@@ -31,16 +32,39 @@ class MemoryStore(Store):
         return len(self._records)
 
     async def load(self) -> LoadReport:
-        """A copy of the table (key -> encoded value)."""
-        table: dict[bytes, bytes | ValueRef] = {k: r.value for k, r in self._records.items()}
-        return LoadReport(table=table, records=len(table))
+        """A copy of the table (key -> encoded value), expired records left out."""
+        now = _records.clock()
+        rep = LoadReport()
+        for k, r in self._records.items():
+            if r.expires <= now:
+                rep.expired += 1
+                continue
+            rep.table[k] = r.value
+            if r.expires < NEVER:
+                rep.expires[k] = r.expires
+        rep.records = len(rep.table)
+        return rep
 
     async def get(self, key: bytes) -> bytes | None:
-        """The encoded value for ``key``, or None."""
+        """The encoded value for ``key``, or None (also once it has expired)."""
         r = self._records.get(key)
-        return r.value if r is not None else None
+        if r is None or r.expires <= _records.clock():
+            return None
+        return r.value
 
     async def put_many(self, records: Sequence[Record]) -> None:
-        """Keep ``records``; a later record for a key replaces the earlier one."""
+        """Keep ``records``; a later record for a key replaces the earlier one.
+
+        A tombstone removes what it forgets (records written at or before its time).
+        """
         for r in records:
-            self._records[r.key] = r
+            kind = r.tombstone
+            if kind == "key":
+                old = self._records.get(r.key)
+                if old is not None and old.time <= r.time:
+                    del self._records[r.key]
+            elif kind == "func":
+                for k in [k for k, o in self._records.items() if o.func == r.func and o.time <= r.time]:
+                    del self._records[k]
+            else:
+                self._records[r.key] = r

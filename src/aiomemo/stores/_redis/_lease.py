@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 
 __all__ = ["SCRIPTS", "SHA", "RedisLease", "ms"]
 
-# KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] magic.
+# KEYS[1] lease, KEYS[2] value; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] magic,
+# ARGV[4] the magic of a value that expires.
 # 1: taken; 0: held by another or a result (a value with our header) exists.
 _CLAIM_LUA = """
-if redis.call('getrange', KEYS[2], 0, 3) == ARGV[3] then return 0 end
+local head = redis.call('getrange', KEYS[2], 0, 3)
+if head == ARGV[3] or head == ARGV[4] then return 0 end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
@@ -69,6 +71,11 @@ SHA = {name: hashlib.sha1(lua.encode()).hexdigest() for name, lua in SCRIPTS.ite
 def ms(seconds: float) -> int:
     """Seconds as whole milliseconds (at least 1), for PX and PEXPIRE."""
     return max(1, round(seconds * 1000))
+
+
+def _px_arg(px: int | None) -> int:
+    """The complete script's ttl argument: 0 for none, 1 ms for a record already expired."""
+    return 0 if px is None else max(1, px)
 
 
 class RedisLease(Lease):
@@ -129,7 +136,7 @@ class RedisLease(Lease):
             "script",
             "complete",
             [store.value_key(record.key), store.lease_key(record.key)],
-            [encode_value(record, store._mac_key), store._px() or 0, self.token],
+            [encode_value(record, store._mac_key), _px_arg(store._px(record)), self.token],
         )
         (got,) = await store._submit([cmd], wake=record.key)
         self._released = True

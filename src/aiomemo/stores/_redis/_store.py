@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from aiomemo import _records
 from aiomemo._exceptions import StoreError
 from aiomemo.stores._base import LeaseStore, LoadReport, Record
 from aiomemo.stores._redis._batcher import Batcher, Cmd
@@ -32,6 +34,8 @@ from aiomemo.stores._redis._config import (
 from aiomemo.stores._redis._lease import SCRIPTS, RedisLease, ms
 from aiomemo.stores._redis._values import (
     MAGIC,
+    MAGIC_EXP,
+    MAGIC_EXP_SIGNED,
     MAGIC_SIGNED,
     decode_value,
     derive_key,
@@ -52,6 +56,7 @@ _COUNTERS = (
     "bad_values",
     "errors",
     "puts",
+    "forgotten",
     "put_batches",
     "claims_won",
     "claims_lost",
@@ -149,6 +154,9 @@ class RedisStore(LeaseStore):
         self.tls_ca_file = os.fspath(tls_ca_file) if tls_ca_file is not None else None
         self._mac_key = derive_key(secret) if secret is not None else None
         self._magic = MAGIC if self._mac_key is None else MAGIC_SIGNED
+        self._magic_exp = MAGIC_EXP if self._mac_key is None else MAGIC_EXP_SIGNED
+        #: key -> expiry of values read that expire, until take_expiry() asks
+        self._expiry: dict[bytes, float] = {}
         self._client_kwargs = dict(client_kwargs or {})
         self._ns = namespace.encode("utf-8")
         self.channel = self._ns + b":events"
@@ -337,10 +345,10 @@ class RedisStore(LeaseStore):
             blob = blob.encode("utf-8", "surrogateescape")
         rec = decode_value(key, blob, self._mac_key)
         if rec is not None:
-            return rec, None
+            return self._fresh(key, rec), None
         self._counts["bad_values"] += 1
         log.warning("bad value in Redis under %r: ignored (read as a miss)", self.value_key(key))
-        if not blob.startswith(self._magic):
+        if not blob.startswith((self._magic, self._magic_exp)):
             # not one of ours (or signed differently): never blocks a claim,
             # and the next result simply overwrites it
             return None, None
@@ -348,6 +356,23 @@ class RedisStore(LeaseStore):
         # claim() lets someone recompute and rewrite it.
         drop = self._submit([("script", "drop", [self.value_key(key)], [blob])])
         return None, drop
+
+    def _fresh(self, key: bytes, rec: Record) -> Record:
+        """``rec``; remembers its expiry for :meth:`take_expiry` when it has one.
+
+        Whether it has expired is Redis's to say (its ``PX``, on the server's
+        clock): a value Redis still returns is a hit, so a reader whose clock
+        runs ahead never refuses a value that blocks a claim.
+        """
+        if rec.expires < math.inf:
+            if len(self._expiry) >= 100_000:  # nobody asks: do not grow without end
+                self._expiry.clear()
+            self._expiry[key] = rec.expires
+        return rec
+
+    def take_expiry(self, key: bytes) -> float:
+        """When the value last read for ``key`` expires (``math.inf``: never, or not read)."""
+        return self._expiry.pop(key, math.inf)
 
     async def get_record(self, key: bytes) -> Record | None:
         """The whole record for ``key`` (with func, time), or None."""
@@ -380,6 +405,8 @@ class RedisStore(LeaseStore):
         if type(blob) is bytes:
             rec = decode_value(key, blob, self._mac_key)
             if rec is not None:
+                if rec.expires < math.inf:
+                    self._fresh(key, rec)
                 counts["hits"] += 1
                 return rec.value
         rec, drop = self._check(key, blob)
@@ -419,15 +446,70 @@ class RedisStore(LeaseStore):
             raise error
         return out
 
-    def _px(self) -> int | None:
-        return None if self.ttl is None else ms(self.ttl)
+    def _px(self, rec: Record | None = None) -> int | None:
+        """Milliseconds the value of ``rec`` lives: the store's ttl or the record's expiry, sooner.
+
+        0: the record has expired already (it is not written). None: no expiry.
+        """
+        px = None if self.ttl is None else ms(self.ttl)
+        if rec is not None and rec.expires < math.inf:
+            left = round((rec.expires - _records.clock()) * 1000)
+            if left <= 0:
+                return 0
+            px = left if px is None else min(px, left)
+        return px
 
     def _set_cmd(self, rec: Record) -> Cmd:
+        if rec.tombstone == "key":
+            return ("DEL", self.value_key(rec.key))
+        px = self._px(rec)
+        if px == 0:  # expired on the way: what a reader would find is a miss
+            return ("DEL", self.value_key(rec.key))
         blob = encode_value(rec, self._mac_key)
-        px = self._px()
         if px is None:
             return ("SET", self.value_key(rec.key), blob)
         return ("SET", self.value_key(rec.key), blob, "PX", px)
+
+    async def _forget_func(self, tomb: Record) -> int:
+        """Delete every value of function ``tomb.func`` recorded at or before ``tomb.time``.
+
+        A SCAN of this store's namespace (a function tombstone is rare); each
+        value is read and checked (its tag too) before it goes. Returns how
+        many were deleted.
+        """
+        client = self._conn()
+        pattern = self._ns + b":r:*"
+        deleted = 0
+        try:
+            batch: list[bytes] = []
+            async for name in client.scan_iter(match=pattern, count=1000):
+                batch.append(name)
+                if len(batch) >= 500:
+                    deleted += await self._forget_some(client, batch, tomb)
+                    batch = []
+            if batch:
+                deleted += await self._forget_some(client, batch, tomb)
+        except Exception as exc:
+            raise self._error("forget", exc) from exc
+        return deleted
+
+    async def _forget_some(self, client: Any, names: list[bytes], tomb: Record) -> int:
+        gone = []
+        for name in names:  # one GET each: keys of a cluster live on different nodes
+            blob = await client.get(name)
+            if blob is None:
+                continue
+            hexkey = name.rsplit(b"{", 1)[-1].rstrip(b"}")
+            try:
+                key = bytes.fromhex(hexkey.decode())
+            except ValueError:
+                continue
+            rec = decode_value(key, blob, self._mac_key)
+            if rec is not None and rec.func == tomb.func and rec.time <= tomb.time:
+                gone.append(name)
+        for name in gone:
+            await client.delete(name)
+        return len(gone)
 
     async def put_many(self, records: Sequence[Record]) -> None:
         """Write the records (SET with optional PX ttl), ``batch_size`` per round trip.
@@ -437,6 +519,11 @@ class RedisStore(LeaseStore):
         key wins. Raises ``StoreError`` when Redis fails (some may already be
         written; retrying all of them is safe).
         """
+        funcs = [r for r in records if r.tombstone == "func"]
+        if funcs:
+            for tomb in funcs:
+                self._counts["forgotten"] += await self._forget_func(tomb)
+            records = [r for r in records if r.tombstone != "func"]
         if not records:
             return
         chunks = [records[i : i + self.batch_size] for i in range(0, len(records), self.batch_size)]
@@ -474,7 +561,14 @@ class RedisStore(LeaseStore):
                 self._background(self._submit([("script", "release", [lkey], [token])], wake=key))
 
         (got,) = await self._submit(
-            [("script", "claim", [lkey, self.value_key(key)], [token, ms(ttl), self._magic])],
+            [
+                (
+                    "script",
+                    "claim",
+                    [lkey, self.value_key(key)],
+                    [token, ms(ttl), self._magic, self._magic_exp],
+                )
+            ],
             on_orphan=orphan,
         )
         won = bool(got)

@@ -12,6 +12,9 @@ Values
       the store's ``secret`` with blake3's key derivation): written with a
       secret. A value whose tag does not verify under the reader's key (written
       without the secret, with another one, or tampered with) is a miss.
+    * ``b"AMR\\x03"`` / ``b"AMR\\x04"``: the same two for a record that
+      expires; body = ``>ddHI`` (time, expires, len(func), len(digests)) + ...
+      (records that never expire keep the first two forms).
 
     Nothing read from Redis is ever unpickled.
 
@@ -22,6 +25,7 @@ Event messages (pub/sub)
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 
@@ -31,6 +35,8 @@ from aiomemo.stores._base import Record
 
 __all__ = [
     "MAGIC",
+    "MAGIC_EXP",
+    "MAGIC_EXP_SIGNED",
     "MAGIC_SIGNED",
     "decode_value",
     "derive_key",
@@ -41,6 +47,9 @@ __all__ = [
 
 MAGIC = b"AMR\x01"  # aiomemo redis record, checksummed
 MAGIC_SIGNED = b"AMR\x02"  # aiomemo redis record, signed with a keyed hash
+MAGIC_EXP = b"AMR\x03"  # ... checksummed, with an expiry
+MAGIC_EXP_SIGNED = b"AMR\x04"  # ... signed, with an expiry
+_HEAD_EXP = struct.Struct(">ddHI")  # time, expires, len(func), len(digests)
 _SUM_LEN = 16
 _MAC_LEN = 32
 _HEAD = struct.Struct(">dHI")  # time, len(func), len(digests)
@@ -84,9 +93,13 @@ def encode_value(record: Record, mac_key: bytes | None = None) -> bytes:
     func = record.func.encode("utf-8")
     if len(func) > 0xFFFF:  # absurd, but keep it decodable
         func = func[:0xFFFF].decode("utf-8", "ignore").encode("utf-8")
-    head = _HEAD.pack(record.time, len(func), len(record.digests))
+    if record.expires < math.inf:
+        head = _HEAD_EXP.pack(record.time, record.expires, len(func), len(record.digests))
+        magic = MAGIC_EXP if mac_key is None else MAGIC_EXP_SIGNED
+    else:
+        head = _HEAD.pack(record.time, len(func), len(record.digests))
+        magic = MAGIC if mac_key is None else MAGIC_SIGNED
     parts = (head, func, record.digests, record.value)
-    magic = MAGIC if mac_key is None else MAGIC_SIGNED
     return b"".join((magic, _tag(record.key, parts, mac_key), *parts))
 
 
@@ -98,13 +111,20 @@ def decode_value(key: bytes, blob: bytes, mac_key: bytes | None = None) -> Recor
     """
     magic, tag_len = (MAGIC, _SUM_LEN) if mac_key is None else (MAGIC_SIGNED, _MAC_LEN)
     start = len(magic) + tag_len
-    if len(blob) < start + _HEAD.size or blob[: len(magic)] != magic:
+    lead = blob[: len(magic)]
+    timed = lead == (MAGIC_EXP if mac_key is None else MAGIC_EXP_SIGNED)
+    head = _HEAD_EXP if timed else _HEAD
+    if len(blob) < start + head.size or not (timed or lead == magic):
         return None
     mv = memoryview(blob)
     if _tag(key, (mv[start:],), mac_key) != blob[len(magic) : start]:
         return None
-    t, flen, dlen = _HEAD.unpack_from(blob, start)
-    pos = start + _HEAD.size
+    expires = math.inf
+    if timed:
+        t, expires, flen, dlen = _HEAD_EXP.unpack_from(blob, start)
+    else:
+        t, flen, dlen = _HEAD.unpack_from(blob, start)
+    pos = start + head.size
     if pos + flen + dlen > len(blob):
         return None
     try:
@@ -114,7 +134,7 @@ def decode_value(key: bytes, blob: bytes, mac_key: bytes | None = None) -> Recor
     pos += flen
     digests = bytes(mv[pos : pos + dlen])
     pos += dlen
-    return Record(key=key, value=bytes(mv[pos:]), func=func, time=t, digests=digests)
+    return Record(key, bytes(mv[pos:]), func, t, digests, expires)
 
 
 _KLEN = struct.Struct(">H")
