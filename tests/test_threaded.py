@@ -325,3 +325,28 @@ def test_close_waits_for_completions_being_written(
     task_exit.close()
     t.join(10)
     assert bytes.fromhex(task["hashsum"]) in _on_disk(tmp_path)
+
+
+def test_a_result_recorded_in_its_thread_keeps_the_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ttl= through the thread path: the record on disk expires, and so does the memo entry."""
+    from aiomemo import _expiry
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(_expiry, "now", lambda: now[0])
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit", ttl=60)
+    memoizer.start(run_dir=str(tmp_path / "000"), config_run_dir=str(tmp_path))
+    try:
+        task = _task(3)
+        assert memoizer.check_memo(task) is None  # type: ignore[arg-type]
+        memoizer.update_memo_result(task, 6)  # type: ignore[arg-type]
+        [seg] = ck.list_segments(tmp_path / "000" / "checkpoint")
+        [info] = [i for i in ck.iter_segment(seg) if isinstance(i, ck.RecordInfo)]
+        assert info.record.expires == pytest.approx(now[0] + 60)
+        hit = memoizer.check_memo(_task(3))  # type: ignore[arg-type]
+        assert hit is not None and hit.result(1) == 6
+        now[0] += 61
+        assert memoizer.check_memo(_task(3)) is None  # type: ignore[arg-type]  # expired: runs again
+    finally:
+        memoizer.close()
