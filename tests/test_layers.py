@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aiomemo"
 
 #: the bottom: what checkpoints hold, how they are named, framed, read, written
 BASE = {"_exceptions", "_records", "_naming", "_rundir", "_codec"}
-FORMAT = BASE | {"_paths", "_checkpoint", "_maintenance"}
+FORMAT = BASE | {"_paths", "_checkpoint", "_maintenance", "_gc"}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:

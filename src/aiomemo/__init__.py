@@ -23,6 +23,7 @@ from aiomemo._exceptions import (
 from aiomemo._explain import Explanation
 from aiomemo._hashing import File, id_for_memo, make_hash
 from aiomemo._memoizer import CheckpointMode, Memoizer, MemoStats, Task, TaskRecord
+from aiomemo._retention import Retention
 from aiomemo._rundir import get_all_checkpoints, get_last_checkpoint
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "Memoizer",
     "MemoizerClosedError",
     "MemoizerUsageError",
+    "Retention",
     "StoreError",
     "Task",
     "TaskRecord",

@@ -1,6 +1,6 @@
 """The ``aiomemo`` command (also ``python -m aiomemo``).
 
-Subcommands: ``demo``, ``inspect``, ``verify``, ``compact``, ``explain`` and
+Subcommands: ``demo``, ``inspect``, ``verify``, ``compact``, ``gc``, ``explain`` and
 ``import-parsl``; ``aiomemo SUBCOMMAND --help`` describes each. A PATH may be
 a runinfo root (numbered run dirs), a run dir (holding ``checkpoint/``), a
 checkpoint dir or a segment file.
@@ -39,6 +39,7 @@ from aiomemo import _codec
 from aiomemo._checkpoint import BadSpan, RecordInfo, is_segment_in_use
 from aiomemo._exceptions import MaintenanceError, MemoError
 from aiomemo._explain import explain
+from aiomemo._gc import gc
 from aiomemo._maintenance import (
     ProgressFn,
     compact,
@@ -320,7 +321,10 @@ def _print_inspect(r: dict[str, Any]) -> None:
         ("records", f"{r['records']:,}"),
         ("unique keys", f"{r['unique_keys']:,}"),
         ("with digests", f"{r['records_with_digests']:,} (explain can name changed inputs)"),
-        ("expiry", f"{r['records_with_expiry']:,} record(s) expire, {r['records_expired']:,} expired"),
+        (
+            "expiry",
+            f"{r['records_with_expiry']:,} record(s) expire, {r['records_expired']:,} expired",
+        ),
         ("tombstones", f"{r['tombstones']:,} (aiomemo forget / memo.forget)"),
     ]
     if r["parsl_records"]:
@@ -448,6 +452,71 @@ def _cmd_compact(args: argparse.Namespace) -> int:
                 f"{summary['segments_in_use']} segment(s) are open in a writer: "
                 "records written from now on are not in the copy"
             )
+    return 0
+
+
+# --------------------------------------------------------------------------
+# gc
+# --------------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    for unit, n in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds // n:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    summary = _with_progress(
+        "gc",
+        lambda bar: gc(
+            args.path,
+            max_bytes=args.max_bytes,
+            max_age=args.max_age,
+            dry_run=args.dry_run,
+            progress=bar,
+        ),
+    )
+    for note in summary["skipped_files"]:
+        print(f"{_PROG}: warning: {note}", file=sys.stderr)
+    if args.json:
+        _emit_json(summary)
+        return 0 if summary["budget_met"] else 1
+    r = summary["removed"]
+    verb = "would remove" if summary["dry_run"] else "removed"
+    why = ", ".join(
+        f"{r[k]:,} {label}"
+        for k, label in (
+            ("expired", "expired"),
+            ("forgotten", "forgotten"),
+            ("superseded", "superseded"),
+            ("too_old", f"older than {_age(summary['max_age'])}" if summary["max_age"] else ""),
+            ("over_budget", "least recently written, over the budget"),
+        )
+        if r[k]
+    )
+    freed = summary["bytes_freed"]
+    print(
+        f"{verb} {summary['records_removed']:,} records ({_size(freed)})"
+        + (f": {why}" if why else "")
+    )
+    left = "would keep" if summary["dry_run"] else "kept"
+    budget = (
+        f" of a {_size(summary['max_bytes'])} budget" if summary["max_bytes"] is not None else ""
+    )
+    print(
+        f"{left} {summary['records_out'] - summary['tombstones_kept']:,} records and "
+        f"{summary['tombstones_kept']:,} tombstone(s), "
+        f"{_size(summary['bytes_out'])}{budget}"
+    )
+    if not summary["budget_met"]:
+        print(
+            f"{_PROG}: the budget is not met: tombstones (and segments a writer holds) "
+            "are never removed to meet it",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -759,6 +828,24 @@ def _compact_parser(add: _Add) -> None:
     )
 
 
+def _gc_parser(add: _Add) -> None:
+    p = add(
+        "gc",
+        _cmd_gc,
+        "remove expired, forgotten and old records; keep within a size budget",
+        "Remove expired records, records forgotten by tombstones, superseded copies, "
+        "records written longer ago than --max-age, then the least recently written "
+        "records until the segments take at most --max-bytes. Crash-safe like compact "
+        "(each checkpoint dir rewritten atomically, in load order). Refuses while a writer "
+        "holds a segment. Sizes: plain bytes, or kB/MB/GB/TB (powers of 1000) and "
+        "KiB/MiB/GiB/TiB (powers of 1024). Ages: s, m, h, d, w (e.g. 30d, 12h, 1d12h).",
+    )
+    p.add_argument("path", metavar="PATH", help=_PATH_HELP)
+    p.add_argument("--max-bytes", metavar="SIZE", help="e.g. 10GiB, 500MB, 1000000")
+    p.add_argument("--max-age", metavar="AGE", help="e.g. 30d, 12h")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+
 def _explain_parser(add: _Add) -> None:
     p = add(
         "explain",
@@ -844,6 +931,7 @@ _SUBCOMMANDS: tuple[Callable[[_Add], None], ...] = (
     _inspect_parser,
     _verify_parser,
     _compact_parser,
+    _gc_parser,
     _explain_parser,
     _forget_parser,
     _import_parsl_parser,

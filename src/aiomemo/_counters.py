@@ -24,6 +24,7 @@ class Counters:
     write_errors: int = 0
     store_errors: int = 0
     remote_hits: int = 0
+    records_loaded: int = 0
     expired: int = 0  # entries dropped because they expired (at load or on a lookup)
     forgotten: int = 0  # entries dropped by forget() or by tombstones at load
     last_checkpoint: float | None = None

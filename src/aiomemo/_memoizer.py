@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ from typing import (
     overload,
 )
 
-from aiomemo import _expiry, _setup, _shutdown, _views
+from aiomemo import _expiry, _metrics, _retention, _setup, _shutdown, _views
 from aiomemo._cached import cached_or_decorator
 from aiomemo._completion import Completion
 from aiomemo._counters import Counters
@@ -57,6 +58,7 @@ from aiomemo._leases import SharedTier
 from aiomemo._lifecycle import Life, Lifecycle
 from aiomemo._lookup import ThreadClaim, done_future
 from aiomemo._recorder import RecordMaker
+from aiomemo._retention import Retention
 from aiomemo._setup import MIN_PERIOD, parse_period
 from aiomemo._table import MISSING, MemoTable, OnDisk
 from aiomemo._views import MemoStats
@@ -172,6 +174,9 @@ class Memoizer:
             ``NOT_HANDLED``, tried for types aiomemo has no rule for.
         ttl: seconds (or a timedelta) a result stays valid after it was
             recorded (None, the default: forever); a task's ``ttl`` overrides.
+        retention: a :class:`~aiomemo.Retention` (``max_bytes``, ``max_age``):
+            ``aiomemo gc``'s policy run over the loaded checkpoints in the
+            background; see :meth:`retention_report`. None: nothing removed.
 
     A Memoizer belongs to the event loop it starts on: a call from another
     loop raises :class:`~aiomemo.MemoizerUsageError`.
@@ -207,6 +212,7 @@ class Memoizer:
         track_code: bool = False,
         memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
         ttl: float | _dt.timedelta | None = None,
+        retention: Retention | None = None,
     ) -> None:
         _setup.check_mode(checkpoint_mode)
         self.ttl = _expiry.ttl_of(ttl)
@@ -231,9 +237,11 @@ class Memoizer:
 
         # the parts (one module each), sharing the counters and the lifecycle
         self._counters = c = Counters()
+        _metrics.attach(self, c)
         self._records = RecordMaker(c, explain=self.explain_digests, hooks=self.key_hooks)
         self._table = MemoTable(c, parsl_keys=parsl_keys, memory_limit=memory_limit)
         self._flights = Flights(collapse=collapse)
+        self._retention = _retention.of(retention, self._table)
         self._by_func = ByFunc()  # this run's result keys per function, for forget(func=)
         self._drain = Drain(
             c,
@@ -307,6 +315,8 @@ class Memoizer:
         )
         for rep in reports:
             self._absorb(rep)
+        if self._retention is not None:
+            self._retention.start(self._loaded_paths)
         self._shared.use(stores)
         # (mode None with a lease store: the drain only retries failed publishes)
         run = self.checkpoint_mode in ("periodic", "task_exit") or bool(
@@ -333,12 +343,12 @@ class Memoizer:
         lost). Followers of tasks still in flight get MemoizerClosedError.
         Raises CheckpointError naming how many records could not be saved.
         """
-        await self._life.close(self.close, self._adopt, self._close_started)
-
-    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
-        _shutdown.adopt(self._drain, self._flights)
+        adopt = functools.partial(_shutdown.adopt, self._drain, self._flights)
+        await self._life.close(self.close, adopt, self._close_started)
 
     async def _close_started(self) -> None:
+        if self._retention is not None:
+            await self._retention.report()  # a rewrite is not left half-way by this process
         await _shutdown.close_parts(
             self.checkpoint_mode, self._drain, self._shared, self._flights, self._table
         )
@@ -437,13 +447,10 @@ class Memoizer:
                 await durable
 
     async def update_memo_exception(self, task: Task, e: BaseException) -> None:
-        """Record that a task the engine ran raised ``e``.
+        """Record that a task the engine ran raised ``e`` (memoized for this run only).
 
-        Exceptions are memoized for this run only (the same object comes
-        back) and never checkpointed. An exception that is not an
-        ``Exception`` (``asyncio.CancelledError``, ``KeyboardInterrupt``,
-        ``SystemExit``, ``GeneratorExit``) says the task was stopped, not
-        that it failed: the entry is dropped instead, and followers get
+        A BaseException that is not an ``Exception`` (cancelled, interrupted)
+        says the task was stopped: nothing is memoized, and followers get
         :class:`~aiomemo.LeaderCancelledError` (they may resubmit).
         """
         self._life.check_call()
@@ -453,11 +460,9 @@ class Memoizer:
 
     # ------------------------------------------------------------------ checkpoints
     def update_checkpoint(self, task: Task) -> None:
-        """Queue a finished task's result for the next drain (non-blocking).
+        """Queue a finished task's result for the next drain, unless it is queued already.
 
-        Results are queued by ``update_memo_result`` already (in every mode
-        but None); this is for tasks whose record is not queued yet, e.g.
-        with ``checkpoint_mode=None`` and a manual ``checkpoint()``.
+        (``update_memo_result`` queues it in every mode but None.)
         """
         self._life.check_open()
         if self._life.loop is not None:
@@ -518,16 +523,21 @@ class Memoizer:
     ) -> int:
         """Forget a task's result, or every result of ``func`` (a function or its name).
 
-        Returns how many entries left this memo; a tombstone reaches every
-        store before it returns, so later runs and other processes miss them
-        too (see :mod:`aiomemo._forget`). Raises
-        :class:`~aiomemo.UnknownFunctionError` for a function with no records.
+        Returns how many entries left this memo; every store gets a tombstone
+        before it returns (see _forget). UnknownFunctionError: no such records.
         """
         from aiomemo._forget import forget
 
         return await forget(self, task, func)
 
     # ------------------------------------------------------------------ stats
+    async def retention_report(self) -> dict[str, Any] | None:
+        """Wait for the start-time retention run; its summary (as ``aiomemo gc --json``).
+
+        None without ``retention=``, before ``start()``, or when it failed (warned).
+        """
+        return None if self._retention is None else await self._retention.report()
+
     def stats(self) -> MemoStats:
         """Counters: hits, misses, collapsed, entries, checkpointed, pending, ..."""
         return _views.stats(self._counters, self._table, self._drain)

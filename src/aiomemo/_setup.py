@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import datetime as _dt
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiomemo import _metrics
 from aiomemo._exceptions import MemoizerClosedError
 from aiomemo._hashing import KeyHook
 from aiomemo._lifecycle import Life, Lifecycle
@@ -208,6 +210,7 @@ async def load_at_start(
     elif mode is not None:
         paths = await asyncio.to_thread(_rundir.get_all_checkpoints, config_run_dir)
     reports: list[LoadReport] = []
+    t0 = time.perf_counter()
     if memoize and paths:
         rep = await asyncio.to_thread(_checkpoint.load_paths, paths)
         if files is not None and warn_empty:
@@ -217,6 +220,8 @@ async def load_at_start(
     for s in stores:
         if memoize and not s.shared:
             reports.append(await s.load())
+    if reports:
+        _metrics.record_load(time.perf_counter() - t0)
     return list(paths), reports
 
 

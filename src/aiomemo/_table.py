@@ -417,6 +417,7 @@ class MemoTable:
         else:
             self.expires = rep.expires
         self._counters.load_errors += max(rep.skipped, len(rep.errors))
+        self._counters.records_loaded += rep.records
         self._counters.expired += rep.expired
         self._counters.forgotten += rep.forgotten
         return list(rep.errors)

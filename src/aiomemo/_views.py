@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from aiomemo import _metrics
 from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._lifecycle import Life
@@ -144,7 +146,9 @@ async def load(
     """
     from aiomemo import _checkpoint
 
+    t0 = time.perf_counter()
     rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
+    _metrics.record_load(time.perf_counter() - t0)
     keys = list(rep.table)
     if table is None:
         table = MemoTable(Counters(), memory_limit=memory_limit)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import aiomemo
-from aiomemo import File, Memoizer, MemoStats, TaskRecord, id_for_memo, make_hash
+from aiomemo import File, Memoizer, MemoStats, Retention, TaskRecord, id_for_memo, make_hash
 from aiomemo.stores import LogStore, MemoryStore, RedisStore
 
 
@@ -69,6 +69,13 @@ async def tracked() -> int:
         changed: tuple[str, ...] = ex.code_changed
         print(changed)
         return await simulate(1)
+
+
+async def budgeted() -> int:
+    policy = Retention(max_bytes="10GiB", max_age="30d")
+    async with Memoizer(checkpoint_mode="task_exit", retention=policy) as memo:
+        report: dict[str, Any] | None = await memo.retention_report()
+        return 0 if report is None else int(report["records_removed"])
 
 
 def shared() -> RedisStore:
