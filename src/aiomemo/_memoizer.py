@@ -348,7 +348,7 @@ class Memoizer:
 
     async def _close_started(self) -> None:
         if self._retention is not None:
-            await self._retention.report()  # a rewrite is not left half-way by this process
+            await self._retention.stop()  # a rewrite is not left half-way by this process
         await _shutdown.close_parts(
             self.checkpoint_mode, self._drain, self._shared, self._flights, self._table
         )
