@@ -39,7 +39,7 @@ from typing import Any
 from aiomemo._exceptions import MaintenanceError
 from aiomemo._gc import parse_age, parse_size
 from aiomemo._records import ValueRef
-from aiomemo._retention_child import HEADER, unpack_keys
+from aiomemo._retention_wire import HEADER, unpack_keys
 from aiomemo._table import MemoTable
 
 __all__ = ["Retention", "RetentionRun", "of"]

@@ -30,39 +30,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import sys
 from typing import Any, BinaryIO
 
 from aiomemo._gc import apply_gc, plan_gc
+from aiomemo._retention_wire import HEADER, KEYS_PER_FRAME, pack_keys
 
-__all__ = ["HEADER", "KEYS_PER_FRAME", "main", "pack_keys", "unpack_keys"]
-
-HEADER = struct.Struct(">cI")  # tag, payload length
-_KEY_LEN = struct.Struct(">H")
-KEYS_PER_FRAME = 4096
-
-
-def pack_keys(keys: list[bytes]) -> bytes:
-    """Raw keys, each as a 2-byte big-endian length and its bytes."""
-    return b"".join(_KEY_LEN.pack(len(k)) + k for k in keys)
-
-
-def unpack_keys(payload: bytes) -> list[bytes]:
-    """The keys :func:`pack_keys` packed."""
-    out: list[bytes] = []
-    view, pos, end = memoryview(payload), 0, len(payload)
-    while pos < end:
-        if pos + 2 > end:
-            raise ValueError("a key frame ends inside a key length")
-        (n,) = _KEY_LEN.unpack_from(view, pos)
-        pos += 2
-        if pos + n > end:
-            raise ValueError("a key frame ends inside a key")
-        out.append(bytes(view[pos : pos + n]))
-        pos += n
-    return out
-
+__all__ = ["main", "run"]
 
 def _send(out: BinaryIO, tag: bytes, payload: bytes) -> None:
     out.write(HEADER.pack(tag, len(payload)) + payload)
