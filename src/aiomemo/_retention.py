@@ -130,6 +130,7 @@ class RetentionRun:
         await self.report()
 
     async def _run(self, paths: list[str | os.PathLike[str]]) -> dict[str, Any] | None:
+        summary: dict[str, Any] | None = None
         try:
             summary = await self._converse(paths)
         except Exception as exc:  # the memo works on without it
@@ -141,7 +142,7 @@ class RetentionRun:
             logger.warning("%s", msg)
             return None
         finally:
-            await self._reap()
+            await self._reap(ended=summary is not None)
         logger.info(
             "aiomemo retention: removed %d records (%d bytes); %d records, %d bytes left",
             summary["records_removed"],
@@ -218,13 +219,16 @@ class RetentionRun:
             raise MaintenanceError(str(body.get("error")))
         raise MaintenanceError(f"unexpected message {tag!r} from its process")
 
-    async def _reap(self) -> None:
+    async def _reap(self, *, ended: bool) -> None:
         proc = self._proc
         if proc is None:
             return
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
-                proc.stdin.close()
+                proc.stdin.close()  # one waiting to be told to rewrite exits unchanged
+        if not ended and not self._applying and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # it has only read (an error or a cancellation here)
         try:
             await asyncio.wait_for(proc.wait(), 30)
         except TimeoutError:
