@@ -737,12 +737,13 @@ def test_generic_aliases_and_descriptors() -> None:
 
 def test_parsl_task_with_bare_str_ignore() -> None:
     """A Parsl task with ignore_for_cache='log' gets the TypeError, not letter-wise ignoring."""
-    from aiomemo import parsl as aparsl
+    pytest.importorskip("parsl")
+    from aiomemo import _parsl_keys as aparsl
 
-    view = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": "log"})  # type: ignore[arg-type,typeddict-item]
+    view = aparsl.view_of({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": "log"})  # type: ignore[arg-type,typeddict-item]
     with pytest.raises(TypeError, match="bare str"):
-        H.hash_task(view, aparsl._KEY_HOOKS)
-    ok = aparsl._view({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": ("log",)})  # type: ignore[arg-type,typeddict-item]
+        H.hash_task(view, aparsl.KEY_HOOKS)
+    ok = aparsl.view_of({"func": f, "args": (), "kwargs": {"log": 1}, "ignore_for_cache": ("log",)})  # type: ignore[arg-type,typeddict-item]
     assert H.hash_task(ok) == H.hash_task(task())
 
 

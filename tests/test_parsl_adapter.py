@@ -34,6 +34,7 @@ from parsl.executors.threads import ThreadPoolExecutor  # noqa: E402
 from parsl.utils import get_last_checkpoint  # noqa: E402
 
 from aiomemo import UnhashableInputError  # noqa: E402
+from aiomemo import _checkpoint as ck  # noqa: E402
 from aiomemo._checkpoint import load_paths  # noqa: E402
 from aiomemo.parsl import (  # noqa: E402
     ParslConfigurationError,
@@ -653,16 +654,17 @@ def test_task_exit_group_commits_across_completion_threads(
     for task in tasks:
         assert memoizer.check_memo(task) is None  # type: ignore[arg-type]
     fsyncs = [0]
-    real_fsync = os.fsync
+    real_append = ck._append_synced
     slow = threading.Lock()
 
-    def counting_fsync(fd: int) -> None:
+    def counting_append(fd: int, data: bytes) -> None:
         with slow:
             fsyncs[0] += 1
         time.sleep(0.01)  # a slow disk: completions pile up behind a commit
-        real_fsync(fd)
+        real_append(fd, data)
 
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    # the completing threads append and sync each group in one call
+    monkeypatch.setattr(ck, "_append_synced", counting_append)
     gate = threading.Barrier(n)
     durable: list[int] = []
 

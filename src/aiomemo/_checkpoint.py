@@ -117,8 +117,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
-import aiofiles
-import aiofiles.os
 import msgpack
 from blake3 import blake3
 
@@ -500,28 +498,31 @@ class SegmentWriter:
     """Appends batches of records to a segment file of its own.
 
     Create with ``await SegmentWriter.create(directory)``: nothing touches the
-    disk until the first :meth:`write_batch`, which creates the directory (and
-    parents) and a new segment (``O_EXCL``, exclusively ``flock``-ed for as long
-    as the writer keeps it open). Every call is safe to make from the event
-    loop: file work runs in worker threads (aiofiles / ``asyncio.to_thread``).
-    Concurrent calls are serialised; a cancelled call finishes its write in the
-    background before the next one starts, so the file is never left in an
-    unknown state.
+    disk until the first write, which creates the directory (and parents) and
+    a new segment (``O_EXCL``, exclusively ``flock``-ed for as long as the
+    writer keeps it open). The file work is synchronous under a thread lock,
+    so a writer is safe to use from any thread: the ``async`` methods run it
+    in a worker thread (the event loop never blocks on the disk), and
+    :meth:`write_records_blocking` runs it in the calling thread (an engine's
+    own thread, never the loop's). Writes are serialised by that lock; a
+    cancelled ``async`` call finishes its write in the background before the
+    next one starts, so the file is never left in an unknown state.
 
-    When a write fails, :meth:`write_batch` raises :class:`CheckpointError`
-    (``unsaved`` = the batch's record count, chained from the ``OSError``) after
-    cutting the segment back to its last complete batch (or, when even that
-    fails, or when ``fsync`` failed, abandoning the segment: the next write
-    starts a fresh one). Retrying the same records is therefore always correct.
+    When a write fails, it raises :class:`CheckpointError` (``unsaved`` = the
+    batch's record count, chained from the ``OSError``) after cutting the
+    segment back to its last complete batch (or, when even that fails, or
+    when ``fsync`` failed, abandoning the segment: the next write starts a
+    fresh one). Retrying the same records is therefore always correct.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         """Prefer :meth:`create`; this does no I/O either."""
         self._dir = Path(directory)
-        self._file: Any = None  # aiofiles' AsyncFileIO (unbuffered) once opened
+        self._fd: int | None = None  # the open segment (unbuffered: plain os.write)
         self._path: Path | None = None
         self._offset = 0  # end of the last complete batch
-        self._lock = asyncio.Lock()
+        # guards the file and everything below: held for a whole write (and fsync)
+        self._lock = threading.Lock()
         self._closed = False
         self._synced_dirs = False
         self._created_dirs: list[Path] = []
@@ -549,13 +550,7 @@ class SegmentWriter:
         self = cls(directory)
         self._stamp = stamp
         if not lazy:
-            async with self._lock:
-                try:
-                    await self._open()
-                except OSError as exc:
-                    raise CheckpointError(
-                        f"could not create a checkpoint segment in {self._dir}: {exc}"
-                    ) from exc
+            await _in_thread(self._open_now)
         return self
 
     @property
@@ -573,14 +568,28 @@ class SegmentWriter:
         """Bytes of the current segment that hold complete batches."""
         return self._offset
 
-    async def _open(self) -> None:
-        created = await asyncio.to_thread(ensure_dir, self._dir)
+    def _open_now(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                self._open_or_raise(0)
+
+    def _open_or_raise(self, count: int) -> None:
+        """:meth:`_open`, its OSError as a CheckpointError (``unsaved=count``); locked."""
+        try:
+            self._open()
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not create a checkpoint segment in {self._dir}: {exc}", unsaved=count
+            ) from exc
+
+    def _open(self) -> None:
+        created = ensure_dir(self._dir)
         self._created_dirs.extend(created)
         for _ in range(5):
             name = segment_name(self._stamp)
             tmp = self._dir / f".{name}.tmp"
             try:
-                f = await aiofiles.open(tmp, "xb", buffering=0)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except FileExistsError:
                 continue
             break
@@ -589,37 +598,37 @@ class SegmentWriter:
         try:
             # Lock before the file gets its real name: a compaction tool that
             # sees a ``seg-*.amlog`` name can trust ``flock`` to say it is live.
-            await asyncio.to_thread(_lock_exclusive, f.fileno())
-            await _write_and_sync(f.fileno(), file_header(), False)
+            _lock_exclusive(fd)
+            _write_then_sync(fd, file_header(), False)
             final = self._dir / name
-            await aiofiles.os.rename(tmp, final)
+            os.rename(tmp, final)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await f.close()
-            with contextlib.suppress(Exception):
-                await aiofiles.os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
-        self._file, self._path, self._offset = f, final, FILE_HEADER_SIZE
+        self._fd, self._path, self._offset = fd, final, FILE_HEADER_SIZE
         self._synced_dirs = False
 
-    async def _abandon(self) -> None:
-        f, self._file, self._path = self._file, None, None
+    def _abandon(self) -> None:
+        fd, self._fd, self._path = self._fd, None, None
         self._offset = 0
-        if f is not None:
-            with contextlib.suppress(Exception):
-                await f.close()  # releases the flock; the segment stays readable
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # releases the flock; the segment stays readable
 
-    async def _roll_back(self, offset: int, *, abandon: bool) -> None:
-        f = self._file
-        if f is None:
+    def _roll_back(self, offset: int, *, abandon: bool) -> None:
+        fd = self._fd
+        if fd is None:
             return
         try:
-            await asyncio.to_thread(os.ftruncate, f.fileno(), offset)
-            await f.seek(offset)
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
         except OSError:
             abandon = True
         if abandon:
-            await self._abandon()
+            self._abandon()
 
     async def write_batch(self, records: Sequence[Record], *, fsync: bool) -> int:
         """Append ``records`` as one batch; return the bytes written.
@@ -645,76 +654,88 @@ class SegmentWriter:
             data, located = await asyncio.to_thread(_encode, records)
         if not data:
             return 0
-        start, path = await self._write_shielded(data, len(records), fsync)
-        if located and path is not None and self.collect_refs:
-            where = os.fspath(path)
-            for key, rel, length, digest in located:
-                self._refs[key] = ValueRef(where, start + rel, length, digest)
+        await _in_thread(self._write, data, len(records), fsync, located)
+        return len(data)
+
+    def write_records_blocking(self, records: Sequence[Record], *, fsync: bool) -> int:
+        """:meth:`write_batch` in the calling thread (never the event loop's: it blocks).
+
+        For engines that complete tasks on threads of their own: the thread
+        that waits for its records to be durable writes them itself.
+        """
+        if not records:
+            return 0
+        data, located = _encode(records)
+        if data:
+            # one system call for the write and its sync where the kernel has
+            # it: each call that gives the GIL away costs a busy process a wait
+            self._write(data, len(records), fsync, located, append=_append_synced)
         return len(data)
 
     def take_refs(self) -> dict[bytes, ValueRef]:
         """Where the large values written since the last call now sit (key -> ref); clears."""
-        refs, self._refs = self._refs, {}
+        with self._lock:
+            refs, self._refs = self._refs, {}
         return refs
 
     async def write_encoded(self, data: bytes, count: int, *, fsync: bool) -> int:
         """Append bytes made by :func:`encode_batch` (``count`` records); see :meth:`write_batch`."""
         if not data:
             return 0
-        await self._write_shielded(data, count, fsync)
+        await _in_thread(self._write, data, count, fsync, [])
         return len(data)
 
-    async def _write_shielded(
-        self, data: bytes, count: int, fsync: bool
-    ) -> tuple[int, Path | None]:
-        task = asyncio.ensure_future(self._write_locked(data, count, fsync))
-        try:
-            # Shielded: if our caller is cancelled, the write still completes
-            # (or rolls back) under the lock before anything else touches the file.
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_consume_result)
-            raise
+    def _write(
+        self,
+        data: bytes,
+        count: int,
+        fsync: bool,
+        located: _Located,
+        *,
+        append: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        """Append ``data`` (``count`` records) under the lock; blocking.
 
-    async def _write_locked(
-        self, data: bytes, count: int, fsync: bool
-    ) -> tuple[int, Path | None]:
-        async with self._lock:
+        ``append(fd, data)``, when given, writes and syncs in one go (with
+        ``fsync``); its OSError counts as a failed fsync.
+        """
+        with self._lock:
             if self._closed:
                 raise CheckpointError(f"segment writer for {self._dir} is closed", unsaved=count)
-            if self._file is None:
-                try:
-                    await self._open()
-                except OSError as exc:
-                    raise CheckpointError(
-                        f"could not create a checkpoint segment in {self._dir}: {exc}",
-                        unsaved=count,
-                    ) from exc
+            if self._fd is None:
+                self._open_or_raise(count)
+            fd = self._fd
+            assert fd is not None
             start = self._offset
             path = self._path
             try:
-                # One trip to a worker thread for write + fsync (aiofiles' wrap):
-                # a group commit's latency is what its callers wait for.
-                await _write_and_sync(self._file.fileno(), data, fsync)
+                if append is not None and fsync:
+                    try:
+                        append(fd, data)
+                    except OSError as exc:
+                        # written or not, durable or not: nobody can tell
+                        raise _FsyncFailed() from exc
+                else:
+                    _write_then_sync(fd, data, fsync)
             except _FsyncFailed as exc:
                 # After a failed fsync the kernel may have dropped dirty pages
                 # and a later fsync can "succeed" without them: never trust
                 # this segment again.
-                await self._roll_back(start, abandon=True)
+                self._roll_back(start, abandon=True)
                 raise CheckpointError(
                     f"could not fsync {count} records to {path}: {exc.__cause__}", unsaved=count
                 ) from exc.__cause__
             except OSError as exc:
-                await self._roll_back(start, abandon=False)
+                self._roll_back(start, abandon=False)
                 raise CheckpointError(
                     f"could not write {count} records to {path}: {exc}", unsaved=count
                 ) from exc
             if fsync and not self._synced_dirs:
                 try:
-                    await asyncio.to_thread(self._sync_dirs)
+                    self._sync_dirs()
                     self._synced_dirs = True
                 except OSError as exc:
-                    await self._roll_back(start, abandon=True)
+                    self._roll_back(start, abandon=True)
                     raise CheckpointError(
                         f"could not fsync {count} records to {path}: {exc}", unsaved=count
                     ) from exc
@@ -722,7 +743,10 @@ class SegmentWriter:
             self.batches_written += 1
             self.records_written += count
             self.bytes_written += len(data)
-            return start, path
+            if located and path is not None and self.collect_refs:
+                where = os.fspath(path)
+                for key, rel, length, digest in located:
+                    self._refs[key] = ValueRef(where, start + rel, length, digest)
 
     def _sync_dirs(self) -> None:
         # The segment's directory entry, and the entries of every directory we
@@ -734,28 +758,46 @@ class SegmentWriter:
 
     async def sync(self) -> None:
         """fsync the current segment (for callers that wrote with ``fsync=False``)."""
-        async with self._lock:
-            if self._file is None:
+        await _in_thread(self._sync)
+
+    def _sync(self) -> None:
+        with self._lock:
+            if self._fd is None:
                 return
             try:
-                await asyncio.to_thread(os.fsync, self._file.fileno())
+                os.fsync(self._fd)
                 if not self._synced_dirs:
-                    await asyncio.to_thread(self._sync_dirs)
+                    self._sync_dirs()
                     self._synced_dirs = True
             except OSError as exc:
-                await self._roll_back(self._offset, abandon=True)
+                self._roll_back(self._offset, abandon=True)
                 raise CheckpointError(f"could not fsync {self._dir}: {exc}") from exc
 
     async def close(self) -> None:
         """Close the segment (releasing its lock). Idempotent; later writes raise."""
-        async with self._lock:
+        await _in_thread(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
             self._closed = True
-            f, self._file = self._file, None
-            if f is not None:
+            fd, self._fd = self._fd, None
+            if fd is not None:
                 try:
-                    await f.close()
+                    os.close(fd)
                 except OSError as exc:  # e.g. NFS reporting a deferred write error
                     raise CheckpointError(f"error closing {self._path}: {exc}") from exc
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a worker thread; a cancelled caller leaves it to finish there."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        # Shielded: if our caller is cancelled, the write still completes (or
+        # rolls back) under the writer's lock before anything else touches the file.
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_consume_result)
+        raise
 
 
 class _FsyncFailed(Exception):
@@ -783,7 +825,47 @@ def _write_then_sync(fd: int, data: bytes, fsync: bool) -> None:
             raise _FsyncFailed() from exc
 
 
-_write_and_sync = aiofiles.os.wrap(_write_then_sync)
+#: pwritev2 flags that append and sync in one call (Linux 4.16+), until refused
+_APPEND_DSYNC: int | None = (
+    os.RWF_APPEND | os.RWF_DSYNC
+    if hasattr(os, "pwritev") and hasattr(os, "RWF_APPEND") and hasattr(os, "RWF_DSYNC")
+    else None
+)
+
+
+def _append_synced_now(fd: int, data: bytes) -> None:
+    """Append ``data`` at the end of ``fd`` and make it durable before returning.
+
+    One ``pwritev2(RWF_APPEND | RWF_DSYNC)`` per (rare) short write: the
+    bytes and the file size that reaches them are on disk when it returns
+    (``fdatasync``'s guarantee, per write); the file offset moves to the end
+    as with ``os.write``. Where the kernel or file system refuses the flags,
+    ``os.write`` + ``os.fsync`` from then on.
+    """
+    global _APPEND_DSYNC
+    flags = _APPEND_DSYNC
+    view = memoryview(data)
+    done = 0
+    while flags is not None and done < len(view):
+        try:
+            n = os.pwritev(fd, [view[done:]], -1, flags)
+        except OSError as exc:
+            if done or exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            _APPEND_DSYNC = flags = None  # not here: the two-call way
+            break
+        if not n:
+            raise OSError(errno.EIO, "write wrote nothing")
+        done += n
+    if flags is None:
+        try:
+            _write_then_sync(fd, bytes(view[done:]), True)
+        except _FsyncFailed as exc:
+            raise exc.__cause__ from None  # type: ignore[misc]
+
+
+#: the one place an engine thread's batch reaches a segment, synced (tests inject faults here)
+_append_synced = _append_synced_now
 
 
 def _consume_result(task: asyncio.Future[Any]) -> None:

@@ -139,6 +139,16 @@ class Drain:
                 s.failed(exc)
         self.wake()
 
+    def requeue_many(self, store: Store, records: list[Record], exc: BaseException) -> None:
+        """A write of ``records`` to ``store`` made off the drain failed: queue them for retry."""
+        for rec in records:
+            self.queued_keys.add(rec.key.hex())
+        for s in self.sinks:
+            if s.store is store:
+                s.queue.extend(records)
+                self._write_failed(s, exc)
+        self.wake()
+
     def pending(self) -> int:
         return max((len(s.queue) for s in self.sinks), default=0)
 
@@ -262,15 +272,7 @@ class Drain:
             try:
                 await sink.store.put_many(chunk)
             except Exception as exc:  # CheckpointError, StoreError, or a store's bug
-                sink.failed(exc)
-                self._counters.write_errors += 1
-                if sink.failures == 1 or sink.failures % 100 == 0:
-                    msg = (
-                        f"aiomemo: checkpoint write to {type(sink.store).__name__} failed "
-                        f"({exc}); {len(sink.queue)} record(s) stay queued and will be retried"
-                    )
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                    logger.warning("%s", msg)
+                self._write_failed(sink, exc)
                 return written
             if t0:
                 _metrics.record_write(sink.store, perf_counter() - t0, chunk)
@@ -283,6 +285,18 @@ class Drain:
             if sink.queue:
                 await asyncio.sleep(0)  # let the loop breathe between chunks
         return written
+
+    def _write_failed(self, sink: Sink, exc: BaseException) -> None:
+        """Count a failed write to ``sink`` (its records stay queued); warn now and then."""
+        sink.failed(exc)
+        self._counters.write_errors += 1
+        if sink.failures == 1 or sink.failures % 100 == 0:
+            msg = (
+                f"aiomemo: checkpoint write to {type(sink.store).__name__} failed "
+                f"({exc}); {len(sink.queue)} record(s) stay queued and will be retried"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            logger.warning("%s", msg)
 
     async def flush_or_raise(self) -> int:
         """:meth:`flush` every store now; CheckpointError for what stays queued."""
@@ -302,7 +316,11 @@ class Drain:
         self.queued_keys.add(key)
         for s in self.sinks:
             async with s.lock:  # a flush takes records from this queue's head
-                s.queue[:] = [r for r in s.queue if r.key != record.key]
+                # in place, from the end: an engine's thread may append meanwhile
+                q = s.queue
+                for i in range(len(q) - 1, -1, -1):
+                    if q[i].key == record.key:
+                        del q[i]
                 t0 = perf_counter() if _metrics.active() else 0.0
                 try:
                     await s.store.put_many([record])

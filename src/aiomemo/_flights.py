@@ -39,6 +39,8 @@ class Flight:
     lease: Lease | None = None
     lease_store: Store | None = None
     renewal: asyncio.Task[None] | None = None
+    #: someone follows it (set under the registry's lock): its Future must be settled
+    followed: bool = False
 
     def stop_renewal(self) -> None:
         if self.renewal is not None:
@@ -118,6 +120,7 @@ class Flights:
         with self._lock:
             current = self._by_key.get(key)
             if current is not None:
+                current.followed = True
                 return current, False
             flight = self._by_key[key] = Flight(loop.create_future())
         return flight, True

@@ -41,11 +41,8 @@ class ByFunc:
         self.keys: dict[str, list[str]] = {}
 
     def note(self, name: str, key: str) -> None:
-        keys = self.keys.get(name)
-        if keys is None:
-            self.keys[name] = [key]
-        else:
-            keys.append(key)
+        # one atomic step: engine threads note their results concurrently
+        self.keys.setdefault(name, []).append(key)
 
     def pop(self, name: str) -> list[str]:
         return self.keys.pop(name, [])

@@ -39,22 +39,16 @@ Importing this module without Parsl raises an ImportError naming the extra
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
-import contextvars
 import datetime
-import functools
 import logging
 import os
 import threading
 import time
-import types
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 try:
-    import parsl.dataflow.memoization as _parsl_memoization
     from parsl.dataflow.errors import BadCheckpoint as _BadCheckpoint
     from parsl.dataflow.memoization import Memoizer as _ParslMemoizerBase
     from parsl.dataflow.taskrecord import TaskRecord
@@ -65,16 +59,15 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
         "install aiomemo with the parsl extra, e.g. pip install 'aiomemo[parsl]'"
     ) from _exc
 
-from aiomemo import _hashing, _rundir
-from aiomemo._exceptions import (
-    CheckpointError,
-    LeaderCancelledError,
-    MemoizerClosedError,
-    UnhashableInputError,
-)
+from aiomemo import _rundir
+from aiomemo._exceptions import CheckpointError
 from aiomemo._memoizer import Memoizer, MemoStats
+from aiomemo._parsl_followers import Followers
+from aiomemo._parsl_keys import KEY_HOOKS as _KEY_HOOKS
+from aiomemo._parsl_keys import ParslUnhashableInputError
+from aiomemo._parsl_lookups import Lookups
+from aiomemo._parsl_outcomes import Outcomes
 from aiomemo._portal import Portal, PortalClosedError
-from aiomemo._table import Raised
 from aiomemo.stores._base import Store
 
 __all__ = [
@@ -93,258 +86,6 @@ CheckpointMode = Literal["task_exit", "periodic", "dfk_exit", "manual"]
 
 class ParslConfigurationError(_ParslConfigurationError, ValueError):
     """A bad ``ParslMemoizer`` argument: Parsl's ConfigurationError, also a ValueError."""
-
-
-class ParslUnhashableInputError(UnhashableInputError, ValueError):
-    """An input that neither aiomemo nor Parsl's ``id_for_memo`` can key.
-
-    Also a ``ValueError``, which is what Parsl's own memoizer raises for an
-    unknown type, so code written against ``BasicMemoizer`` still catches it.
-    """
-
-
-# --------------------------------------------------------------------------
-# keying through Parsl's id_for_memo registry
-# --------------------------------------------------------------------------
-
-_parsl_id_for_memo: Any = _parsl_memoization.id_for_memo
-
-#: Parsl's own registrations (the default, str/int/float/None, list, tuple,
-#: dict, functions): aiomemo keys these types itself, better (Parsl's raise
-#: for subclasses of list/tuple/dict); only registrations made by users or
-#: by other Parsl modules are bridged.
-_PARSL_BUILTIN_IMPLS: frozenset[Any] = frozenset(
-    _parsl_id_for_memo.dispatch(t)
-    for t in (object, str, int, float, type(None), list, tuple, dict, types.FunctionType)
-)
-
-#: Errors raised by a Parsl registration while a key is being made, so that
-#: the adapter can hand the task the very exception (as Parsl would) even if
-#: hashing wrapped it. A list per check_memo call, shared across the threads
-#: that hashing may use (contextvars are copied into them).
-_hook_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
-    "aiomemo_parsl_hook_errors", default=None
-)
-
-
-def _parsl_id_for_memo_hook(obj: object, output_ref: bool = False) -> object:
-    """aiomemo fallback hook: key ``obj`` with Parsl's ``id_for_memo`` when Parsl has a registration.
-
-    Returns Parsl's value (usually bytes) or :data:`aiomemo._hashing.NOT_HANDLED`.
-    """
-    impl = _parsl_id_for_memo.dispatch(type(obj))
-    if impl in _PARSL_BUILTIN_IMPLS:
-        return _hashing.NOT_HANDLED
-    try:
-        return impl(obj, output_ref=output_ref)
-    except BaseException as exc:
-        box = _hook_errors.get()
-        if box is not None:
-            box.append(exc)
-        raise
-
-
-#: the key hooks of every ParslMemoizer (and of nothing else: importing this
-#: module changes no other Memoizer's keys)
-_KEY_HOOKS: tuple[_hashing.KeyHook, ...] = (_parsl_id_for_memo_hook,)
-
-
-# --------------------------------------------------------------------------
-# the task as aiomemo sees it
-# --------------------------------------------------------------------------
-
-_BASH_VERSION_PREFIX = "parsl.bash_app:"
-
-#: seconds the loop waits for more hits on loaded results before queueing a batch
-_LEARN_DELAY = 0.02
-
-
-def _bash_app_version(func: object) -> str | None:
-    """For a Parsl bash app, a ``version`` naming the user's function; else None.
-
-    Parsl submits every bash app as the same wrapper
-    (``functools.partial(remote_side_bash_executor, user_func)`` wrapped by
-    ``wrap_error``), whose module and qualname are the same for all bash
-    apps: aiomemo, which keys functions by module + qualname, would give two
-    bash apps called with the same arguments the same key. The user's
-    function goes into the task's ``version`` instead (the ``func`` itself is
-    left alone so Parsl's own key, used for records imported from Parsl
-    checkpoints, stays the same).
-    """
-    inner = getattr(func, "__wrapped__", None)
-    if not isinstance(inner, functools.partial) or not inner.args:
-        return None
-    if getattr(inner.func, "__name__", None) != "remote_side_bash_executor":
-        return None
-    user = inner.args[0]
-    mod = getattr(user, "__module__", None) or "?"
-    qual = getattr(user, "__qualname__", None) or getattr(user, "__name__", None) or "?"
-    return f"{_BASH_VERSION_PREFIX}{mod}.{qual}"
-
-
-def _ignore_names(ignore: Any) -> Any:
-    return ignore if isinstance(ignore, str | bytes) else list(ignore or ())
-
-
-def _view(task: TaskRecord) -> dict[str, Any]:
-    """The fields of a Parsl task record that make its key, as a plain dict."""
-    t: Any = task
-    view: dict[str, Any] = {
-        "func": t["func"],
-        "args": t.get("args", ()),
-        "kwargs": t.get("kwargs") or {},
-        # a bare str stays one, so that the key refuses it (not "l", "o", "g")
-        "ignore_for_cache": _ignore_names(t.get("ignore_for_cache")),
-        "memoize": t.get("memoize", True),
-    }
-    if "id" in t:
-        view["id"] = t["id"]
-    version = _bash_app_version(t["func"])
-    if version is not None:
-        view["version"] = version
-    hashsum = t.get("hashsum")
-    if isinstance(hashsum, str):
-        view["hashsum"] = hashsum
-    return view
-
-
-# --------------------------------------------------------------------------
-# the adapter
-# --------------------------------------------------------------------------
-
-#: :meth:`ParslMemoizer._check_here` could not decide: ask the loop
-_ASK_LOOP: Any = object()
-
-
-def _translate(exc: BaseException, hook_errors: list[BaseException]) -> BaseException:
-    """The error a task gets when its key cannot be made: Parsl's, where Parsl has one.
-
-    An error raised by a Parsl ``id_for_memo`` registration reaches the task
-    as itself (even if hashing wrapped it); an input nobody can key gives
-    :class:`ParslUnhashableInputError`, a ValueError as with Parsl.
-    """
-    if hook_errors and exc is not hook_errors[0]:
-        return hook_errors[0]
-    if isinstance(exc, UnhashableInputError) and not isinstance(exc, ValueError):
-        err = ParslUnhashableInputError(str(exc), where=exc.where, type_name=exc.type_name)
-        err.__cause__ = exc
-        return err
-    return exc
-
-
-def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
-    """Done callback of a call nobody waits for: log what went wrong, quietly at close."""
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    if exc is not None and not isinstance(exc, MemoizerClosedError):
-        logger.error("aiomemo call failed: %r", exc, exc_info=exc)
-
-
-def _done_future(result: Any, exc: BaseException | None) -> concurrent.futures.Future[Any]:
-    """A finished Future holding ``result`` or ``exc``."""
-    cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    if exc is not None:
-        cf.set_exception(exc)
-    else:
-        cf.set_result(result)
-    return cf
-
-
-def _settle(cf: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
-    """Complete ``cf`` unless it is done already (a racing settle)."""
-    try:
-        if exc is not None:
-            cf.set_exception(exc)
-        else:
-            cf.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
-class _Followers:
-    """Parsl-side followers of running tasks, completed off the loop thread.
-
-    Completing a follower's Future runs the DataFlowKernel's callbacks, which
-    call back into the memoizer and block on the loop: so never on the loop
-    thread, always on a completer thread. A leader that completes after
-    close settles its followers directly (:meth:`after_close`).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # key -> followers' futures not completed yet
-        self._waiting: dict[str, list[concurrent.futures.Future[Any]]] = {}
-        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def open(self) -> None:
-        self._completer = concurrent.futures.ThreadPoolExecutor(
-            thread_name_prefix="aiomemo-parsl-complete"
-        )
-
-    def shutdown(self) -> None:
-        if self._completer is not None:
-            self._completer.shutdown(wait=False)
-
-    def add(self, key: str, cf: concurrent.futures.Future[Any], afut: asyncio.Future[Any]) -> None:
-        """``cf`` completes with the outcome of the leader's ``afut`` (on the loop)."""
-        with self._lock:
-            self._waiting.setdefault(key, []).append(cf)
-        afut.add_done_callback(functools.partial(self._relay, cf, key))
-
-    def add_threadsafe(
-        self,
-        key: str,
-        cf: concurrent.futures.Future[Any],
-        afut: asyncio.Future[Any],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """:meth:`add` from another thread than the loop's: no wait for the loop.
-
-        ``cf`` is registered at once (a leader that completes after close
-        settles it through :meth:`after_close`); the relay from ``afut`` is
-        attached on the loop.
-        """
-        with self._lock:
-            self._waiting.setdefault(key, []).append(cf)
-        relay = functools.partial(self._relay, cf, key)
-        with contextlib.suppress(RuntimeError):  # loop closed: after_close settles cf
-            loop.call_soon_threadsafe(afut.add_done_callback, relay)
-
-    def _relay(
-        self, cf: concurrent.futures.Future[Any], key: str, afut: asyncio.Future[Any]
-    ) -> None:
-        if afut.cancelled():
-            exc: BaseException | None = LeaderCancelledError("the identical task was cancelled")
-            result = None
-        else:
-            exc = afut.exception()
-            result = afut.result() if exc is None else None
-        if isinstance(exc, MemoizerClosedError):
-            # closed with the leader still running: its completion, which
-            # arrives later, settles cf (see after_close)
-            return
-        with self._lock:
-            waiting = self._waiting.get(key)
-            if waiting is not None:
-                with contextlib.suppress(ValueError):
-                    waiting.remove(cf)
-                if not waiting:
-                    del self._waiting[key]
-        completer = self._completer
-        if completer is None:
-            return
-        try:
-            completer.submit(_settle, cf, result, exc)
-        except RuntimeError:  # completer shut down: settle from a fresh thread
-            threading.Thread(target=_settle, args=(cf, result, exc), daemon=True).start()
-
-    def after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
-        """A leader finished after close: complete its followers directly."""
-        with self._lock:
-            waiting = self._waiting.pop(key, [])
-        for cf in waiting:
-            _settle(cf, result, exc)
 
 
 class ParslMemoizer(_ParslMemoizerBase):
@@ -420,20 +161,11 @@ class ParslMemoizer(_ParslMemoizerBase):
         self._portal: Portal | None = None
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._lock = threading.Lock()
-        # id(task record) -> (task record, its view): tasks this memoizer let
-        # run (misses), until their update_memo_*; a leader's retry is let run
-        # again instead of waiting on itself
-        self._leaders: dict[int, tuple[TaskRecord, dict[str, Any]]] = {}
-        self._followers = _Followers()
-        # keys whose record this run has written or queued already
-        self._recorded: set[str] = set()
-        # views of hits answered in the calling thread, on their way into
-        # this run's checkpoint (under _lock)
-        self._learn_queue: list[dict[str, Any]] = []
-        # outcomes of leaders on their way to the loop (under _lock), and the
-        # Future of the batch they ride in: one loop wake per burst
-        self._outbox: list[tuple[dict[str, Any], Any, BaseException | None]] = []
-        self._outbox_done: concurrent.futures.Future[None] | None = None
+        self._followers = Followers()
+        # the run's lookups (and leaders) and the leaders' outcomes on their
+        # way into the memo: while running
+        self._lookups: Lookups | None = None
+        self._outcomes: Outcomes | None = None
 
     def __repr__(self) -> str:
         args = [
@@ -467,12 +199,9 @@ class ParslMemoizer(_ParslMemoizerBase):
         self.run_dir = run_dir
         self.config_run_dir = config_run_dir
         self.checkpointed_tasks = 0
-        self._leaders = {}
-        self._followers = _Followers()
-        self._recorded = set()
-        self._learn_queue = []
-        self._outbox = []
-        self._outbox_done = None
+        self._followers = Followers()
+        self._lookups = None
+        self._outcomes = None
         try:
             memo = self._memo = self._make_memo(run_dir, config_run_dir)
         except BaseException:
@@ -482,9 +211,13 @@ class ParslMemoizer(_ParslMemoizerBase):
         memo._warn_empty_dirs = False
         memo._drain.origin = started
         memo._drain.on_pass = self._log_pass
-        memo._drain.before_pass = self._learn_now
         self._followers.open()
         self._portal = Portal(name="aiomemo-parsl-loop")
+        recorded: set[str] = set()  # keys whose record this run wrote or queued already
+        lookups = Lookups(
+            memo, self._portal, self._followers, recorded, track_code=self.track_code
+        )
+        memo._drain.before_pass = lookups.learn_now
         try:
             self._portal.call(memo.start())
         except BaseException:
@@ -492,6 +225,8 @@ class ParslMemoizer(_ParslMemoizerBase):
             self._followers.shutdown()
             self._state = "closed"
             raise
+        self._outcomes = Outcomes(memo, self._portal, self._followers, recorded)
+        self._lookups = lookups
         if memo.checkpoint_files:
             logger.info("Completed loading checkpoints: %d tasks", memo.stats().entries)
         if self.memoize:
@@ -548,9 +283,11 @@ class ParslMemoizer(_ParslMemoizerBase):
             if self._state != "running":
                 return
             self._state = "closing"
-        portal, memo = self._portal, self._memo
+        portal, memo, outcomes = self._portal, self._memo, self._outcomes
         assert portal is not None and memo is not None
         try:
+            if outcomes is not None:
+                outcomes.close()  # completions being recorded in their threads end first
             if self.checkpoint_mode == "periodic":
                 logger.info("Stopping checkpoint timer")
             if self.checkpoint_mode is not None:
@@ -571,7 +308,9 @@ class ParslMemoizer(_ParslMemoizerBase):
             portal.stop()
             with self._lock:
                 self._state = "closed"
-                self._leaders.clear()
+                lookups = self._lookups
+            if lookups is not None:
+                lookups.clear()
             self._followers.shutdown()
 
     def _ensure_checkpoint_dir(self) -> None:
@@ -611,152 +350,14 @@ class ParslMemoizer(_ParslMemoizerBase):
             t["hashsum"] = None
             logger.debug("Task %s will not be memoized", t.get("id"))
             return None
-        # plain reads: a dict lookup and an attribute are atomic
-        if id(task) in self._leaders:
+        lookups = self._lookups  # plain reads: an attribute, a dict lookup are atomic
+        if lookups is not None and lookups.is_leader(task):
             # a retry of a task this memoizer let run: run it again
             return None
-        portal, memo = self._portal, self._memo
-        if self._state != "running" or portal is None or memo is None:
+        if self._state != "running" or lookups is None:
             t["hashsum"] = None  # shutting down: run it, record nothing
             return None
-        view = _view(task)
-        if self.track_code:
-            view["track_code"] = True  # the app's code fingerprint joins the key
-        if portal.on_loop_thread():  # never expected: Parsl does not launch from here
-            logger.warning(
-                "check_memo on the aiomemo loop thread; task %s not memoized", t.get("id")
-            )
-            t["hashsum"] = None
-            return None
-        answer = self._check_here(memo, portal, task, view)
-        if answer is not _ASK_LOOP:
-            done: concurrent.futures.Future[Any] | None = answer
-            return done
-        try:
-            return portal.call(self._check(task, view))
-        except (PortalClosedError, MemoizerClosedError):
-            t["hashsum"] = None
-            return None
-
-    def _check_here(
-        self, memo: Memoizer, portal: Portal, task: TaskRecord, view: dict[str, Any]
-    ) -> Any:
-        """``check_memo`` in the calling thread, without a round trip to the loop.
-
-        The key is made here; hits are answered, misses registered as
-        leaders and followers attached under the table's and flights' locks.
-        Returns what ``check_memo`` returns, or :data:`_ASK_LOOP` when only the
-        loop can decide (shared stores, a value on disk, not started).
-        """
-        box: list[BaseException] = []
-        token = _hook_errors.set(box)
-        try:
-            raw = _hashing.hash_task(view, _KEY_HOOKS)
-        except BaseException as exc:
-            raise _translate(exc, box) from None
-        finally:
-            _hook_errors.reset(token)
-        key = raw.hex()
-        kind, value = memo.claim_threadsafe(view, key, raw)
-        if kind == "loop":
-            return _ASK_LOOP
-        t: Any = task
-        t["hashsum"] = key
-        view["hashsum"] = key
-        logger.debug("Task %s has memoization hash %s", t.get("id"), key)
-        if kind == "lead":
-            logger.info("Task %s had no result in cache", t.get("id"))
-            with self._lock:
-                self._leaders[id(task)] = (task, view)
-            return None
-        if kind == "follow":
-            logger.info("Task %s waits for the identical task running now", t.get("id"))
-            cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            self._followers.add_threadsafe(key, cf, value, portal.loop)
-            return cf
-        logger.info("Task %s using result from cache", t.get("id"))
-        if type(value) is Raised:
-            return _done_future(None, value.rearm())
-        if self.checkpoint_mode is not None and key not in self._recorded:
-            self._recorded.add(key)
-            with self._lock:
-                self._learn_queue.append(view)
-                first = len(self._learn_queue) == 1
-            if first:
-                # one hop for a whole burst of hits, not one per hit
-                with contextlib.suppress(PortalClosedError):
-                    portal.submit(self._learn(_LEARN_DELAY)).add_done_callback(_log_failure)
-        return _done_future(value, None)
-
-    def _learn_now(self) -> None:
-        """Queue the results used since the last call into this run's checkpoint.
-
-        Parsl writes a record for every task that used a result, so that
-        ``get_last_checkpoint()`` still finds it next time. On the loop; also
-        run by the drain before every pass, so none is left behind.
-        """
-        memo = self._memo
-        with self._lock:
-            batch, self._learn_queue = self._learn_queue, []
-        if memo is None:
-            return
-        for view in batch:
-            memo._queue_finished(view)
-
-    async def _learn(self, delay: float) -> None:
-        await asyncio.sleep(delay)  # let a burst of hits gather into one batch
-        self._learn_now()
-        memo = self._memo
-        if self.checkpoint_mode == "task_exit" and memo is not None and not memo.closed:
-            # durable as BasicMemoizer's task_exit makes it: one group commit
-            await memo._drain.commit(asyncio.get_running_loop())
-
-    async def _check(
-        self, task: TaskRecord, view: dict[str, Any]
-    ) -> concurrent.futures.Future[Any] | None:
-        memo = self._memo
-        assert memo is not None
-        t: Any = task
-        box: list[BaseException] = []
-        token = _hook_errors.set(box)
-        try:
-            afut = await memo.check_memo(view)
-        except BaseException as exc:
-            raise _translate(exc, box) from None
-        finally:
-            _hook_errors.reset(token)
-        hashsum = view.get("hashsum")
-        t["hashsum"] = hashsum
-        logger.debug("Task %s has memoization hash %s", t.get("id"), hashsum)
-        if afut is None:
-            logger.info("Task %s had no result in cache", t.get("id"))
-            with self._lock:
-                self._leaders[id(task)] = (task, view)
-            return None
-        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if afut.done():
-            logger.info("Task %s using result from cache", t.get("id"))
-            # a fresh Future with no callbacks yet: completing it here is safe
-            if afut.cancelled():
-                _settle(cf, None, LeaderCancelledError("the memoized task was cancelled"))
-            else:
-                error = afut.exception()
-                _settle(cf, afut.result() if error is None else None, error)
-            if (
-                self.checkpoint_mode is not None
-                and isinstance(hashsum, str)
-                and not afut.cancelled()
-                and afut.exception() is None
-                and hashsum not in self._recorded
-            ):
-                # Parsl writes a record for every task that used a result
-                self._recorded.add(hashsum)
-                memo.update_checkpoint(view)
-            return cf
-        logger.info("Task %s waits for the identical task running now", t.get("id"))
-        assert isinstance(hashsum, str)
-        self._followers.add(hashsum, cf, afut)
-        return cf
+        return lookups.check(task)
 
     # ------------------------------------------------------------ completions
     def update_memo_result(self, task: TaskRecord, r: Any) -> None:
@@ -770,117 +371,17 @@ class ParslMemoizer(_ParslMemoizerBase):
     def _update(self, task: TaskRecord, result: Any, exc: BaseException | None) -> None:
         t: Any = task
         with self._lock:
-            entry = self._leaders.pop(id(task), None)
             running = self._running()
-            portal = self._portal
+            lookups, outcomes = self._lookups, self._outcomes
+        view = lookups.pop_leader(task) if lookups is not None else None
         hashsum = t.get("hashsum")
         if not isinstance(hashsum, str):
             return  # not memoized, never looked up, or a dependency failure
-        if not running or portal is None:
+        if not running or outcomes is None:
             self._followers.after_close(hashsum, result, exc)
             return
-        if entry is None:
-            # a hit or a collapsed follower: aiomemo has the result already
-            return
-        view = entry[1]
-        with self._lock:
-            self._outbox.append((view, result, exc))
-            batch = self._outbox_done
-            first = batch is None
-            if batch is None:
-                batch = self._outbox_done = concurrent.futures.Future()
-        if first:
-            try:
-                # one hop for a whole burst of completions, not one per task
-                fut = portal.submit(self._record_outbox())
-                fut.add_done_callback(_log_failure)
-                fut.add_done_callback(self._outbox_ended)
-            except PortalClosedError:
-                self._return_outbox()
-                return
-        if self.checkpoint_mode == "task_exit" and exc is None and not portal.on_loop_thread():
-            # returns once the record is durable, as BasicMemoizer's write:
-            # one group commit for every completion thread's records
-            try:
-                batch.result()
-            except (
-                concurrent.futures.CancelledError,
-                asyncio.CancelledError,
-                PortalClosedError,
-                MemoizerClosedError,
-            ):
-                self._followers.after_close(hashsum, result, exc)
-            except Exception:
-                # a memo that cannot record must never fail the task
-                logger.exception("aiomemo could not record the outcome of task %s", t.get("id"))
-
-    def _outbox_ended(self, fut: concurrent.futures.Future[None]) -> None:
-        """The loop cancelled a batch (stopping), perhaps before it took its outcomes."""
-        if fut.cancelled():
-            self._return_outbox()
-
-    def _return_outbox(self) -> None:
-        """The loop is gone: complete the followers of the outcomes still waiting for it."""
-        with self._lock:
-            pending, self._outbox = self._outbox, []
-            batch, self._outbox_done = self._outbox_done, None
-        for view, result, exc in pending:
-            key = view.get("hashsum")
-            if isinstance(key, str):
-                self._followers.after_close(key, result, exc)
-        if batch is not None:
-            _settle(batch, None, PortalClosedError("the aiomemo loop is stopped"))
-
-    async def _record_outbox(self) -> None:
-        """Record a burst of outcomes on the loop; task_exit: one commit for them all."""
-        with self._lock:
-            pending, self._outbox = self._outbox, []
-            batch, self._outbox_done = self._outbox_done, None
-        error: BaseException | None = None
-        try:
-            if self.checkpoint_mode == "task_exit":
-                outcomes = await asyncio.gather(
-                    *(self._record_outcome(v, r, e) for v, r, e in pending),
-                    return_exceptions=True,
-                )
-            else:
-                outcomes = []
-                for v, r, e in pending:
-                    try:
-                        await self._record_outcome(v, r, e)
-                    except Exception as exc:
-                        outcomes.append(exc)
-            for out in outcomes:
-                if isinstance(out, BaseException):
-                    logger.error("aiomemo could not record a task outcome: %r", out, exc_info=out)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if batch is not None:
-                _settle(batch, None, error)
-
-    async def _record_outcome(
-        self, view: dict[str, Any], result: Any, exc: BaseException | None
-    ) -> None:
-        memo = self._memo
-        assert memo is not None
-        key = view.get("hashsum")
-        try:
-            if exc is not None:
-                await memo.update_memo_exception(view, exc)
-            else:
-                if isinstance(key, str):
-                    self._recorded.add(key)
-                await memo.update_memo_result(view, result)
-        except MemoizerClosedError:
-            if isinstance(key, str):  # closed under us: complete the followers anyway
-                threading.Thread(
-                    target=self._followers.after_close, args=(key, result, exc), daemon=True
-                ).start()
-            return
-        if self.checkpoint_mode == "task_exit":
-            logger.debug("Task %s checkpointed", view.get("id"))
+        if view is not None:  # else a hit or a follower: aiomemo has the result already
+            outcomes.report(view, hashsum, result, exc)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:

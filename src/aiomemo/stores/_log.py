@@ -88,6 +88,23 @@ class LogStore(Store):
         self._writer.collect_refs = self.collect_refs
         await self._writer.write_batch(records, fsync=self._fsync)
 
+    def put_many_blocking(self, records: Sequence[Record]) -> None:
+        """:meth:`put_many` in the calling thread, which it blocks (never call it on the loop).
+
+        Safe from any thread, also while the loop writes through
+        :meth:`put_many` (one writer lock). Raises :class:`CheckpointError`
+        when the store is not open or the write fails.
+        """
+        if not records:
+            return
+        writer = self._writer
+        if writer is None:
+            raise CheckpointError(
+                "LogStore is not open (or closed)", unsaved=len(records)
+            )
+        writer.collect_refs = self.collect_refs
+        writer.write_records_blocking(records, fsync=self._fsync)
+
     def take_refs(self) -> dict[bytes, ValueRef]:
         """Where the large values of the batches written since the last call sit; clears.
 

@@ -1,0 +1,197 @@
+"""Outcomes of the tasks a ParslMemoizer let run, on their way into the memo.
+
+Part of :mod:`aiomemo.parsl`. The DataFlowKernel reports each leader's
+outcome from the thread that completed it (an executor's thread, usually).
+Where the Memoizer allows it (:func:`aiomemo._threaded.usable`: no shared
+store; in ``task_exit``, stores that write from any thread) a result is
+recorded right there, with no trip to the loop; ``task_exit`` callers
+write and fsync their records themselves, one group commit at a time, and
+return once theirs is durable. Otherwise (shared stores, exceptions)
+outcomes travel to the loop in one batch per burst of completions, and
+``task_exit`` callers share that batch's commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any
+
+from aiomemo._exceptions import MemoizerClosedError
+from aiomemo._memoizer import Memoizer
+from aiomemo._parsl_followers import Followers, log_failure, settle_cf
+from aiomemo._portal import Portal, PortalClosedError
+from aiomemo._threaded import ThreadedCompletions, usable
+
+__all__ = ["Outcomes"]
+
+#: under ``parsl.`` so the lines land in the run's ``parsl.log``
+logger = logging.getLogger("parsl.aiomemo")
+
+_Outcome = tuple[dict[str, Any], Any, BaseException | None]
+
+
+class Outcomes:
+    """Records the outcomes of one run's leaders (thread-safe); see the module."""
+
+    def __init__(
+        self, memo: Memoizer, portal: Portal, followers: Followers, recorded: set[str]
+    ) -> None:
+        self._memo = memo
+        self._portal = portal
+        self._followers = followers
+        # keys whose record this run has written or queued already
+        self._recorded = recorded
+        self._task_exit = memo.checkpoint_mode == "task_exit"
+        self._direct = ThreadedCompletions(memo, portal.loop) if usable(memo) else None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0  # direct completions running now
+        self._closed = False
+        # outcomes on their way to the loop, and the Future of the batch they
+        # ride in: one loop wake per burst
+        self._outbox: list[_Outcome] = []
+        self._outbox_done: concurrent.futures.Future[None] | None = None
+
+    @property
+    def groups(self) -> int:
+        """task_exit groups written by the completing threads (0 when they go by the loop)."""
+        return self._direct.groups if self._direct is not None else 0
+
+    def report(self, view: dict[str, Any], key: str, result: Any, exc: BaseException | None) -> None:
+        """A leader finished: record ``result`` (or ``exc``); in task_exit, durable on return."""
+        direct = self._direct
+        if direct is not None and exc is None and not self._portal.on_loop_thread():
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._active += 1
+            if closed:
+                self._followers.after_close(key, result, exc)
+                return
+            try:
+                self._recorded.add(key)
+                direct.result(view, key, result)
+            except Exception:
+                # a memo that cannot record must never fail the task
+                logger.exception("aiomemo could not record the outcome of task %s", view.get("id"))
+            finally:
+                with self._lock:
+                    self._active -= 1
+                    if not self._active:
+                        self._idle.notify_all()
+            if self._task_exit:
+                logger.debug("Task %s checkpointed", view.get("id"))
+            return
+        self._by_loop(view, key, result, exc)
+
+    def close(self) -> None:
+        """Take no more direct completions; wait for those running (milliseconds each)."""
+        with self._lock:
+            self._closed = True
+            while self._active:
+                self._idle.wait()
+
+    # ------------------------------------------------------------ by the loop
+    def _by_loop(
+        self, view: dict[str, Any], key: str, result: Any, exc: BaseException | None
+    ) -> None:
+        with self._lock:
+            self._outbox.append((view, result, exc))
+            batch = self._outbox_done
+            first = batch is None
+            if batch is None:
+                batch = self._outbox_done = concurrent.futures.Future()
+        if first:
+            try:
+                # one hop for a whole burst of completions, not one per task
+                fut = self._portal.submit(self._record_outbox())
+                fut.add_done_callback(log_failure)
+                fut.add_done_callback(self._outbox_ended)
+            except PortalClosedError:
+                self._return_outbox()
+                return
+        if self._task_exit and exc is None and not self._portal.on_loop_thread():
+            # returns once the record is durable, as BasicMemoizer's write:
+            # one group commit for every completion thread's records
+            try:
+                batch.result()
+            except (
+                concurrent.futures.CancelledError,
+                asyncio.CancelledError,
+                PortalClosedError,
+                MemoizerClosedError,
+            ):
+                self._followers.after_close(key, result, exc)
+            except Exception:
+                # a memo that cannot record must never fail the task
+                logger.exception("aiomemo could not record the outcome of task %s", view.get("id"))
+
+    def _outbox_ended(self, fut: concurrent.futures.Future[None]) -> None:
+        """The loop cancelled a batch (stopping), perhaps before it took its outcomes."""
+        if fut.cancelled():
+            self._return_outbox()
+
+    def _return_outbox(self) -> None:
+        """The loop is gone: complete the followers of the outcomes still waiting for it."""
+        with self._lock:
+            pending, self._outbox = self._outbox, []
+            batch, self._outbox_done = self._outbox_done, None
+        for view, result, exc in pending:
+            key = view.get("hashsum")
+            if isinstance(key, str):
+                self._followers.after_close(key, result, exc)
+        if batch is not None:
+            settle_cf(batch, None, PortalClosedError("the aiomemo loop is stopped"))
+
+    async def _record_outbox(self) -> None:
+        """Record a burst of outcomes on the loop; task_exit: one commit for them all."""
+        with self._lock:
+            pending, self._outbox = self._outbox, []
+            batch, self._outbox_done = self._outbox_done, None
+        error: BaseException | None = None
+        try:
+            if self._task_exit:
+                outcomes = await asyncio.gather(
+                    *(self._record_outcome(v, r, e) for v, r, e in pending),
+                    return_exceptions=True,
+                )
+            else:
+                outcomes = []
+                for v, r, e in pending:
+                    try:
+                        await self._record_outcome(v, r, e)
+                    except Exception as exc:
+                        outcomes.append(exc)
+            for out in outcomes:
+                if isinstance(out, BaseException):
+                    logger.error("aiomemo could not record a task outcome: %r", out, exc_info=out)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if batch is not None:
+                settle_cf(batch, None, error)
+
+    async def _record_outcome(
+        self, view: dict[str, Any], result: Any, exc: BaseException | None
+    ) -> None:
+        memo = self._memo
+        key = view.get("hashsum")
+        try:
+            if exc is not None:
+                await memo.update_memo_exception(view, exc)
+            else:
+                if isinstance(key, str):
+                    self._recorded.add(key)
+                await memo.update_memo_result(view, result)
+        except MemoizerClosedError:
+            if isinstance(key, str):  # closed under us: complete the followers anyway
+                threading.Thread(
+                    target=self._followers.after_close, args=(key, result, exc), daemon=True
+                ).start()
+            return
+        if self._task_exit:
+            logger.debug("Task %s checkpointed", view.get("id"))
