@@ -165,7 +165,7 @@ class Memoizer:
             ``ttl`` field or ``memo.cached(ttl=...)`` overrides it.
         retention: a :class:`~aiomemo.Retention` (``max_bytes``, ``max_age``):
             once loaded, ``aiomemo gc``'s policy runs over the loaded
-            checkpoints in the background (a worker thread); see
+            checkpoints in the background (a child process); see
             :meth:`retention_report`. None (default): nothing is removed.
 
     A Memoizer belongs to the event loop it starts on: a call from another
@@ -547,7 +547,8 @@ class Memoizer:
     async def retention_report(self) -> dict[str, Any] | None:
         """Wait for the start-time retention run; its summary (as ``aiomemo gc --json``).
 
-        None without ``retention=``, before ``start()``, or when it failed (warned).
+        None without ``retention=``, before ``start()``, when it failed (warned), or
+        when ``close()`` ended it before it changed anything.
         """
         return None if self._retention is None else await self._retention.report()
 
