@@ -75,7 +75,7 @@ async def test_budget_at_start(tmp_path: Path) -> None:
         ticker = asyncio.create_task(tick())
         report = await memo.retention_report()
         ticker.cancel()
-        assert ticks > 1  # the loop kept turning while the thread worked
+        assert ticks > 1  # the loop kept turning while the child worked
         assert report is not None and report["removed"]["over_budget"] > 0
         assert report["budget_met"] and size(root) <= budget
         gone = 0
