@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import heapq
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -169,7 +168,7 @@ REASONS: tuple[Reason, ...] = ("superseded", "forgotten", "expired", "too_old", 
 #: a record as the plan keeps it, a plain tuple (the cyclic garbage collector
 #: stops tracking a tuple of plain values, so a million cost no GC pauses; a
 #: NamedTuple or a dataclass would be tracked, and every full collection
-#: would walk them all while the event loop waits for the GIL):
+#: would walk them all):
 #: (segment index, load order, bytes when rewritten (at most), packed length,
 #:  key, value, func, time, digests, expires, ValueRef fields or None)
 _Item = tuple[
@@ -366,6 +365,49 @@ def plan_gc(
     """
     budget = None if max_bytes is None else parse_size(max_bytes)
     age = None if max_age is None else parse_age(max_age)
+    shown, resolved = _resolve(path)
+    when = _records.clock() if now is None else now
+    segments = list(resolved.segments)
+    dirs, fixed, held_names = _dirs_of(segments, held, pinned)
+    dir_no = [next(n for n, d in enumerate(dirs) if d.path == s.parent) for s in segments]
+    scan = _scan(shown, segments, dir_no, fixed, verify, progress)
+    removed: dict[str, int] = dict.fromkeys(REASONS, 0)
+    if scan.tombs:
+        removed["forgotten"] = _unforget(scan, segments, fixed, verify)
+    winners, evicted = _by_reason(scan, fixed, when, age, removed)
+    tomb_keep = [it for it in scan.newest_tomb.values() if it[_I_SEG] not in fixed]
+    fixed_bytes = total_size([segments[i] for i in sorted(fixed)])
+    movable = [it for it in winners if it[_I_SEG] not in fixed]
+    if budget is not None:
+        movable = _fit_budget(
+            movable, tomb_keep, scan.fixed_keys, fixed_bytes, dir_no, budget, evicted, removed
+        )
+    total = fixed_bytes + _keep_per_dir(dirs, dir_no, [*movable, *tomb_keep], scan, budget)
+    dropped = sum(d.dropped for d in dirs)
+    removed["superseded"] = max(0, dropped - sum(removed.values()))
+    return GcPlan(
+        path=shown,
+        now=when,
+        max_bytes=budget,
+        max_age=age,
+        dirs=dirs,
+        segments=segments,
+        removed=removed,
+        evicted=evicted,
+        records_in=scan.records_in,
+        records_out=scan.records_in - dropped,
+        tombstones=len(scan.newest_tomb),
+        bytes_in=total_size(segments),
+        bytes_estimate=total,
+        held=held_names,
+        notes=list(resolved.notes),
+    )
+
+
+def _resolve(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+) -> tuple[str, ResolvedPath]:
+    """``path`` as shown in messages, and its segments (of each path, each once)."""
     if isinstance(path, str | os.PathLike):
         shown = os.fspath(path)
         resolved = _resolve_one(path)
@@ -386,21 +428,38 @@ def plan_gc(
         raise MaintenanceError(
             f"{shown}: is a segment file; gc works on a checkpoint dir, a run dir or a runinfo root"
         )
-    when = _records.clock() if now is None else now
-    segments = list(resolved.segments)
-    dirs, fixed, held_names = _dirs_of(segments, held, pinned)
+    return shown, resolved
 
-    # one pass over every record (no values): the last record per key in load
-    # order, tombstones, the keys with a record in a segment left alone
-    last: dict[bytes, _Item] = {}
-    tombs = Tombstones()
-    newest_tomb: dict[tuple[str | None, bytes | str], _Item] = {}
-    fixed_keys: set[bytes] = set()
-    records_in = 0
-    in_rewritten = [0] * len(dirs)  # records in the segments rewritten, per dir
+
+@dataclass(slots=True)
+class _Scan:
+    """What one pass over every record (no values) found."""
+
+    slack: list[int]  # per segment: bytes a record may grow by when rewritten
+    last: dict[bytes, _Item] = field(default_factory=dict)  # last record per key, load order
+    tombs: Tombstones = field(default_factory=Tombstones)
+    newest_tomb: dict[tuple[str | None, bytes | str], _Item] = field(default_factory=dict)
+    fixed_keys: set[bytes] = field(default_factory=set)  # keys with a record left alone
+    in_rewritten: list[int] = field(default_factory=list)  # per dir: records rewritten
+    records_in: int = 0
+
+
+def _scan(
+    shown: str,
+    segments: Sequence[Path],
+    dir_no: Sequence[int],
+    fixed: set[int],
+    verify: bool,
+    progress: ProgressFn | None,
+) -> _Scan:
+    """Read every record (no values): the last per key, tombstones, the keys left alone.
+
+    Damaged spans in a segment it would rewrite: MaintenanceError (code 1).
+    """
+    out = _Scan([_slack(s) for s in segments], in_rewritten=[0] * (max(dir_no, default=-1) + 1))
+    last, newest_tomb, slack, in_rewritten = out.last, out.newest_tomb, out.slack, out.in_rewritten
     bad: list[str] = []
-    dir_no = [next(n for n, d in enumerate(dirs) if d.path == s.parent) for s in segments]
-    slack = [_slack(s) for s in segments]
+    records_in = 0
     for seg, i, item in scan_segments(
         segments, verify_records=verify, progress=progress, values=False
     ):
@@ -411,10 +470,10 @@ def plan_gc(
         records_in += 1
         rec = item.record
         if i in fixed:
-            fixed_keys.add(rec.key)
+            out.fixed_keys.add(rec.key)
         else:
             in_rewritten[dir_no[i]] += 1
-        if tombs.add(rec):
+        if out.tombs.add(rec):
             slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
             prev = newest_tomb.get(slot)
             if prev is None or rec.time > prev[_I_TIME]:
@@ -427,31 +486,42 @@ def plan_gc(
             "see `aiomemo verify`, then `aiomemo compact --drop-damaged`",
             code=1,
         )
+    out.records_in = records_in
+    return out
 
-    removed: dict[str, int] = dict.fromkeys(REASONS, 0)
 
-    # a key whose last record is forgotten: an earlier record no tombstone
-    # forgets may stand (loading's rule). With tombstones, a second pass
-    # (no values) finds those and counts the forgotten records it removes.
-    if tombs:
-        redo = {k for k, it in last.items() if tombs.covers(k, it[_I_FUNC], it[_I_TIME])}
-        for k in redo:
-            del last[k]
-        n = 0
-        for _seg, i, item in scan_segments(segments, verify_records=verify, values=False):
-            if not isinstance(item, RecordInfo):
-                continue
-            n += 1
-            rec = item.record
-            if rec.tombstone is not None or not tombs.forgets(rec):
-                if rec.key in redo and rec.tombstone is None:
-                    last[rec.key] = _item(item, i, n, slack[i])
-            elif i not in fixed:
-                removed["forgotten"] += 1
+def _unforget(scan: _Scan, segments: Sequence[Path], fixed: set[int], verify: bool) -> int:
+    """Per key whose last record is forgotten, the last one no tombstone forgets (if any).
 
+    Loading's rule: an earlier record no tombstone forgets may stand. A second
+    pass (no values) finds those; returns the forgotten records it removes.
+    """
+    last, tombs, slack = scan.last, scan.tombs, scan.slack
+    redo = {k for k, it in last.items() if tombs.covers(k, it[_I_FUNC], it[_I_TIME])}
+    for k in redo:
+        del last[k]
+    n = forgotten = 0
+    for _seg, i, item in scan_segments(segments, verify_records=verify, values=False):
+        if not isinstance(item, RecordInfo):
+            continue
+        n += 1
+        rec = item.record
+        if rec.tombstone is not None or not tombs.forgets(rec):
+            if rec.key in redo and rec.tombstone is None:
+                last[rec.key] = _item(item, i, n, slack[i])
+        elif i not in fixed:
+            forgotten += 1
+    return forgotten
+
+
+def _by_reason(
+    scan: _Scan, fixed: set[int], when: float, age: float | None, removed: dict[str, int]
+) -> tuple[list[_Item], set[bytes]]:
+    """The live records kept, and the keys evicted as expired or too old (counted)."""
     winners: list[_Item] = []
     evicted: set[bytes] = set()
-    for k, it in last.items():
+    fixed_keys = scan.fixed_keys
+    for k, it in scan.last.items():
         if it[_I_SEG] in fixed or k in fixed_keys:
             winners.append(it)  # left as it is: a record of its key stays put
         elif it[_I_EXPIRES] <= when:
@@ -462,39 +532,52 @@ def plan_gc(
             evicted.add(k)
         else:
             winners.append(it)
-    tomb_keep = [it for it in newest_tomb.values() if it[_I_SEG] not in fixed]
-    fixed_bytes = total_size([segments[i] for i in sorted(fixed)])
-    movable = [it for it in winners if it[_I_SEG] not in fixed]
+    return winners, evicted
+
+
+def _fit_budget(
+    movable: list[_Item],
+    tomb_keep: list[_Item],
+    fixed_keys: set[bytes],
+    fixed_bytes: int,
+    dir_no: Sequence[int],
+    budget: int,
+    evicted: set[bytes],
+    removed: dict[str, int],
+) -> list[_Item]:
+    """``movable`` without the least recently written records that take it over ``budget``."""
     total = fixed_bytes + _estimate(dir_no, [*movable, *tomb_keep])
+    if total <= budget:
+        return movable
+    candidates = sorted(
+        [it for it in movable if it[_I_KEY] not in fixed_keys],
+        key=lambda it: (it[_I_TIME], it[_I_ORDER]),
+    )
+    over, j = total - budget, 0
+    while j < len(candidates) and over > 0:  # by record size first (cheap) ...
+        over -= candidates[j][_I_SIZE]
+        j += 1
+    gone = {id(it) for it in candidates[:j]}
+    rest = [it for it in movable if id(it) not in gone]
+    total = fixed_bytes + _estimate(dir_no, [*rest, *tomb_keep])
+    while j < len(candidates) and total > budget:  # ... then on the estimate
+        gone.add(id(candidates[j]))
+        total -= candidates[j][_I_SIZE]
+        j += 1
+    for it in candidates[:j]:
+        evicted.add(it[_I_KEY])
+    removed["over_budget"] = j
+    return [it for it in movable if id(it) not in gone]
 
-    # over budget: the least recently written go first
-    if budget is not None and total > budget:
-        candidates = _sorted(
-            [it for it in movable if it[_I_KEY] not in fixed_keys],
-            lambda it: (it[_I_TIME], it[_I_ORDER]),
-        )
-        over, j = total - budget, 0
-        while j < len(candidates) and over > 0:  # by record size first (cheap) ...
-            over -= candidates[j][_I_SIZE]
-            j += 1
-        gone = {id(it) for it in candidates[:j]}
-        rest = [it for it in movable if id(it) not in gone]
-        total = fixed_bytes + _estimate(dir_no, [*rest, *tomb_keep])
-        while j < len(candidates) and total > budget:  # ... then on the estimate
-            gone.add(id(candidates[j]))
-            total -= candidates[j][_I_SIZE]
-            j += 1
-        for it in candidates[:j]:
-            evicted.add(it[_I_KEY])
-        removed["over_budget"] = j
-        movable = [it for it in movable if id(it) not in gone]
-        total = fixed_bytes + _estimate(dir_no, [*movable, *tomb_keep])
 
-    # the records each rewritten dir keeps, in load order
-    for it in _sorted([*movable, *tomb_keep], lambda it: it[_I_ORDER]):
+def _keep_per_dir(
+    dirs: list[_Dir], dir_no: Sequence[int], kept: list[_Item], scan: _Scan, budget: int | None
+) -> int:
+    """Give each rewritten dir the records it keeps (load order); its bytes after the run."""
+    for it in sorted(kept, key=lambda it: it[_I_ORDER]):
         dirs[dir_no[it[_I_SEG]]].keep.append(it)
     for n, d in enumerate(dirs):
-        d.dropped = in_rewritten[n] - len(d.keep)
+        d.dropped = scan.in_rewritten[n] - len(d.keep)
         # with a budget, a dir that drops nothing is still rewritten when that
         # makes it smaller (one batch per commit takes more than one per 10,000)
         d.changed = d.dropped > 0 or (
@@ -502,41 +585,7 @@ def plan_gc(
             and bool(d.rewrite)
             and total_size(d.rewrite) > _segment_bytes(d.keep)
         )
-    dropped = sum(d.dropped for d in dirs)
-    total = fixed_bytes + sum(
-        _segment_bytes(d.keep) if d.changed else total_size(d.rewrite) for d in dirs
-    )
-    removed["superseded"] = max(0, dropped - sum(removed.values()))
-    return GcPlan(
-        path=shown,
-        now=when,
-        max_bytes=budget,
-        max_age=age,
-        dirs=dirs,
-        segments=segments,
-        removed=removed,
-        evicted=evicted,
-        records_in=records_in,
-        records_out=records_in - dropped,
-        tombstones=len(newest_tomb),
-        bytes_in=total_size(segments),
-        bytes_estimate=total,
-        held=held_names,
-        notes=list(resolved.notes),
-    )
-
-
-#: items sorted at once: a sort runs in C without letting other threads (the
-#: event loop, for a Memoizer's retention run) in; ~20,000 take a few ms
-_SORT_CHUNK = 20_000
-
-
-def _sorted(items: list[_Item], key: Callable[[_Item], Any]) -> list[_Item]:
-    """``sorted(items, key=key)``, in chunks merged in Python, so the GIL changes hands."""
-    if len(items) <= _SORT_CHUNK:
-        return sorted(items, key=key)
-    runs = [sorted(items[i : i + _SORT_CHUNK], key=key) for i in range(0, len(items), _SORT_CHUNK)]
-    return list(heapq.merge(*runs, key=key))
+    return sum(_segment_bytes(d.keep) if d.changed else total_size(d.rewrite) for d in dirs)
 
 
 def _estimate(dir_no: Sequence[int], items: Sequence[_Item]) -> int:
