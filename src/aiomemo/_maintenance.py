@@ -336,12 +336,7 @@ def compact(
         live = {s for s in segments if out is not None and is_segment_in_use(s)}
         scan = _newest(segments, live, progress)
         if scan.bad and not drop_damaged:
-            lost = sum(b.lost for b in scan.bad)
-            raise MaintenanceError(
-                f"{shown}: {len(scan.bad)} damaged span(s) ({lost} record(s) lost) found; "
-                "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
-                code=1,
-            )
+            raise _damaged(shown, scan.bad)
         kept, dropped = _live_records(segments, scan.table, scan.tombs, now)
         records: list[Record | RecordInfo] = [*scan.newest_tombstones.values(), *kept]
         bytes_in = total_size(segments)
@@ -444,6 +439,16 @@ def _newest(segments: Sequence[Path], live: set[Path], progress: ProgressFn | No
             else:
                 out.table[rec.key] = item
     return out
+
+
+def _damaged(shown: str, bad: Sequence[BadSpan]) -> MaintenanceError:
+    """compact's refusal (code 1) of damaged spans."""
+    lost = sum(b.lost for b in bad)
+    return MaintenanceError(
+        f"{shown}: {len(bad)} damaged span(s) ({lost} record(s) lost) found; "
+        "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
+        code=1,
+    )
 
 
 def _replace(tmp: _Temp, final: Path, old: Sequence[Path]) -> list[Path]:
@@ -773,18 +778,7 @@ def forget(
             )
     when = _records.clock() if now is None else now
     upto = when if before is None else before
-    tombs = Tombstones()
-    names: set[str] = set()
-    last: dict[bytes, tuple[Path, Record]] = {}  # key -> last record of func (load order)
-    for seg, _i, item in scan_segments(segments, verify_records=True, values=False):
-        if not isinstance(item, RecordInfo):
-            continue
-        rec = item.record
-        if tombs.add(rec):
-            continue
-        names.add(rec.func)
-        if rec.func == func:
-            last[rec.key] = (seg.parent, rec)
+    tombs, names, last = _last_of_func(segments, func)
     if func not in names:
         if unknown is not None:
             raise unknown(func, names)
@@ -817,6 +811,25 @@ def forget(
         "segments_written": written,
         "checkpoint_dirs": len(hits),
     }
+
+
+def _last_of_func(
+    segments: Sequence[Path], func: str
+) -> tuple[Tombstones, set[str], dict[bytes, tuple[Path, Record]]]:
+    """Every tombstone, every function named, and ``func``'s last record per key (and its dir)."""
+    tombs = Tombstones()
+    names: set[str] = set()
+    last: dict[bytes, tuple[Path, Record]] = {}  # key -> last record of func (load order)
+    for seg, _i, item in scan_segments(segments, verify_records=True, values=False):
+        if not isinstance(item, RecordInfo):
+            continue
+        rec = item.record
+        if tombs.add(rec):
+            continue
+        names.add(rec.func)
+        if rec.func == func:
+            last[rec.key] = (seg.parent, rec)
+    return tombs, names, last
 
 
 def _write_tombstones(directory: Path, records: list[Record]) -> Path:
