@@ -26,10 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import functools
-import logging
 import os
-import sys
-import warnings
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -62,7 +59,7 @@ from aiomemo._retention import Retention
 from aiomemo._setup import MIN_PERIOD, parse_period
 from aiomemo._table import MISSING, MemoTable, OnDisk
 from aiomemo._views import MemoStats
-from aiomemo.stores._base import LoadReport, Store
+from aiomemo.stores._base import Store
 
 if TYPE_CHECKING:
     from aiomemo._explain import Explanation
@@ -76,8 +73,6 @@ __all__ = [
     "TaskRecord",
     "parse_period",
 ]
-
-logger = logging.getLogger("aiomemo")
 
 CheckpointMode = Literal["task_exit", "periodic", "dfk_exit", "manual"]
 
@@ -114,23 +109,6 @@ class TaskRecord(TypedDict, total=False):
 
 
 Task = TaskRecord | MutableMapping[str, Any]
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _outside_aiomemo() -> int:
-    """The ``stacklevel`` that makes the caller's warning point at the user's code.
-
-    The first frame (from the caller of this function up) outside the aiomemo
-    package, however many of its parts the call went through.
-    """
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 #: ``Memoizer(memory_limit=...)`` default: encoded bytes of results read from disk kept
@@ -296,46 +274,7 @@ class Memoizer:
 
     async def start(self) -> None:
         """Load checkpoints, open the stores and start the drain task. Idempotent."""
-        await self._life.start(self._start)
-
-    async def _start(self) -> None:
-        from aiomemo import _rundir
-
-        life = self._life
-        life.loop = asyncio.get_running_loop()
-        if life.run_dir is None:
-            life.run_dir = await asyncio.to_thread(_rundir.next_run_dir, self.config_run_dir)
-        stores, self._loaded_paths, reports = await _setup.open_and_load(
-            self._user_stores,
-            life,
-            self.checkpoint_files,
-            self.checkpoint_mode,
-            self.config_run_dir,
-            memoize=self.memoize,
-            warn_empty=self._warn_empty_dirs,
-        )
-        for rep in reports:
-            self._absorb(rep)
-        if self._retention is not None:
-            self._retention.start(self._loaded_paths)
-        self._shared.use(stores)
-        # (mode None with a lease store: the drain only retries failed publishes)
-        run = self.checkpoint_mode in ("periodic", "task_exit") or bool(
-            self.collapse and self._shared.lease_stores
-        )
-        self._drain.start(stores, run=run)
-        life.state = Lifecycle.STARTED
-        logger.info(
-            "aiomemo started: %d loaded entries, mode %s, run dir %s",
-            len(self._table.loaded),
-            self.checkpoint_mode,
-            life.run_dir,
-        )
-
-    def _absorb(self, rep: LoadReport) -> None:
-        for line in self._table.absorb(rep):
-            warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=_outside_aiomemo())
-            logger.warning("%s", line)
+        await self._life.start(functools.partial(_setup.start, self))
 
     async def close(self) -> None:
         """Make the final checkpoint (every mode but None), stop the drain, close stores.
@@ -512,7 +451,8 @@ class Memoizer:
         if not dirs:
             return {}
         table = self._table if self.memoize else None
-        return await _views.load(dirs, self._life, table, self._absorb, self.memory_limit)
+        absorb = functools.partial(_setup.absorb, self._table)
+        return await _views.load(dirs, self._life, table, absorb, self.memory_limit)
 
     async def explain(self, task: Task) -> Explanation:
         """Why did this task miss? Names the inputs that differ from the nearest recorded call.

@@ -1,4 +1,4 @@
-"""Configuration checks of the Memoizer, and what it loads when it starts.
+"""Configuration checks of the Memoizer, and its start: what it opens and loads.
 
 Bad configuration fails at construction with an error naming the argument:
 ``TypeError`` for a wrong type (``memoize="no"`` is not a bool),
@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
+import logging
 import os
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiomemo import _metrics
 from aiomemo._exceptions import MemoizerClosedError
@@ -21,7 +25,11 @@ from aiomemo._hashing import KeyHook
 from aiomemo._lifecycle import Life, Lifecycle
 from aiomemo.stores._base import LoadReport, Store
 
-__all__ = ["MIN_PERIOD", "load_at_start", "open_and_load", "parse_period"]
+if TYPE_CHECKING:
+    from aiomemo._memoizer import Memoizer
+    from aiomemo._table import MemoTable
+
+__all__ = ["MIN_PERIOD", "absorb", "load_at_start", "open_and_load", "parse_period", "start"]
 
 #: the shortest checkpoint period: a drain waking faster only burns the CPU
 MIN_PERIOD = 0.01
@@ -262,3 +270,71 @@ async def open_and_load(
                 await s.aclose()
         raise
     return stores, *loaded
+
+
+logger = logging.getLogger("aiomemo")
+
+
+async def start(memo: Memoizer) -> None:
+    """A Memoizer's start (run once by its :class:`~aiomemo._lifecycle.Life`).
+
+    Its loop and run dir fixed, its stores opened and the checkpoints loaded
+    (:func:`open_and_load`), the retention run and the drain started; then
+    the Memoizer is STARTED.
+    """
+    from aiomemo import _rundir
+
+    life = memo._life
+    life.loop = asyncio.get_running_loop()
+    if life.run_dir is None:
+        life.run_dir = await asyncio.to_thread(_rundir.next_run_dir, memo.config_run_dir)
+    stores, memo._loaded_paths, reports = await open_and_load(
+        memo._user_stores,
+        life,
+        memo.checkpoint_files,
+        memo.checkpoint_mode,
+        memo.config_run_dir,
+        memoize=memo.memoize,
+        warn_empty=memo._warn_empty_dirs,
+    )
+    for rep in reports:
+        absorb(memo._table, rep)
+    if memo._retention is not None:
+        memo._retention.start(memo._loaded_paths)
+    memo._shared.use(stores)
+    # (mode None with a lease store: the drain only retries failed publishes)
+    run = memo.checkpoint_mode in ("periodic", "task_exit") or bool(
+        memo.collapse and memo._shared.lease_stores
+    )
+    memo._drain.start(stores, run=run)
+    life.state = Lifecycle.STARTED
+    logger.info(
+        "aiomemo started: %d loaded entries, mode %s, run dir %s",
+        len(memo._table.loaded),
+        memo.checkpoint_mode,
+        life.run_dir,
+    )
+
+
+def absorb(table: MemoTable, rep: LoadReport) -> None:
+    """Put what a load found into ``table``; warn of each problem it reports."""
+    for line in table.absorb(rep):
+        warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=_outside_aiomemo())
+        logger.warning("%s", line)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_aiomemo() -> int:
+    """The ``stacklevel`` that makes the caller's warning point at the user's code.
+
+    The first frame (from the caller of this function up) outside the aiomemo
+    package, however many of its parts the call went through.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
