@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import aiomemo
 import aiomemo.stores
 import aiomemo.testing
@@ -67,12 +69,17 @@ def test_user_visible_errors_are_in_the_tree() -> None:
 def test_every_exception_class_in_the_package_is_in_the_tree() -> None:
     """No public exception class of aiomemo's modules stands outside MemoError."""
     import importlib
+    import importlib.util
     import pkgutil
 
+    skip = {"aiomemo.__main__"}
+    if importlib.util.find_spec("parsl") is None:
+        skip.add("aiomemo.parsl")  # the parsl extra is not installed
+    no_redis = importlib.util.find_spec("redis") is None
     seen = []
     for info in pkgutil.walk_packages(aiomemo.__path__, "aiomemo."):
-        if info.name in {"aiomemo.parsl", "aiomemo.__main__"} or info.name.endswith("_redis"):
-            continue  # optional dependencies; checked in their own suites
+        if info.name in skip or (no_redis and "._redis" in info.name):
+            continue
         mod = importlib.import_module(info.name)
         for obj in vars(mod).values():
             if (
@@ -84,3 +91,19 @@ def test_every_exception_class_in_the_package_is_in_the_tree() -> None:
                 seen.append(obj)
                 assert issubclass(obj, aiomemo.MemoError), obj
     assert aiomemo.CodecError in seen
+    if "aiomemo.parsl" not in skip:
+        assert importlib.import_module("aiomemo.parsl").ParslConfigurationError in seen
+
+
+def test_parsl_errors_keep_parsl_and_builtin_bases() -> None:
+    """ParslMemoizer's errors are MemoErrors and what Parsl's own code catches."""
+    pytest.importorskip("parsl")
+    from parsl.errors import ConfigurationError
+
+    from aiomemo.parsl import ParslConfigurationError, ParslUnhashableInputError
+
+    assert issubclass(ParslConfigurationError, aiomemo.MemoError)
+    assert issubclass(ParslConfigurationError, ConfigurationError)
+    assert issubclass(ParslConfigurationError, ValueError)
+    assert issubclass(ParslUnhashableInputError, aiomemo.UnhashableInputError)
+    assert issubclass(ParslUnhashableInputError, ValueError)

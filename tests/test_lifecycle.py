@@ -223,3 +223,22 @@ async def test_empty_checkpoint_dir_warns(tmp_path: pathlib.Path) -> None:
     with pytest.warns(RuntimeWarning, match=r"checkpoint_files\[0\].*holds no checkpoints"):
         await memo.start()
     await memo.close()
+
+
+async def test_load_warnings_point_at_the_callers_line(tmp_path: pathlib.Path) -> None:
+    """A loading warning names the user's line: start(), async with, load_checkpoints()."""
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad" / "checkpoint"
+    bad.mkdir(parents=True)
+    (bad / "seg-20200101T000000.000000Z-1-00000000.amlog").write_bytes(b"not a segment" * 4)
+    memo = Memoizer(checkpoint_files=[tmp_path / "empty"], run_dir=tmp_path / "r1")
+    with pytest.warns(RuntimeWarning) as started:
+        await memo.start()
+    with pytest.warns(RuntimeWarning) as loaded:
+        await memo.load_checkpoints([bad])
+    await memo.close()
+    with pytest.warns(RuntimeWarning) as entered:
+        async with Memoizer(checkpoint_files=[tmp_path / "empty"], run_dir=tmp_path / "r2"):
+            pass
+    for record in (*started, *loaded, *entered):
+        assert record.filename == __file__, (record.filename, str(record.message))

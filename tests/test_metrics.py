@@ -227,3 +227,36 @@ async def test_expired_and_forgotten(reader: InMemoryMetricReader, tmp_path: Pat
     after = snapshot(reader)
     assert after["aiomemo.expired"] - before.get("aiomemo.expired", 0) == 1
     assert after["aiomemo.forgotten"] - before.get("aiomemo.forgotten", 0) == 1
+
+
+def test_writes_from_engine_threads_are_timed(reader: InMemoryMetricReader, tmp_path: Path) -> None:
+    """ParslMemoizer's task_exit records, written by the completing threads, are timed too."""
+    pytest.importorskip("parsl")
+    from aiomemo.parsl import ParslMemoizer
+
+    def task(i: int) -> dict[str, Any]:
+        return {
+            "id": i,
+            "func": task,
+            "args": (i,),
+            "kwargs": {},
+            "memoize": True,
+            "ignore_for_cache": [],
+            "hashsum": None,
+        }
+
+    before = snapshot(reader)
+    w0 = hist(before, "aiomemo.checkpoint.duration")
+    memoizer = ParslMemoizer(checkpoint_mode="task_exit")
+    memoizer.start(run_dir=str(tmp_path / "000"), config_run_dir=str(tmp_path))
+    try:
+        for i in range(4):
+            t = task(i)
+            assert memoizer.check_memo(t) is None  # type: ignore[arg-type]
+            memoizer.update_memo_result(t, i)  # type: ignore[arg-type]
+    finally:
+        memoizer.close()
+    after = snapshot(reader)
+    count, total = hist(after, "aiomemo.checkpoint.duration")
+    assert count - w0[0] >= 4 and total > w0[1]  # one durable write per completion here
+    assert after["aiomemo.checkpoint.records"] - before.get("aiomemo.checkpoint.records", 0) == 4

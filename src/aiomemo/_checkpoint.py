@@ -1411,6 +1411,9 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
     verified; its records are not unpacked here);
     ``("record", offset, RecordInfo)`` for a record recovered from a damaged
     stretch; ``("bad", offset, BadSpan)`` for each damaged stretch.
+
+    The loop handles sound batches and value frames (the load path) inline;
+    damage is read by :func:`_damaged_batch` and :func:`_unframed`.
     """
     pos = start
     size = src.size
@@ -1424,71 +1427,96 @@ def _iter_batches(src: _Source, start: int) -> Iterator[tuple[str, int, Any]]:
                 yield ("batch", pos, (count, payload))
                 pos = body_at + length
                 continue
-            torn = len(payload) < length
-            # A sound batch header inside the claimed payload: this batch was cut
-            # short and another follows (e.g. a torn write, then a later append).
-            # The damage ends there; reading on from that header keeps every
-            # record of the next batch (a record walk across it could cut one).
-            inner = _header_within(src, body_at, body_at + len(payload))
-            if inner != -1:
-                payload = payload[: inner - body_at]
-                torn = False
-            recovered, spans = yield from _recover(payload, body_at, pos, skip_array_header=True)
-            end = body_at + len(payload)
-            lost = max(0, count - recovered)
-            if torn:
-                why = (
-                    f"torn tail: batch at offset {pos} cut short "
-                    f"({len(payload)} of {length} payload bytes); "
-                    f"recovered {recovered} of {count} records"
-                )
-                yield ("bad", pos, BadSpan(pos, size - pos, why, lost, torn=True))
-                return
-            why = (
-                f"damaged batch at offset {pos} (payload checksum mismatch); "
-                f"recovered {recovered} of {count} records"
-            )
-            first = spans[0][0] if spans else pos
-            last = spans[-1][1] if spans else end
-            yield ("bad", first, BadSpan(first, last - first, why, lost))
-            pos = end
-            continue
-        vlen = _value_header(raw)
-        if vlen >= 0:
-            if pos + VALUE_HEADER_SIZE + vlen > size:
-                why = (
-                    f"torn tail: value at offset {pos} cut short "
-                    f"({size - pos - VALUE_HEADER_SIZE} of {vlen} bytes)"
-                )
-                yield ("bad", pos, BadSpan(pos, size - pos, why, 1, torn=True))
-                return
-            pos += VALUE_HEADER_SIZE + vlen  # read only through a reference
-            continue
-        # No trustworthy header here: a cut-short header at the end, or damage.
-        if len(raw) < BATCH_HEADER_SIZE and (
-            BATCH_MAGIC.startswith(raw[:8][: len(raw)])
-            or VALUE_MAGIC.startswith(raw[:8][: len(raw)])
-        ):
-            why = f"torn tail: batch header at offset {pos} cut short ({len(raw)} bytes)"
-            yield ("bad", pos, BadSpan(pos, size - pos, why, 1, torn=True))
-            return
-        nxt = src.next_header(pos + 1)
-        region = src.read(pos, nxt - pos)
-        recovered, spans = yield from _recover(region, pos, pos, skip_array_header=False)
-        # A damaged header alone (its records all verified) loses nothing; any
-        # other stretch no header vouches for counts as one lost record.
-        lost = sum(
-            1 for a, b in spans if not (a == pos and b - a <= BATCH_HEADER_SIZE + 5 and recovered)
-        )
-        torn = nxt >= size and bool(spans) and spans[-1][1] >= size
-        why = (
-            f"{'torn tail' if torn and not recovered else 'damaged data'} at offset {pos} "
-            f"({nxt - pos} bytes with no sound batch header); recovered {recovered} records"
-        )
-        first = spans[0][0] if spans else pos
-        last = spans[-1][1] if spans else nxt
-        yield ("bad", first, BadSpan(first, last - first, why, lost, torn=torn))
+            nxt = yield from _damaged_batch(src, pos, length, count, payload)
+        else:
+            vlen = _value_header(raw)
+            if vlen >= 0 and pos + VALUE_HEADER_SIZE + vlen <= size:
+                pos += VALUE_HEADER_SIZE + vlen  # read only through a reference
+                continue
+            nxt = yield from _unframed(src, pos, raw, vlen)
+        if nxt is None:
+            return  # a torn tail: nothing follows
         pos = nxt
+
+
+def _damaged_batch(
+    src: _Source, pos: int, length: int, count: int, payload: bytes
+) -> Generator[tuple[str, int, Any], None, int | None]:
+    """A batch at ``pos`` whose payload fails its digest: recover what verifies.
+
+    Returns where reading goes on, or None after a torn tail.
+    """
+    size = src.size
+    body_at = pos + BATCH_HEADER_SIZE
+    torn = len(payload) < length
+    # A sound batch header inside the claimed payload: this batch was cut
+    # short and another follows (e.g. a torn write, then a later append).
+    # The damage ends there; reading on from that header keeps every
+    # record of the next batch (a record walk across it could cut one).
+    inner = _header_within(src, body_at, body_at + len(payload))
+    if inner != -1:
+        payload = payload[: inner - body_at]
+        torn = False
+    recovered, spans = yield from _recover(payload, body_at, pos, skip_array_header=True)
+    end = body_at + len(payload)
+    lost = max(0, count - recovered)
+    if torn:
+        why = (
+            f"torn tail: batch at offset {pos} cut short "
+            f"({len(payload)} of {length} payload bytes); "
+            f"recovered {recovered} of {count} records"
+        )
+        yield ("bad", pos, BadSpan(pos, size - pos, why, lost, torn=True))
+        return None
+    why = (
+        f"damaged batch at offset {pos} (payload checksum mismatch); "
+        f"recovered {recovered} of {count} records"
+    )
+    first = spans[0][0] if spans else pos
+    last = spans[-1][1] if spans else end
+    yield ("bad", first, BadSpan(first, last - first, why, lost))
+    return end
+
+
+def _unframed(
+    src: _Source, pos: int, raw: bytes, vlen: int
+) -> Generator[tuple[str, int, Any], None, int | None]:
+    """No sound batch header at ``pos``: a torn tail, or damage up to the next header.
+
+    ``vlen`` is the length a sound value-frame header there claims (-1: none).
+    Returns where reading goes on, or None after a torn tail.
+    """
+    size = src.size
+    if vlen >= 0:  # a value frame cut short
+        why = (
+            f"torn tail: value at offset {pos} cut short "
+            f"({size - pos - VALUE_HEADER_SIZE} of {vlen} bytes)"
+        )
+        yield ("bad", pos, BadSpan(pos, size - pos, why, 1, torn=True))
+        return None
+    if len(raw) < BATCH_HEADER_SIZE and (
+        BATCH_MAGIC.startswith(raw[:8][: len(raw)]) or VALUE_MAGIC.startswith(raw[:8][: len(raw)])
+    ):
+        why = f"torn tail: batch header at offset {pos} cut short ({len(raw)} bytes)"
+        yield ("bad", pos, BadSpan(pos, size - pos, why, 1, torn=True))
+        return None
+    nxt = src.next_header(pos + 1)
+    region = src.read(pos, nxt - pos)
+    recovered, spans = yield from _recover(region, pos, pos, skip_array_header=False)
+    # A damaged header alone (its records all verified) loses nothing; any
+    # other stretch no header vouches for counts as one lost record.
+    lost = sum(
+        1 for a, b in spans if not (a == pos and b - a <= BATCH_HEADER_SIZE + 5 and recovered)
+    )
+    torn = nxt >= size and bool(spans) and spans[-1][1] >= size
+    why = (
+        f"{'torn tail' if torn and not recovered else 'damaged data'} at offset {pos} "
+        f"({nxt - pos} bytes with no sound batch header); recovered {recovered} records"
+    )
+    first = spans[0][0] if spans else pos
+    last = spans[-1][1] if spans else nxt
+    yield ("bad", first, BadSpan(first, last - first, why, lost, torn=torn))
+    return nxt
 
 
 @contextlib.contextmanager
@@ -1795,6 +1823,11 @@ def _load_run(
 
     ``refs``: the segment's path for a format-2 segment (value frames are
     skipped, value references become :class:`ValueRef` s), None for format 1.
+
+    One long loop on purpose: it runs once per batch (a task_exit segment is
+    a batch per record, millions of them), and every step here is inline
+    because a function call per batch is a measurable share of a batch of
+    one record's cost; damage leaves the loop for :func:`_iter_batches`.
     """
     fields = _BATCH_FIXED.unpack_from
     hsize = BATCH_HEADER_SIZE

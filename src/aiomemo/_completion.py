@@ -11,7 +11,7 @@ in between loses it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,13 @@ class Completion:
         self._drain = drain
         self._shared = shared
 
-    async def result(self, task: Mapping[str, Any], key: str, r: Any) -> None:
-        """``task`` (hex ``key``) finished with ``r``: table, followers, record, store."""
+    def result(self, task: Mapping[str, Any], key: str, r: Any) -> Coroutine[Any, Any, None] | None:
+        """``task`` (hex ``key``) finished with ``r``: table, followers, record, store.
+
+        Returns what the caller must await before it returns (in
+        ``'task_exit'`` mode: the record made durable), or None: nothing to
+        wait for (no coroutine made on that path).
+        """
         mode = self.mode
         self._table.put(key, r)
         name = self._records.name_of(task.get("func"))
@@ -80,35 +85,42 @@ class Completion:
         lease_store = flight.lease_store if flight is not None else None
         if mode is None and (flight is None or flight.lease is None):
             # nothing to write or publish: a later manual checkpoint() encodes it
-            return
+            return None
         record = self._records.make(task, key, r, expires, name=name, raw=raw)
         if record is None:
             if flight is not None:
                 self._shared.release_flight(flight)
-            return
+            return None
         if mode is not None:
             self.queue(record, key, skip=lease_store)
+        publish = None
         if flight is not None and flight.lease is not None and lease_store is not None:
             publish = self._shared.complete(lease_store, flight.lease, record)
-            if mode == "task_exit":
-                # durable before we return: the shared store has it (or, if it
-                # failed, the record is queued for retry like any other); the
-                # write itself is never cancelled with its caller
-                await asyncio.shield(publish)
-        if mode is None or self._life.state is not Lifecycle.STARTED:
-            return
         if mode == "task_exit":
-            if self._drain.stopping:
-                return  # close() is making the final pass with this record
-            loop = self._life.loop
-            assert loop is not None
-            await self._drain.commit(loop)  # one Future shared by the batch's callers
-            # durable, so spilled: once this frame lets go of the encoded
-            # record, its bytes can go back to the system
-            del record
-            self._table.trim_if_due()
-        elif mode == "periodic" and self._drain.queued_enough():
+            return self._durable(record, publish)
+        if (
+            mode == "periodic"
+            and self._life.state is Lifecycle.STARTED
+            and self._drain.queued_enough()
+        ):
             self._drain.wake()
+        return None
+
+    async def _durable(self, record: Record, publish: asyncio.Future[Any] | None) -> None:
+        if publish is not None:
+            # durable before we return: the shared store has it (or, if it
+            # failed, the record is queued for retry like any other); the
+            # write itself is never cancelled with its caller
+            await asyncio.shield(publish)
+        if self._life.state is not Lifecycle.STARTED or self._drain.stopping:
+            return  # closed meanwhile, or close() is making the final pass with this record
+        loop = self._life.loop
+        assert loop is not None
+        await self._drain.commit(loop)  # one Future shared by the batch's callers
+        # durable, so spilled: once this frame lets go of the encoded
+        # record, its bytes can go back to the system
+        del record
+        self._table.trim_if_due()
 
     def _expiry_of(self, task: Mapping[str, Any], key: str, name: str, raw: bytes) -> float:
         """The absolute expiry of the result just recorded for ``key`` (noted in the table).

@@ -15,6 +15,12 @@ Every error aiomemo raises on purpose derives from :class:`MemoError`::
     ├── MemoizerUsageError        (also a RuntimeError) another event loop, a call awaiting itself
     └── StoreError                                      a store (Redis, disk) failed
 
+Outside this module: ``aiomemo.parsl`` has ``ParslConfigurationError`` (a
+MemoError, Parsl's ``ConfigurationError`` and a ValueError) and
+``ParslUnhashableInputError`` (an UnhashableInputError, also a ValueError);
+the thread-to-loop portal's ``PortalClosedError`` is a MemoizerClosedError;
+the ``aiomemo`` command's ``CliError`` is a MemoError.
+
 Configuration errors are plain ``ValueError``/``TypeError`` raised by the
 constructors. OS and Redis errors are translated at the store boundary and
 chained (``raise StoreError(...) from exc``). The extra bases stay so that

@@ -31,7 +31,7 @@ import difflib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -384,7 +384,22 @@ def explain(
     """
     if "func" not in task:
         raise TypeError("task has no 'func'")
-    name = func_name(task["func"])
+    mine = _mine(task, key)
+    return _explanation(mine, _scan(mine, _all_segments(paths, strict=False), progress))
+
+
+@dataclass(slots=True)
+class _Mine:
+    """The explained task's side: its function's name, candidate keys, digests, code."""
+
+    name: str
+    keys: set[bytes]
+    digests: _Digests
+    pieces: dict[bytes, tuple[str, bytes]] | None
+    note: str = ""
+
+
+def _mine(task: Mapping[str, Any], key: bytes | str | None) -> _Mine:
     note = ""
     keys: set[bytes]
     if key is not None:
@@ -395,16 +410,39 @@ def explain(
         except (UnhashableInputError, TypeError) as exc:
             keys = set()
             note = f"the task's key cannot be computed: {exc}"
-    mine = _unpack_digests(arg_digests(task))
-    assert mine is not None  # arg_digests always packs [list, dict]
-    my_pieces: dict[bytes, tuple[str, bytes]] | None = None
+    digests = _unpack_digests(arg_digests(task))
+    assert digests is not None  # arg_digests always packs [list, dict]
+    pieces: dict[bytes, tuple[str, bytes]] | None = None
     if task.get("track_code") and not isinstance(task["func"], str):
         try:
-            my_pieces = code_fingerprint(task["func"]).pieces_by_id()
+            pieces = code_fingerprint(task["func"]).pieces_by_id()
         except UnhashableInputError as exc:
             note = note or f"the task's code fingerprint cannot be made: {exc}"
+    return _Mine(func_name(task["func"]), keys, digests, pieces, note)
 
-    segments = _all_segments(paths, strict=False)
+
+@dataclass(slots=True)
+class _Scan:
+    """What one pass over the records found for a task."""
+
+    hit_recs: list[Record] = field(default_factory=list)  # the task's own, in load order
+    tombs: Tombstones = field(default_factory=Tombstones)
+    scanned: int = 0
+    of_func: int = 0
+    with_digests: int = 0
+    nearest: Record | None = None
+    nearest_digests: _Digests | None = None
+    names: set[str] = field(default_factory=set)  # other functions (for "did you mean")
+
+
+def _scan(
+    mine: _Mine, segments: Sequence[Path], progress: Callable[[int, int], None] | None
+) -> _Scan:
+    """Read every record once: the task's own records, and the nearest call of its function.
+
+    One long loop on purpose: it runs once per record (millions), and a call
+    per record would cost more than the loop's work; its counters stay locals.
+    """
     sizes = []
     for s in segments:
         try:
@@ -413,18 +451,13 @@ def explain(
             sizes.append(0)
     total_bytes = sum(sizes)
     done_bytes = 0
-
-    hit_recs: list[Record] = []  # the task's own records, in load order
-    tombs = Tombstones()
-    scanned = 0
-    of_func = 0
-    with_digests = 0
+    out = _Scan()
+    names, hit_recs, tombs = out.names, out.hit_recs, out.tombs
+    name, keys = mine.name, mine.keys
+    scanned = of_func = with_digests = 0
     best: tuple[int, int, float] | None = None
-    best_rec = None
-    best_theirs: _Digests | None = None
-    names: set[str] = set()
-    my_pos, my_kw = mine[0], mine[1]
-    my_code = {pid: d for pid, (_, d) in my_pieces.items()} if my_pieces is not None else None
+    my_pos, my_kw = mine.digests[0], mine.digests[1]
+    my_code = {pid: d for pid, (_, d) in mine.pieces.items()} if mine.pieces is not None else None
     for seg, size in zip(segments, sizes, strict=True):
         for item in iter_segment(seg, verify_records=False, values=False):
             if not isinstance(item, RecordInfo):
@@ -457,16 +490,22 @@ def explain(
                 same_code = sum(1 for k, v in code.items() if my_code.get(k) == v)
             score = (matched, same_code, rec.time)
             if best is None or score >= best:
-                best, best_rec, best_theirs = score, rec, theirs
+                best, out.nearest, out.nearest_digests = score, rec, theirs
         done_bytes += size
     if progress is not None:
         progress(total_bytes, total_bytes)
+    out.scanned, out.of_func, out.with_digests = scanned, of_func, with_digests
+    return out
 
+
+def _explanation(mine: _Mine, scan: _Scan) -> Explanation:
+    """The answer, from the task's side and what the scan found."""
+    name, keys, note = mine.name, mine.keys, mine.note
     # a load would keep the last record of the key no tombstone forgets, unexpired
     now = _records.clock()
-    live = [r for r in hit_recs if not tombs.forgets(r)]
+    live = [r for r in scan.hit_recs if not scan.tombs.forgets(r)]
     hit_rec = live[-1] if live and live[-1].expires > now else None
-    if hit_recs and hit_rec is None:
+    if scan.hit_recs and hit_rec is None:
         gone = (
             f"the recorded call expired at {_when(live[-1].expires)}"
             if live
@@ -479,12 +518,12 @@ def explain(
     elif hit_rec is not None:
         task_key = hit_rec.key.hex()
     similar: tuple[str, ...] = ()
-    if not of_func and names:
-        similar = tuple(difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6))
+    if not scan.of_func and scan.names:
+        similar = tuple(difflib.get_close_matches(name, sorted(scan.names), n=3, cutoff=0.6))
     if hit_rec is not None:
         theirs_hit = _unpack_digests(hit_rec.digests) if hit_rec.digests else None
-        inputs = _compare(mine, theirs_hit)[1] if theirs_hit is not None else []
-        code_hit = _compare_code(my_pieces, theirs_hit[2]) if theirs_hit is not None else []
+        inputs = _compare(mine.digests, theirs_hit)[1] if theirs_hit is not None else []
+        code_hit = _compare_code(mine.pieces, theirs_hit[2]) if theirs_hit is not None else []
         return Explanation(
             hit=True,
             func=name,
@@ -493,14 +532,17 @@ def explain(
             nearest_key=hit_rec.key.hex(),
             inputs=tuple(inputs),
             matched=sum(1 for i in inputs if i.status == "match"),
-            records_of_func=of_func,
-            records_with_digests=with_digests,
-            records_scanned=scanned,
+            records_of_func=scan.of_func,
+            records_with_digests=scan.with_digests,
+            records_scanned=scan.scanned,
             note=note,
             code=tuple(code_hit),
         )
-    best_matched, best_inputs = _compare(mine, best_theirs) if best_theirs is not None else (0, [])
-    best_code = _compare_code(my_pieces, best_theirs[2]) if best_theirs is not None else []
+    best_rec, best_theirs = scan.nearest, scan.nearest_digests
+    best_matched, best_inputs = (
+        _compare(mine.digests, best_theirs) if best_theirs is not None else (0, [])
+    )
+    best_code = _compare_code(mine.pieces, best_theirs[2]) if best_theirs is not None else []
     return Explanation(
         hit=False,
         func=name,
@@ -509,9 +551,9 @@ def explain(
         nearest_key=best_rec.key.hex() if best_rec is not None else None,
         inputs=tuple(best_inputs),
         matched=best_matched,
-        records_of_func=of_func,
-        records_with_digests=with_digests,
-        records_scanned=scanned,
+        records_of_func=scan.of_func,
+        records_with_digests=scan.with_digests,
+        records_scanned=scan.scanned,
         similar_funcs=similar,
         note=note,
         code=tuple(best_code),

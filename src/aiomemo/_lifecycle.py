@@ -59,6 +59,12 @@ class Life:
                 "make one Memoizer per event loop, e.g. inside the asyncio.run() that uses it"
             )
 
+    def check_call(self) -> None:
+        """Not closed, and (once started) called on the Memoizer's own loop (a coroutine's check)."""
+        self.check_open()
+        if self.loop is not None and asyncio.get_running_loop() is not self.loop:
+            self.check_loop()
+
     async def start(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` once (it sets ``state`` to STARTED when it succeeds). Idempotent."""
         if self.state is Lifecycle.STARTED:
@@ -82,14 +88,14 @@ class Life:
     async def close(
         self,
         again: Callable[[], Coroutine[Any, Any, None]],
-        adopt: Callable[[asyncio.AbstractEventLoop], None],
+        adopt: Callable[[], None],
         work: Callable[[], Awaitable[None]],
     ) -> None:
         """Run the final ``work`` of a started Memoizer once; CLOSED from here on.
 
         Called from another event loop: ``again()`` (the whole close) runs on
         the Memoizer's own loop if it still runs; if that loop is gone,
-        ``adopt(loop)`` takes the parts over to the caller's loop first.
+        ``adopt()`` takes the parts over to the caller's loop first.
         """
         if self.loop is not None and self.state is Lifecycle.STARTED:
             loop = asyncio.get_running_loop()
@@ -99,7 +105,7 @@ class Life:
                     await asyncio.wrap_future(cf)
                     return
                 self.loop = loop
-                adopt(loop)
+                adopt()
         if self._closing is not None:
             # another close() is making the final checkpoint: wait for it
             with contextlib.suppress(Exception):

@@ -44,6 +44,7 @@ from aiomemo._exceptions import CorruptCheckpointError, MaintenanceError
 from aiomemo._paths import (
     PARSL_PICKLE,
     SEGMENT_SUFFIX,
+    ResolvedPath,
     find_segments,
     new_stamp,
     open_fd,
@@ -330,83 +331,24 @@ def compact(
     assert resolved is not None  # strict: raises instead
     segments = list(resolved.segments)
     shown = os.fspath(path)
-    if out is None:
-        if resolved.kind == "segment" or len(resolved.checkpoint_dirs) != 1:
-            what = "a segment file" if resolved.kind == "segment" else "several checkpoint dirs"
-            raise MaintenanceError(
-                f"{shown}: is {what}; compacting in place needs one checkpoint dir "
-                "(or run dir): pass it, or write a copy with -o OUT"
-            )
-        target = resolved.checkpoint_dirs[0]
-        _remove_stale_temps(target)
-        fds = _lock_segments(segments)
-    else:
-        target = Path(out)
-        if target.exists() and not target.is_dir():
-            raise MaintenanceError(f"{os.fspath(out)}: exists and is not a directory")
-        if target.is_dir() and any(
-            os.path.samefile(target, d) for d in resolved.checkpoint_dirs if d.is_dir()
-        ):
-            raise MaintenanceError(
-                f"{os.fspath(out)}: is the input's own checkpoint dir; to compact in place, "
-                "leave out -o"
-            )
-        ensure_dir(target)
-        fds = []
+    target, fds = _compact_target(resolved, shown, out)
     try:
-        # values left on disk are kept as references and read back while
-        # writing, a batch at a time: compacting never holds them all
-        table: dict[bytes, RecordInfo] = {}
-        bad: list[BadSpan] = []
-        records_in = 0
         live = {s for s in segments if out is not None and is_segment_in_use(s)}
-        in_flight = 0
-        tombs = Tombstones()
-        newest: dict[tuple[str | None, bytes | str], Record] = {}
-        for seg, _i, item in scan_segments(
-            segments, verify_records=True, progress=progress, values=False
-        ):
-            if isinstance(item, BadSpan):
-                if item.torn and seg in live:
-                    in_flight += 1  # a writer's batch still being written: not damage
-                else:
-                    bad.append(item)
-            else:
-                records_in += 1
-                rec = item.record
-                if tombs.add(rec):  # the newest tombstone per key / function is kept
-                    slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
-                    prev = newest.get(slot)
-                    if prev is None or rec.time > prev.time:
-                        newest[slot] = rec
-                else:
-                    table[rec.key] = item
-        if bad and not drop_damaged:
-            lost = sum(b.lost for b in bad)
+        scan = _newest(segments, live, progress)
+        if scan.bad and not drop_damaged:
+            lost = sum(b.lost for b in scan.bad)
             raise MaintenanceError(
-                f"{shown}: {len(bad)} damaged span(s) ({lost} record(s) lost) found; "
+                f"{shown}: {len(scan.bad)} damaged span(s) ({lost} record(s) lost) found; "
                 "see `aiomemo verify`; pass --drop-damaged to compact what still loads",
                 code=1,
             )
-        kept, dropped = _live_records(segments, table, tombs, now)
-        records: list[Record | RecordInfo] = [*newest.values(), *kept]
+        kept, dropped = _live_records(segments, scan.table, scan.tombs, now)
+        records: list[Record | RecordInfo] = [*scan.newest_tombstones.values(), *kept]
         bytes_in = total_size(segments)
         tmp = _write_temp_segment(target, records, drop_damaged=drop_damaged)
-        size = tmp.size
         try:
-            try:
-                _check_written(tmp)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.path.unlink()
-                raise
             final = target / (segment_name() if out is not None else _compacted_name(segments))
-            _publish(tmp.path, final)
-            removed: list[Path] = []
-            if out is None:
-                old = [s for s in segments if s != final]
-                _remove_old(old, target)
-                removed = old
+            removed = _replace(tmp, final, segments if out is None else [])
         finally:
             os.close(tmp.fd)
     finally:
@@ -417,24 +359,105 @@ def compact(
         "output": os.fspath(final),
         "in_place": out is None,
         "segments_in": len(segments),
-        "records_in": records_in,
+        "records_in": scan.records_in,
         "records_out": len(records),
         "expired_dropped": dropped["expired"],
         "forgotten_dropped": dropped["forgotten"],
-        "tombstones_kept": len(tombs),
+        "tombstones_kept": len(scan.tombs),
         "bytes_in": bytes_in,
-        "bytes_out": size,
-        "damaged_spans_dropped": len(bad),
+        "bytes_out": tmp.size,
+        "damaged_spans_dropped": len(scan.bad),
         "segments_in_use": len(live),
-        "tails_in_flight": in_flight,
+        "tails_in_flight": scan.in_flight,
         "removed": [os.fspath(p) for p in removed],
         "skipped_files": list(resolved.notes),  # non-regular entries named like segments
     }
 
 
-# --------------------------------------------------------------------------
-# import-parsl
-# --------------------------------------------------------------------------
+def _compact_target(
+    resolved: ResolvedPath, shown: str, out: str | os.PathLike[str] | None
+) -> tuple[Path, list[int]]:
+    """Where the compacted segment goes, and the locks held on the segments it replaces.
+
+    In place: the one checkpoint dir, every segment locked (refused while a
+    writer holds one). With ``out``: that dir (created), nothing locked.
+    """
+    if out is None:
+        if resolved.kind == "segment" or len(resolved.checkpoint_dirs) != 1:
+            what = "a segment file" if resolved.kind == "segment" else "several checkpoint dirs"
+            raise MaintenanceError(
+                f"{shown}: is {what}; compacting in place needs one checkpoint dir "
+                "(or run dir): pass it, or write a copy with -o OUT"
+            )
+        target = resolved.checkpoint_dirs[0]
+        _remove_stale_temps(target)
+        return target, _lock_segments(resolved.segments)
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise MaintenanceError(f"{os.fspath(out)}: exists and is not a directory")
+    if target.is_dir() and any(
+        os.path.samefile(target, d) for d in resolved.checkpoint_dirs if d.is_dir()
+    ):
+        raise MaintenanceError(
+            f"{os.fspath(out)}: is the input's own checkpoint dir; to compact in place, "
+            "leave out -o"
+        )
+    ensure_dir(target)
+    return target, []
+
+
+@dataclass(slots=True)
+class _Newest:
+    """The newest record per key of some segments (values left on disk as references).
+
+    Tombstones go apart: every one is noted, the newest per key / function kept.
+    """
+
+    table: dict[bytes, RecordInfo] = field(default_factory=dict)
+    tombs: Tombstones = field(default_factory=Tombstones)
+    newest_tombstones: dict[tuple[str | None, bytes | str], Record] = field(default_factory=dict)
+    bad: list[BadSpan] = field(default_factory=list)
+    records_in: int = 0
+    in_flight: int = 0  # torn tails of segments a writer holds: batches being written
+
+
+def _newest(segments: Sequence[Path], live: set[Path], progress: ProgressFn | None) -> _Newest:
+    # values left on disk are kept as references and read back while
+    # writing, a batch at a time: compacting never holds them all
+    out = _Newest()
+    for seg, _i, item in scan_segments(
+        segments, verify_records=True, progress=progress, values=False
+    ):
+        if isinstance(item, BadSpan):
+            if item.torn and seg in live:
+                out.in_flight += 1  # a writer's batch still being written: not damage
+            else:
+                out.bad.append(item)
+        else:
+            out.records_in += 1
+            rec = item.record
+            if out.tombs.add(rec):  # the newest tombstone per key / function is kept
+                slot = (rec.tombstone, rec.key if rec.tombstone == "key" else rec.func)
+                prev = out.newest_tombstones.get(slot)
+                if prev is None or rec.time > prev.time:
+                    out.newest_tombstones[slot] = rec
+            else:
+                out.table[rec.key] = item
+    return out
+
+
+def _replace(tmp: _Temp, final: Path, old: Sequence[Path]) -> list[Path]:
+    """Check the temp segment, give it its ``final`` name, then delete the ``old`` segments."""
+    try:
+        _check_written(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.path.unlink()
+        raise
+    _publish(tmp.path, final)
+    removed = [s for s in old if s != final]
+    _remove_old(removed, final.parent)
+    return removed
 
 
 def _live_records(
@@ -471,6 +494,70 @@ def _live_records(
         else:
             out.append(info)
     return out, dropped
+
+
+# --------------------------------------------------------------------------
+# import-parsl
+# --------------------------------------------------------------------------
+
+
+def _import_sources(
+    runinfo: str | os.PathLike[str], out: str | os.PathLike[str] | None, *, trust: bool
+) -> tuple[list[Path], Path | None]:
+    """The pickles to import and the runinfo root; refused without ``trust`` or a destination."""
+    root = Path(runinfo)
+    if not root.exists():
+        raise MaintenanceError(f"{os.fspath(runinfo)}: no such file or directory")
+    pickles, runinfo_root = _find_pickles(root)
+    if not pickles:
+        raise MaintenanceError(
+            f"{os.fspath(runinfo)}: no Parsl checkpoint ({PARSL_PICKLE}) found here"
+        )
+    if not trust:
+        raise MaintenanceError(
+            f"refusing to read {len(pickles)} Parsl pickle file(s) without --trust: unpickling "
+            "runs code stored in the file, so only import checkpoints you (or someone you "
+            "trust) wrote"
+        )
+    if out is None and runinfo_root is None:
+        raise MaintenanceError(
+            f"{os.fspath(runinfo)}: is not a runinfo root; say where the converted "
+            "checkpoint goes with -o OUT"
+        )
+    return pickles, runinfo_root
+
+
+def _write_import(
+    records: Sequence[Record], out: str | os.PathLike[str] | None, runinfo_root: Path | None
+) -> tuple[Path | None, Path | None]:
+    """Write the imported records as one segment (atomically): (its dir, its path).
+
+    Into ``out``, or a new numbered run under ``runinfo_root``; (None, None)
+    when there is nothing to write.
+    """
+    target: Path | None = None
+    if out is not None:
+        target = Path(out)
+        if target.exists() and not target.is_dir():
+            raise MaintenanceError(f"{os.fspath(out)}: exists and is not a directory")
+    if not records:
+        return None, None
+    if target is None:
+        assert runinfo_root is not None
+        target = make_run_dir(runinfo_root) / "checkpoint"
+    ensure_dir(target)
+    tmp = _write_temp_segment(target, records)
+    try:
+        _check_written(tmp)
+        final = target / segment_name()
+        _publish(tmp.path, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.path.unlink()
+        raise
+    finally:
+        os.close(tmp.fd)
+    return target, final
 
 
 def _find_pickles(path: Path) -> tuple[list[Path], Path | None]:
@@ -601,25 +688,7 @@ def import_parsl(
     Unpickling runs code from the file: without ``trust`` this raises
     :class:`~aiomemo.MaintenanceError` before opening any pickle.
     """
-    root = Path(runinfo)
-    if not root.exists():
-        raise MaintenanceError(f"{os.fspath(runinfo)}: no such file or directory")
-    pickles, runinfo_root = _find_pickles(root)
-    if not pickles:
-        raise MaintenanceError(
-            f"{os.fspath(runinfo)}: no Parsl checkpoint ({PARSL_PICKLE}) found here"
-        )
-    if not trust:
-        raise MaintenanceError(
-            f"refusing to read {len(pickles)} Parsl pickle file(s) without --trust: unpickling "
-            "runs code stored in the file, so only import checkpoints you (or someone you "
-            "trust) wrote"
-        )
-    if out is None and runinfo_root is None:
-        raise MaintenanceError(
-            f"{os.fspath(runinfo)}: is not a runinfo root; say where the converted "
-            "checkpoint goes with -o OUT"
-        )
+    pickles, runinfo_root = _import_sources(runinfo, out, trust=trust)
     counts = _ImportCounts()
     table: dict[bytes, Record] = {}
     total = total_size(pickles)
@@ -631,31 +700,10 @@ def import_parsl(
         _read_pickle_stream(pkl, counts, table, report)
         base += total_size([pkl])
     records = list(table.values())
-    target: Path | None = None
-    final: Path | None = None
-    if out is not None:
-        target = Path(out)
-        if target.exists() and not target.is_dir():
-            raise MaintenanceError(f"{os.fspath(out)}: exists and is not a directory")
-    if records:
-        if target is None:
-            assert runinfo_root is not None
-            target = make_run_dir(runinfo_root) / "checkpoint"
-        ensure_dir(target)
-        tmp = _write_temp_segment(target, records)
-        try:
-            _check_written(tmp)
-            final = target / segment_name()
-            _publish(tmp.path, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.path.unlink()
-            raise
-        finally:
-            os.close(tmp.fd)
+    target, final = _write_import(records, out, runinfo_root)
     return {
         "input": [os.fspath(p) for p in pickles],
-        "output_dir": os.fspath(target) if records and target is not None else None,
+        "output_dir": os.fspath(target) if target is not None else None,
         "segment": os.fspath(final) if final is not None else None,
         "entries": counts.entries,
         "imported": len(records),

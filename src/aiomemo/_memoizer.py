@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -114,6 +116,23 @@ class TaskRecord(TypedDict, total=False):
 Task = TaskRecord | MutableMapping[str, Any]
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_aiomemo() -> int:
+    """The ``stacklevel`` that makes the caller's warning point at the user's code.
+
+    The first frame (from the caller of this function up) outside the aiomemo
+    package, however many of its parts the call went through.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 #: ``Memoizer(memory_limit=...)`` default: encoded bytes of results read from disk kept
 DEFAULT_MEMORY_LIMIT: Final = 256 * 2**20
 
@@ -145,28 +164,19 @@ class Memoizer:
             records wait, so memory stays bounded.
         lease_ttl: seconds a cross-process lease lives without renewal
             (default: the store's own ``lease_ttl``, else 30).
-        explain: keep a short digest per argument in each record (8 bytes
-            per argument, about 1 µs each when the result is recorded) so
-            that ``explain`` can say which input changed; False saves both.
+        explain: keep an 8-byte digest per argument in each record so that
+            ``explain`` can say which input changed.
         track_code: key every task also by its function's code fingerprint
-            (its own code, the helpers, classes and module-level values it
-            reaches, the versions of installed distributions it uses), so a
-            changed helper is a miss; a task's ``track_code`` field overrides.
+            (its code and what it reaches), so a changed helper is a miss.
         memory_limit: the most encoded bytes of results read back from disk
-            (large results of format-2 checkpoints) that the memo keeps,
-            least recently used first; the rest are read again on a hit
-            (default 256 MiB). None: a result read once stays in memory.
-            Results this run produced stay in memory either way.
+            that the memo keeps (LRU, default 256 MiB; None: no limit).
         key_hooks: extra keying rules, ``hook(obj, output_ref) -> value`` or
             ``NOT_HANDLED``, tried for types aiomemo has no rule for.
         ttl: seconds (or a timedelta) a result stays valid after it was
-            recorded: then it is a miss, in memory, at the next load and in
-            a shared store. None (default): results never expire. A task's
-            ``ttl`` field or ``memo.cached(ttl=...)`` overrides it.
+            recorded (None, the default: forever); a task's ``ttl`` overrides.
         retention: a :class:`~aiomemo.Retention` (``max_bytes``, ``max_age``):
-            once loaded, ``aiomemo gc``'s policy runs over the loaded
-            checkpoints in the background (a worker thread); see
-            :meth:`retention_report`. None (default): nothing is removed.
+            ``aiomemo gc``'s policy run over the loaded checkpoints in the
+            background; see :meth:`retention_report`. None: nothing removed.
 
     A Memoizer belongs to the event loop it starts on: a call from another
     loop raises :class:`~aiomemo.MemoizerUsageError`.
@@ -289,17 +299,13 @@ class Memoizer:
 
     async def _start(self) -> None:
         from aiomemo import _rundir
-        from aiomemo.stores._log import LogStore
 
         life = self._life
         life.loop = asyncio.get_running_loop()
         if life.run_dir is None:
             life.run_dir = await asyncio.to_thread(_rundir.next_run_dir, self.config_run_dir)
-        stores = list(self._user_stores)
-        if not stores and self.checkpoint_mode is not None:
-            stores = [LogStore()]
-        self._loaded_paths, reports = await _setup.open_and_load(
-            stores,
+        stores, self._loaded_paths, reports = await _setup.open_and_load(
+            self._user_stores,
             life,
             self.checkpoint_files,
             self.checkpoint_mode,
@@ -327,24 +333,18 @@ class Memoizer:
 
     def _absorb(self, rep: LoadReport) -> None:
         for line in self._table.absorb(rep):
-            warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"aiomemo: {line}", RuntimeWarning, stacklevel=_outside_aiomemo())
             logger.warning("%s", line)
 
     async def close(self) -> None:
         """Make the final checkpoint (every mode but None), stop the drain, close stores.
 
-        Idempotent. Tasks still in flight are dropped: their followers get
-        :class:`~aiomemo.MemoizerClosedError`. From another event loop: the
-        Memoizer's own loop closes it if it still runs; if that loop is gone,
-        this loop makes the final checkpoint instead (nothing accepted is lost).
-
-        Raises:
-            CheckpointError: records that could not be saved (how many).
+        Idempotent; works from another event loop too (nothing accepted is
+        lost). Followers of tasks still in flight get MemoizerClosedError.
+        Raises CheckpointError naming how many records could not be saved.
         """
-        await self._life.close(self.close, self._adopt, self._close_started)
-
-    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
-        _shutdown.adopt(self._drain, self._flights)
+        adopt = functools.partial(_shutdown.adopt, self._drain, self._flights)
+        await self._life.close(self.close, adopt, self._close_started)
 
     async def _close_started(self) -> None:
         if self._retention is not None:
@@ -352,14 +352,6 @@ class Memoizer:
         await _shutdown.close_parts(
             self.checkpoint_mode, self._drain, self._shared, self._flights, self._table
         )
-
-    def _check_on_loop(self) -> None:
-        """Not closed, and (once started) called on the Memoizer's own loop."""
-        life = self._life
-        life.check_open()
-        loop = life.loop
-        if loop is not None and asyncio.get_running_loop() is not loop:
-            life.check_loop()
 
     async def _ensure_started(self) -> None:
         await self._life.ensure_started(self.start)
@@ -441,33 +433,36 @@ class Memoizer:
         caller cancelled while it waits gets its CancelledError once the
         batch is written (the write itself is never cancelled).
         """
-        self._check_on_loop()
-        key = task.get("hashsum")
-        if self.memoize and task.get("memoize", True) and isinstance(key, str):
-            await self._completion.result(cast(Mapping[str, Any], task), key, r)
+        life = self._life
+        if life.state is not Lifecycle.STARTED:
+            life.check_open()
+        loop = life.loop
+        if loop is not None and asyncio.get_running_loop() is not loop:
+            life.check_loop()
+        t: Any = task
+        key = t.get("hashsum")
+        if self.memoize and t.get("memoize", True) and isinstance(key, str):
+            durable = self._completion.result(t, key, r)
+            if durable is not None:  # task_exit: the record made durable
+                await durable
 
     async def update_memo_exception(self, task: Task, e: BaseException) -> None:
-        """Record that a task the engine ran raised ``e``.
+        """Record that a task the engine ran raised ``e`` (memoized for this run only).
 
-        Exceptions are memoized for this run only (the same object comes
-        back) and never checkpointed. An exception that is not an
-        ``Exception`` (``asyncio.CancelledError``, ``KeyboardInterrupt``,
-        ``SystemExit``, ``GeneratorExit``) says the task was stopped, not
-        that it failed: the entry is dropped instead, and followers get
+        A BaseException that is not an ``Exception`` (cancelled, interrupted)
+        says the task was stopped: nothing is memoized, and followers get
         :class:`~aiomemo.LeaderCancelledError` (they may resubmit).
         """
-        self._check_on_loop()
+        self._life.check_call()
         key = task.get("hashsum")
         if self.memoize and task.get("memoize", True) and isinstance(key, str):
             self._completion.exception(key, e)
 
     # ------------------------------------------------------------------ checkpoints
     def update_checkpoint(self, task: Task) -> None:
-        """Queue a finished task's result for the next drain (non-blocking).
+        """Queue a finished task's result for the next drain, unless it is queued already.
 
-        Results are queued by ``update_memo_result`` already (in every mode
-        but None); this is for tasks whose record is not queued yet, e.g.
-        with ``checkpoint_mode=None`` and a manual ``checkpoint()``.
+        (``update_memo_result`` queues it in every mode but None.)
         """
         self._life.check_open()
         if self._life.loop is not None:
@@ -502,10 +497,8 @@ class Memoizer:
     ) -> Mapping[str, asyncio.Future[Any]]:
         """Load checkpoint dirs into the memo; returns hex key -> Future (lazy, read-only).
 
-        A result in memory or in the index comes as a done Future; a result
-        left on disk is read off the loop when asked for here: a pending
-        Future (await it; KeyError if it no longer reads back). From a
-        thread with no event loop it is read in place and comes done.
+        Done Futures, except for a result left on disk: read off the loop, a
+        pending Future (KeyError if it no longer reads back); see _views.
         """
         await self._ensure_started()
         if not dirs:
@@ -514,14 +507,10 @@ class Memoizer:
         return await _views.load(dirs, self._life, table, self._absorb, self.memory_limit)
 
     async def explain(self, task: Task) -> Explanation:
-        """Why did this task miss? Compare it with the recorded calls of its function.
+        """Why did this task miss? Names the inputs that differ from the nearest recorded call.
 
-        Reads the checkpoints this Memoizer loaded and the ones it wrote (in a
-        worker thread) and names the inputs that differ from the nearest
-        recorded call of the same function, e.g. ``kwargs['n'] differs from
-        the nearest recorded call of mod.fn (2 of 3 inputs match)``. Records
-        carry per-argument digests unless the Memoizer was made with
-        ``explain=False``. Results still queued in memory are not on disk yet.
+        Reads (in a worker thread) the checkpoints this Memoizer loaded and
+        wrote; results still queued in memory are not on disk yet.
         """
         await self._ensure_started()
         paths = list(self._loaded_paths)
@@ -534,10 +523,8 @@ class Memoizer:
     ) -> int:
         """Forget a task's result, or every result of ``func`` (a function or its name).
 
-        Returns how many entries left this memo; a tombstone reaches every
-        store before it returns, so later runs and other processes miss them
-        too (see :mod:`aiomemo._forget`). Raises
-        :class:`~aiomemo.UnknownFunctionError` for a function with no records.
+        Returns how many entries left this memo; every store gets a tombstone
+        before it returns (see _forget). UnknownFunctionError: no such records.
         """
         from aiomemo._forget import forget
 
@@ -592,18 +579,10 @@ class Memoizer:
     ) -> Any:
         """Memoize a plain ``async def`` function through this Memoizer.
 
-        ``ignore`` names keyword arguments left out of the key (a list: a
-        bare str is a TypeError); ``version`` separates functions that share
-        a qualname (closures, lambdas) or marks a changed implementation;
-        ``track_code`` (default: the Memoizer's) keys calls also by the code
-        fingerprint of the function and what it reaches; ``ttl`` (seconds
-        or a timedelta; default: the Memoizer's) how long its results stay
-        valid; ``refresh=True`` runs every call even on a hit and replaces
-        the stored result (identical concurrent calls still run once).
-        Identical concurrent calls run once; if the running one is
-        cancelled, a waiting caller takes over. A call that awaits itself
-        with the same arguments raises :class:`~aiomemo.MemoizerUsageError`.
-        ``wrapper.key(*args, **kwargs)`` gives the key a call would have.
+        ``ignore``: kwargs left out of the key (a list); ``version``: tells
+        apart functions sharing a qualname; ``track_code``, ``ttl``: the
+        Memoizer's by default; ``refresh=True``: run even on a hit. Identical
+        concurrent calls run once; ``wrapper.key(...)`` is a call's key.
         """
         return cached_or_decorator(
             self,

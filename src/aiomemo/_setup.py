@@ -226,7 +226,7 @@ async def load_at_start(
 
 
 async def open_and_load(
-    stores: Sequence[Store],
+    user_stores: Sequence[Store],
     life: Life,
     files: list[str] | None,
     mode: object,
@@ -234,12 +234,18 @@ async def open_and_load(
     *,
     memoize: bool,
     warn_empty: bool,
-) -> tuple[list[str], list[LoadReport]]:
-    """Open ``stores`` in the run dir, then :func:`load_at_start`.
+) -> tuple[list[Store], list[str], list[LoadReport]]:
+    """The run's stores opened in the run dir, then :func:`load_at_start`: (stores, paths, reports).
 
+    The stores are the user's, or with a mode set and none given a LogStore.
     If anything fails, is cancelled, or the Memoizer was closed meanwhile
     (MemoizerClosedError), the stores opened so far are closed again.
     """
+    from aiomemo.stores._log import LogStore
+
+    stores = list(user_stores)
+    if not stores and mode is not None:
+        stores = [LogStore()]
     opened: list[Store] = []
     try:
         for s in stores:
@@ -255,4 +261,4 @@ async def open_and_load(
             with contextlib.suppress(Exception):
                 await s.aclose()
         raise
-    return loaded
+    return stores, *loaded

@@ -23,8 +23,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from aiomemo import _metrics
 from aiomemo._flights import settle
 from aiomemo._lifecycle import Lifecycle
 
@@ -156,6 +158,7 @@ class ThreadedCompletions:
         memo = self._memo
         drain = memo._drain
         for i, sink in enumerate(list(drain.sinks)):
+            t0 = perf_counter() if _metrics.active() else 0.0
             try:
                 sink.store.put_many_blocking(batch)  # type: ignore[attr-defined]
             except Exception as exc:  # the drain keeps them and retries
@@ -168,6 +171,8 @@ class ThreadedCompletions:
                         exc,
                     )
                 continue
+            if t0:
+                _metrics.record_write(sink.store, perf_counter() - t0, batch)
             if i == 0:
                 # a statistic bumped off the loop (see Counters)
                 memo._counters.checkpointed += len(batch)

@@ -60,7 +60,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
     ) from _exc
 
 from aiomemo import _rundir
-from aiomemo._exceptions import CheckpointError
+from aiomemo._exceptions import CheckpointError, MemoError
 from aiomemo._memoizer import Memoizer, MemoStats
 from aiomemo._parsl_followers import Followers
 from aiomemo._parsl_keys import KEY_HOOKS as _KEY_HOOKS
@@ -84,8 +84,8 @@ T = TypeVar("T")
 CheckpointMode = Literal["task_exit", "periodic", "dfk_exit", "manual"]
 
 
-class ParslConfigurationError(_ParslConfigurationError, ValueError):
-    """A bad ``ParslMemoizer`` argument: Parsl's ConfigurationError, also a ValueError."""
+class ParslConfigurationError(_ParslConfigurationError, MemoError, ValueError):
+    """A bad ``ParslMemoizer`` argument: Parsl's ConfigurationError, a MemoError and a ValueError."""
 
 
 class ParslMemoizer(_ParslMemoizerBase):

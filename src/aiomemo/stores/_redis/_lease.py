@@ -136,7 +136,7 @@ class RedisLease(Lease):
             "script",
             "complete",
             [store.value_key(record.key), store.lease_key(record.key)],
-            [encode_value(record, store._mac_key), _px_arg(store._px(record)), self.token],
+            [encode_value(record, store._mac_key), _px_arg(store._writes.px(record)), self.token],
         )
         (got,) = await store._submit([cmd], wake=record.key)
         self._released = True

@@ -3,7 +3,8 @@
 See the package docstring for the design. The parts: ``_config`` (option
 checks, the redis-py client), ``_batcher`` (one pipeline per batch of
 operations), ``_lease`` (RedisLease and its Lua scripts), ``_watcher``
-(wait_for's waiters and their pub/sub wake-ups), ``_values`` (the record format).
+(wait_for's waiters and their pub/sub wake-ups), ``_writes`` (records as SET /
+DEL with their expiry, forgetting a function), ``_values`` (the record format).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from aiomemo import _records
 from aiomemo._exceptions import StoreError
 from aiomemo.stores._base import LeaseStore, LoadReport, Record
-from aiomemo.stores._redis._batcher import Batcher, Cmd
+from aiomemo.stores._redis._batcher import Batcher
 from aiomemo.stores._redis._config import (
     ERRORS,
     check_options,
@@ -39,9 +39,9 @@ from aiomemo.stores._redis._values import (
     MAGIC_SIGNED,
     decode_value,
     derive_key,
-    encode_value,
 )
 from aiomemo.stores._redis._watcher import Watcher
+from aiomemo.stores._redis._writes import Writes
 
 __all__ = ["RedisLease", "RedisStore"]
 
@@ -171,6 +171,7 @@ class RedisStore(LeaseStore):
         self._submit = self._batch.submit
         self._background = self._batch.background
         self._waits = Watcher(self)
+        self._writes = Writes(self)
 
     async def __aenter__(self) -> RedisStore:
         await self.open()
@@ -446,71 +447,6 @@ class RedisStore(LeaseStore):
             raise error
         return out
 
-    def _px(self, rec: Record | None = None) -> int | None:
-        """Milliseconds the value of ``rec`` lives: the store's ttl or the record's expiry, sooner.
-
-        0: the record has expired already (it is not written). None: no expiry.
-        """
-        px = None if self.ttl is None else ms(self.ttl)
-        if rec is not None and rec.expires < math.inf:
-            left = round((rec.expires - _records.clock()) * 1000)
-            if left <= 0:
-                return 0
-            px = left if px is None else min(px, left)
-        return px
-
-    def _set_cmd(self, rec: Record) -> Cmd:
-        if rec.tombstone == "key":
-            return ("DEL", self.value_key(rec.key))
-        px = self._px(rec)
-        if px == 0:  # expired on the way: what a reader would find is a miss
-            return ("DEL", self.value_key(rec.key))
-        blob = encode_value(rec, self._mac_key)
-        if px is None:
-            return ("SET", self.value_key(rec.key), blob)
-        return ("SET", self.value_key(rec.key), blob, "PX", px)
-
-    async def _forget_func(self, tomb: Record) -> int:
-        """Delete every value of function ``tomb.func`` recorded at or before ``tomb.time``.
-
-        A SCAN of this store's namespace (a function tombstone is rare); each
-        value is read and checked (its tag too) before it goes. Returns how
-        many were deleted.
-        """
-        client = self._conn()
-        pattern = self._ns + b":r:*"
-        deleted = 0
-        try:
-            batch: list[bytes] = []
-            async for name in client.scan_iter(match=pattern, count=1000):
-                batch.append(name)
-                if len(batch) >= 500:
-                    deleted += await self._forget_some(client, batch, tomb)
-                    batch = []
-            if batch:
-                deleted += await self._forget_some(client, batch, tomb)
-        except Exception as exc:
-            raise self._error("forget", exc) from exc
-        return deleted
-
-    async def _forget_some(self, client: Any, names: list[bytes], tomb: Record) -> int:
-        gone = []
-        for name in names:  # one GET each: keys of a cluster live on different nodes
-            blob = await client.get(name)
-            if blob is None:
-                continue
-            hexkey = name.rsplit(b"{", 1)[-1].rstrip(b"}")
-            try:
-                key = bytes.fromhex(hexkey.decode())
-            except ValueError:
-                continue
-            rec = decode_value(key, blob, self._mac_key)
-            if rec is not None and rec.func == tomb.func and rec.time <= tomb.time:
-                gone.append(name)
-        for name in gone:
-            await client.delete(name)
-        return len(gone)
-
     async def put_many(self, records: Sequence[Record]) -> None:
         """Write the records (SET with optional PX ttl), ``batch_size`` per round trip.
 
@@ -519,28 +455,7 @@ class RedisStore(LeaseStore):
         key wins. Raises ``StoreError`` when Redis fails (some may already be
         written; retrying all of them is safe).
         """
-        funcs = [r for r in records if r.tombstone == "func"]
-        if funcs:
-            for tomb in funcs:
-                self._counts["forgotten"] += await self._forget_func(tomb)
-            records = [r for r in records if r.tombstone != "func"]
-        if not records:
-            return
-        chunks = [records[i : i + self.batch_size] for i in range(0, len(records), self.batch_size)]
-        futs = [
-            self._submit([self._set_cmd(r) for r in c], wake=[r.key for r in c], weight=len(c))
-            for c in chunks
-        ]
-        replies = await asyncio.gather(*futs, return_exceptions=True)
-        self._counts["put_batches"] += len(chunks)
-        error = None
-        for c, got in zip(chunks, replies, strict=True):
-            if isinstance(got, BaseException):
-                error = error or got
-            else:
-                self._counts["puts"] += len(c)
-        if error is not None:
-            raise error
+        await self._writes.put_many(records)
 
     # -- cross-process collapse ---------------------------------------------
     async def claim(self, key: bytes, ttl: float) -> RedisLease | None:
