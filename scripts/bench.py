@@ -1132,18 +1132,22 @@ def bench_gc(quick: bool) -> Table:
 
         shutil.copytree(tmp / "store", tmp / "r")
 
-        async def retention() -> tuple[float, float, dict[str, Any] | None]:
+        async def retention() -> tuple[float, float, dict[str, Any] | None, int, int]:
             async with Memoizer(
                 checkpoint_mode="dfk_exit",  # loads every run under config_run_dir
                 config_run_dir=tmp / "r",
                 retention=Retention(max_bytes=budget),
             ) as memo:
+                before = rss()  # the memo loaded, the child started
                 t0 = time.perf_counter()
                 lag, report, _ticks = await max_loop_lag(memo.retention_report)
-                return lag, time.perf_counter() - t0, report
+                return lag, time.perf_counter() - t0, report, before, rss()
 
-        lag, took, report = asyncio.run(retention())
+        import resource
+
+        lag, took, report, before, after = asyncio.run(retention())
         assert report is not None and report["budget_met"]
+        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         t.add(
             f"Memoizer(retention=...) at start: max loop gap ({took:.1f} s run)",
             f"{lag * 1e3:.1f} ms",
@@ -1151,6 +1155,22 @@ def bench_gc(quick: bool) -> Table:
             None,
             "< 100 ms",
             lag < 0.1,
+        )
+        t.add(
+            "retention: the Memoizer's RSS during the run (before -> after)",
+            f"{before / 2**20:.0f} -> {after / 2**20:.0f} MiB",
+            "",
+            None,
+            "report only",
+            None,
+        )
+        t.add(
+            "retention: its child process's peak RSS (its own)",
+            f"{child / 2**20:.0f} MiB",
+            "",
+            None,
+            "report only",
+            None,
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

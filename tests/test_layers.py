@@ -107,3 +107,11 @@ def test_record_types_are_one_class() -> None:
 
     assert aiomemo.stores.Record is aiomemo._records.Record
     assert aiomemo.stores.LoadReport is aiomemo._records.LoadReport
+
+
+def test_retention_child_stands_on_the_format_layer() -> None:
+    """The retention child plans and rewrites with the format layer alone (no Memoizer);
+    the frames it speaks import nothing of aiomemo."""
+    for module, _ in _imports(SRC / "_retention_child.py"):
+        assert _top(module) in FORMAT | {"_retention_wire"}, f"_retention_child imports {module}"
+    assert not _imports(SRC / "_retention_wire.py")

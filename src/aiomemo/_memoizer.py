@@ -175,8 +175,9 @@ class Memoizer:
         ttl: seconds (or a timedelta) a result stays valid after it was
             recorded (None, the default: forever); a task's ``ttl`` overrides.
         retention: a :class:`~aiomemo.Retention` (``max_bytes``, ``max_age``):
-            ``aiomemo gc``'s policy run over the loaded checkpoints in the
-            background; see :meth:`retention_report`. None: nothing removed.
+            once loaded, ``aiomemo gc``'s policy runs over the loaded
+            checkpoints in the background (a child process); see
+            :meth:`retention_report`. None (default): nothing is removed.
 
     A Memoizer belongs to the event loop it starts on: a call from another
     loop raises :class:`~aiomemo.MemoizerUsageError`.
@@ -348,7 +349,7 @@ class Memoizer:
 
     async def _close_started(self) -> None:
         if self._retention is not None:
-            await self._retention.report()  # a rewrite is not left half-way by this process
+            await self._retention.stop()  # a rewrite is not left half-way by this process
         await _shutdown.close_parts(
             self.checkpoint_mode, self._drain, self._shared, self._flights, self._table
         )
@@ -397,9 +398,16 @@ class Memoizer:
         key = raw.hex()
         t["hashsum"] = key
         refresh = t.get("refresh")
-        value = MISSING if refresh else self._table.lookup(key, raw, t, read=False)
-        if type(value) is OnDisk:
-            value = await self._table.read(key, value)
+        table = self._table
+        if refresh:
+            value = MISSING
+        else:
+            # this run's results first, inline: the common hit, when nothing expires
+            value = MISSING if table.expires else table.done.get(key, MISSING)
+            if value is MISSING:
+                value = table.lookup(key, raw, t, read=False)
+                if type(value) is OnDisk:
+                    value = await table.read(key, value)
         if value is not MISSING:
             self._counters.hits += 1
             return done_future(loop, value)
@@ -534,7 +542,8 @@ class Memoizer:
     async def retention_report(self) -> dict[str, Any] | None:
         """Wait for the start-time retention run; its summary (as ``aiomemo gc --json``).
 
-        None without ``retention=``, before ``start()``, or when it failed (warned).
+        None without ``retention=``, before ``start()``, when it failed (warned), or
+        when ``close()`` ended it before it changed anything.
         """
         return None if self._retention is None else await self._retention.report()
 
