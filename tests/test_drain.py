@@ -119,3 +119,44 @@ async def test_task_exit_after_a_failed_batch_still_writes(
             second = mk(2)
             await run(memo, second, 2)
             assert bytes.fromhex(second["hashsum"]) in store.records
+
+
+async def test_task_exit_64_concurrent_callers_share_one_batch(tmp_path: pathlib.Path) -> None:
+    """64 completions arriving while a batch is written all join the next one: one
+    write, each caller returns only once its own record is in the store, and a
+    cancelled caller neither cancels the batch nor loses its record."""
+    store = GateStore()
+    async with Memoizer(run_dir=tmp_path, checkpoint_mode="task_exit", store=store) as memo:
+        first = mk(-1)
+        assert await memo.check_memo(first) is None
+        held = asyncio.ensure_future(memo.update_memo_result(first, -1))
+        await spin_until(lambda: store.calls == 1)  # the first batch is held in its write
+        tasks = [mk(i) for i in range(64)]
+        for tk in tasks:
+            assert await memo.check_memo(tk) is None
+        returned: list[bytes] = []
+
+        async def complete(tk: dict[str, object], i: int) -> None:
+            await memo.update_memo_result(tk, i)  # type: ignore[arg-type]
+            # durable before it returns: the store holds this caller's record
+            key = bytes.fromhex(str(tk["hashsum"]))
+            assert key in store.records
+            returned.append(key)
+
+        callers = [asyncio.ensure_future(complete(tk, i)) for i, tk in enumerate(tasks)]
+        await spin()
+        assert not any(c.done() for c in callers)  # all wait behind the held batch
+        assert memo._drain.commit(asyncio.get_running_loop()) is memo._drain.commit(
+            asyncio.get_running_loop()
+        )  # one Future for the whole batch
+        callers[0].cancel()
+        await spin()
+        assert not any(c.done() for c in callers[1:])
+        store.gate.set()
+        await held
+        await asyncio.gather(*callers[1:])
+        with pytest.raises(asyncio.CancelledError):
+            await callers[0]
+        assert store.calls == 2  # the 64 went out in one write
+        assert len(returned) == 63
+        assert all(bytes.fromhex(str(tk["hashsum"])) in store.records for tk in tasks)

@@ -78,13 +78,15 @@ class Completion:
         """
         mode = self.mode
         self._table.put(key, r)
-        expires = self._expiry_of(task, key)
+        name = self._records.name_of(task.get("func"))
+        raw = bytes.fromhex(key)
+        expires = self._expiry_of(task, key, name, raw)
         flight = self._flights.finish(key, value=r)  # followers get it
         lease_store = flight.lease_store if flight is not None else None
         if mode is None and (flight is None or flight.lease is None):
             # nothing to write or publish: a later manual checkpoint() encodes it
             return None
-        record = self._records.make(task, key, r, expires)
+        record = self._records.make(task, key, r, expires, name=name, raw=raw)
         if record is None:
             if flight is not None:
                 self._shared.release_flight(flight)
@@ -114,19 +116,22 @@ class Completion:
             return  # closed meanwhile, or close() is making the final pass with this record
         loop = self._life.loop
         assert loop is not None
-        await self._drain.commit(loop)
+        await self._drain.commit(loop)  # one Future shared by the batch's callers
         # durable, so spilled: once this frame lets go of the encoded
         # record, its bytes can go back to the system
         del record
         self._table.trim_if_due()
 
-    def _expiry_of(self, task: Mapping[str, Any], key: str) -> float:
-        """The absolute expiry of the result just recorded for ``key`` (noted in the table)."""
-        self._by_func.note(self._records.name_of(task.get("func")), key)
+    def _expiry_of(self, task: Mapping[str, Any], key: str, name: str, raw: bytes) -> float:
+        """The absolute expiry of the result just recorded for ``key`` (noted in the table).
+
+        ``name``: the task's function name; ``raw``: ``key`` as bytes.
+        """
+        self._by_func.note(name, key)
         ttl = self.ttl if "ttl" not in task else task_ttl(task, self.ttl)
         expires = expires_of(ttl, _expiry.now()) if ttl is not None else NO_TTL
         if expires < NO_TTL or self._table.expires:
-            self._table.expire_at(bytes.fromhex(key), expires)
+            self._table.expire_at(raw, expires)
         return expires
 
     def exception(self, key: str, e: BaseException) -> None:

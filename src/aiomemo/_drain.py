@@ -160,13 +160,17 @@ class Drain:
         """In periodic mode: so many records wait that the drain should run early."""
         return self.pending() >= self.max_pending
 
-    async def commit(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Join the batch now filling and return once it is durable (task_exit)."""
+    def commit(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Join the batch now filling: await the result to return once it is durable (task_exit).
+
+        Every caller of one batch awaits the same Future (no coroutine or
+        Future of its own), and only the first wakes the drain.
+        """
         commit = self._commit
         if commit is None:
             commit = self._commit = _Commit(loop=loop)
-        self.wake()
-        await commit
+            self.wake()
+        return commit
 
     def release_commit(self, commit: _Commit | None = None) -> None:
         """Let the callers of ``commit`` (default: the batch now filling) return."""

@@ -46,11 +46,20 @@ class RecordMaker:
             return name
 
     def make(
-        self, task: Mapping[str, Any], key: str, r: Any, expires: float = NEVER
+        self,
+        task: Mapping[str, Any],
+        key: str,
+        r: Any,
+        expires: float = NEVER,
+        *,
+        name: str | None = None,
+        raw: bytes | None = None,
     ) -> Record | None:
         """The record of ``task`` (hex ``key``) finished with ``r``; None when ``r`` cannot be encoded.
 
-        ``expires``: the record's absolute expiry (default: never).
+        ``expires``: the record's absolute expiry (default: never). ``name``
+        (the function's name) and ``raw`` (``key`` as bytes), when the
+        caller has them already.
         """
         try:
             value = _codec.encode(r)
@@ -67,8 +76,11 @@ class RecordMaker:
                 logger.warning("%s", msg)
             return None
         func = task.get("func")
-        name = self.name_of(func)
+        if name is None:
+            name = self.name_of(func)
         digests = arg_digests(task, self._hooks) if self.explain else b""
         if digests and task.get("track_code"):
             digests = _fingerprint.with_code_digests(digests, func)
-        return Record(bytes.fromhex(key), value, name, _expiry.now(), digests, expires)
+        if raw is None:
+            raw = bytes.fromhex(key)
+        return Record(raw, value, name, _expiry.now(), digests, expires)

@@ -131,7 +131,9 @@ class ThreadedCompletions:
         memo = self._memo
         memo._table.put(key, r)
         # its expiry (ttl) noted as the loop's path notes it
-        expires = memo._completion._expiry_of(task, key)
+        name = memo._records.name_of(task.get("func"))
+        raw = bytes.fromhex(key)
+        expires = memo._completion._expiry_of(task, key, name, raw)
         flight = memo._flights.finish(key)
         if flight is not None and flight.followed:
             # a follower's Future belongs to the loop: settle it there
@@ -139,7 +141,7 @@ class ThreadedCompletions:
         mode = memo.checkpoint_mode
         if mode is None:
             return  # a manual checkpoint() encodes it later
-        record = memo._records.make(task, key, r, expires)
+        record = memo._records.make(task, key, r, expires, name=name, raw=raw)
         if record is None:
             return
         if mode == "task_exit":
