@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,15 +31,6 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def rec(i: int, value: bytes | None = None) -> Record:
     return Record(i.to_bytes(4, "big") * 8, value or b"v%d" % i, "m.f", 1e9 + i)
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def connections_of(raw: aioredis.Redis, pid: int) -> int:
@@ -164,7 +155,9 @@ async def test_many_waiting_keys_are_checked_in_batches(
         )
         t0 = time.monotonic()
         assert await asyncio.gather(*waiters) == [b"done"] * n
-        assert time.monotonic() - t0 < 2.0
+        # woken by the completions, not left to their 30 s wait (a loose bound:
+        # 3,000 wake-ups take a few seconds on a loaded 2-core machine)
+        assert time.monotonic() - t0 < 15.0
         assert follower.stats()["waiting_keys"] == 0
 
 

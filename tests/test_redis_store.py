@@ -43,15 +43,6 @@ async def store(redis_url: str, redis_namespace: str) -> AsyncIterator[RedisStor
         yield s
 
 
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 # -- construction ----------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -391,15 +390,6 @@ def test_forget_in_one_process_seen_by_a_later_process(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ Redis
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_redis_value_expires_with_the_record(

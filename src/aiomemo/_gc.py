@@ -52,10 +52,9 @@ from aiomemo._checkpoint import (
 from aiomemo._exceptions import CorruptCheckpointError, MaintenanceError
 from aiomemo._maintenance import (
     ProgressFn,
-    _check_written,
+    _check_and_publish,
     _compacted_name,
     _lock_segments,
-    _publish,
     _remove_old,
     _remove_stale_temps,
     _write_temp_segment,
@@ -640,14 +639,8 @@ def apply_gc(plan: GcPlan, *, held: Literal["refuse", "skip"] = "refuse") -> int
                 continue
             tmp = _write_temp_segment(d.path, [_info(it) for it in d.keep])
             try:
-                try:
-                    _check_written(tmp)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        tmp.path.unlink()
-                    raise
                 final = d.path / _compacted_name(rewrite)
-                _publish(tmp.path, final)
+                _check_and_publish(tmp, final)
                 _remove_old([s for s in rewrite if s != final], d.path)
             finally:
                 os.close(tmp.fd)

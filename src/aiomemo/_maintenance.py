@@ -451,8 +451,8 @@ def _damaged(shown: str, bad: Sequence[BadSpan]) -> MaintenanceError:
     )
 
 
-def _replace(tmp: _Temp, final: Path, old: Sequence[Path]) -> list[Path]:
-    """Check the temp segment, give it its ``final`` name, then delete the ``old`` segments."""
+def _check_and_publish(tmp: _Temp, final: Path) -> None:
+    """Read the temp segment back (deleted if it does not read back), then name it ``final``."""
     try:
         _check_written(tmp)
     except BaseException:
@@ -460,6 +460,11 @@ def _replace(tmp: _Temp, final: Path, old: Sequence[Path]) -> list[Path]:
             tmp.path.unlink()
         raise
     _publish(tmp.path, final)
+
+
+def _replace(tmp: _Temp, final: Path, old: Sequence[Path]) -> list[Path]:
+    """Check the temp segment, give it its ``final`` name, then delete the ``old`` segments."""
+    _check_and_publish(tmp, final)
     removed = [s for s in old if s != final]
     _remove_old(removed, final.parent)
     return removed
@@ -836,14 +841,8 @@ def _write_tombstones(directory: Path, records: list[Record]) -> Path:
     """A new segment holding ``records`` in ``directory``, atomically and durably."""
     tmp = _write_temp_segment(directory, records)
     try:
-        try:
-            _check_written(tmp)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.path.unlink()
-            raise
         final = directory / segment_name()
-        _publish(tmp.path, final)
+        _check_and_publish(tmp, final)
     finally:
         os.close(tmp.fd)
     return final
