@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiomemo import CorruptCheckpointError, Memoizer, MemoizerUsageError, _codec
+from aiomemo import CorruptCheckpointError, Memoizer, MemoizerUsageError, _checkpoint, _codec
 from aiomemo._checkpoint import (
     LARGE_VALUE_MIN,
     ValueRef,
@@ -131,6 +131,63 @@ class TestDirectRead:
             f.write(bytes([b[0] ^ 0x40]))
         with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
             _read_decode(ref)
+
+    @pytest.mark.parametrize("where", ["head", "first chunk", "middle", "last"])
+    @pytest.mark.parametrize("kind", ["bytes", "bytearray", "ndarray", "decoded"])
+    def test_damage_in_any_chunk_of_a_big_value(
+        self, tmp_path: Path, where: str, kind: str
+    ) -> None:
+        """A value read and hashed chunk by chunk: a flipped byte in any chunk fails the checksum."""
+        n = 3 * _checkpoint._HASH_CHUNK + 12_345
+        value: Any = {
+            "bytes": _flat_values(n)[0],
+            "bytearray": _flat_values(n)[1],
+            "ndarray": _flat_values(n)[3],
+            "decoded": (b"q" * n,),
+        }[kind]
+        (ref,) = _segment(tmp_path, [value])
+        assert _same(_read_decode(ref), value)
+        at = {
+            "head": 1,
+            "first chunk": _checkpoint._HASH_CHUNK - 1,
+            "middle": ref.length // 2,
+            "last": ref.length - 1,
+        }[where]
+        with open(ref.path, "r+b") as f:
+            f.seek(ref.offset + at)
+            b = f.read(1)
+            f.seek(ref.offset + at)
+            f.write(bytes([b[0] ^ 0x40]))
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+            _read_decode(ref)
+
+    def test_big_bytes_result_is_an_ordinary_bytes(self, tmp_path: Path) -> None:
+        """A large bytes result filled in place is a bytes like any other (hash, slices, equality)."""
+        n = 2 * _checkpoint._HASH_CHUNK + 7
+        want = _flat_values(n)[0]
+        (ref,) = _segment(tmp_path, [want])
+        got = _read_decode(ref)
+        assert type(got) is bytes and got == want and got is not want
+        assert hash(got) == hash(want) and got[-7:] == want[-7:]
+        assert {got: 1}[want] == 1
+
+    def test_short_reads_are_resumed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A read that returns less than asked for (a signal, a pipe-like file) goes on where it stopped."""
+        import os
+
+        n = 2 * _checkpoint._HASH_CHUNK + 1001
+        values: list[Any] = [_flat_values(n)[0], _flat_values(n)[1], (b"s" * n,)]
+        refs = _segment(tmp_path, values)
+        real = os.preadv
+
+        def short(fd: int, buffers: list[Any], offset: int) -> int:
+            return real(fd, [memoryview(buffers[0])[:4093]], offset)
+
+        monkeypatch.setattr(os, "preadv", short)
+        for v, ref in zip(values, refs, strict=True):
+            assert _same(_read_decode(ref), v)
 
     def test_truncated_and_vanished(self, tmp_path: Path) -> None:
         """Cut short or deleted: a CorruptCheckpointError naming the segment, no buffer made for it."""
@@ -314,6 +371,38 @@ class TestLoadCheckpointsMapping:
                 assert await table[_key(i)] == vals[i]
             own = table._table  # type: ignore[attr-defined]
             assert own.held <= BIG + 100 and len(own.bodies) == 1
+
+    async def test_a_read_makes_room_before_it_reads(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The values a read will displace are let go of before it reads: the limit holds throughout."""
+        from aiomemo import _table
+
+        vals = write_results(tmp_path / "ck", 6)
+        limit = 2 * BIG + 100
+        during: list[tuple[int, int]] = []
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "ck")], run_dir=tmp_path / "run", memory_limit=limit
+        ) as memo:
+            table = memo._table
+            real = _table._read_decode
+
+            def spy(ref: ValueRef) -> Any:
+                during.append((table.held, len(table.bodies)))
+                return real(ref)
+
+            monkeypatch.setattr(_table, "_read_decode", spy)
+            for i in vals:
+                fut = await memo.check_memo(value_task(i))
+                assert fut is not None and fut.result() == vals[i]
+                assert table.held <= limit
+            # each read saw room for its value; from the third on, one value was let go first
+            assert all(held + BIG <= limit for held, _ in during)
+            assert [n for _, n in during] == [0, 1, 1, 1, 1, 1]
+            assert len(table.bodies) == 2
+            # the most recent two are the ones held, and hit without a read
+            assert await memo.check_memo(value_task(5)) is not None
+            assert memo.stats().disk_reads == 6
 
     async def test_after_close_no_reader_thread_is_left(
         self, tmp_path: Path, reads_in: list[str]
