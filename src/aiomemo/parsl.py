@@ -381,7 +381,7 @@ class ParslMemoizer(_ParslMemoizerBase):
             self._followers.after_close(hashsum, result, exc)
             return
         if view is not None:  # else a hit or a follower: aiomemo has the result already
-            outcomes.report(view, hashsum, result, exc)
+            outcomes.report(view, hashsum, result, exc, t.get("app_fu") if exc is None else None)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
