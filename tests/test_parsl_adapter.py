@@ -747,3 +747,25 @@ def test_ttl_is_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         now[0] += 61
         assert double(21).result() == 42
         assert _calls["double"] == 2
+
+
+def test_a_hits_done_future_behaves_as_a_set_one() -> None:
+    """The Future a hit returns: done, its result, callbacks at once, wait() and as_completed()."""
+    import concurrent.futures as cf
+
+    from aiomemo._parsl_followers import done_future
+
+    fut = done_future({"x": 1}, None)
+    assert fut.done() and not fut.running() and not fut.cancelled()
+    assert fut.result(0) == {"x": 1} and fut.exception(0) is None
+    seen: list[Any] = []
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    assert seen == [{"x": 1}]
+    assert cf.wait([fut], timeout=1).done == {fut}
+    assert next(cf.as_completed([fut], timeout=1)) is fut
+    assert not fut.cancel()
+    err = ValueError("boom")
+    failed = done_future(None, err)
+    assert failed.exception(0) is err
+    with pytest.raises(ValueError):
+        failed.result(0)

@@ -158,8 +158,8 @@ class Outcomes:
                     held.durable(None)
                 with self._lock:
                     self._active -= 1
-                    if not self._active:
-                        self._idle.notify_all()
+                    if self._closed and not self._active:
+                        self._idle.notify_all()  # close() waits for this
             if self._task_exit:
                 logger.debug("Task %s checkpointed", view.get("id"))
             return
