@@ -596,3 +596,70 @@ def test_task_exit_a_failed_write_still_completes_the_future(
             time.sleep(0.01)
     assert memo.stats().pending == 1
     broken.clear()
+
+
+_KILLED_WORKFLOW = """
+import os, sys, time
+import parsl
+from parsl.config import Config
+from parsl.executors import ThreadPoolExecutor
+from aiomemo.parsl import ParslMemoizer
+
+@parsl.python_app(cache=True)
+def square(x):
+    time.sleep(0.0005 * (x % 7))
+    return x * x
+
+cfg = Config(executors=[ThreadPoolExecutor(max_threads=6)], run_dir=sys.argv[1],
+             memoizer=ParslMemoizer(checkpoint_mode="task_exit"), initialize_logging=False)
+out = os.fdopen(1, "w", buffering=1)
+with parsl.load(cfg):
+    def report(f, i):
+        out.write(f"{i} {f.result()}\\n")  # seen by the workflow: must be on disk
+    futs = []
+    for i in range(100_000):
+        fut = square(i)
+        fut.add_done_callback(lambda f, i=i: report(f, i))
+        futs.append(fut)
+    for f in futs:
+        f.result()
+"""
+
+
+@pytest.mark.parametrize("delay", [0.4, 1.2])
+def test_task_exit_killed_workflow_has_every_result_it_saw(tmp_path: Path, delay: float) -> None:
+    """A Parsl workflow killed with SIGKILL mid-run: every app result it saw loads afterwards.
+
+    The workflow prints each result from its AppFuture's done callback; the
+    results are unique (squares), so the values on disk must cover them.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from aiomemo import _codec
+
+    script = tmp_path / "wf.py"
+    script.write_text(_KILLED_WORKFLOW)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "runinfo")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen: list[int] = []
+    start: float | None = None
+    for line in proc.stdout:
+        seen.append(int(line.split()[1]))
+        start = start or time.monotonic()
+        if time.monotonic() - start >= delay:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(60)
+    seen.extend(int(line.split()[1]) for line in proc.stdout if line.strip())
+    assert proc.returncode == -signal.SIGKILL, "the workflow ended before it was killed"
+    assert len(seen) > 20, "the workflow did not get going"
+    report = load_paths(list((tmp_path / "runinfo").glob("*/checkpoint")))
+    on_disk = {_codec.decode(v) for v in report.table.values() if isinstance(v, bytes)}
+    missing = sorted(set(seen) - on_disk)
+    assert not missing, f"{len(missing)} of {len(seen)} results seen are not on disk: {missing[:10]}"
