@@ -150,6 +150,9 @@ async def loadhit(root: Path, n: int, size: int, limit: str | None) -> dict[str,
     return {
         "readhash_median_s": ref,
         "readhash_each_median_s": readhash_each(root),
+        "readhash_held_median_s": (
+            readhash_held(root, int(limit)) if limit not in (None, "none") else None
+        ),
         "load_seconds": load_s,
         "load_rss": load_rss,
         "entries": entries,
@@ -296,6 +299,44 @@ def readhash_each(root: Path) -> float | None:
         os.close(fd)
         blake3(data).digest(16)
         times.append(time.perf_counter() - t0)
+        del data
+    times.sort()
+    return times[len(times) // 2]
+
+
+def readhash_held(root: Path, limit: int) -> float | None:
+    """:func:`readhash_each`, but the values read stay alive as ``memory_limit=limit`` holds them.
+
+    The values that fit in ``limit`` are kept (the oldest let go of before
+    the next read, as a hit does), so each read writes into memory that was
+    last used many values ago, not into the block the previous read just
+    freed (which :func:`readhash_each` gets, still in the CPU caches). For
+    scale only: the target's reference stays :func:`readhash_each`.
+    """
+    from blake3 import blake3
+
+    try:
+        from aiomemo._checkpoint import load_paths
+        from aiomemo._records import ValueRef
+    except ImportError:
+        return None
+    refs = [v for v in load_paths([str(root / "run" / "checkpoint")]).table.values()]
+    refs = [v for v in refs if isinstance(v, ValueRef)]
+    if not refs:
+        return None
+    keep = max(1, limit // max(r.length for r in refs))
+    held: list[bytes] = []
+    times = []
+    for ref in refs:
+        t0 = time.perf_counter()
+        if len(held) >= keep:
+            del held[0]
+        fd = os.open(ref.path, os.O_RDONLY)
+        data = os.pread(fd, ref.length, ref.offset)
+        os.close(fd)
+        blake3(data).digest(16)
+        times.append(time.perf_counter() - t0)
+        held.append(data)
         del data
     times.sort()
     return times[len(times) // 2]

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiomemo import CorruptCheckpointError, Memoizer, MemoizerUsageError, _checkpoint, _codec
+from aiomemo import CorruptCheckpointError, Memoizer, MemoizerUsageError, _codec
 from aiomemo._checkpoint import (
     LARGE_VALUE_MIN,
     ValueRef,
@@ -26,6 +26,8 @@ from aiomemo._hashing import hash_task
 from aiomemo._table import _read_decode
 from aiomemo.stores import Record
 from helpers import mk, run
+
+MIB = 1 << 20
 
 
 def _segment(tmp: Path, values: list[Any], name: str = "seg-1.amlog") -> list[ValueRef]:
@@ -132,13 +134,13 @@ class TestDirectRead:
         with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
             _read_decode(ref)
 
-    @pytest.mark.parametrize("where", ["head", "first chunk", "middle", "last"])
+    @pytest.mark.parametrize("where", ["head", "past the head", "middle", "last"])
     @pytest.mark.parametrize("kind", ["bytes", "bytearray", "ndarray", "decoded"])
-    def test_damage_in_any_chunk_of_a_big_value(
+    def test_damage_anywhere_in_a_big_value(
         self, tmp_path: Path, where: str, kind: str
     ) -> None:
-        """A value read and hashed chunk by chunk: a flipped byte in any chunk fails the checksum."""
-        n = 3 * _checkpoint._HASH_CHUNK + 12_345
+        """A multi-megabyte value, flat or decoded: a flipped byte anywhere fails the checksum."""
+        n = 3 * MIB // 2 + 12_345
         value: Any = {
             "bytes": _flat_values(n)[0],
             "bytearray": _flat_values(n)[1],
@@ -149,7 +151,7 @@ class TestDirectRead:
         assert _same(_read_decode(ref), value)
         at = {
             "head": 1,
-            "first chunk": _checkpoint._HASH_CHUNK - 1,
+            "past the head": 1500,
             "middle": ref.length // 2,
             "last": ref.length - 1,
         }[where]
@@ -162,8 +164,8 @@ class TestDirectRead:
             _read_decode(ref)
 
     def test_big_bytes_result_is_an_ordinary_bytes(self, tmp_path: Path) -> None:
-        """A large bytes result filled in place is a bytes like any other (hash, slices, equality)."""
-        n = 2 * _checkpoint._HASH_CHUNK + 7
+        """A large bytes result is a bytes like any other (hash, slices, equality)."""
+        n = 2 * MIB + 7
         want = _flat_values(n)[0]
         (ref,) = _segment(tmp_path, [want])
         got = _read_decode(ref)
@@ -177,15 +179,19 @@ class TestDirectRead:
         """A read that returns less than asked for (a signal, a pipe-like file) goes on where it stopped."""
         import os
 
-        n = 2 * _checkpoint._HASH_CHUNK + 1001
+        n = MIB + 1001
         values: list[Any] = [_flat_values(n)[0], _flat_values(n)[1], (b"s" * n,)]
         refs = _segment(tmp_path, values)
-        real = os.preadv
+        real_preadv, real_pread = os.preadv, os.pread
 
-        def short(fd: int, buffers: list[Any], offset: int) -> int:
-            return real(fd, [memoryview(buffers[0])[:4093]], offset)
+        def short_v(fd: int, buffers: list[Any], offset: int) -> int:
+            return real_preadv(fd, [memoryview(buffers[0])[:4093]], offset)
 
-        monkeypatch.setattr(os, "preadv", short)
+        def short(fd: int, n: int, offset: int) -> bytes:
+            return real_pread(fd, min(n, 4093), offset)
+
+        monkeypatch.setattr(os, "preadv", short_v)
+        monkeypatch.setattr(os, "pread", short)
         for v, ref in zip(values, refs, strict=True):
             assert _same(_read_decode(ref), v)
 

@@ -1178,77 +1178,18 @@ def _pread_exact(fd: int, ref: ValueRef, start: int, n: int) -> bytes:
     return data
 
 
-def _fill(fd: int, ref: ValueRef, start: int, view: memoryview, hasher: Any = None) -> int:
-    """Read the value's bytes from ``start`` on into ``view``; how many were there.
-
-    With ``hasher``, each chunk read is hashed while it is still in the CPU's
-    cache (:data:`_HASH_CHUNK` at a time), instead of a second pass over the
-    whole value once it is in (which, for a multi-megabyte value, reads it
-    back from the last-level cache or from memory).
-    """
+def _fill(fd: int, ref: ValueRef, start: int, view: memoryview) -> int:
+    """Read the value's bytes from ``start`` on into ``view``; how many were there."""
     got = 0
-    step = _HASH_CHUNK if hasher is not None else len(view)
     try:
         while got < len(view):
-            chunk = view[got : got + step]
-            n = os.preadv(fd, [chunk], ref.offset + start + got)
+            n = os.preadv(fd, [view[got:]], ref.offset + start + got)
             if not n:
                 break
-            if hasher is not None:
-                hasher.update(chunk[:n])
             got += n
     except OSError as exc:
         raise CorruptCheckpointError(f"{_where(ref)}: read error: {exc.strerror or exc}") from exc
     return got
-
-
-#: how much of a value is read, then hashed, at a time (well within a core's L2 cache)
-_HASH_CHUNK: Final = 512 * 1024
-#: values shorter than this are read whole (one bytes object), not into a made-up one
-_FRESH_BYTES_MIN: Final = 64 * 1024
-
-
-def _load_fresh_bytes() -> Callable[[int], tuple[bytes, memoryview]] | None:
-    """``fresh(n)``: a new, not yet filled ``bytes`` of length ``n`` and a writable view of it.
-
-    What CPython's own readers do (``PyBytes_FromStringAndSize(NULL, n)``,
-    then fill it before anyone else sees it), so that a large bytes result
-    can be read, and hashed, chunk by chunk straight into itself. None when
-    this is not CPython or its bytes layout is not the one probed here: the
-    caller reads the value as one bytes object instead.
-    """
-    import ctypes
-    import sys
-
-    if sys.implementation.name != "cpython":
-        return None
-    try:
-        api = ctypes.pythonapi
-        new = api.PyBytes_FromStringAndSize
-        new.restype = ctypes.py_object
-        new.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
-        view_of = api.PyMemoryView_FromMemory
-        view_of.restype = ctypes.py_object
-        view_of.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
-    except (AttributeError, OSError):
-        return None
-    offset = bytes.__basicsize__ - 1  # where ob_sval starts (CPython's PyBytesObject)
-    writable = 0x200  # PyBUF_WRITE
-
-    def fresh(n: int) -> tuple[bytes, memoryview]:
-        data: bytes = new(None, n)
-        return data, view_of(id(data) + offset, n, writable)
-
-    # probe the layout once: what is written through the view must be the bytes' contents
-    probe, view = fresh(_FRESH_BYTES_MIN)
-    view[:] = bytes(range(256)) * (_FRESH_BYTES_MIN // 256)
-    view.release()
-    if probe != bytes(range(256)) * (_FRESH_BYTES_MIN // 256):
-        return None
-    return fresh
-
-
-_fresh_bytes = _load_fresh_bytes()
 
 
 def _read_into(
@@ -1257,19 +1198,16 @@ def _read_into(
     """Fill ``plan``'s result with the value's contents; verify the whole value's digest."""
     start, result, view = plan
     hasher = blake3(memoryview(head)[:start])
-    n = ref.length - start
     if view is None:
-        if _fresh_bytes is None or n < _FRESH_BYTES_MIN:
-            data = _pread_exact(fd, ref, start, n)
-            hasher.update(data)
-            result = data
-        else:
-            result, view = _fresh_bytes(n)
-    if view is not None:
+        data = _pread_exact(fd, ref, start, ref.length - start)
+        hasher.update(data)
+        result = data
+    else:
         try:
-            got = _fill(fd, ref, start, view, hasher)
+            got = _fill(fd, ref, start, view)
             if got != len(view):
                 raise CorruptCheckpointError(f"{_where(ref)}: cut short ({start + got} bytes left)")
+            hasher.update(view)
         finally:
             view.release()
     if hasher.digest(_VALUE_DIGEST_SIZE) != ref.digest:
@@ -1278,15 +1216,14 @@ def _read_into(
 
 
 def _read_checked(ref: ValueRef, buffer: Callable[[int], bytearray]) -> memoryview:
-    # one thread: blake3's own pool (max_threads=AUTO) halved the hash time
-    # on an idle 2-core machine but made hits 30% slower on a loaded one
-    hasher = blake3()
     with _open_value(ref) as fd:
         view = memoryview(buffer(ref.length))[: ref.length]
-        got = _fill(fd, ref, 0, view, hasher)
+        got = _fill(fd, ref, 0, view)
     if got != ref.length:
         raise CorruptCheckpointError(f"{_where(ref)}: cut short ({got} bytes left)")
-    if hasher.digest(_VALUE_DIGEST_SIZE) != ref.digest:
+    # one thread: blake3's own pool (max_threads=AUTO) halved the hash time
+    # on an idle 2-core machine but made hits 30% slower on a loaded one
+    if blake3(view).digest(_VALUE_DIGEST_SIZE) != ref.digest:
         raise CorruptCheckpointError(f"{_where(ref)}: checksum mismatch")
     return view
 
