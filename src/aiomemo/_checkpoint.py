@@ -2167,7 +2167,7 @@ def _gc_paused() -> Iterator[None]:
 
     A load makes millions of short-lived tuples (one per record, unpacked
     and dropped); each 700 of them would start a young collection that
-    walks them all, ~10% of a big load's time for nothing: they hold no
+    walks them all, ~8% of a big load's time for nothing: they hold no
     cycles. Loads in several threads at once pause it once; it is switched
     back on (if it was on when the first began) when the last one ends.
     """
