@@ -178,6 +178,53 @@ def test_task_exit_one_record_per_task(tmp_path: Path) -> None:
     assert _records(ckpt) == n
 
 
+@python_app(cache=True)
+def triple(x: int) -> int:
+    return x * 3
+
+
+def test_task_exit_every_app_future_completes_after_its_record(tmp_path: Path) -> None:
+    """2,000 quick apps on 4 threads: each AppFuture's callback finds its record on disk.
+
+    The completing threads do not wait for the disk (the result is held back
+    on the AppFuture until the group's sync), and the syncs are fewer than
+    the tasks.
+    """
+    from aiomemo import _checkpoint as ck
+
+    n = 2_000
+    syncs = [0]
+    real_append = ck._append_synced
+
+    def counting(fd: int, data: bytes) -> None:
+        syncs[0] += 1
+        real_append(fd, data)
+
+    late: list[int] = []
+    ck._append_synced = counting
+    try:
+        with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))) as dfk:
+            ckpt = Path(dfk.run_dir) / "checkpoint"
+            futs = []
+            for i in range(n):
+                fut = triple(i)
+
+                def check(f: Any, i: int = i) -> None:
+                    key = f.task_record["hashsum"]
+                    # one file read per 50 tasks keeps the test quick
+                    if i % 50 == 0 and bytes.fromhex(key) not in _keys(ckpt):
+                        late.append(i)
+
+                fut.add_done_callback(check)
+                futs.append(fut)
+            assert [f.result() for f in futs] == [3 * i for i in range(n)]
+    finally:
+        ck._append_synced = real_append
+    assert not late, f"apps {late} completed before their record was durable"
+    assert _records(ckpt) == n
+    assert syncs[0] < n * 0.9, syncs[0]
+
+
 def test_manual_checkpoint_creates_records(tmp_path: Path) -> None:
     """test_checkpointing/test_manual.py::test_manual_checkpoint, in aiomemo's format."""
     memoizer = ParslMemoizer(checkpoint_mode="manual")
@@ -700,3 +747,25 @@ def test_ttl_is_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         now[0] += 61
         assert double(21).result() == 42
         assert _calls["double"] == 2
+
+
+def test_a_hits_done_future_behaves_as_a_set_one() -> None:
+    """The Future a hit returns: done, its result, callbacks at once, wait() and as_completed()."""
+    import concurrent.futures as cf
+
+    from aiomemo._parsl_followers import done_future
+
+    fut = done_future({"x": 1}, None)
+    assert fut.done() and not fut.running() and not fut.cancelled()
+    assert fut.result(0) == {"x": 1} and fut.exception(0) is None
+    seen: list[Any] = []
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    assert seen == [{"x": 1}]
+    assert cf.wait([fut], timeout=1).done == {fut}
+    assert next(cf.as_completed([fut], timeout=1)) is fut
+    assert not fut.cancel()
+    err = ValueError("boom")
+    failed = done_future(None, err)
+    assert failed.exception(0) is err
+    with pytest.raises(ValueError):
+        failed.result(0)

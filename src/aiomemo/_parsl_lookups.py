@@ -62,7 +62,7 @@ class Lookups:
         self._lock = threading.Lock()
         # id(task record) -> (task record, its view): tasks let run (misses),
         # until their update_memo_*; a leader's retry is let run again
-        # instead of waiting on itself
+        # instead of waiting on itself (single dict operations, atomic: no lock)
         self._leaders: dict[int, tuple[TaskRecord, dict[str, Any]]] = {}
         # views of hits answered in the calling thread, on their way into
         # this run's checkpoint (under _lock)
@@ -75,18 +75,15 @@ class Lookups:
 
     def pop_leader(self, task: TaskRecord) -> dict[str, Any] | None:
         """The view of leader ``task``, no longer a leader (None: it was not one)."""
-        with self._lock:
-            entry = self._leaders.pop(id(task), None)
+        entry = self._leaders.pop(id(task), None)  # one dict operation: atomic
         return entry[1] if entry is not None else None
 
     def clear(self) -> None:
-        with self._lock:
-            self._leaders.clear()
+        self._leaders.clear()
 
     def _lead(self, task: TaskRecord, view: dict[str, Any]) -> None:
         logger.info("Task %s had no result in cache", view.get("id"))
-        with self._lock:
-            self._leaders[id(task)] = (task, view)
+        self._leaders[id(task)] = (task, view)
 
     # ------------------------------------------------------------ check_memo
     def check(self, task: TaskRecord) -> concurrent.futures.Future[Any] | None:

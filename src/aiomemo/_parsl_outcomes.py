@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -25,12 +26,71 @@ from aiomemo._parsl_followers import Followers, log_failure, settle_cf
 from aiomemo._portal import Portal, PortalClosedError
 from aiomemo._threaded import ThreadedCompletions, usable
 
-__all__ = ["Outcomes"]
+__all__ = ["HeldCompletion", "Outcomes"]
 
 #: under ``parsl.`` so the lines land in the run's ``parsl.log``
 logger = logging.getLogger("parsl.aiomemo")
 
 _Outcome = tuple[dict[str, Any], Any, BaseException | None]
+
+
+class HeldCompletion:
+    """Holds back the result set on a task's Future until the task's record is durable.
+
+    ``task_exit`` promises a record on disk before the app's Future
+    completes. The DataFlowKernel calls ``update_memo_result`` and then, in
+    the same thread, ``set_result`` on the task's AppFuture; :meth:`hold`
+    puts a stand-in for that ``set_result`` on the Future, so the completing
+    thread need not wait for the disk: the stand-in keeps the result until
+    :meth:`durable`, which sets it (in the group-commit thread, under the
+    Future's ``_update_lock`` as the DataFlowKernel does). When the record is
+    durable first, the stand-in sets the result at once. The DataFlowKernel
+    marks the task done before its Future completes in any case (Parsl says
+    so at ``wait_for_current_tasks``); here the gap lasts until the group's
+    sync.
+    """
+
+    __slots__ = ("_durable", "_future", "_lock", "_result")
+
+    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+        self._future = future
+        self._lock = threading.Lock()
+        self._durable = False
+        self._result: tuple[Any] | None = None
+
+    @classmethod
+    def hold(cls, future: Any) -> HeldCompletion | None:
+        """Hold back ``future``'s next ``set_result``; None when it cannot be (then block)."""
+        if not isinstance(future, concurrent.futures.Future) or future.done():
+            return None
+        if "set_result" in vars(future):
+            return None  # someone else's stand-in is there already
+        held = cls(future)
+        future.set_result = held._set_result  # type: ignore[method-assign]
+        return held
+
+    def _set_result(self, result: Any) -> None:
+        """The stand-in: called by the DataFlowKernel (holding the Future's update lock)."""
+        with self._lock:
+            if not self._durable:
+                self._result = (result,)
+                return
+        self._release(result)
+
+    def durable(self, error: BaseException | None) -> None:
+        """The record is on disk (or, with ``error``, queued for retry): let the result through."""
+        with self._lock:
+            self._durable = True
+            pending, self._result = self._result, None
+            vars(self._future).pop("set_result", None)
+        if pending is not None:
+            lock = getattr(self._future, "_update_lock", None)
+            with lock if lock is not None else contextlib.nullcontext():
+                self._release(pending[0])
+
+    def _release(self, result: Any) -> None:
+        future = self._future
+        type(future).set_result(future, result)
 
 
 class Outcomes:
@@ -60,8 +120,22 @@ class Outcomes:
         """task_exit groups written by the completing threads (0 when they go by the loop)."""
         return self._direct.groups if self._direct is not None else 0
 
-    def report(self, view: dict[str, Any], key: str, result: Any, exc: BaseException | None) -> None:
-        """A leader finished: record ``result`` (or ``exc``); in task_exit, durable on return."""
+    def report(
+        self,
+        view: dict[str, Any],
+        key: str,
+        result: Any,
+        exc: BaseException | None,
+        app_future: Any = None,
+    ) -> None:
+        """A leader finished: record ``result`` (or ``exc``); in task_exit, durable on return.
+
+        With ``app_future`` (the task's AppFuture, in ``task_exit``) this
+        returns at once and the result the DataFlowKernel sets on that
+        Future next is held back until the record is durable
+        (:class:`HeldCompletion`): the completing thread goes back to work
+        while the group commit writes.
+        """
         direct = self._direct
         if direct is not None and exc is None and not self._portal.on_loop_thread():
             with self._lock:
@@ -71,28 +145,34 @@ class Outcomes:
             if closed:
                 self._followers.after_close(key, result, exc)
                 return
+            held = HeldCompletion.hold(app_future) if self._task_exit else None
             try:
                 self._recorded.add(key)
-                direct.result(view, key, result)
+                if direct.result(view, key, result, held.durable if held else None):
+                    held = None  # the group commit calls held.durable
             except Exception:
                 # a memo that cannot record must never fail the task
                 logger.exception("aiomemo could not record the outcome of task %s", view.get("id"))
             finally:
+                if held is not None:
+                    held.durable(None)
                 with self._lock:
                     self._active -= 1
-                    if not self._active:
-                        self._idle.notify_all()
+                    if self._closed and not self._active:
+                        self._idle.notify_all()  # close() waits for this
             if self._task_exit:
                 logger.debug("Task %s checkpointed", view.get("id"))
             return
         self._by_loop(view, key, result, exc)
 
     def close(self) -> None:
-        """Take no more direct completions; wait for those running (milliseconds each)."""
+        """Take no more direct completions; wait for those running and the records they queued."""
         with self._lock:
             self._closed = True
             while self._active:
                 self._idle.wait()
+        if self._direct is not None:
+            self._direct.close()  # held-back completions are released as their records land
 
     # ------------------------------------------------------------ by the loop
     def _by_loop(

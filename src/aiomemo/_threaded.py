@@ -5,10 +5,12 @@ each outcome from the thread that ran it. :class:`ThreadedCompletions` does
 in that thread what ``Memoizer.update_memo_result`` does on the loop: the
 result joins the table, the task's flight ends (its Future is settled on the
 loop only when someone follows it), and the record is queued for the drain
-(``periodic``, ``dfk_exit``, ``manual``) or, in ``task_exit``, made durable
-before the call returns by a :class:`GroupCommit`: the waiting threads write
-and fsync their records themselves, one group at a time, while the next
-group fills, so the number of fsyncs grows with time, not with tasks.
+(``periodic``, ``dfk_exit``, ``manual``) or, in ``task_exit``, handed to a
+:class:`GroupCommit`: one writer thread writes and syncs whatever gathered
+while its previous write ran, so the number of syncs grows with time, not
+with tasks. The completing thread either waits for its record's group or,
+when the engine lets the task's completion be held back until then
+(:class:`aiomemo._parsl_outcomes.HeldCompletion`), goes back to work at once.
 
 Only for a Memoizer without a shared tier (shared lookups and leases are I/O
 on the loop) and, in ``task_exit``, whose stores can write from any thread
@@ -40,53 +42,110 @@ __all__ = ["GroupCommit", "ThreadedCompletions", "usable"]
 
 logger = logging.getLogger("aiomemo")
 
+#: what runs once a record's group is written: ``then(error)``
+_Then = Callable[[BaseException | None], None]
+
 
 class GroupCommit:
-    """Records made durable by the threads that wait for them, one group at a time.
+    """Records made durable by one writer thread, a group at a time.
 
-    :meth:`commit` adds a record to the group now filling and returns once
-    that group went through ``write``. When no write runs, the first waiting
-    thread takes the whole group and writes it (``write`` must not raise: it
-    deals with its own failures); records that arrive meanwhile fill the
-    next group, written by one of their own threads as soon as the write
-    before ends.
+    :meth:`submit` adds a record to the group now filling and returns at
+    once; ``then(error)`` runs in the writer thread once that group went
+    through ``write`` (``error``: what ``write`` raised, else None).
+    :meth:`commit` is the blocking form: it returns once the record's group
+    is written. The writer takes whatever gathered while the write before
+    ran, so the number of writes grows with time, not with records. It is
+    started by the first record and stopped by :meth:`close`, which writes
+    what is left first; after it (or on the writer thread itself, from a
+    ``then``) records are written in the calling thread.
     """
 
-    __slots__ = ("_busy", "_cond", "_filling", "_group", "_write", "_written", "groups")
+    __slots__ = ("_after", "_closed", "_cond", "_filling", "_thread", "_write", "groups")
 
-    def __init__(self, write: Callable[[list[Record]], None]) -> None:
+    def __init__(
+        self, write: Callable[[list[Record]], None], after: Callable[[], None] | None = None
+    ) -> None:
         self._write = write
+        self._after = after  # after each group's write, before its thens
         self._cond = threading.Condition(threading.Lock())
-        self._filling: list[Record] = []
-        self._group = 0  # the number of the group now filling
-        self._written = -1  # every group up to this one went through write
-        self._busy = False
+        self._filling: list[tuple[Record, _Then]] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
         #: groups written so far
         self.groups = 0
 
-    def commit(self, record: Record) -> None:
-        """Add ``record`` to the group now filling; return once that group is written."""
+    def submit(self, record: Record, then: _Then) -> None:
+        """Add ``record`` to the group now filling; ``then(error)`` once it is written."""
         with self._cond:
-            self._filling.append(record)
-            mine = self._group
-            while True:
-                if self._written >= mine:
-                    return
-                if not self._busy:
-                    break
-                self._cond.wait()
-            # this thread writes group `mine`: every record that joined it
-            batch, self._filling = self._filling, []
-            self._group += 1
-            self._busy = True
+            inline = self._closed or self._thread is threading.current_thread()
+            if not inline:
+                self._filling.append((record, then))
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="aiomemo-group-commit", daemon=True
+                    )
+                    self._thread.start()
+                elif len(self._filling) == 1:
+                    self._cond.notify()
+                return
+        self._write_group([(record, then)])
+
+    def commit(self, record: Record) -> None:
+        """Add ``record`` to the group now filling; return once that group is written.
+
+        Raises what ``write`` raised for the group.
+        """
+        done = threading.Event()
+        box: list[BaseException | None] = []
+
+        def then(error: BaseException | None) -> None:
+            box.append(error)
+            done.set()
+
+        self.submit(record, then)
+        done.wait()
+        if box[0] is not None:
+            raise box[0]
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer; later records are written by their callers."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._filling and not self._closed:
+                    cond.wait()
+                batch, self._filling = self._filling, []
+                if not batch:
+                    return  # closed, and nothing left
+            self._write_group(batch)
+
+    def _write_group(self, batch: list[tuple[Record, _Then]]) -> None:
+        with self._cond:
             self.groups += 1
+        records = [r for r, _ in batch]
+        thens = [t for _, t in batch]
+        del batch
+        error: BaseException | None = None
         try:
-            self._write(batch)
-        finally:
-            with self._cond:
-                self._busy = False
-                self._written = mine
-                self._cond.notify_all()
+            self._write(records)
+        except BaseException as exc:  # handed to every record's then
+            error = exc
+        del records  # written: their bytes may go back to the system
+        if self._after is not None:
+            self._after()
+        for then in thens:
+            try:
+                then(error)
+            except Exception:
+                logger.exception("aiomemo: a completion after a group commit failed")
 
 
 def usable(memo: Memoizer) -> bool:
@@ -115,18 +174,23 @@ class ThreadedCompletions:
     def __init__(self, memo: Memoizer, loop: asyncio.AbstractEventLoop) -> None:
         self._memo = memo
         self._loop = loop
-        self._commit = GroupCommit(self._write)
+        self._commit = GroupCommit(self._write, after=memo._table.trim_if_due)
 
     @property
     def groups(self) -> int:
         """``task_exit`` groups written (each one write and one fsync per store)."""
         return self._commit.groups
 
-    def result(self, task: Mapping[str, Any], key: str, r: Any) -> None:
+    def result(
+        self, task: Mapping[str, Any], key: str, r: Any, then: _Then | None = None
+    ) -> bool:
         """The task keyed ``key`` (a leader) finished with ``r``.
 
-        In ``task_exit`` mode this returns once the record is durable (or,
-        when the write failed, queued for the drain to retry).
+        In ``task_exit`` mode the record is made durable before this returns,
+        or, with ``then``, by the group-commit thread, which calls
+        ``then(error)`` once it is (``error``: the write failed and the
+        record is queued for the drain to retry). Returns whether ``then``
+        will be called (only in ``task_exit``, for a record to write).
         """
         memo = self._memo
         memo._table.put(key, r)
@@ -140,18 +204,26 @@ class ThreadedCompletions:
             self._loop.call_soon_threadsafe(settle, flight.future, r)
         mode = memo.checkpoint_mode
         if mode is None:
-            return  # a manual checkpoint() encodes it later
+            return False  # a manual checkpoint() encodes it later
         record = memo._records.make(task, key, r, expires, name=name, raw=raw)
         if record is None:
-            return
+            return False
         if mode == "task_exit":
+            if then is not None:
+                self._commit.submit(record, then)
+                return True
             self._commit.commit(record)
             del record  # durable: its bytes may go back to the system
             memo._table.trim_if_due()
-            return
+            return False
         memo._drain.queue(record, key)
         if mode == "periodic" and memo._drain.queued_enough():
             self._loop.call_soon_threadsafe(memo._drain.wake)
+        return False
+
+    def close(self) -> None:
+        """Write the records still waiting for a group; the writer thread stops."""
+        self._commit.close()
 
     def _write(self, batch: list[Record]) -> None:
         """GroupCommit's write: ``batch`` to every store, in this thread; never raises."""

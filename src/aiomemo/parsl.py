@@ -370,9 +370,10 @@ class ParslMemoizer(_ParslMemoizerBase):
 
     def _update(self, task: TaskRecord, result: Any, exc: BaseException | None) -> None:
         t: Any = task
-        with self._lock:
-            running = self._running()
-            lookups, outcomes = self._lookups, self._outcomes
+        # plain reads (each atomic): a close() that begins right after is
+        # caught by the Outcomes' own closed flag
+        running = self._state == "running"
+        lookups, outcomes = self._lookups, self._outcomes
         view = lookups.pop_leader(task) if lookups is not None else None
         hashsum = t.get("hashsum")
         if not isinstance(hashsum, str):
@@ -381,7 +382,7 @@ class ParslMemoizer(_ParslMemoizerBase):
             self._followers.after_close(hashsum, result, exc)
             return
         if view is not None:  # else a hit or a follower: aiomemo has the result already
-            outcomes.report(view, hashsum, result, exc)
+            outcomes.report(view, hashsum, result, exc, t.get("app_fu") if exc is None else None)
 
     # ------------------------------------------------------------ checkpoints
     def _log_pass(self, count: int) -> None:
