@@ -104,9 +104,11 @@ class Completion:
                 return None  # closing: the final pass writes it
             loop = self._life.loop
             assert loop is not None
-            # one Future shared by the batch's callers; once it is durable
-            # nothing holds the encoded record (spill() trims the heap)
-            return self._drain.commit(loop)
+            # bytes let go of before (expired entries) may go back to the
+            # system; the encoded record's own go once it is durable, when
+            # nothing holds it any more (spill() trims then)
+            self._table.trim_if_due()
+            return self._drain.commit(loop)  # one Future shared by the batch's callers
         if (
             mode == "periodic"
             and self._life.state is Lifecycle.STARTED
