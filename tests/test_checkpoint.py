@@ -713,3 +713,21 @@ def test_sliced_encoding_is_byte_identical(
 
         path = asyncio.run(write())
         assert path.read_bytes() == ck.file_header() + encode_batch(records)
+
+
+def test_common_records_encode_as_every_other() -> None:
+    """The common record's short path gives the bytes of the general one (format unchanged)."""
+    import msgpack
+
+    packer = msgpack.Packer(use_bin_type=True)
+    key = bytes(range(32))
+    for expires in (1_900_000_000, 12.0):
+        common = Record(key, b"\x01", "m.f", 1.5, b"\x92\x90\x80", float(expires))
+        general = Record(key, b"\x01", "m.f", 1.5, b"\x92\x90\x80", expires)  # an int: checked field by field
+        assert ck._record_bytes(packer, common) == ck._record_bytes(packer, general)
+    batch = [rec(i) for i in range(5)]
+    assert ck._encode(batch, large_values=False) == ck._encode(batch)
+    with pytest.raises(TypeError):
+        ck._record_bytes(packer, Record(key, bytearray(b"x"), "m.f", 1.5))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ck._record_bytes(packer, Record(key, b"x", "m.f", 1.5, b"", float("nan")))

@@ -308,7 +308,24 @@ class BadSpan:
 def _record_bytes(
     packer: msgpack.Packer, rec: Record, ref: bytes | None = None, version: int = FORMAT_VERSION
 ) -> bytes:
-    key, value, digests, func = rec.key, rec.value, rec.digests, rec.func
+    key, value, digests, func, expires = rec.key, rec.value, rec.digests, rec.func, rec.expires
+    if (
+        ref is None
+        and version >= 3
+        and type(key) is bytes
+        and type(value) is bytes
+        and type(digests) is bytes
+        and type(func) is str
+        and type(expires) is float
+        and 0 < len(key) <= MAX_KEY_SIZE
+        and expires == expires
+    ):
+        # the common record (what RecordMaker makes), checked in one go
+        body: bytes = packer.pack(
+            (key, value, func, float(rec.time), digests, expires, _ZERO_CHECKSUM)
+        )
+        signed = body[:-RECORD_CHECKSUM_SIZE]
+        return signed + blake3(signed).digest(RECORD_CHECKSUM_SIZE)
     # Exact types only: what the reader gets back must equal what was given, and
     # a subclass (or a bytearray) would pack the same but mislead the caller.
     if type(key) is not bytes:
@@ -321,7 +338,6 @@ def _record_bytes(
         raise TypeError(f"Record.digests must be bytes, not {type(digests).__name__}")
     if type(func) is not str:
         raise TypeError(f"Record.func must be str, not {type(func).__name__}")
-    expires = rec.expires
     if type(expires) not in (float, int) or expires != expires:
         raise ValueError(f"Record.expires must be a number of seconds, not {expires!r}")
     if ref is not None:
@@ -333,9 +349,9 @@ def _record_bytes(
         raise ValueError(f"format {version} has no expiry or tombstones (format 3 has)")
     else:
         fields = (key, value, func, float(rec.time), digests, _ZERO_CHECKSUM)
-    body: bytes = packer.pack(fields)
-    signed = memoryview(body)[:-RECORD_CHECKSUM_SIZE]
-    return b"".join((signed, blake3(signed).digest(RECORD_CHECKSUM_SIZE)))
+    body = packer.pack(fields)
+    view = memoryview(body)[:-RECORD_CHECKSUM_SIZE]
+    return b"".join((view, blake3(view).digest(RECORD_CHECKSUM_SIZE)))
 
 
 def _frame(packer: msgpack.Packer, parts: list[bytes]) -> bytes:
@@ -373,7 +389,10 @@ _Located = list[tuple[bytes, int, int, bytes]]
 def _encode(
     records: Sequence[Record], *, large_values: bool = True, version: int = FORMAT_VERSION
 ) -> tuple[bytes, _Located]:
-    """:func:`encode_batch`, plus where each framed value sits in the bytes."""
+    """:func:`encode_batch`, plus where each framed value sits in the bytes.
+
+    ``large_values=False`` also when the caller knows none is large.
+    """
     packer = msgpack.Packer(use_bin_type=True)  # one per call: Packer is not thread-safe
     located: _Located = []
     if not large_values or not any(_is_large(rec.value) for rec in records):
@@ -650,7 +669,8 @@ class SegmentWriter:
         # them); large values, or many bytes in all, go to a worker thread.
         total = sum(len(r.value) for r in records)
         if total <= _INLINE_ENCODE_LIMIT and len(records) <= _INLINE_ENCODE_RECORDS:
-            data, located = _encode(records)
+            # values adding up to less than one large value: none is large
+            data, located = _encode(records, large_values=total >= LARGE_VALUE_MIN)
         elif total <= _SLICED_ENCODE_LIMIT and not any(_is_large(r.value) for r in records):
             data, located = await _encode_sliced(records), []
         else:

@@ -11,7 +11,7 @@ in between loses it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,13 @@ class Completion:
         self._drain = drain
         self._shared = shared
 
-    def result(self, task: Mapping[str, Any], key: str, r: Any) -> Coroutine[Any, Any, None] | None:
+    def result(self, task: Mapping[str, Any], key: str, r: Any) -> Awaitable[None] | None:
         """``task`` (hex ``key``) finished with ``r``: table, followers, record, store.
 
         Returns what the caller must await before it returns (in
-        ``'task_exit'`` mode: the record made durable), or None: nothing to
-        wait for (no coroutine made on that path).
+        ``'task_exit'`` mode: the record made durable; without a shared
+        store that is the batch's Future itself, no coroutine), or None:
+        nothing to wait for.
         """
         mode = self.mode
         self._table.put(key, r)
@@ -97,7 +98,17 @@ class Completion:
         if flight is not None and flight.lease is not None and lease_store is not None:
             publish = self._shared.complete(lease_store, flight.lease, record)
         if mode == "task_exit":
-            return self._durable(record, publish)
+            if publish is not None:
+                return self._durable(record, publish)
+            if self._life.state is not Lifecycle.STARTED or self._drain.stopping:
+                return None  # closing: the final pass writes it
+            loop = self._life.loop
+            assert loop is not None
+            # bytes let go of before (expired entries) may go back to the
+            # system; the encoded record's own go once it is durable, when
+            # nothing holds it any more (spill() trims then)
+            self._table.trim_if_due()
+            return self._drain.commit(loop)  # one Future shared by the batch's callers
         if (
             mode == "periodic"
             and self._life.state is Lifecycle.STARTED
@@ -213,5 +224,4 @@ class Completion:
         for raw, ref in refs.items():
             self._table.spill(raw.hex(), raw, ref)
         del refs
-        if self.mode != "task_exit":  # there the caller still holds its record
-            self._table.trim_if_due()
+        self._table.trim_if_due()
