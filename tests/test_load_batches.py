@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import math
-import threading
 from pathlib import Path
 
 import msgpack
@@ -73,75 +71,6 @@ def test_foreign_expiries_go_record_by_record(bad: object) -> None:
         assert sink.table == {key(i): b"v" for i in range(50)} and sink.expires == {}
     else:
         assert sink.table == {}
-
-
-class TestGcPaused:
-    def test_off_while_loading_and_back_after(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """The collector is off while a load runs, on again once it returns (or raises)."""
-        p = seg(tmp_path, [Record(key(i), b"v", "m.f", 1.9e9, b"", NEVER) for i in range(10)])
-        seen: list[bool] = []
-        real = ck._load_segment
-
-        def spy(*args: object) -> None:
-            seen.append(gc.isenabled())
-            real(*args)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(ck, "_load_segment", spy)
-        assert gc.isenabled()
-        assert len(load_paths([p]).table) == 10
-        assert seen == [False] and gc.isenabled()
-
-        def boom(*args: object) -> None:
-            raise RuntimeError("boom")
-
-        monkeypatch.setattr(ck, "_load_segment", boom)
-        with pytest.raises(RuntimeError):
-            load_paths([p])
-        assert gc.isenabled()
-
-    def test_left_off_when_it_was_off(self, tmp_path: Path) -> None:
-        """A collector switched off by the program stays off after a load."""
-        p = seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9, b"", NEVER)])
-        gc.disable()
-        try:
-            load_paths([p])
-            assert not gc.isenabled()
-        finally:
-            gc.enable()
-
-    def test_loads_in_several_threads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Overlapping loads: off until the last one ends, then on."""
-        p = seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9, b"", NEVER)])
-        inside = threading.Barrier(2)
-        first_out = threading.Event()
-        states: dict[str, bool] = {}
-        real = ck._load_segment
-
-        def slow(*args: object) -> None:
-            name = threading.current_thread().name
-            inside.wait(timeout=10)
-            real(*args)  # type: ignore[arg-type]
-            if name == "b":
-                assert first_out.wait(timeout=10)
-                states["b, a done"] = gc.isenabled()
-
-        monkeypatch.setattr(ck, "_load_segment", slow)
-
-        def run(name: str) -> None:
-            load_paths([p])
-            if name == "a":
-                states["a done"] = gc.isenabled()
-                first_out.set()
-
-        threads = [threading.Thread(target=run, args=(n,), name=n) for n in "ab"]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=20)
-        assert states == {"a done": False, "b, a done": False}
-        assert gc.isenabled()
 
 
 def test_nan_is_not_never() -> None:

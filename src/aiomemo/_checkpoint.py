@@ -105,7 +105,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import gc
 import io
 import math
 import operator
@@ -2172,38 +2171,7 @@ def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = N
     or before a tombstone's time is left out (counted in
     :attr:`LoadReport.forgotten`), one written after it stays.
     """
-    with _gc_paused():
-        return _load_paths(paths, now)
-
-
-_gc_lock = threading.Lock()
-_gc_loads = 0
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while loads build their tables; as it was once the last ends.
-
-    A load makes millions of short-lived tuples (one per record, unpacked
-    and dropped); each 700 of them would start a young collection that
-    walks them all, ~8% of a big load's time for nothing: they hold no
-    cycles. Loads in several threads at once pause it once; it is switched
-    back on (if it was on when the first began) when the last one ends.
-    """
-    global _gc_loads, _gc_was_enabled
-    with _gc_lock:
-        if _gc_loads == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_loads += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_loads -= 1
-            if _gc_loads == 0 and _gc_was_enabled:
-                gc.enable()
+    return _load_paths(paths, now)
 
 
 def _load_paths(paths: Sequence[str | os.PathLike[str]], now: float | None) -> LoadReport:
