@@ -273,6 +273,17 @@ def readhash(size: int, rounds: int = 20) -> dict[str, Any]:
     return {"seconds": times[len(times) // 2], "best": times[0]}
 
 
+def _value_refs(root: Path) -> list[Any]:
+    """Where ``root``'s checkpoints keep their large values (empty: none, or no format 2)."""
+    try:
+        from aiomemo._checkpoint import load_paths
+        from aiomemo._records import ValueRef
+    except ImportError:
+        return []
+    table = load_paths([str(root / "run" / "checkpoint")]).table
+    return [v for v in table.values() if isinstance(v, ValueRef)]
+
+
 def readhash_each(root: Path) -> float | None:
     """Median time to read + blake3 each large value of ``root``'s checkpoints once, as hits read them.
 
@@ -282,13 +293,7 @@ def readhash_each(root: Path) -> float | None:
     """
     from blake3 import blake3
 
-    try:
-        from aiomemo._checkpoint import load_paths
-        from aiomemo._records import ValueRef
-    except ImportError:
-        return None
-    refs = [v for v in load_paths([str(root / "run" / "checkpoint")]).table.values()]
-    refs = [v for v in refs if isinstance(v, ValueRef)]
+    refs = _value_refs(root)
     if not refs:
         return None
     times = []
@@ -315,13 +320,7 @@ def readhash_held(root: Path, limit: int) -> float | None:
     """
     from blake3 import blake3
 
-    try:
-        from aiomemo._checkpoint import load_paths
-        from aiomemo._records import ValueRef
-    except ImportError:
-        return None
-    refs = [v for v in load_paths([str(root / "run" / "checkpoint")]).table.values()]
-    refs = [v for v in refs if isinstance(v, ValueRef)]
+    refs = _value_refs(root)
     if not refs:
         return None
     keep = max(1, limit // max(r.length for r in refs))

@@ -30,6 +30,15 @@ from helpers import mk, run
 MIB = 1 << 20
 
 
+def _flip(ref: ValueRef, at: int) -> None:
+    """Flip one bit of the byte ``at`` bytes into the value ``ref`` stands for, on disk."""
+    with open(ref.path, "r+b") as f:
+        f.seek(ref.offset + at)
+        b = f.read(1)
+        f.seek(ref.offset + at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
 def _segment(tmp: Path, values: list[Any], name: str = "seg-1.amlog") -> list[ValueRef]:
     """A format-2 segment holding ``values`` (encoded); the refs of the large ones, in order."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -126,11 +135,7 @@ class TestDirectRead:
         value = _flat_values(60_000)[kind]
         (ref,) = _segment(tmp_path, [value])
         at = {"head": 0, "middle": ref.length // 2, "last": ref.length - 1}[where]
-        with open(ref.path, "r+b") as f:
-            f.seek(ref.offset + at)
-            b = f.read(1)
-            f.seek(ref.offset + at)
-            f.write(bytes([b[0] ^ 0x40]))
+        _flip(ref, at)
         with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
             _read_decode(ref)
 
@@ -155,11 +160,7 @@ class TestDirectRead:
             "middle": ref.length // 2,
             "last": ref.length - 1,
         }[where]
-        with open(ref.path, "r+b") as f:
-            f.seek(ref.offset + at)
-            b = f.read(1)
-            f.seek(ref.offset + at)
-            f.write(bytes([b[0] ^ 0x40]))
+        _flip(ref, at)
         with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
             _read_decode(ref)
 

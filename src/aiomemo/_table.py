@@ -149,13 +149,12 @@ class _Reader:
     value once it has handed it over.
     """
 
-    __slots__ = ("_jobs", "_shutdown", "_thread")
+    __slots__ = ("_jobs", "_thread")
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[
             tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[Any], Any], Any] | None
         ] = queue.SimpleQueue()
-        self._shutdown = False
         self._thread = threading.Thread(target=self._run, name="aiomemo-read", daemon=True)
         self._thread.start()
 
@@ -182,7 +181,6 @@ class _Reader:
 
     def shutdown(self) -> None:
         """End the thread once the reads queued before this are made."""
-        self._shutdown = True
         self._jobs.put(None)
 
 
