@@ -328,7 +328,9 @@ class TestMemoizer:
             reader = memo._table._reader
             assert reader is not None
         assert len(threads) == 1 and next(iter(threads)).startswith("aiomemo-read")
-        assert memo._table._reader is None and reader._shutdown
+        assert memo._table._reader is None
+        reader._thread.join(timeout=5)
+        assert not reader._thread.is_alive()
 
     async def test_heap_trimmed_after_large_spills(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
