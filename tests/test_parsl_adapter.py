@@ -188,7 +188,7 @@ def test_task_exit_every_app_future_completes_after_its_record(tmp_path: Path) -
 
     The completing threads do not wait for the disk (the result is held back
     on the AppFuture until the group's sync), and the syncs are fewer than
-    the tasks.
+    the tasks (the syncs are made slow, so that this holds on any disk).
     """
     from aiomemo import _checkpoint as ck
 
@@ -197,7 +197,10 @@ def test_task_exit_every_app_future_completes_after_its_record(tmp_path: Path) -
     real_append = ck._append_synced
 
     def counting(fd: int, data: bytes) -> None:
+        # A disk that takes 5 ms a sync: completions arriving faster than
+        # that must share syncs, however fast this machine's own disk is.
         syncs[0] += 1
+        time.sleep(0.005)
         real_append(fd, data)
 
     late: list[int] = []
@@ -222,7 +225,7 @@ def test_task_exit_every_app_future_completes_after_its_record(tmp_path: Path) -
         ck._append_synced = real_append
     assert not late, f"apps {late} completed before their record was durable"
     assert _records(ckpt) == n
-    assert syncs[0] < n * 0.9, syncs[0]
+    assert syncs[0] < n / 2, syncs[0]
 
 
 def test_manual_checkpoint_creates_records(tmp_path: Path) -> None:

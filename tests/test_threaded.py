@@ -528,6 +528,7 @@ def test_task_exit_many_threads_each_future_sees_its_record(
 
     def counting(fd: int, data: bytes) -> None:
         fsyncs[0] += 1
+        time.sleep(0.002)  # a slow disk: the syncs are shared on any machine
         real_append(fd, data)
 
     ck._append_synced = counting
