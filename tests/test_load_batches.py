@@ -75,3 +75,50 @@ def test_foreign_expiries_go_record_by_record(bad: object) -> None:
 
 def test_nan_is_not_never() -> None:
     assert {math.nan} != ck._NEVER and {NEVER} == ck._NEVER
+
+
+def _bad_field(kind: str) -> object:
+    return {
+        "int": 7,
+        "none": None,
+        "float": 1.5,
+        "tuple": (b"a", b"b"),
+        "map": {0: b"a"},
+        "ext": msgpack.ExtType(5, b"payload"),
+        "timestamp": msgpack.Timestamp(1, 2),
+    }[kind]
+
+
+_BAD_KINDS = ["int", "none", "float", "tuple", "map", "ext", "timestamp"]
+
+
+@pytest.mark.parametrize("field", [0, 1])
+@pytest.mark.parametrize("kind", _BAD_KINDS)
+@pytest.mark.parametrize("width", [6, 7])
+def test_fast_path_refuses_a_key_or_value_that_is_not_bytes(
+    field: int, kind: str, width: int
+) -> None:
+    """A sound batch with one key or value of another type leaves the fast path, table untouched."""
+    recs: list[list[object]] = [
+        [key(i), b"v%d" % i, b"m.f", 1.9e9, b"", NEVER, b"\0" * 16][:width] for i in range(64)
+    ]
+    recs[41][field] = _bad_field(kind)
+    payload = msgpack.packb(recs, use_bin_type=True)
+    sink = ck._Sink(LoadReport(), NOW)
+    assert not ck._load_sound_batch(sink, 64, payload)
+    assert sink.table == {} and sink.expires == {}
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [7, b"bytes", {0: b"k", 1: b"v", 2: b"f", 3: 1.0, 4: b"", 5: NEVER}, (b"k", b"v")],
+    ids=["int", "bytes", "map", "short"],
+)
+def test_fast_path_refuses_a_record_of_another_shape(odd: object) -> None:
+    """A record that is not a 6- or 7-tuple sends the whole batch to the careful reader."""
+    recs: list[object] = [(key(i), b"v", b"m.f", 1.9e9, b"", NEVER) for i in range(64)]
+    recs[13] = odd
+    payload = msgpack.packb(recs, use_bin_type=True)
+    sink = ck._Sink(LoadReport(), NOW)
+    assert not ck._load_sound_batch(sink, 64, payload)
+    assert sink.table == {}
