@@ -228,6 +228,79 @@ def test_task_exit_every_app_future_completes_after_its_record(tmp_path: Path) -
     assert syncs[0] < n / 2, syncs[0]
 
 
+def test_task_exit_done_callback_may_wait_for_another_app(tmp_path: Path) -> None:
+    """A done callback that waits for an app it launches completes (no deadlock).
+
+    The result of a task_exit app is released by the group-commit thread once
+    its record is durable; the Future's callbacks must not run there, or a
+    callback waiting for another app (whose record that thread has yet to
+    write) waits forever.
+    """
+    got: list[int] = []
+    threads: list[str] = []
+    done = threading.Event()
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))):
+        first = triple(1)
+
+        def then(f: Any) -> None:
+            threads.append(threading.current_thread().name)
+            got.append(triple(f.result() + 100).result(timeout=30))
+            done.set()
+
+        first.add_done_callback(then)
+        assert first.result(timeout=30) == 3
+        assert done.wait(30), "the callback's app never completed"
+    assert got == [309]
+    assert not threads[0].startswith("aiomemo-group-commit"), threads
+
+
+def test_task_exit_blocked_callback_holds_back_no_other_app(tmp_path: Path) -> None:
+    """One callback blocked until every other app is done does not stall those apps."""
+    gate = threading.Event()
+    n = 200
+    with parsl.load(_config(tmp_path, ParslMemoizer(checkpoint_mode="task_exit"))):
+        first = triple(-1)
+        first.add_done_callback(lambda f: gate.wait(60))
+        assert first.result(timeout=30) == -3
+        futs = [triple(i) for i in range(n)]
+        try:
+            assert [f.result(timeout=30) for f in futs] == [3 * i for i in range(n)]
+        finally:
+            gate.set()
+
+
+def test_held_result_callbacks_run_in_order_and_survive_errors() -> None:
+    """Released by the group commit: waiters wake, callbacks run in order, errors are logged."""
+    from aiomemo._parsl_outcomes import HeldCompletion
+
+    fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+    seen: list[tuple[str, int, str]] = []
+    ran = threading.Event()
+
+    def boom(f: Any) -> None:
+        seen.append(("boom", f.result(), threading.current_thread().name))
+        raise RuntimeError("a callback's own error")
+
+    def after(f: Any) -> None:
+        seen.append(("after", f.result(), threading.current_thread().name))
+        ran.set()
+
+    fut.add_done_callback(boom)
+    fut.add_done_callback(after)
+    held = HeldCompletion.hold(fut)
+    assert held is not None
+    fut.set_result(7)  # the DataFlowKernel's call: held back
+    assert not fut.done()
+    held.durable(None)  # the record is on disk: released
+    assert fut.result(timeout=5) == 7
+    assert ran.wait(5)
+    assert [s[:2] for s in seen] == [("boom", 7), ("after", 7)]
+    assert seen[0][2] == seen[1][2] != threading.current_thread().name
+    late: list[int] = []
+    fut.add_done_callback(lambda f: late.append(f.result()))  # added once done: runs here
+    assert late == [7]
+
+
 def test_manual_checkpoint_creates_records(tmp_path: Path) -> None:
     """test_checkpointing/test_manual.py::test_manual_checkpoint, in aiomemo's format."""
     memoizer = ParslMemoizer(checkpoint_mode="manual")

@@ -17,7 +17,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from aiomemo._exceptions import MemoizerClosedError
@@ -43,8 +45,11 @@ class HeldCompletion:
     puts a stand-in for that ``set_result`` on the Future, so the completing
     thread need not wait for the disk: the stand-in keeps the result until
     :meth:`durable`, which sets it (in the group-commit thread, under the
-    Future's ``_update_lock`` as the DataFlowKernel does). When the record is
-    durable first, the stand-in sets the result at once. The DataFlowKernel
+    Future's ``_update_lock`` as the DataFlowKernel does) and hands the
+    Future's done callbacks to a callback thread: user code there may wait
+    for another app, whose record the group-commit thread must still write.
+    When the record is durable first, the stand-in sets the result at once
+    (callbacks in the DataFlowKernel's thread, as without aiomemo). The DataFlowKernel
     marks the task done before its Future completes in any case (Parsl says
     so at ``wait_for_current_tasks``); here the gap lasts until the group's
     sync.
@@ -84,13 +89,96 @@ class HeldCompletion:
             pending, self._result = self._result, None
             vars(self._future).pop("set_result", None)
         if pending is not None:
+            # The DataFlowKernel's thread has moved on: this is the
+            # group-commit thread, which must not run the Future's done
+            # callbacks (user code that may wait for another app, whose
+            # record this thread has yet to write: a deadlock).
             lock = getattr(self._future, "_update_lock", None)
             with lock if lock is not None else contextlib.nullcontext():
-                self._release(pending[0])
+                _set_result_elsewhere(self._future, pending[0])
 
     def _release(self, result: Any) -> None:
         future = self._future
         type(future).set_result(future, result)
+
+
+_RLockType = type(threading.RLock())
+
+
+def _set_result_elsewhere(future: concurrent.futures.Future[Any], result: Any) -> None:
+    """``future.set_result(result)`` with its done callbacks run by :data:`_CALLBACKS`.
+
+    Waiters (``result()``, ``wait``) wake at once; the callbacks run in a
+    callback thread, in the order they were added, as ``set_result`` would
+    run them. A callback added from now on runs in the thread adding it
+    (the Future is done), as always.
+    """
+    cond = getattr(future, "_condition", None)
+    callbacks = getattr(future, "_done_callbacks", None)
+    if (
+        not isinstance(cond, threading.Condition)
+        or not isinstance(getattr(cond, "_lock", None), _RLockType)
+        or type(callbacks) is not list
+    ):
+        type(future).set_result(future, result)  # not a standard Future: as it is
+        return
+    with cond:  # reentrant: set_result takes it again; no callback is added meanwhile
+        callbacks = future._done_callbacks  # type: ignore[attr-defined]
+        future._done_callbacks = []  # type: ignore[attr-defined]
+        type(future).set_result(future, result)
+    if callbacks:
+        _CALLBACKS.submit(future, callbacks)
+
+
+_futures_logger = logging.getLogger("concurrent.futures")
+
+
+class _CallbackThreads:
+    """Daemon threads that run held-back Futures' done callbacks (see :class:`HeldCompletion`).
+
+    A thread is started whenever none is idle, up to ``most``: a callback
+    that blocks (waiting for another app's result) holds one thread, never
+    the others nor the group commit. Past ``most`` blocked callbacks, later
+    ones wait for a thread.
+    """
+
+    def __init__(self, most: int = 32) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], list[Callable[[Any], object]]]
+        ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+        self._most = most
+
+    def submit(
+        self, future: concurrent.futures.Future[Any], callbacks: list[Callable[[Any], object]]
+    ) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that idle thread takes this job
+            elif self._threads < self._most:
+                self._threads += 1
+                threading.Thread(
+                    target=self._run, name=f"aiomemo-callbacks-{self._threads}", daemon=True
+                ).start()
+        self._jobs.put((future, callbacks))
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        while True:
+            future, callbacks = jobs.get()
+            for fn in callbacks:
+                try:
+                    fn(future)
+                except Exception:  # as concurrent.futures.Future reports it
+                    _futures_logger.exception("exception calling callback for %r", future)
+            del future, callbacks
+            with self._lock:
+                self._idle += 1
+
+
+_CALLBACKS = _CallbackThreads()
 
 
 class Outcomes:
