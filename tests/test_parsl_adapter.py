@@ -404,6 +404,21 @@ def test_collapse_off_runs_each(tmp_path: Path) -> None:
     assert _calls["slow_uuid"] == 3
 
 
+def test_followers_blocked_callbacks_hold_back_no_other_follower(tmp_path: Path) -> None:
+    """Followers whose done callbacks block (more than a few) do not stall the other followers."""
+    gate = threading.Event()
+    with parsl.load(_config(tmp_path, ParslMemoizer())):
+        futs = [slow_uuid(3, sleep=0.5) for _ in range(14)]
+        for f in futs[:12]:
+            f.add_done_callback(lambda f: gate.wait(60))
+        try:
+            last = {f.result(timeout=20) for f in futs[12:]}
+        finally:
+            gate.set()
+        assert {f.result(timeout=30) for f in futs} == last and len(last) == 1
+    assert _calls["slow_uuid"] == 1
+
+
 def test_collapsed_followers_get_the_same_exception_object(tmp_path: Path) -> None:
     with parsl.load(_config(tmp_path, ParslMemoizer())):
         futs = [slow_fail(1) for _ in range(3)]

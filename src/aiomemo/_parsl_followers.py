@@ -80,8 +80,11 @@ class Followers:
         self._completer: concurrent.futures.ThreadPoolExecutor | None = None
 
     def open(self) -> None:
+        # a thread is started only when none is idle; many, because a
+        # follower's done callbacks run here and may block (waiting for
+        # another app): a few blocked ones must not hold back the rest
         self._completer = concurrent.futures.ThreadPoolExecutor(
-            thread_name_prefix="aiomemo-parsl-complete"
+            max_workers=32, thread_name_prefix="aiomemo-parsl-complete"
         )
 
     def shutdown(self) -> None:
