@@ -276,7 +276,11 @@ def test_task_exit_blocked_callback_holds_back_no_other_app(tmp_path: Path) -> N
 
 def test_held_result_callbacks_run_in_order_and_survive_errors() -> None:
     """Released by the group commit: waiters wake, callbacks run in order, errors are logged."""
+    from aiomemo._parsl_followers import Followers
     from aiomemo._parsl_outcomes import HeldCompletion
+
+    followers = Followers()
+    followers.open()  # its completer threads run the callbacks
 
     fut: concurrent.futures.Future[int] = concurrent.futures.Future()
     seen: list[tuple[str, int, str]] = []
@@ -292,7 +296,7 @@ def test_held_result_callbacks_run_in_order_and_survive_errors() -> None:
 
     fut.add_done_callback(boom)
     fut.add_done_callback(after)
-    held = HeldCompletion.hold(fut)
+    held = HeldCompletion.hold(fut, followers.run_elsewhere)
     assert held is not None
     fut.set_result(7)  # the DataFlowKernel's call: held back
     assert not fut.done()
@@ -304,6 +308,7 @@ def test_held_result_callbacks_run_in_order_and_survive_errors() -> None:
     late: list[int] = []
     fut.add_done_callback(lambda f: late.append(f.result()))  # added once done: runs here
     assert late == [7]
+    followers.shutdown()
 
 
 def test_manual_checkpoint_creates_records(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from aiomemo._exceptions import LeaderCancelledError, MemoizerClosedError
@@ -136,13 +137,21 @@ class Followers:
                     waiting.remove(cf)
                 if not waiting:
                     del self._waiting[key]
+        if self._completer is not None:
+            self.run_elsewhere(settle_cf, cf, result, exc)
+
+    def run_elsewhere(self, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(*args)`` in a completer thread: where Parsl-visible Futures complete.
+
+        Their done callbacks are user code that may block (waiting for
+        another app), so never on the loop or the group-commit thread.
+        """
         completer = self._completer
-        if completer is None:
-            return
-        try:
-            completer.submit(settle_cf, cf, result, exc)
-        except RuntimeError:  # completer shut down: settle from a fresh thread
-            threading.Thread(target=settle_cf, args=(cf, result, exc), daemon=True).start()
+        if completer is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: a fresh thread below
+                completer.submit(fn, *args)
+                return
+        threading.Thread(target=fn, args=args, daemon=True).start()
 
     def after_close(self, key: str, result: Any, exc: BaseException | None) -> None:
         """A leader finished after close: complete its followers directly."""

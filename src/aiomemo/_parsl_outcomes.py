@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +33,8 @@ __all__ = ["HeldCompletion", "Outcomes"]
 logger = logging.getLogger("parsl.aiomemo")
 
 _Outcome = tuple[dict[str, Any], Any, BaseException | None]
+#: runs a function in another thread (:meth:`Followers.run_elsewhere`)
+_Run = Callable[..., None]
 
 
 class HeldCompletion:
@@ -46,8 +47,9 @@ class HeldCompletion:
     thread need not wait for the disk: the stand-in keeps the result until
     :meth:`durable`, which sets it (in the group-commit thread, under the
     Future's ``_update_lock`` as the DataFlowKernel does) and hands the
-    Future's done callbacks to a callback thread: user code there may wait
-    for another app, whose record the group-commit thread must still write.
+    Future's done callbacks to ``run`` (the followers' completer threads):
+    user code there may wait for another app, whose record the group-commit
+    thread must still write.
     When the record is durable first, the stand-in sets the result at once
     (callbacks in the DataFlowKernel's thread, as without aiomemo). The DataFlowKernel
     marks the task done before its Future completes in any case (Parsl says
@@ -55,22 +57,23 @@ class HeldCompletion:
     sync.
     """
 
-    __slots__ = ("_durable", "_future", "_lock", "_result")
+    __slots__ = ("_durable", "_future", "_lock", "_result", "_run")
 
-    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+    def __init__(self, future: concurrent.futures.Future[Any], run: _Run) -> None:
         self._future = future
+        self._run = run
         self._lock = threading.Lock()
         self._durable = False
         self._result: tuple[Any] | None = None
 
     @classmethod
-    def hold(cls, future: Any) -> HeldCompletion | None:
+    def hold(cls, future: Any, run: _Run) -> HeldCompletion | None:
         """Hold back ``future``'s next ``set_result``; None when it cannot be (then block)."""
         if not isinstance(future, concurrent.futures.Future) or future.done():
             return None
         if "set_result" in vars(future):
             return None  # someone else's stand-in is there already
-        held = cls(future)
+        held = cls(future, run)
         future.set_result = held._set_result  # type: ignore[method-assign]
         return held
 
@@ -95,7 +98,7 @@ class HeldCompletion:
             # record this thread has yet to write: a deadlock).
             lock = getattr(self._future, "_update_lock", None)
             with lock if lock is not None else contextlib.nullcontext():
-                _set_result_elsewhere(self._future, pending[0])
+                _set_result_elsewhere(self._future, pending[0], self._run)
 
     def _release(self, result: Any) -> None:
         future = self._future
@@ -105,11 +108,11 @@ class HeldCompletion:
 _RLockType = type(threading.RLock())
 
 
-def _set_result_elsewhere(future: concurrent.futures.Future[Any], result: Any) -> None:
-    """``future.set_result(result)`` with its done callbacks run by :data:`_CALLBACKS`.
+def _set_result_elsewhere(future: concurrent.futures.Future[Any], result: Any, run: _Run) -> None:
+    """``future.set_result(result)`` with its done callbacks run through ``run``.
 
-    Waiters (``result()``, ``wait``) wake at once; the callbacks run in a
-    callback thread, in the order they were added, as ``set_result`` would
+    Waiters (``result()``, ``wait``) wake at once; the callbacks run in
+    ``run``'s thread, in the order they were added, as ``set_result`` would
     run them. A callback added from now on runs in the thread adding it
     (the Future is done), as always.
     """
@@ -127,58 +130,21 @@ def _set_result_elsewhere(future: concurrent.futures.Future[Any], result: Any) -
         future._done_callbacks = []  # type: ignore[attr-defined]
         type(future).set_result(future, result)
     if callbacks:
-        _CALLBACKS.submit(future, callbacks)
+        run(_invoke, future, callbacks)
 
 
 _futures_logger = logging.getLogger("concurrent.futures")
 
 
-class _CallbackThreads:
-    """Daemon threads that run held-back Futures' done callbacks (see :class:`HeldCompletion`).
-
-    A thread is started whenever none is idle, up to ``most``: a callback
-    that blocks (waiting for another app's result) holds one thread, never
-    the others nor the group commit. Past ``most`` blocked callbacks, later
-    ones wait for a thread.
-    """
-
-    def __init__(self, most: int = 32) -> None:
-        self._jobs: queue.SimpleQueue[
-            tuple[concurrent.futures.Future[Any], list[Callable[[Any], object]]]
-        ] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._threads = 0
-        self._most = most
-
-    def submit(
-        self, future: concurrent.futures.Future[Any], callbacks: list[Callable[[Any], object]]
-    ) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1  # that idle thread takes this job
-            elif self._threads < self._most:
-                self._threads += 1
-                threading.Thread(
-                    target=self._run, name=f"aiomemo-callbacks-{self._threads}", daemon=True
-                ).start()
-        self._jobs.put((future, callbacks))
-
-    def _run(self) -> None:
-        jobs = self._jobs
-        while True:
-            future, callbacks = jobs.get()
-            for fn in callbacks:
-                try:
-                    fn(future)
-                except Exception:  # as concurrent.futures.Future reports it
-                    _futures_logger.exception("exception calling callback for %r", future)
-            del future, callbacks
-            with self._lock:
-                self._idle += 1
-
-
-_CALLBACKS = _CallbackThreads()
+def _invoke(
+    future: concurrent.futures.Future[Any], callbacks: list[Callable[[Any], object]]
+) -> None:
+    """Run ``future``'s done callbacks in order, each error logged as concurrent.futures does."""
+    for fn in callbacks:
+        try:
+            fn(future)
+        except Exception:
+            _futures_logger.exception("exception calling callback for %r", future)
 
 
 class Outcomes:
@@ -233,7 +199,11 @@ class Outcomes:
             if closed:
                 self._followers.after_close(key, result, exc)
                 return
-            held = HeldCompletion.hold(app_future) if self._task_exit else None
+            held = (
+                HeldCompletion.hold(app_future, self._followers.run_elsewhere)
+                if self._task_exit
+                else None
+            )
             try:
                 self._recorded.add(key)
                 if direct.result(view, key, result, held.durable if held else None):
