@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -396,3 +397,44 @@ async def test_a_renewal_jumps_a_deep_queue(redis_url: str, redis_namespace: str
         assert renewed in done and await renewed
         assert sum(f.done() for f in lookups) <= 50
         await asyncio.gather(*lookups)
+
+
+async def test_a_completion_between_a_checks_two_reads_is_never_a_none(
+    redis_url: str, redis_namespace: str
+) -> None:
+    # A check round reads a key's lease and its value in one pipeline, which is
+    # not atomic: another client's completion can land between the two reads
+    # (seen in CI, once, as one waiter of 3,000 answered None). Whatever lands
+    # there, the waiter must get the result, never "nobody holds it". Here the
+    # completion is put exactly between the two reads of every check.
+    key = rec(7).key
+    async with (
+        RedisStore(redis_url, namespace=redis_namespace) as leader,
+        RedisStore(redis_url, namespace=redis_namespace, recheck_interval=0.05) as follower,
+    ):
+        lease = await leader.claim(key, 30)
+        assert lease is not None
+        real_submit = follower._submit
+        completed = asyncio.Event()
+        checks = 0
+
+        def split_submit(cmds: list[Any], **kw: Any) -> asyncio.Future[list[Any]]:
+            nonlocal checks
+            if len(cmds) != 2 or {c[0] for c in cmds} != {"GET", "PTTL"}:
+                return real_submit(cmds, **kw)
+            checks += 1
+
+            async def one_at_a_time() -> list[Any]:
+                (first,) = await real_submit([cmds[0]])
+                if checks == 2:  # the first check sees the lease held; then it completes
+                    assert lease is not None
+                    assert await lease.complete(Record(key, b"done", "m.f", 0.0))
+                    completed.set()
+                (second,) = await real_submit([cmds[1]])
+                return [first, second]
+
+            return asyncio.ensure_future(one_at_a_time())
+
+        follower._submit = split_submit  # type: ignore[method-assign]
+        assert await follower.wait_for(key, 10) == b"done"
+        assert completed.is_set() and checks >= 2

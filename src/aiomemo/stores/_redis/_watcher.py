@@ -2,7 +2,7 @@
 
 All the keys a store's callers wait for are watched by one task: one pub/sub
 subscription (its reader marks the keys an event names as due), and one
-batched round of GET + PTTL for the keys due together (woken, a lease about to
+batched round of PTTL + GET for the keys due together (woken, a lease about to
 expire, or ``recheck_interval`` passed).
 """
 
@@ -230,9 +230,14 @@ class Watcher:
             return
         self._counts["wait_rounds"] += 1
         self._counts["wait_checks"] += len(due)
+        # The lease first, then the value: the two reads are pipelined, not
+        # atomic, and a completion sets the value before it drops the lease (one
+        # script). So "no lease" read first means any completion before it is
+        # visible to the value read after it; value then lease could read
+        # "no value" just before a completion and "no lease" just after it.
         futs = [
             self._store._submit(
-                [("GET", self._store.value_key(k)), ("PTTL", self._store.lease_key(k))]
+                [("PTTL", self._store.lease_key(k)), ("GET", self._store.value_key(k))]
             )
             for k in due
         ]
@@ -245,7 +250,7 @@ class Watcher:
             if isinstance(reply, BaseException):
                 self._answer(k, reply if isinstance(reply, StoreError) else StoreError(str(reply)))
                 continue
-            blob, lease_ms = reply
+            lease_ms, blob = reply
             rec, drop = self._store._check(k, blob)
             if drop is not None:
                 self._store._background(drop)
