@@ -406,12 +406,40 @@ def test_collapse_runs_identical_in_flight_tasks_once(tmp_path: Path) -> None:
     assert stats.collapsed == 5
 
 
+_gate = threading.Event()
+
+
+@python_app(cache=True)
+def gated_uuid(x: int) -> str:
+    _count("gated_uuid")
+    _gate.wait(30)
+    return str(uuid.uuid4())
+
+
+def _wait_for_calls(name: str, n: int, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with _calls_lock:
+            if _calls.get(name, 0) >= n:
+                break
+        time.sleep(0.005)
+    with _calls_lock:
+        return _calls.get(name, 0)
+
+
 def test_collapse_off_runs_each(tmp_path: Path) -> None:
+    """collapse=False: identical apps in flight together each run (none finishes before all started)."""
+    _gate.clear()
     with parsl.load(_config(tmp_path, ParslMemoizer(collapse=False))):
-        futs = [slow_uuid(2, sleep=0.2) for _ in range(3)]
+        futs = [gated_uuid(2) for _ in range(3)]
+        try:
+            started = _wait_for_calls("gated_uuid", 3)
+        finally:
+            _gate.set()
         results = {f.result(timeout=30) for f in futs}
+    assert started == 3
     assert len(results) == 3
-    assert _calls["slow_uuid"] == 3
+    assert _calls["gated_uuid"] == 3
 
 
 def test_followers_blocked_callbacks_hold_back_no_other_follower(tmp_path: Path) -> None:
