@@ -290,6 +290,48 @@ class TestMemoizer:
             assert fut is not None and fut.result() == vals[19]
             assert memo.stats().disk_reads == 40
 
+    @pytest.mark.parametrize("limit", [None, 3 * BIG + 1000])
+    async def test_bytes_on_disk_is_kept_not_scanned(self, tmp_path: Path, limit: int | None) -> None:
+        """stats().bytes_on_disk equals a scan of the index after every kind of change."""
+        write_results(tmp_path / "ck", 12, BIG)
+
+        def scan(memo: Memoizer) -> int:
+            return sum(v.length for v in memo._table.loaded.values() if type(v) is ValueRef)
+
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "ck")],
+            run_dir=tmp_path / "run",
+            config_run_dir=tmp_path,
+            checkpoint_mode="task_exit",
+            memory_limit=limit,
+        ) as memo:
+            assert memo.stats().bytes_on_disk == scan(memo) > 12 * BIG
+            for i in range(4):  # hits: read back (held, or moved to done without a limit)
+                fut = await memo.check_memo(value_task(i))
+                assert fut is not None
+                assert memo.stats().bytes_on_disk == scan(memo)
+            await memo.forget(value_task(5))  # forgotten: out of the index
+            assert memo.stats().bytes_on_disk == scan(memo)
+            for i in range(100, 104):  # this run's results, durable: spilled to disk (a limit)
+                t = value_task(i)
+                assert await memo.check_memo(t) is None
+                await memo.update_memo_result(t, big(i))
+            assert memo.stats().bytes_on_disk == scan(memo)
+            # a value gone bad under the index: a miss, out of the index
+            victim = memo._table.loaded[hash_task(value_task(7))]
+            assert type(victim) is ValueRef
+            with open(victim.path, "r+b") as f:
+                f.seek(victim.offset + 10)
+                f.write(b"\xff" * 8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                assert await memo.check_memo(value_task(7)) is None
+            assert memo.stats().bytes_on_disk == scan(memo)
+            # a second load over the first: replaced references are not counted twice
+            write_results(tmp_path / "ck2", 12, BIG)
+            await memo.load_checkpoints([str(tmp_path / "ck2")])
+            assert memo.stats().bytes_on_disk == scan(memo) > 0
+
     async def test_same_object_while_held(self, tmp_path: Path) -> None:
         """Concurrent hits share one read and one object; so do hits while it is held."""
         write_results(tmp_path / "ck", 2, BIG)

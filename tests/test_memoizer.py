@@ -421,6 +421,13 @@ class TestCheckpoints:
             table = await memo.load_checkpoints([str(tmp_path / "a")])
             assert len(table) == 1
             assert table[key["hashsum"]].result() == "one"
+            assert list(table) == [key["hashsum"]] and key["hashsum"] in table
+            upper = key["hashsum"].upper()  # the same key, spelled in capitals
+            assert upper in table and table[upper].result() == "one"
+            for bad in ("zz", key["hashsum"][:-2], " " + key["hashsum"], 7, None, b"\x00"):
+                assert bad not in table
+                with pytest.raises(KeyError):
+                    table[bad]  # type: ignore[index]
             fut = await memo.check_memo(mk(1))
             assert fut is not None and fut.result() == "one"
 

@@ -106,6 +106,7 @@ import contextlib
 import errno
 import fcntl
 import io
+import itertools
 import math
 import operator
 import os
@@ -1047,6 +1048,7 @@ def _as_ref(value: bytes, path: str, batch_offset: int) -> ValueRef | None:
     if len(value) != REF_SIZE or value[0] != _REF_TAG:
         return None
     _, back, length, digest = _REF.unpack(value)
+    next(_refs_made)
     # a reference pointing before the file (damage moved its batch): it stays
     # a reference, one that never reads back (a miss), never a value
     return ValueRef(path, batch_offset - back if back <= batch_offset else -1, length, digest)
@@ -2174,7 +2176,13 @@ def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = N
     return _load_paths(paths, now)
 
 
+#: counts every reference a load made (next() is atomic): a load that made none
+#: knows its table holds none without a scan of it
+_refs_made = itertools.count()
+
+
 def _load_paths(paths: Sequence[str | os.PathLike[str]], now: float | None) -> LoadReport:
+    refs_before = next(_refs_made)
     report = LoadReport()
     sink = _Sink(report, _records.clock() if now is None else now)
     for p in paths:
@@ -2209,6 +2217,10 @@ def _load_paths(paths: Sequence[str | os.PathLike[str]], now: float | None) -> L
     if sink.tombs:
         _apply_tombstones(sink, report)
     report.expired += sink.expired
+    if next(_refs_made) - refs_before > 1:  # this load (or another thread's) made references
+        report.bytes_on_disk = sum(
+            v.length for v in list(report.table.values()) if type(v) is ValueRef
+        )
     return report
 
 

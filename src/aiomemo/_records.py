@@ -202,6 +202,7 @@ class LoadReport:
         expired: records left out because they had expired at load time.
         forgotten: records left out because a tombstone forgets them.
         tombstones: every tombstone the load found (newest per key / function).
+        bytes_on_disk: encoded bytes of the :class:`ValueRef` s in ``table``.
     """
 
     table: dict[bytes, bytes | ValueRef] = field(default_factory=dict)
@@ -213,3 +214,4 @@ class LoadReport:
     expired: int = 0
     forgotten: int = 0
     tombstones: Tombstones = field(default_factory=Tombstones)
+    bytes_on_disk: int = 0

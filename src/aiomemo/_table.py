@@ -203,6 +203,7 @@ class MemoTable:
         "held",
         "loaded",
         "memory_limit",
+        "on_disk",
         "parsl_keys",
     )
 
@@ -221,6 +222,8 @@ class MemoTable:
         #: hex key -> (decoded value, encoded size) read from disk, oldest first
         self.bodies: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.held = 0
+        #: encoded bytes of the :class:`ValueRef` s in ``loaded`` (kept as they come and go)
+        self.on_disk = 0
         self.disk_reads = 0
         self._reads: dict[str, asyncio.Future[Any]] = {}
         self._warned = False
@@ -324,7 +327,7 @@ class MemoTable:
         """Drop the entry of ``key`` (hex) / ``raw`` wherever it is; True when there was one."""
         with self._decode_lock:
             found = self.done.pop(key, MISSING) is not MISSING
-            found = self.loaded.pop(raw, None) is not None or found
+            found = self._drop_loaded(raw) is not None or found
             body = self.bodies.pop(key, None)
             if body is not None:
                 self.held -= body[1]
@@ -355,7 +358,7 @@ class MemoTable:
             limit = self.memory_limit
             if limit is None:
                 value = self.done.setdefault(key, value)
-                del self.loaded[raw]
+                self._drop_loaded(raw)
                 return value
             body = self.bodies.get(key)
             if body is not None:
@@ -366,7 +369,7 @@ class MemoTable:
     def _unusable(self, key: str, raw: bytes, ref: ValueRef, exc: Exception) -> Any:
         with self._decode_lock:
             if self.loaded.get(raw) is ref:
-                del self.loaded[raw]
+                self._drop_loaded(raw)
                 self._counters.load_errors += 1
             first, self._warned = not self._warned, True
         logger.warning("checkpointed result for %s is unusable (a miss): %s", key, exc)
@@ -388,7 +391,9 @@ class MemoTable:
             value = self.done.get(key, MISSING)
             if value is MISSING or type(value) is Raised or self.memory_limit is None:
                 return
+            self._drop_loaded(raw)
             self.loaded[raw] = ref
+            self.on_disk += ref.length
             del self.done[key]  # in loaded before it leaves done
             self._freed += ref.length  # its encoded bytes just left the drain
             self._keep(key, value, ref.length)
@@ -436,8 +441,15 @@ class MemoTable:
             _trim()
 
     def bytes_on_disk(self) -> int:
-        """Encoded bytes of the loaded results left on disk (a scan of the index)."""
-        return sum(v.length for v in list(self.loaded.values()) if type(v) is ValueRef)
+        """Encoded bytes of the loaded results left on disk (a counter: no scan of the index)."""
+        return self.on_disk
+
+    def _drop_loaded(self, raw: bytes) -> bytes | ValueRef | None:
+        """Take ``raw`` out of ``loaded``, keeping :attr:`on_disk` (call locked, or on the loop)."""
+        old = self.loaded.pop(raw, None)
+        if type(old) is ValueRef:
+            self.on_disk -= old.length
+        return old
 
     def finished(self, key: str) -> Any:
         """The entry already in ``done`` (no decoding), or :data:`MISSING`."""
@@ -448,14 +460,14 @@ class MemoTable:
             value = _codec.decode(enc)
         except _codec.CodecError as exc:
             with self._decode_lock:
-                if self.loaded.pop(raw, None) is not None:
+                if self._drop_loaded(raw) is not None:
                     self._counters.load_errors += 1
             logger.warning("checkpointed result for %s could not be decoded: %s", key, exc)
             return MISSING
         with self._decode_lock:
             # first decoder wins: every hit gets the same object
             value = self.done.setdefault(key, value)
-            self.loaded.pop(raw, None)  # in done before it leaves loaded
+            self._drop_loaded(raw)  # in done before it leaves loaded
         return value
 
     @staticmethod
@@ -486,9 +498,18 @@ class MemoTable:
             for k in self.expires.keys() & rep.table.keys() - rep.expires.keys():
                 del self.expires[k]
         if self.loaded:
-            self.loaded.update(rep.table)
+            with self._decode_lock:
+                if self.on_disk:  # references the new records replace
+                    loaded = self.loaded
+                    for k in loaded.keys() & rep.table.keys():
+                        old = loaded[k]
+                        if type(old) is ValueRef:
+                            self.on_disk -= old.length
+                self.loaded.update(rep.table)
+                self.on_disk += rep.bytes_on_disk
         else:
             self.loaded = rep.table  # no copy: a million entries cost ~40 MB of dict
+            self.on_disk = rep.bytes_on_disk
         if self.expires:
             self.expires.update(rep.expires)
         else:

@@ -7,9 +7,10 @@ Read-only: nothing here changes what a lookup finds, except that
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiomemo import _metrics
@@ -90,20 +91,41 @@ class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
     nothing.
     """
 
-    def __init__(self, life: Life, keys: Sequence[bytes], table: MemoTable) -> None:
+    def __init__(
+        self,
+        life: Life,
+        keys: Sequence[bytes],
+        table: MemoTable,
+        key_set: Set[bytes] | None = None,
+    ) -> None:
         self._life = life
-        self._keys = [k.hex() for k in keys]
-        self._set = set(self._keys)
+        #: raw keys in load order, and as a set (made in the loading thread: with
+        #: millions of keys, neither is built on the event loop; hex on demand)
+        self._keys = keys
+        self._set = set(keys) if key_set is None else key_set
         self._table = table
 
+    def _raw(self, key: object) -> bytes | None:
+        if type(key) is not str:
+            return None
+        try:
+            raw = bytes.fromhex(key)
+        except ValueError:
+            return None
+        if len(key) != 2 * len(raw):  # fromhex skips whitespace: no such key
+            return None
+        return raw if raw in self._set else None
+
     def __getitem__(self, key: str) -> asyncio.Future[Any]:
-        if key not in self._set:
+        raw = self._raw(key)
+        if raw is None:
             raise KeyError(key)
+        key = raw.hex()
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        value = self._table.lookup(key, bytes.fromhex(key), read=running is None)
+        value = self._table.lookup(key, raw, read=running is None)
         if type(value) is OnDisk:
             if running is not self._life.loop:
                 self._life.check_loop()  # another loop: say so rather than block it
@@ -123,13 +145,17 @@ class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
         return value
 
     def __contains__(self, key: object) -> bool:
-        return key in self._set
+        return self._raw(key) is not None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return (k.hex() for k in self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+#: keys per slice when the loading thread lists a load's keys
+_KEY_CHUNK = 16_384
 
 
 async def load(
@@ -147,15 +173,27 @@ async def load(
     from aiomemo import _checkpoint
 
     t0 = time.perf_counter()
-    rep = await asyncio.to_thread(_checkpoint.load_paths, [os.fspath(d) for d in dirs])
+    def read() -> tuple[LoadReport, list[bytes], set[bytes]]:
+        rep = _checkpoint.load_paths([os.fspath(d) for d in dirs])
+        # the view's keys too, here and a slice at a time: one C call over
+        # millions of keys holds the GIL (so the event loop) for a tenth of a second
+        keys: list[bytes] = []
+        key_set: set[bytes] = set()
+        it = iter(rep.table)
+        while chunk := list(itertools.islice(it, _KEY_CHUNK)):
+            keys += chunk
+            key_set.update(chunk)
+        return rep, keys, key_set
+
+    rep, keys, key_set = await asyncio.to_thread(read)
     _metrics.record_load(time.perf_counter() - t0)
-    keys = list(rep.table)
     if table is None:
         table = MemoTable(Counters(), memory_limit=memory_limit)
         table.loaded = rep.table
+        table.on_disk = rep.bytes_on_disk
     else:
         absorb(rep)
-    return LoadedView(life, keys, table)
+    return LoadedView(life, keys, table, key_set)
 
 
 async def explain(task: Mapping[str, Any], paths: list[str]) -> Explanation:
