@@ -655,7 +655,7 @@ async def test_imported_parsl_records_hit_with_parsl_keys(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     pm = pytest.importorskip("parsl.dataflow.memoization")
-    from aiomemo import Memoizer
+    from aiomemo import Memoizer, get_all_checkpoints
 
     task = {"func": parsl_task, "args": (21,), "kwargs": {}, "ignore_for_cache": []}
     root = tmp_path / "runinfo"
@@ -665,6 +665,16 @@ async def test_imported_parsl_records_hit_with_parsl_keys(
     async with Memoizer(checkpoint_mode="manual", config_run_dir=root, parsl_keys=True) as memo:
         fut = await memo.check_memo(dict(task))
         assert fut is not None and fut.result() == 42
+    # the same records loaded later (load_checkpoints), into a memo that had none
+    async with Memoizer(run_dir=tmp_path / "later", parsl_keys=True) as memo:
+        assert not memo._table.has_parsl_keys
+        await memo.load_checkpoints(get_all_checkpoints(str(root)))
+        assert memo._table.has_parsl_keys
+        fut = await memo.check_memo(dict(task))
+        assert fut is not None and fut.result() == 42
+    # without parsl_keys the imported records are never looked up under Parsl's key
+    async with Memoizer(checkpoint_mode="manual", config_run_dir=root) as memo:
+        assert await memo.check_memo(dict(task)) is None
 
 
 # ---------------------------------------------------------------- progress

@@ -203,6 +203,9 @@ class LoadReport:
         forgotten: records left out because a tombstone forgets them.
         tombstones: every tombstone the load found (newest per key / function).
         bytes_on_disk: encoded bytes of the :class:`ValueRef` s in ``table``.
+        parsl_keyed: whether ``table`` holds a key made by Parsl (16 bytes,
+            imported); None when the load did not look (see
+            :func:`note_parsl_keys`).
     """
 
     table: dict[bytes, bytes | ValueRef] = field(default_factory=dict)
@@ -215,3 +218,14 @@ class LoadReport:
     forgotten: int = 0
     tombstones: Tombstones = field(default_factory=Tombstones)
     bytes_on_disk: int = 0
+    parsl_keyed: bool | None = None
+
+
+def note_parsl_keys(report: LoadReport) -> LoadReport:
+    """Set ``report.parsl_keyed`` (a scan of the keys at C speed: call it off the event loop)."""
+    report.parsl_keyed = PARSL_KEY_SIZE in map(len, report.table)
+    return report
+
+
+#: bytes of a key made by Parsl (an md5), as ``aiomemo import-parsl`` writes it
+PARSL_KEY_SIZE = 16

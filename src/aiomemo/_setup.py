@@ -23,6 +23,7 @@ from aiomemo import _metrics
 from aiomemo._exceptions import MemoizerClosedError
 from aiomemo._hashing import KeyHook
 from aiomemo._lifecycle import Life, Lifecycle
+from aiomemo._records import note_parsl_keys
 from aiomemo.stores._base import LoadReport, Store
 
 if TYPE_CHECKING:
@@ -204,13 +205,14 @@ async def load_at_start(
     *,
     memoize: bool,
     warn_empty: bool,
+    parsl_keys: bool = False,
 ) -> tuple[list[str], list[LoadReport]]:
     """The paths a run starts from and what loading them (and the local stores) found.
 
     ``files`` as given, or with a mode set every checkpoint under
     ``config_run_dir``. File work runs in worker threads.
     """
-    from aiomemo import _checkpoint, _rundir
+    from aiomemo import _rundir
 
     paths: list[str] = []
     if files is not None:
@@ -220,7 +222,7 @@ async def load_at_start(
     reports: list[LoadReport] = []
     t0 = time.perf_counter()
     if memoize and paths:
-        rep = await asyncio.to_thread(_checkpoint.load_paths, paths)
+        rep = await asyncio.to_thread(_load, paths, parsl_keys)
         if files is not None and warn_empty:
             # a directory the user named that holds nothing is worth a word
             rep.errors.extend(await asyncio.to_thread(empty_dirs, paths, rep))
@@ -233,6 +235,14 @@ async def load_at_start(
     return list(paths), reports
 
 
+def _load(paths: list[str], parsl_keys: bool) -> LoadReport:
+    """``load_paths`` (in a worker thread), with the scan for Parsl's keys there too."""
+    from aiomemo import _checkpoint
+
+    rep = _checkpoint.load_paths(paths)
+    return note_parsl_keys(rep) if parsl_keys else rep
+
+
 async def open_and_load(
     user_stores: Sequence[Store],
     life: Life,
@@ -242,6 +252,7 @@ async def open_and_load(
     *,
     memoize: bool,
     warn_empty: bool,
+    parsl_keys: bool = False,
 ) -> tuple[list[Store], list[str], list[LoadReport]]:
     """The run's stores opened in the run dir, then :func:`load_at_start`: (stores, paths, reports).
 
@@ -260,7 +271,13 @@ async def open_and_load(
             await s.open(run_dir=life.run_dir)
             opened.append(s)
         loaded = await load_at_start(
-            files, mode, config_run_dir, stores, memoize=memoize, warn_empty=warn_empty
+            files,
+            mode,
+            config_run_dir,
+            stores,
+            memoize=memoize,
+            warn_empty=warn_empty,
+            parsl_keys=parsl_keys,
         )
         if life.state is Lifecycle.CLOSED:
             raise MemoizerClosedError("the Memoizer was closed while it was starting")
@@ -296,6 +313,7 @@ async def start(memo: Memoizer) -> None:
         memo.config_run_dir,
         memoize=memo.memoize,
         warn_empty=memo._warn_empty_dirs,
+        parsl_keys=memo.parsl_keys,
     )
     for rep in reports:
         absorb(memo._table, rep)

@@ -42,7 +42,7 @@ from typing import Any, cast
 from aiomemo import _codec, _expiry
 from aiomemo._counters import Counters
 from aiomemo._exceptions import CorruptCheckpointError
-from aiomemo._records import LoadReport, ValueRef
+from aiomemo._records import LoadReport, ValueRef, note_parsl_keys
 
 __all__ = ["MISSING", "MemoTable", "OnDisk", "Raised"]
 
@@ -493,7 +493,9 @@ class MemoTable:
         """Take a load's records (newest wins); return its problem lines."""
         # a scan of every key: only when Parsl-key lookups were asked for
         if self.parsl_keys and not self.has_parsl_keys:
-            self.has_parsl_keys = any(len(k) == 16 for k in rep.table)
+            if rep.parsl_keyed is None:  # the loading thread did not look
+                note_parsl_keys(rep)
+            self.has_parsl_keys = bool(rep.parsl_keyed)
         if self.expires and rep.table:  # entries a newer record replaces without expiry
             for k in self.expires.keys() & rep.table.keys() - rep.expires.keys():
                 del self.expires[k]

@@ -18,6 +18,7 @@ from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._lifecycle import Life
 from aiomemo._lookup import done_future
+from aiomemo._records import note_parsl_keys
 from aiomemo._table import MISSING, MemoTable, OnDisk, Raised
 from aiomemo.stores._base import LoadReport
 
@@ -175,6 +176,8 @@ async def load(
     t0 = time.perf_counter()
     def read() -> tuple[LoadReport, list[bytes], set[bytes]]:
         rep = _checkpoint.load_paths([os.fspath(d) for d in dirs])
+        if table is not None and table.parsl_keys:
+            note_parsl_keys(rep)
         # the view's keys too, here and a slice at a time: one C call over
         # millions of keys holds the GIL (so the event loop) for a tenth of a second
         keys: list[bytes] = []
