@@ -677,6 +677,22 @@ async def test_imported_parsl_records_hit_with_parsl_keys(
         assert await memo.check_memo(dict(task)) is None
 
 
+@pytest.mark.parametrize("n", [0, 1, 16_383, 16_384, 40_000])
+@pytest.mark.parametrize("where", [None, "first", "last"])
+def test_a_parsl_key_is_found_anywhere_in_a_load(n: int, where: str | None) -> None:
+    """The scan for Parsl's 16-byte keys (a slice at a time) finds one wherever it is."""
+    from aiomemo._records import LoadReport, note_parsl_keys
+
+    keys = [i.to_bytes(32, "big") for i in range(n)]
+    if where == "first":
+        keys.insert(0, b"p" * 16)
+    elif where == "last":
+        keys.append(b"p" * 16)
+    rep = LoadReport(table=dict.fromkeys(keys, b""))
+    assert rep.parsl_keyed is None
+    assert note_parsl_keys(rep).parsl_keyed is (where is not None)
+
+
 # ---------------------------------------------------------------- progress
 
 

@@ -20,6 +20,7 @@ Expiry and tombstones (segment format 3):
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -222,9 +223,21 @@ class LoadReport:
 
 
 def note_parsl_keys(report: LoadReport) -> LoadReport:
-    """Set ``report.parsl_keyed`` (a scan of the keys at C speed: call it off the event loop)."""
-    report.parsl_keyed = PARSL_KEY_SIZE in map(len, report.table)
+    """Set ``report.parsl_keyed``: a scan of the keys, to call off the event loop.
+
+    At C speed a slice at a time: one C call over millions of keys would hold
+    the GIL, so the event loop, for the whole scan.
+    """
+    keys = iter(report.table)
+    found = False
+    while not found and (chunk := list(itertools.islice(keys, KEY_SLICE))):
+        found = PARSL_KEY_SIZE in map(len, chunk)
+    report.parsl_keyed = found
     return report
+
+
+#: keys per slice in a scan of a load's keys (a few milliseconds of GIL at most)
+KEY_SLICE = 16_384
 
 
 #: bytes of a key made by Parsl (an md5), as ``aiomemo import-parsl`` writes it

@@ -18,7 +18,7 @@ from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._lifecycle import Life
 from aiomemo._lookup import done_future
-from aiomemo._records import note_parsl_keys
+from aiomemo._records import KEY_SLICE, note_parsl_keys
 from aiomemo._table import MISSING, MemoTable, OnDisk, Raised
 from aiomemo.stores._base import LoadReport
 
@@ -155,10 +155,6 @@ class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
         return len(self._keys)
 
 
-#: keys per slice when the loading thread lists a load's keys
-_KEY_CHUNK = 16_384
-
-
 async def load(
     dirs: Sequence[str | os.PathLike[str]],
     life: Life,
@@ -183,7 +179,7 @@ async def load(
         keys: list[bytes] = []
         key_set: set[bytes] = set()
         it = iter(rep.table)
-        while chunk := list(itertools.islice(it, _KEY_CHUNK)):
+        while chunk := list(itertools.islice(it, KEY_SLICE)):
             keys += chunk
             key_set.update(chunk)
         return rep, keys, key_set
