@@ -662,12 +662,82 @@ def bench_parsl(quick: bool) -> Table:
     )
     for n, rounds in sizes:
         _bench_parsl_size(t, n, rounds)
+    _parsl_call_costs(t, quick)
     t.add(
         "mode None, second run",
         "not run",
         "mode None writes no checkpoint: a second run is a first run",
     )
     return t
+
+
+_PARSL_CALLS = """
+import json, shutil, sys, time
+from concurrent.futures import Future
+from parsl.dataflow.memoization import BasicMemoizer
+from aiomemo.parsl import ParslMemoizer
+mode, rounds, n, root = {mode!r}, {rounds!r}, {n!r}, {root!r}
+def inc(x):
+    return x + 1
+def task(i):  # the fields Parsl's DataFlowKernel gives check_memo and update_memo_result
+    return {{"func": inc, "fn_hash": "h", "args": (i,), "kwargs": {{}}, "ignore_for_cache": [],
+            "memoize": True, "hashsum": None, "id": i, "app_fu": Future(), "exec_fu": None,
+            "depends": [], "func_name": "inc", "try_id": 0, "fail_count": 0, "join": False,
+            "resource_specification": {{}}, "from_memo": None}}
+ms = {{}}
+for name, M in (("basic", BasicMemoizer), ("aiomemo", ParslMemoizer)):
+    d = f"{{root}}/{{name}}"
+    shutil.rmtree(d, ignore_errors=True)
+    m = M(checkpoint_mode=mode)
+    m.start(run_dir=d + "/000", config_run_dir=d)
+    ms[name] = m
+best = {{k: [1e9, 1e9, 1e9] for k in ms}}
+base = 0
+for r in range(rounds):
+    for name in (list(ms) if r % 2 else list(ms)[::-1]):
+        m = ms[name]
+        ts = [task(base + i) for i in range(n)]
+        t0 = time.thread_time()
+        for tk in ts:
+            m.check_memo(tk)
+        t1 = time.thread_time()
+        for tk in ts:
+            m.update_memo_result(tk, 1)
+        t2 = time.thread_time()
+        for tk in ts:
+            m.check_memo(task(tk["id"]))
+        t3 = time.thread_time()
+        b = best[name]
+        b[0] = min(b[0], (t1 - t0) / n); b[1] = min(b[1], (t2 - t1) / n); b[2] = min(b[2], (t3 - t2) / n)
+    base += n
+for m in ms.values():
+    m.close()
+print(json.dumps(best))
+"""
+
+
+def _parsl_call_costs(t: Table, quick: bool) -> None:
+    """CPU of one check_memo miss, update_memo_result and in-run hit, in the calling thread.
+
+    What the DataFlowKernel's threads pay per task, without the DFK around
+    it (best of alternating rounds, thread CPU time, so the machine's other
+    load counts less); information rows beside the whole-run figures.
+    """
+    rounds, n = (5, 1_000) if quick else (15, 2_000)
+    with tempfile.TemporaryDirectory(prefix="aiomemo-calls-") as root:
+        for mode in (None, "dfk_exit", "task_exit"):
+            best = _child(_PARSL_CALLS.format(mode=mode, rounds=rounds, n=n, root=root))
+            ours, theirs = best["aiomemo"], best["basic"]
+            t.add(
+                f"per task, calling thread's CPU, mode {mode}: miss / completion / hit",
+                " / ".join(f"{x * 1e6:.1f}" for x in ours) + " µs",
+                " / ".join(f"{x * 1e6:.1f}" for x in theirs) + " µs (BasicMemoizer)",
+                (ours[0] + ours[1]) / (theirs[0] + theirs[1]),
+                "(information: miss + completion)",
+                None,
+                ours_us=[round(x * 1e6, 2) for x in ours],
+                parsl_us=[round(x * 1e6, 2) for x in theirs],
+            )
 
 
 def bare_fsync(count: int = 200) -> tuple[float, float]:
