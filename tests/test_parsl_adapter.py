@@ -395,17 +395,6 @@ def test_memoize_false_disables_caching(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- collapse, exceptions, retries
 
 
-def test_collapse_runs_identical_in_flight_tasks_once(tmp_path: Path) -> None:
-    memoizer = ParslMemoizer()
-    with parsl.load(_config(tmp_path, memoizer)):
-        futs = [slow_uuid(1) for _ in range(6)]
-        results = {f.result(timeout=30) for f in futs}
-        stats = memoizer.stats()
-    assert len(results) == 1
-    assert _calls["slow_uuid"] == 1
-    assert stats.collapsed == 5
-
-
 _gate = threading.Event()
 
 
@@ -425,6 +414,28 @@ def _wait_for_calls(name: str, n: int, timeout: float = 20.0) -> int:
         time.sleep(0.005)
     with _calls_lock:
         return _calls.get(name, 0)
+
+
+def test_collapse_runs_identical_in_flight_tasks_once(tmp_path: Path) -> None:
+    """The leader is held until all five twins were checked: each one collapses, none is a hit."""
+    memoizer = ParslMemoizer()
+    _gate.clear()
+    with parsl.load(_config(tmp_path, memoizer)):
+        futs = [gated_uuid(1) for _ in range(6)]
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                stats = memoizer.stats()
+                if stats is not None and stats.collapsed >= 5:
+                    break
+                time.sleep(0.005)
+        finally:
+            _gate.set()
+        results = {f.result(timeout=30) for f in futs}
+        stats = memoizer.stats()
+    assert len(results) == 1
+    assert _calls["gated_uuid"] == 1
+    assert stats is not None and (stats.misses, stats.collapsed, stats.hits) == (1, 5, 0)
 
 
 def test_collapse_off_runs_each(tmp_path: Path) -> None:
