@@ -593,6 +593,28 @@ class TestHostile:
             fut = await memo.check_memo(value_task(1))
             assert fut is not None and fut.result() is held
             assert await asyncio.to_thread(lambda: memo._table.lookup(raw.hex(), raw)) is held
+            loaded = memo._table.loaded.values()
+            assert memo.stats().bytes_on_disk == sum(v.length for v in loaded if type(v) is ValueRef)
+
+    async def test_bytes_on_disk_under_concurrent_hits_without_a_limit(self, tmp_path: Path) -> None:
+        """Threads and the loop hitting 20 values at once (each leaves the index): the counter ends at 0."""
+        vals = write_results(tmp_path / "ck", 20, 100_000)
+        async with Memoizer(
+            checkpoint_files=[str(tmp_path / "ck")], run_dir=tmp_path / "run", memory_limit=None
+        ) as memo:
+            assert memo.stats().bytes_on_disk >= 20 * 100_000
+            raws = [hash_task(value_task(i)) for i in vals]
+
+            def from_thread() -> list[Any]:
+                return [memo._table.lookup(r.hex(), r) for r in raws]
+
+            threads = [asyncio.to_thread(from_thread) for _ in range(8)]
+            loop_hits = [memo.check_memo(value_task(i)) for i in vals for _ in range(2)]
+            got = await asyncio.gather(*threads, *loop_hits)
+            for part in got[:8]:
+                assert part == [vals[i] for i in vals]
+            assert all(f is not None and f.result() == vals[i // 2] for i, f in enumerate(got[8:]))
+            assert memo.stats().bytes_on_disk == 0 and not memo._table.loaded
 
 
 class TestShadowedCopies:
