@@ -2149,7 +2149,9 @@ def _pickle_skipped(pkl: Path) -> str:
     )
 
 
-def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = None) -> LoadReport:
+def load_paths(
+    paths: Sequence[str | os.PathLike[str]], *, now: float | None = None, parsl_keys: bool = False
+) -> LoadReport:
     """Load checkpoints into one table (key -> encoded value); never raises for bad data.
 
     Each path may be a run directory (holding ``checkpoint/``), a checkpoint
@@ -2172,8 +2174,12 @@ def load_paths(paths: Sequence[str | os.PathLike[str]], *, now: float | None = N
     every path is read, so segment order does not matter: a record written at
     or before a tombstone's time is left out (counted in
     :attr:`LoadReport.forgotten`), one written after it stays.
+
+    ``parsl_keys``: also note whether the table holds a key made by Parsl
+    (:attr:`LoadReport.parsl_keyed`, see :func:`aiomemo._records.note_parsl_keys`).
     """
-    return _load_paths(paths, now)
+    report = _load_paths(paths, now)
+    return _records.note_parsl_keys(report) if parsl_keys else report
 
 
 #: counts every reference a load made (next() is atomic): a load that made none

@@ -23,7 +23,6 @@ from aiomemo import _metrics
 from aiomemo._exceptions import MemoizerClosedError
 from aiomemo._hashing import KeyHook
 from aiomemo._lifecycle import Life, Lifecycle
-from aiomemo._records import note_parsl_keys
 from aiomemo.stores._base import LoadReport, Store
 
 if TYPE_CHECKING:
@@ -212,7 +211,7 @@ async def load_at_start(
     ``files`` as given, or with a mode set every checkpoint under
     ``config_run_dir``. File work runs in worker threads.
     """
-    from aiomemo import _rundir
+    from aiomemo import _checkpoint, _rundir
 
     paths: list[str] = []
     if files is not None:
@@ -222,7 +221,7 @@ async def load_at_start(
     reports: list[LoadReport] = []
     t0 = time.perf_counter()
     if memoize and paths:
-        rep = await asyncio.to_thread(_load, paths, parsl_keys)
+        rep = await asyncio.to_thread(_checkpoint.load_paths, paths, parsl_keys=parsl_keys)
         if files is not None and warn_empty:
             # a directory the user named that holds nothing is worth a word
             rep.errors.extend(await asyncio.to_thread(empty_dirs, paths, rep))
@@ -233,14 +232,6 @@ async def load_at_start(
     if reports:
         _metrics.record_load(time.perf_counter() - t0)
     return list(paths), reports
-
-
-def _load(paths: list[str], parsl_keys: bool) -> LoadReport:
-    """``load_paths`` (in a worker thread), with the scan for Parsl's keys there too."""
-    from aiomemo import _checkpoint
-
-    rep = _checkpoint.load_paths(paths)
-    return note_parsl_keys(rep) if parsl_keys else rep
 
 
 async def open_and_load(

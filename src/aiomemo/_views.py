@@ -18,7 +18,7 @@ from aiomemo._counters import Counters
 from aiomemo._drain import Drain
 from aiomemo._lifecycle import Life
 from aiomemo._lookup import done_future
-from aiomemo._records import KEY_SLICE, note_parsl_keys
+from aiomemo._records import KEY_SLICE
 from aiomemo._table import MISSING, MemoTable, OnDisk, Raised
 from aiomemo.stores._base import LoadReport
 
@@ -171,9 +171,9 @@ async def load(
 
     t0 = time.perf_counter()
     def read() -> tuple[LoadReport, list[bytes], set[bytes]]:
-        rep = _checkpoint.load_paths([os.fspath(d) for d in dirs])
-        if table is not None and table.parsl_keys:
-            note_parsl_keys(rep)
+        rep = _checkpoint.load_paths(
+            [os.fspath(d) for d in dirs], parsl_keys=table is not None and table.parsl_keys
+        )
         # the view's keys too, here and a slice at a time: one C call over
         # millions of keys holds the GIL (so the event loop) for a tenth of a second
         keys: list[bytes] = []
