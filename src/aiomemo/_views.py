@@ -93,17 +93,13 @@ class LoadedView(Mapping[str, "asyncio.Future[Any]"]):
     """
 
     def __init__(
-        self,
-        life: Life,
-        keys: Sequence[bytes],
-        table: MemoTable,
-        key_set: Set[bytes] | None = None,
+        self, life: Life, keys: Sequence[bytes], key_set: Set[bytes], table: MemoTable
     ) -> None:
         self._life = life
         #: raw keys in load order, and as a set (made in the loading thread: with
         #: millions of keys, neither is built on the event loop; hex on demand)
         self._keys = keys
-        self._set = set(keys) if key_set is None else key_set
+        self._set = key_set
         self._table = table
 
     def _raw(self, key: object) -> bytes | None:
@@ -192,7 +188,7 @@ async def load(
         table.on_disk = rep.bytes_on_disk
     else:
         absorb(rep)
-    return LoadedView(life, keys, table, key_set)
+    return LoadedView(life, keys, key_set, table)
 
 
 async def explain(task: Mapping[str, Any], paths: list[str]) -> Explanation:
