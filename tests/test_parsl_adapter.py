@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -395,23 +395,28 @@ def test_memoize_false_disables_caching(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- collapse, exceptions, retries
 
 
-_gate = threading.Event()
+#: Events the gated apps wait on, by name
+_gates: dict[str, threading.Event] = {}
 
 
 @python_app(cache=True)
-def gated_uuid(x: int) -> str:
+def gated_uuid(x: int, gate: str) -> str:
     _count("gated_uuid")
-    _gate.wait(30)
+    _gates[gate].wait(30)
     return str(uuid.uuid4())
 
 
-def _wait_for_calls(name: str, n: int, timeout: float = 20.0) -> int:
+def _wait_until(done: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll ``done`` until it holds or ``timeout`` seconds pass; whether it held."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with _calls_lock:
-            if _calls.get(name, 0) >= n:
-                break
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.005)
+    return True
+
+
+def _called(name: str) -> int:
     with _calls_lock:
         return _calls.get(name, 0)
 
@@ -419,18 +424,13 @@ def _wait_for_calls(name: str, n: int, timeout: float = 20.0) -> int:
 def test_collapse_runs_identical_in_flight_tasks_once(tmp_path: Path) -> None:
     """The leader is held until all five twins were checked: each one collapses, none is a hit."""
     memoizer = ParslMemoizer()
-    _gate.clear()
+    gate = _gates["collapse"] = threading.Event()
     with parsl.load(_config(tmp_path, memoizer)):
-        futs = [gated_uuid(1) for _ in range(6)]
+        futs = [gated_uuid(1, "collapse") for _ in range(6)]
         try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                stats = memoizer.stats()
-                if stats is not None and stats.collapsed >= 5:
-                    break
-                time.sleep(0.005)
+            _wait_until(lambda: (s := memoizer.stats()) is not None and s.collapsed >= 5)
         finally:
-            _gate.set()
+            gate.set()
         results = {f.result(timeout=30) for f in futs}
         stats = memoizer.stats()
     assert len(results) == 1
@@ -440,13 +440,14 @@ def test_collapse_runs_identical_in_flight_tasks_once(tmp_path: Path) -> None:
 
 def test_collapse_off_runs_each(tmp_path: Path) -> None:
     """collapse=False: identical apps in flight together each run (none finishes before all started)."""
-    _gate.clear()
+    gate = _gates["off"] = threading.Event()
     with parsl.load(_config(tmp_path, ParslMemoizer(collapse=False))):
-        futs = [gated_uuid(2) for _ in range(3)]
+        futs = [gated_uuid(2, "off") for _ in range(3)]
         try:
-            started = _wait_for_calls("gated_uuid", 3)
+            _wait_until(lambda: _called("gated_uuid") >= 3)
+            started = _called("gated_uuid")
         finally:
-            _gate.set()
+            gate.set()
         results = {f.result(timeout=30) for f in futs}
     assert started == 3
     assert len(results) == 3
@@ -518,9 +519,6 @@ def gated(x: int, gate: str) -> str:
     return f"done {x}"
 
 
-_gates: dict[str, threading.Event] = {}
-
-
 def test_cleanup_with_tasks_in_flight_and_followers(tmp_path: Path) -> None:
     """DFK cleanup (memoizer.close) while a leader and its followers are in flight.
 
@@ -532,9 +530,7 @@ def test_cleanup_with_tasks_in_flight_and_followers(tmp_path: Path) -> None:
     memoizer = ParslMemoizer(checkpoint_mode="task_exit")
     dfk = parsl.load(_config(tmp_path, memoizer))
     futs = [gated(1, "g1") for _ in range(3)]
-    deadline = time.monotonic() + 10
-    while _calls.get("gated", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: _called("gated") >= 1, timeout=10)
     time.sleep(0.1)  # the followers are launched too
     threading.Timer(0.5, gate.set).start()  # the leader finishes during cleanup
     dfk.cleanup()  # closes the memoizer first, then waits for the executor
