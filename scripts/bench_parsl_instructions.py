@@ -31,38 +31,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench import _PARSL_RUN  # the same first run scripts/bench parsl times
 
-_RUN = """
-import logging, shutil, sys
-which, mode, n, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-mode = None if mode == "None" else mode
-import parsl
-from parsl.config import Config
-from parsl.executors import ThreadPoolExecutor
-from parsl.dataflow.memoization import BasicMemoizer
-logging.getLogger("parsl").setLevel(logging.WARNING)
-@parsl.python_app(cache=True)
-def inc(x):
-    return x + 1
-kw = {"checkpoint_period": "00:00:01"} if mode == "periodic" else {}
-if which == "aiomemo":
-    from aiomemo.parsl import ParslMemoizer
-    memo = ParslMemoizer(checkpoint_mode=mode, **kw)
-else:
-    memo = BasicMemoizer(checkpoint_mode=mode, **kw)
-cfg = Config(executors=[ThreadPoolExecutor(max_threads=4)], memoizer=memo, run_dir=root,
-             initialize_logging=False)
-with parsl.load(cfg):
-    futs = [inc(i) for i in range(n)]
-    assert [f.result() for f in futs] == [i + 1 for i in range(n)]
-"""
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def instructions(which: str, mode: str, n: int, work: Path) -> int:
-    """Instructions the whole process ran (callgrind's 'Collected')."""
+    """Instructions the whole process ran (callgrind's 'Collected').
+
+    The run is ``scripts/bench parsl``'s own first run (``bench._PARSL_RUN``),
+    so both benches time and count the same workflow.
+    """
     root = work / f"{which}-{mode}-{n}"
-    script = work / "run.py"
+    root.mkdir()
+    script = root / "run.py"
+    memoizer = "ParslMemoizer" if which == "aiomemo" else "BasicMemoizer"
+    script.write_text(
+        _PARSL_RUN.format(
+            memoizer=memoizer, mode=None if mode == "None" else mode, n=n, root=str(root), run=0
+        )
+    )
     out = subprocess.run(
         [
             "valgrind",
@@ -70,10 +58,6 @@ def instructions(which: str, mode: str, n: int, work: Path) -> int:
             f"--callgrind-out-file={root}.callgrind",
             sys.executable,
             str(script),
-            which,
-            mode,
-            str(n),
-            str(root),
         ],
         capture_output=True,
         text=True,
@@ -98,7 +82,6 @@ def main() -> int:
     n = args.tasks
     with tempfile.TemporaryDirectory(prefix="aiomemo-instr-") as tmp:
         work = Path(tmp)
-        (work / "run.py").write_text(_RUN)
         jobs = [(w, m, k) for m in modes for w in ("basic", "aiomemo") for k in (n, 2 * n)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as ex:
             counts = dict(zip(jobs, ex.map(lambda j: instructions(*j, work), jobs), strict=True))
