@@ -731,3 +731,25 @@ def test_common_records_encode_as_every_other() -> None:
         ck._record_bytes(packer, Record(key, bytearray(b"x"), "m.f", 1.5))  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ck._record_bytes(packer, Record(key, b"x", "m.f", 1.5, b"", float("nan")))
+
+
+def test_record_is_a_frozen_dataclass_with_its_own_fast_init() -> None:
+    """Record's hand-written __init__ gives what the generated one gave."""
+    import dataclasses
+    import math
+
+    r = Record(b"k" * 32, b"v", "m.f", 1.5)
+    assert (r.digests, r.expires) == (b"", math.inf)
+    assert r == Record(key=b"k" * 32, value=b"v", func="m.f", time=1.5, digests=b"", expires=math.inf)
+    assert hash(r) == hash(Record(b"k" * 32, b"v", "m.f", 1.5))
+    assert r != Record(b"k" * 32, b"v", "m.f", 1.5, expires=9.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.value = b"w"  # type: ignore[misc]
+    assert dataclasses.replace(r, value=b"w").value == b"w"
+    assert [f.name for f in dataclasses.fields(r)] == [
+        "key", "value", "func", "time", "digests", "expires"
+    ]
+    assert pickle.loads(pickle.dumps(r)) == r
+    assert repr(r).startswith("Record(key=b'kkkk")
+    with pytest.raises(TypeError):
+        Record(b"k", b"v")  # type: ignore[call-arg]
