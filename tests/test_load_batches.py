@@ -1,4 +1,4 @@
-"""Loading many-record batches: the fast path's shortcuts and the paused garbage collector."""
+"""Loading many-record batches: the fast path's shortcuts and what sends a batch past them."""
 
 from __future__ import annotations
 
@@ -122,3 +122,16 @@ def test_fast_path_refuses_a_record_of_another_shape(odd: object) -> None:
     sink = ck._Sink(LoadReport(), NOW)
     assert not ck._load_sound_batch(sink, 64, payload)
     assert sink.table == {}
+
+
+@pytest.mark.parametrize("field", [2, 3, 4, 5, 6])
+def test_fast_path_refuses_a_map_in_any_field(field: int) -> None:
+    """No writer puts a map in a record: one anywhere sends the batch to the careful reader."""
+    recs: list[list[object]] = [
+        [key(i), b"v%d" % i, b"m.f", 1.9e9, b"", NEVER, b"\0" * 16] for i in range(64)
+    ]
+    recs[63][field] = {b"nested": [1, {b"deeper": 2}]}
+    payload = msgpack.packb(recs, use_bin_type=True)
+    sink = ck._Sink(LoadReport(), NOW)
+    assert not ck._load_sound_batch(sink, 64, payload)
+    assert sink.table == {} and sink.expires == {}

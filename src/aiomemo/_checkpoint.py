@@ -116,7 +116,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final, NoReturn, TypeVar
 
 import msgpack
 from blake3 import blake3
@@ -1810,6 +1810,15 @@ def _load_segment(path: Path, sink: _Sink, report: LoadReport) -> None:
 
 
 _unpackb = msgpack.unpackb
+
+
+class _MapInRecords(Exception):
+    """Internal: a sound batch holds a map, which no writer of this format puts in one."""
+
+
+def _no_map(_: object) -> NoReturn:
+    """``object_hook`` of the fast loader: a map stops the unpacking (see :func:`_load_sound_batch`)."""
+    raise _MapInRecords
 _Table = dict[bytes, bytes | ValueRef]
 
 
@@ -1940,21 +1949,23 @@ def _load_sound_batch(
 ) -> bool:
     # The hot path: one C call to unpack, C-level maps to pull keys and values
     # out, one dict.update. raw=True leaves func names as bytes (never decoded).
+    # No record holds a map: a map anywhere (a foreign writer's) stops the
+    # unpacking, so every record is a tuple, a scalar or bytes, and the checks
+    # below refuse all but tuples without a pass of their own.
     try:
-        recs = msgpack.unpackb(payload, use_list=False, raw=True, strict_map_key=False)
+        recs = msgpack.unpackb(payload, use_list=False, raw=True, object_hook=_no_map)
         if type(recs) is not tuple or len(recs) != count:
             return False
-        keys: list[bytes] = list(map(_get_key, recs))
+        keys: list[bytes] = list(map(_get_key, recs))  # a scalar record: TypeError
         values: list[bytes] = list(map(_get_value, recs))
     except Exception:
         return False
     # Shape check at C speed: a wrong type here would put a non-bytes value
     # in the table (only a foreign writer could produce such a sound batch).
-    if set(map(type, recs)) != {tuple}:
-        return False
-    lens = set(map(len, recs))
+    # A bytes record gives int "keys"; an ExtType (a 2-tuple) has the wrong length.
     if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
         return False
+    lens = set(map(len, recs))
     table = sink.table
     if lens == {7}:  # format 3: an expiry per record
         try:
