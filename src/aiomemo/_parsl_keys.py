@@ -109,6 +109,12 @@ def _bash_app_version(func: object) -> str | None:
     return f"{_BASH_VERSION_PREFIX}{mod}.{qual}"
 
 
+#: plain function -> its :func:`_bash_app_version` (the getattr that fails
+#: for most apps costs more than this lookup; an app is called again and again)
+_VERSIONS: dict[types.FunctionType, Any] = {}
+_UNSEEN: Any = object()
+
+
 def _ignore_names(ignore: Any) -> Any:
     return ignore if isinstance(ignore, str | bytes) else list(ignore or ())
 
@@ -126,7 +132,15 @@ def view_of(task: TaskRecord) -> dict[str, Any]:
     }
     if "id" in t:
         view["id"] = t["id"]
-    version = _bash_app_version(t["func"])
+    func = t["func"]
+    if type(func) is types.FunctionType:  # compared by identity: a sound cache key
+        version = _VERSIONS.get(func, _UNSEEN)
+        if version is _UNSEEN:
+            version = _bash_app_version(func)
+            if len(_VERSIONS) < 4096:  # as aiomemo._hashing caches function identities
+                _VERSIONS[func] = version
+    else:
+        version = _bash_app_version(func)
     if version is not None:
         view["version"] = version
     hashsum = t.get("hashsum")
