@@ -683,6 +683,36 @@ def test_bash_apps_have_keys_of_their_own(tmp_path: Path) -> None:
     assert out_b.read_text() == "b\n"
 
 
+def test_bash_app_versions_past_the_cache_stay_their_own() -> None:
+    """Each bash-app wrapper keeps its own version, cached or not (past the cache's size too)."""
+    import functools
+
+    from parsl.app.bash import remote_side_bash_executor
+
+    from aiomemo import _parsl_keys
+
+    def wrapper_of(i: int) -> Callable[..., Any]:
+        def user() -> str:
+            return "true"
+
+        user.__qualname__ = f"user_{i}"
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            return None
+
+        wrapper.__wrapped__ = functools.partial(remote_side_bash_executor, user)  # type: ignore[attr-defined]
+        return wrapper
+
+    wrappers = [wrapper_of(i) for i in range(5000)]
+    for _ in range(2):  # a second time: from the cache where it was cached
+        versions = [_parsl_keys.view_of({"func": w, "args": ()})["version"] for w in wrappers]  # type: ignore[arg-type, typeddict-item]
+        assert len(set(versions)) == 5000
+        assert versions[4999].endswith("user_4999")
+    assert len(_parsl_keys._VERSIONS) <= 4096
+    plain = _parsl_keys.view_of({"func": wrapper_of.__call__, "args": ()})  # type: ignore[arg-type, typeddict-item]
+    assert "version" not in plain  # a callable that is no plain function: not cached, no version
+
+
 # ---------------------------------------------------------------- configuration
 
 
