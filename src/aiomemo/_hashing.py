@@ -1503,14 +1503,7 @@ def arg_digests(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes
     ignore = _ignored(task)
     hk = tuple(hooks)
     pos: list[bytes] = []
-    crc32, pair = zlib.crc32, _DIGEST_PAIR.pack
     for a in args:
-        t = type(a)
-        if t is str or t is bool or a is None or (t is int and _INT_MIN <= a <= _INT_MAX):
-            # _arg_digest's first case inline: most arguments are such scalars
-            head = _packb(a)
-            pos.append(pair(crc32(head), crc32(head, _CRC_SEED)))
-            continue
         try:
             pos.append(_arg_digest(a, False, hk))
         except (_Unhashable, TypeError, ValueError):
