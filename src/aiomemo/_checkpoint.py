@@ -1819,6 +1819,8 @@ class _MapInRecords(Exception):
 def _no_map(_: object) -> NoReturn:
     """``object_hook`` of the fast loader: a map stops the unpacking (see :func:`_load_sound_batch`)."""
     raise _MapInRecords
+
+
 _Table = dict[bytes, bytes | ValueRef]
 
 
