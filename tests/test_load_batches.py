@@ -135,3 +135,75 @@ def test_fast_path_refuses_a_map_in_any_field(field: int) -> None:
     sink = ck._Sink(LoadReport(), NOW)
     assert not ck._load_sound_batch(sink, 64, payload)
     assert sink.table == {} and sink.expires == {}
+
+
+def test_a_load_pauses_the_collector_and_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collector is off while a load runs and on again after it, also after a failure."""
+    import gc
+
+    seen: list[bool] = []
+    real = ck._load_paths_now
+
+    def spy(paths: object, now: float | None) -> LoadReport:
+        seen.append(gc.isenabled())
+        if len(seen) == 2:
+            raise RuntimeError("boom")
+        return real(paths, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ck, "_load_paths_now", spy)
+    assert gc.isenabled()
+    p = seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9)])
+    assert load_paths([p]).table == {key(1): b"v"}
+    with pytest.raises(RuntimeError):
+        load_paths([p])
+    assert seen == [False, False] and gc.isenabled()
+
+
+def test_a_collector_disabled_before_a_load_stays_disabled(tmp_path: Path) -> None:
+    import gc
+
+    gc.disable()
+    try:
+        load_paths([seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9)])])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_overlapping_loads_in_threads_resume_the_collector_once_all_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load to end leaves the collector off while another still runs."""
+    import gc
+    import threading
+
+    inside = threading.Barrier(2)
+    first_done = threading.Event()
+    during: list[bool] = []
+    real = ck._load_paths_now
+
+    def slow(paths: object, now: float | None) -> LoadReport:
+        inside.wait(timeout=10)
+        if threading.current_thread().name == "second":
+            assert first_done.wait(timeout=10)
+            during.append(gc.isenabled())
+        return real(paths, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ck, "_load_paths_now", slow)
+    p = seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9)])
+
+    def first() -> None:
+        load_paths([p])
+        first_done.set()
+
+    threads = [
+        threading.Thread(target=first),
+        threading.Thread(target=load_paths, args=([p],), name="second"),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert during == [False] and gc.isenabled()

@@ -105,6 +105,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import io
 import itertools
 import math
@@ -2200,7 +2201,42 @@ def load_paths(
 _refs_made = itertools.count()
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0  # loads running now, in any thread
+_gc_resume = False  # the collector was enabled when the first of them began
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while loads run (process-wide).
+
+    A load makes a tuple per record (millions) that lives for one batch and
+    holds no reference cycle; every few hundred of them would start a
+    collection that finds nothing to free: ~0.5-1.5 s of a 10M-record load
+    here. Concurrent loads nest (the last one to end resumes the collector);
+    a collector that was disabled before the first load stays disabled.
+    """
+    global _gc_pausers, _gc_resume
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_resume:
+                gc.enable()
+
+
 def _load_paths(paths: Sequence[str | os.PathLike[str]], now: float | None) -> LoadReport:
+    with _gc_paused():
+        return _load_paths_now(paths, now)
+
+
+def _load_paths_now(paths: Sequence[str | os.PathLike[str]], now: float | None) -> LoadReport:
     refs_before = next(_refs_made)
     report = LoadReport()
     sink = _Sink(report, _records.clock() if now is None else now)
