@@ -9,7 +9,7 @@ Usage::
 Each scenario returns a :class:`Result` (cases run, failures, records lost,
 wrong results, a one-line figure). ``tests/test_stress_short.py`` runs every
 scenario in miniature through the same functions. Worker processes are this
-file run with a hidden first argument (``_kill-worker``, ``_load-worker``,
+file run with a hidden first argument (``_kill-worker``, ``_write-worker``, ``_load-worker``,
 ``_soak-worker``, ``_lease-worker``).
 
 Oracles (what "lost" and "wrong" mean):
@@ -1398,11 +1398,15 @@ async def scenario_bigload(
     res = Result(f"load {records:,} records")
     tmp = Path(tempfile.mkdtemp(prefix="aiomemo-bigload-", dir=workdir))
     try:
-        if subprocess_:
+        if subprocess_:  # a resume: the process that loads is not the one that wrote
+            wrote = await _run_json(
+                [sys.executable, str(SCRIPT), "_write-worker", str(tmp), str(records)], limit=3600
+            )
             out = await _run_json(
                 [sys.executable, str(SCRIPT), "_load-worker", str(tmp), str(records), str(seed)],
                 limit=3600,
             )
+            out.update(wrote)
         else:
             write_s = await asyncio.to_thread(write_records, tmp / "ck", records)
             out = await load_and_check(tmp / "ck", records, 2000, seed)
@@ -2135,12 +2139,11 @@ def _worker_main(argv: list[str]) -> int:
     kind, a = argv[0], argv[1:]
     if kind == "_kill-worker":
         asyncio.run(_kill_worker(a[0], a[1], int(a[2]), int(a[3])))
+    elif kind == "_write-worker":
+        print(json.dumps({"write_s": round(write_records(Path(a[0]) / "ck", int(a[1])), 2)}))
     elif kind == "_load-worker":
         d, n, seed = Path(a[0]), int(a[1]), int(a[2])
-        write_s = write_records(d / "ck", n)
-        out = asyncio.run(load_and_check(d / "ck", n, 2000, seed))
-        out["write_s"] = round(write_s, 2)
-        print(json.dumps(out))
+        print(json.dumps(asyncio.run(load_and_check(d / "ck", n, 2000, seed))))
     elif kind == "_soak-worker":
         drains = len(a) < 4 or a[3] != "0"
         print(json.dumps(asyncio.run(soak(Path(a[0]), float(a[1]), int(a[2]), drains=drains))))
