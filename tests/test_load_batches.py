@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
@@ -208,65 +207,3 @@ def test_overlapping_loads_in_threads_resume_the_collector_once_all_end(
     for t in threads:
         t.join(timeout=30)
     assert during == [False] and gc.isenabled()
-
-
-def _one_batch_segment(d: Path, parts: list[bytes]) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / "seg-1.amlog"
-    p.write_bytes(file_header() + ck._frame(msgpack.Packer(use_bin_type=True), parts))
-    return p
-
-
-_CHUNK = ck._LOAD_CHUNK
-_N = 3 * _CHUNK + 10
-
-
-@pytest.mark.parametrize("at", [0, _CHUNK - 1, _CHUNK, 2 * _CHUNK + 5, _N - 1])
-@pytest.mark.parametrize("kind", ["int-key", "map", "short", "scalar"])
-def test_a_large_batch_loads_every_sound_record_around_an_odd_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: int, kind: str
-) -> None:
-    """A batch of several chunks with one irregular record loads as the careful reader would.
-
-    The chunks before the odd record go in on the fast path, the careful reader
-    takes the batch on from the chunk holding it: nothing put twice, the same
-    table, expiries, counts and errors as reading the whole batch record by record.
-    """
-    packer = msgpack.Packer(use_bin_type=True)
-    parts = []
-    for i in range(_N):
-        # a mix: most never expire, some expire later, some have expired already
-        exp = NEVER if i % 7 else (NOW + i if i % 14 else NOW - 1)
-        parts.append(
-            ck._record_bytes(packer, Record(key(i % 3000), b"v%d" % i, "m.f", 1.9e9, b"", exp))
-        )
-    odd: object = {
-        "int-key": (7, b"v", "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
-        "map": (key(at), {b"m": 1}, "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
-        "short": (key(at), b"v"),
-        "scalar": 12345,
-    }[kind]
-    parts[at] = msgpack.packb(odd, use_bin_type=True)
-    p = _one_batch_segment(tmp_path / "a", parts)
-    skips: list[int] = []
-    real = ck._records_of_sound_batch
-
-    def spy(*args: Any, skip: int = 0, **kw: Any) -> Any:
-        skips.append(skip)
-        return real(*args, skip=skip, **kw)
-
-    monkeypatch.setattr(ck, "_records_of_sound_batch", spy)
-    fast = load_paths([p], now=NOW)
-    assert skips == [at // _CHUNK * _CHUNK]  # the chunks before the odd one: fast
-    monkeypatch.setattr(ck, "_records_of_sound_batch", real)
-    monkeypatch.setattr(ck, "_LOAD_CHUNK", 10**9)  # the whole batch record by record
-    careful = load_paths([p], now=NOW)
-    assert fast.table == careful.table and fast.expires == careful.expires
-    assert (fast.records, fast.skipped, fast.expired, fast.errors) == (
-        careful.records,
-        careful.skipped,
-        careful.expired,
-        careful.errors,
-    )
-    assert fast.records == _N - 1 and fast.skipped == 1 and len(fast.errors) == 1
-    assert careful.expired > 0 and fast.expires

@@ -1638,9 +1638,8 @@ def _with_value(src: _Source, shown: str, info: RecordInfo, *, read: bool) -> Re
 
 
 def _records_of_sound_batch(
-    offset: int, count: int, payload: bytes, *, verify_records: bool, skip: int = 0
+    offset: int, count: int, payload: bytes, *, verify_records: bool
 ) -> Iterator[RecordInfo | BadSpan]:
-    """The records of a sound batch, one by one, after its first ``skip`` (loaded already)."""
     body_at = offset + BATCH_HEADER_SIZE
     view = memoryview(payload)
     up = _unpacker(io.BytesIO(payload), len(payload))
@@ -1656,9 +1655,7 @@ def _records_of_sound_batch(
             count,
         )
         return
-    for _ in range(skip):
-        up.skip()  # unpacked once already: cannot fail
-    for _ in range(n - skip):
+    for _ in range(n):
         start = up.tell()
         try:
             obj = up.unpack()
@@ -1779,7 +1776,7 @@ def _load_segment(path: Path, sink: _Sink, report: LoadReport) -> None:
             report.files += 1
             refs = shown if header.version >= 2 else None
             sink.segments.append((path, refs))
-            pos, n, partly = _load_run(f, size, header.header_size, sink, refs)
+            pos, n = _load_run(f, size, header.header_size, sink, refs)
             report.records += n
             if pos >= size:
                 return
@@ -1787,14 +1784,11 @@ def _load_segment(path: Path, sink: _Sink, report: LoadReport) -> None:
             for kind, _offset, item in _iter_batches(src, pos):
                 if kind == "batch":
                     count, payload = item
-                    if _offset == pos and partly:  # its first `partly` records are in
-                        done = partly
-                    else:
-                        done = _load_sound_batch(sink, count, payload, refs, _offset)
-                        report.records += done
-                    if done < count:  # digest fine, contents not: a foreign or buggy writer
+                    if _load_sound_batch(sink, count, payload, refs, _offset):
+                        report.records += count
+                    else:  # digest fine, contents not: a foreign or buggy writer
                         for rec in _records_of_sound_batch(
-                            _offset, count, payload, verify_records=True, skip=done
+                            _offset, count, payload, verify_records=True
                         ):
                             if isinstance(rec, RecordInfo):
                                 _put(sink, rec, refs)
@@ -1855,11 +1849,10 @@ def _put(sink: _Sink, info: RecordInfo, refs: str | None) -> None:
 
 def _load_run(
     f: IO[bytes], size: int, start: int, sink: _Sink, refs: str | None = None
-) -> tuple[int, int, int]:
+) -> tuple[int, int]:
     """Load sound batches from ``start`` on, as fast as possible; stop at the first irregularity.
 
-    Returns (offset reached, records loaded, records of the batch at that
-    offset loaded already: it holds something irregular after them). Reads the file in big chunks and
+    Returns (offset reached, records loaded). Reads the file in big chunks and
     works on memoryview slices (no per-batch reads or copies). Anything
     irregular (bad magic, a digest mismatch, a torn tail, an odd payload)
     ends the run at that batch for :func:`_iter_batches` to handle.
@@ -1943,13 +1936,11 @@ def _load_run(
                 table[rec[0]] = value
                 if sink.expires:
                     sink.expires.pop(rec[0], None)
-        else:
-            done = _load_sound_batch(sink, count, payload, refs, pos)
-            if done < count:
-                return pos, loaded + done, done
+        elif not _load_sound_batch(sink, count, payload, refs, pos):
+            break
         loaded += count
         pos += hsize + length
-    return pos, loaded, 0
+    return pos, loaded
 
 
 def _load_sound_batch(
@@ -1958,57 +1949,16 @@ def _load_sound_batch(
     payload: bytes | memoryview,
     refs: str | None = None,
     batch_offset: int = 0,
-) -> int:
-    """Load a sound batch's records; return how many, from the first, it loaded.
-
-    ``count`` when all: fewer when a chunk holds something irregular (only a
-    foreign or buggy writer's sound batch does), which the careful reader
-    then takes on from (``_records_of_sound_batch(..., skip=)``), so no
-    record is put twice. A batch of up to :data:`_LOAD_CHUNK` records is one
-    C call to unpack; a larger one is unpacked and put a chunk at a time,
-    while its objects are still in the CPU's cache (a 10M-record load: ~1 s
-    of ~10 less than unpacking 100,000 records, then putting them).
-    """
-    # raw=True leaves func names as bytes (never decoded). No record holds a
-    # map: a map anywhere (a foreign writer's) stops the unpacking, so every
-    # record is a tuple, a scalar or bytes, and _put_chunk's checks refuse all
-    # but tuples without a pass of their own.
-    if count <= _LOAD_CHUNK:
-        try:
-            recs = msgpack.unpackb(payload, use_list=False, raw=True, object_hook=_no_map)
-        except Exception:
-            return 0
-        ok = type(recs) is tuple and len(recs) == count and _put_chunk(sink, recs, refs, batch_offset)
-        return count if ok else 0
-    up = msgpack.Unpacker(
-        None, use_list=False, raw=True, object_hook=_no_map, max_buffer_size=len(payload)
-    )
-    up.feed(payload)
+) -> bool:
+    # The hot path: one C call to unpack, C-level maps to pull keys and values
+    # out, one dict.update. raw=True leaves func names as bytes (never decoded).
+    # No record holds a map: a map anywhere (a foreign writer's) stops the
+    # unpacking, so every record is a tuple, a scalar or bytes, and the checks
+    # below refuse all but tuples without a pass of their own.
     try:
-        if up.read_array_header() != count:
-            return 0
-    except Exception:
-        return 0
-    done = 0
-    while done < count:
-        want = min(_LOAD_CHUNK, count - done)
-        try:
-            recs = tuple(itertools.islice(up, want))
-        except Exception:
-            return done
-        if len(recs) != want or not _put_chunk(sink, recs, refs, batch_offset):
-            return done
-        done += want
-    return done
-
-
-#: records a large batch is unpacked and put at a time (250-4,000 measure the same)
-_LOAD_CHUNK: Final = 1024
-
-
-def _put_chunk(sink: _Sink, recs: tuple[Any, ...], refs: str | None, batch_offset: int) -> bool:
-    """Put ``recs`` (unpacked records) in the table, or nothing and False if one is irregular."""
-    try:
+        recs = msgpack.unpackb(payload, use_list=False, raw=True, object_hook=_no_map)
+        if type(recs) is not tuple or len(recs) != count:
+            return False
         keys: list[bytes] = list(map(_get_key, recs))  # a scalar record: TypeError
         values: list[bytes] = list(map(_get_value, recs))
     except Exception:
