@@ -207,3 +207,48 @@ def test_overlapping_loads_in_threads_resume_the_collector_once_all_end(
     for t in threads:
         t.join(timeout=30)
     assert during == [False] and gc.isenabled()
+
+
+def _one_batch_segment(d: Path, parts: list[bytes]) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "seg-1.amlog"
+    p.write_bytes(file_header() + ck._frame(msgpack.Packer(use_bin_type=True), parts))
+    return p
+
+
+_N = 3000
+
+
+@pytest.mark.parametrize("at", [0, 1023, 1024, _N // 2, _N - 1])
+@pytest.mark.parametrize("kind", ["int-key", "map", "short", "scalar"])
+def test_a_large_batch_loads_every_sound_record_around_an_odd_one(
+    tmp_path: Path, at: int, kind: str
+) -> None:
+    """A sound batch of thousands with one irregular record loses that record only.
+
+    Expired and expiring records around it count as they would in a batch
+    of their own.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = []
+    want: dict[bytes, bytes] = {}
+    expires: dict[bytes, float] = {}
+    for i in range(_N):
+        exp = NEVER if i % 7 else (NOW + i if i % 14 else NOW - 1)
+        rec = Record(key(i), b"v%d" % i, "m.f", 1.9e9, b"", exp)
+        parts.append(ck._record_bytes(packer, rec))
+        if i != at and exp > NOW:
+            want[key(i)] = rec.value
+            if exp < NEVER:
+                expires[key(i)] = exp
+    odd: object = {
+        "int-key": (7, b"v", "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
+        "map": (key(at), {b"m": 1}, "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
+        "short": (key(at), b"v"),
+        "scalar": 12345,
+    }[kind]
+    parts[at] = msgpack.packb(odd, use_bin_type=True)
+    r = load_paths([_one_batch_segment(tmp_path, parts)], now=NOW)
+    assert r.table == want and r.expires == expires
+    assert r.records == _N - 1 and r.skipped == 1 and len(r.errors) == 1
+    assert r.expired == sum(1 for i in range(14, _N, 14) if i != at) + (at != 0)
