@@ -252,3 +252,37 @@ def test_a_large_batch_loads_every_sound_record_around_an_odd_one(
     assert r.table == want and r.expires == expires
     assert r.records == _N - 1 and r.skipped == 1 and len(r.errors) == 1
     assert r.expired == sum(1 for i in range(14, _N, 14) if i != at) + (at != 0)
+
+
+def _advised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == ck._WILLNEED
+        calls.append((offset, length))
+
+    monkeypatch.setattr(ck, "_FADVISE", fadvise)
+    return calls
+
+
+def test_a_run_of_batches_is_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a segment of big batches asks the kernel for the next span before it needs it."""
+    calls = _advised(monkeypatch)
+    big = b"x" * 8000  # inline values (below LARGE_VALUE_MIN)
+    batches = [[Record(key(b * 1000 + i), big, "m.f", 1.9e9) for i in range(600)] for b in range(4)]
+    p = seg(tmp_path, *batches)
+    r = load_paths([p], now=NOW)
+    assert r.records == 2400 and not r.errors
+    size = p.stat().st_size
+    assert calls and all(0 < off < size and 0 < n <= size - off for off, n in calls)
+
+
+def test_large_values_are_not_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is read ahead around value frames stays a small part of their bytes."""
+    calls = _advised(monkeypatch)
+    value = b"v" * (1024 * 1024)
+    batches = [[Record(key(b * 10 + i), value, "m.f", 1.9e9) for i in range(3)] for b in range(20)]
+    p = seg(tmp_path, *batches)
+    r = load_paths([p], now=NOW)
+    assert r.records == 60 and not r.errors
+    assert sum(n for _, n in calls) < p.stat().st_size // 10

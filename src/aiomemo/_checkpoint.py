@@ -1847,6 +1847,26 @@ def _put(sink: _Sink, info: RecordInfo, refs: str | None) -> None:
             sink.expires.pop(rec.key, None)
 
 
+_FADVISE = getattr(os, "posix_fadvise", None)
+_WILLNEED: Final = getattr(os, "POSIX_FADV_WILLNEED", 3)
+
+
+def _read_ahead(f: IO[bytes], offset: int, length: int, size: int) -> None:
+    """Ask the kernel to start reading ``length`` bytes at ``offset`` now (a hint).
+
+    In a run of batches the loader has the next span read while it unpacks
+    this one, so a segment that is not in the page cache costs less than its
+    CPU time plus the disk's (~0.5-1 s of a cold 10M-record load here). The
+    span is as long as the read just made, and nothing is read ahead from a
+    value frame on (skipped, read on a hit only) until a batch follows, so
+    a segment of large values is not read through.
+    """
+    if _FADVISE is not None and offset < size:
+        length = min(length, size - offset)
+        with contextlib.suppress(OSError, ValueError):
+            _FADVISE(f.fileno(), offset, length, _WILLNEED)
+
+
 def _load_run(
     f: IO[bytes], size: int, start: int, sink: _Sink, refs: str | None = None
 ) -> tuple[int, int]:
@@ -1875,12 +1895,15 @@ def _load_run(
     view = memoryview(buf)
     base = pos  # file offset of buf[0]
     want = _READ_BUFFER * 4
+    ahead = False
     while pos < size:
         off = pos - base
         if off + hsize > len(buf):
             f.seek(pos)
             buf = f.read(min(want, size - pos))
             view, base, off = memoryview(buf), pos, 0
+            if ahead:
+                _read_ahead(f, pos + len(buf), want, size)
             if len(buf) < hsize:
                 break
         magic, length, count, digest = fields(buf, off)
@@ -1894,6 +1917,7 @@ def _load_run(
             # so a run of big values is never read through.
             pos += hsize + vlen
             want = _SMALL_READ
+            ahead = False
             continue
         body, end = off + hsize, off + hsize + length
         if end > len(buf):
@@ -1902,8 +1926,11 @@ def _load_run(
             f.seek(pos)
             buf = f.read(max(want, hsize + length))
             view, base, off = memoryview(buf), pos, 0
+            if ahead:
+                _read_ahead(f, pos + len(buf), len(buf), size)
             body, end = hsize, hsize + length
         want = min(want * 4, _READ_BUFFER * 4)
+        ahead = True  # in a run of batches: what follows is likely batches too
         payload = view[body:end]
         if (
             blake3(payload).digest(_PAYLOAD_DIGEST_SIZE) != digest
