@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import msgpack
@@ -286,3 +287,39 @@ def test_large_values_are_not_read_ahead(tmp_path: Path, monkeypatch: pytest.Mon
     r = load_paths([p], now=NOW)
     assert r.records == 60 and not r.errors
     assert sum(n for _, n in calls) < p.stat().st_size // 10
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_load_has_its_collector_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load's thread does not exist in the child, so the child must not wait for it to end."""
+    import gc
+    import threading
+
+    inside, leave = threading.Event(), threading.Event()
+    real = ck._load_paths_now
+
+    def held(paths: object, now: float | None) -> LoadReport:
+        inside.set()
+        assert leave.wait(timeout=30)
+        return real(paths, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ck, "_load_paths_now", held)
+    p = seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9)])
+    t = threading.Thread(target=load_paths, args=([p],))
+    t.start()
+    try:
+        assert inside.wait(timeout=30) and not gc.isenabled()
+        pid = os.fork()
+        if pid == 0:  # the child: collector back, and a load of its own still works
+            ok = gc.isenabled()
+            monkeypatch.setattr(ck, "_load_paths_now", real)
+            ok = ok and load_paths([p]).table == {key(1): b"v"} and gc.isenabled()
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        t.join(timeout=30)
+    assert gc.isenabled()

@@ -2241,7 +2241,8 @@ def _gc_paused() -> Iterator[None]:
     holds no reference cycle; every few hundred of them would start a
     collection that finds nothing to free: ~0.5-1.5 s of a 10M-record load
     here. Concurrent loads nest (the last one to end resumes the collector);
-    a collector that was disabled before the first load stays disabled.
+    a collector that was disabled before the first load stays disabled; a
+    child forked during a load gets it back at once (:func:`_gc_after_fork`).
     """
     global _gc_pausers, _gc_resume
     with _gc_lock:
@@ -2256,6 +2257,20 @@ def _gc_paused() -> Iterator[None]:
             _gc_pausers -= 1
             if _gc_pausers == 0 and _gc_resume:
                 gc.enable()
+
+
+def _gc_after_fork() -> None:
+    """In a child forked while a load ran: that load's thread is gone, so it never ends there."""
+    global _gc_lock, _gc_pausers
+    _gc_lock = threading.Lock()  # it may have been held by a thread the child does not have
+    if _gc_pausers:
+        _gc_pausers = 0
+        if _gc_resume:
+            gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_gc_after_fork)
 
 
 def _load_paths(paths: Sequence[str | os.PathLike[str]], now: float | None) -> LoadReport:
