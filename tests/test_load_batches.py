@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import threading
 from pathlib import Path
 
 import msgpack
@@ -142,8 +144,6 @@ def test_a_load_pauses_the_collector_and_resumes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The collector is off while a load runs and on again after it, also after a failure."""
-    import gc
-
     seen: list[bool] = []
     real = ck._load_paths_now
 
@@ -163,8 +163,6 @@ def test_a_load_pauses_the_collector_and_resumes_it(
 
 
 def test_a_collector_disabled_before_a_load_stays_disabled(tmp_path: Path) -> None:
-    import gc
-
     gc.disable()
     try:
         load_paths([seg(tmp_path, [Record(key(1), b"v", "m.f", 1.9e9)])])
@@ -177,9 +175,6 @@ def test_overlapping_loads_in_threads_resume_the_collector_once_all_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first load to end leaves the collector off while another still runs."""
-    import gc
-    import threading
-
     inside = threading.Barrier(2)
     first_done = threading.Event()
     during: list[bool] = []
@@ -294,9 +289,6 @@ def test_a_child_forked_during_a_load_has_its_collector_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The load's thread does not exist in the child, so the child must not wait for it to end."""
-    import gc
-    import threading
-
     inside, leave = threading.Event(), threading.Event()
     real = ck._load_paths_now
 

@@ -1851,20 +1851,24 @@ _FADVISE = getattr(os, "posix_fadvise", None)
 _WILLNEED: Final = getattr(os, "POSIX_FADV_WILLNEED", 3)
 
 
-def _read_ahead(f: IO[bytes], offset: int, length: int, size: int) -> None:
-    """Ask the kernel to start reading ``length`` bytes at ``offset`` now (a hint).
+def _read_span(f: IO[bytes], pos: int, n: int, size: int, ahead: bool) -> bytes:
+    """``n`` bytes of ``f`` at ``pos``; with ``ahead``, the kernel is asked for the next ``n`` too.
 
-    In a run of batches the loader has the next span read while it unpacks
-    this one, so a segment that is not in the page cache costs less than its
-    CPU time plus the disk's (~0.5-1 s of a cold 10M-record load here). The
-    span is as long as the read just made, and nothing is read ahead from a
-    value frame on (skipped, read on a hit only) until a batch follows, so
-    a segment of large values is not read through.
+    The ask (``posix_fadvise(WILLNEED)``, a hint) lets the disk read the next
+    span while the loader unpacks this one, so a segment that is not in the
+    page cache costs less than its CPU time plus the disk's (~0.5-1 s of a
+    cold 10M-record load here). The loader asks only in a run of batches:
+    from a value frame on (skipped, read on a hit only) nothing is read
+    ahead until a batch follows, so a segment of large values is not read
+    through.
     """
-    if _FADVISE is not None and offset < size:
-        length = min(length, size - offset)
+    f.seek(pos)
+    buf = f.read(n)
+    end = pos + len(buf)
+    if ahead and _FADVISE is not None and end < size:
         with contextlib.suppress(OSError, ValueError):
-            _FADVISE(f.fileno(), offset, length, _WILLNEED)
+            _FADVISE(f.fileno(), end, min(len(buf), size - end), _WILLNEED)
+    return buf
 
 
 def _load_run(
@@ -1899,11 +1903,8 @@ def _load_run(
     while pos < size:
         off = pos - base
         if off + hsize > len(buf):
-            f.seek(pos)
-            buf = f.read(min(want, size - pos))
+            buf = _read_span(f, pos, min(want, size - pos), size, ahead)
             view, base, off = memoryview(buf), pos, 0
-            if ahead:
-                _read_ahead(f, pos + len(buf), want, size)
             if len(buf) < hsize:
                 break
         magic, length, count, digest = fields(buf, off)
@@ -1923,11 +1924,8 @@ def _load_run(
         if end > len(buf):
             if pos + hsize + length > size:
                 break  # torn tail
-            f.seek(pos)
-            buf = f.read(max(want, hsize + length))
+            buf = _read_span(f, pos, max(want, hsize + length), size, ahead)
             view, base, off = memoryview(buf), pos, 0
-            if ahead:
-                _read_ahead(f, pos + len(buf), len(buf), size)
             body, end = hsize, hsize + length
         want = min(want * 4, _READ_BUFFER * 4)
         ahead = True  # in a run of batches: what follows is likely batches too
