@@ -407,6 +407,29 @@ class TestFiles:
         os.utime(p, ns=(1, 10**18))
         assert make_hash(task(File(p, by="stat"))) != k1
 
+    async def test_key_now_finishes_only_what_needs_io(self, tmp_path: pathlib.Path) -> None:
+        """hash_task_now makes plain keys at once; Files, big buffers and
+        unprepared fingerprints come back pending, and finish to the same key."""
+        p = tmp_path / "in.bin"
+        p.write_bytes(b"data" * 1000)
+
+        def fresh(x: int) -> int:  # never fingerprinted before this test
+            return x
+
+        cases = [
+            (task(1, "x", [2.5]), False),
+            (task(File(p)), True),
+            (task(b"x" * (H.INLINE_LIMIT + 1)), True),
+            (task(np.arange(H.THREAD_THRESHOLD // 8 + 1)), True),  # hashed in a thread
+            ({"func": fresh, "args": (1,), "kwargs": {}, "track_code": True}, True),
+        ]
+        for t, pending in cases:
+            now = H.hash_task_now(t)
+            assert isinstance(now, H.PendingKey) is pending, t
+            got = await now.finish() if isinstance(now, H.PendingKey) else now
+            assert got == H.hash_task(t)
+            assert await H.hash_task_async(t) == got
+
     def test_output_refs_by_path(self, tmp_path: pathlib.Path) -> None:
         """A File in outputs= is keyed by path and need not exist."""
         t1 = task(1, outputs=[File(tmp_path / "out1")])

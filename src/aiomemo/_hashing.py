@@ -1397,12 +1397,14 @@ def hash_task(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes:
     return h.digest()
 
 
-async def hash_task_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes:
-    """The task's key as 32 raw bytes, without stalling the event loop.
+def hash_task_now(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes | PendingKey:
+    """The task's key as 32 raw bytes when making it needs no I/O, else a :class:`PendingKey`.
 
-    The canonical tree is built on the loop; Files are read with aiofiles;
-    when the out-of-band buffers add up to ``THREAD_THRESHOLD`` or more they
-    are hashed in a worker thread (blake3 releases the GIL).
+    The event loop's common path, with no coroutine in between: a task
+    whose inputs hold no Files and no out-of-band buffers, and whose code
+    fingerprint (``track_code``) is ready. Anything else comes back as a
+    PendingKey, whose ``finish()`` makes the key without stalling the loop
+    (the canonical tree is not built twice).
     """
     if task.get("track_code"):
         func = task.get("func")
@@ -1411,21 +1413,59 @@ async def hash_task_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()
         except TypeError:  # an unhashable callable object
             ready = False
         if not ready and func is not None:
-            await _fingerprint.prepare(func)  # reads source: off the loop
+            return PendingKey(task, hooks, None)  # reads source: off the loop
     tree, ctx = _task_tree(task, hooks)
     if not ctx.oob:
         return blake3.blake3(_packb(tree)).digest()
-    files: dict[int, bytes] = {}
-    for item in _all_items(ctx.oob):
-        if type(item) is File and id(item) not in files:
-            files[id(item)] = await _file_part_async(item)
+    return PendingKey(task, hooks, (tree, ctx))
 
-    def part(item: object) -> object:
-        return files[id(item)] if type(item) is File else item
 
-    if ctx.oob_bytes >= THREAD_THRESHOLD:
-        return await asyncio.to_thread(_finish, tree, ctx, part)
-    return _finish(tree, ctx, part)
+class PendingKey:
+    """A key :func:`hash_task_now` could not make without I/O: ``await finish()``."""
+
+    __slots__ = ("_built", "_hooks", "_task")
+
+    def __init__(
+        self,
+        task: Mapping[str, Any],
+        hooks: Sequence[KeyHook],
+        built: tuple[object, _Ctx] | None,
+    ) -> None:
+        self._task = task
+        self._hooks = hooks
+        self._built = built
+
+    async def finish(self) -> bytes:
+        """The key; Files read with aiofiles, large buffers hashed in a worker thread."""
+        if self._built is None:
+            await _fingerprint.prepare(self._task.get("func"))
+            tree, ctx = _task_tree(self._task, self._hooks)
+            if not ctx.oob:
+                return blake3.blake3(_packb(tree)).digest()
+        else:
+            tree, ctx = self._built
+        files: dict[int, bytes] = {}
+        for item in _all_items(ctx.oob):
+            if type(item) is File and id(item) not in files:
+                files[id(item)] = await _file_part_async(item)
+
+        def part(item: object) -> object:
+            return files[id(item)] if type(item) is File else item
+
+        if ctx.oob_bytes >= THREAD_THRESHOLD:
+            return await asyncio.to_thread(_finish, tree, ctx, part)
+        return _finish(tree, ctx, part)
+
+
+async def hash_task_async(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> bytes:
+    """The task's key as 32 raw bytes, without stalling the event loop.
+
+    The canonical tree is built on the loop; Files are read with aiofiles;
+    when the out-of-band buffers add up to ``THREAD_THRESHOLD`` or more they
+    are hashed in a worker thread (blake3 releases the GIL).
+    """
+    raw = hash_task_now(task, hooks)
+    return await raw.finish() if isinstance(raw, PendingKey) else raw
 
 
 def _all_items(items: list[object]) -> Any:

@@ -50,7 +50,7 @@ from aiomemo._drain import Drain
 from aiomemo._exceptions import LeaderCancelledError
 from aiomemo._flights import Flights, follow
 from aiomemo._forget import ByFunc
-from aiomemo._hashing import IgnoreNames, KeyHook, hash_task_async
+from aiomemo._hashing import IgnoreNames, KeyHook, PendingKey, hash_task_async, hash_task_now
 from aiomemo._leases import SharedTier
 from aiomemo._lifecycle import Life, Lifecycle
 from aiomemo._lookup import ThreadClaim, done_future
@@ -333,7 +333,9 @@ class Memoizer:
             t["track_code"] = True  # the record and explain see it too
         if "ttl" in t:
             _expiry.task_ttl(t, None)  # a bad one fails here, before the task runs
-        raw = await hash_task_async(t, self.key_hooks)
+        raw = hash_task_now(t, self.key_hooks)  # the common case: no coroutine
+        if isinstance(raw, PendingKey):
+            raw = await raw.finish()
         key = raw.hex()
         t["hashsum"] = key
         refresh = t.get("refresh")
