@@ -1439,11 +1439,8 @@ class PendingKey:
         """The key; Files read with aiofiles, large buffers hashed in a worker thread."""
         if self._built is None:
             await _fingerprint.prepare(self._task.get("func"))
-            tree, ctx = _task_tree(self._task, self._hooks)
-            if not ctx.oob:
-                return blake3.blake3(_packb(tree)).digest()
-        else:
-            tree, ctx = self._built
+            self._built = _task_tree(self._task, self._hooks)
+        tree, ctx = self._built  # with no out-of-band items, _finish hashes the tree alone
         files: dict[int, bytes] = {}
         for item in _all_items(ctx.oob):
             if type(item) is File and id(item) not in files:
