@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import dataclasses
 import datetime as dt
 import decimal
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 import textwrap
@@ -215,10 +217,22 @@ class TestSoundness:
         """Look-alike values of different types or shapes have different keys."""
         assert key(a) != key(b)
 
-    def test_nan_is_one_value(self) -> None:
-        """Every NaN keys alike (a NaN is a NaN); -0.0 and 0.0 do not."""
-        assert key(float("nan")) == key(-float("nan")) == key(math.nan)
-        assert key(complex(math.nan, 1)) == key(complex(-math.nan, 1))
+    def test_floats_by_their_bits(self) -> None:
+        """A NaN keys by its bits: ``copysign`` tells -NaN from NaN, as it tells
+        -0.0 from 0.0; the same NaN keys alike wherever it sits."""
+        assert (
+            key(float("nan"))
+            == key(math.nan)
+            == key(struct.unpack(">d", struct.pack(">d", math.nan))[0])
+        )
+        assert key(float("nan")) != key(-float("nan"))
+        payload = struct.unpack(">d", bytes.fromhex("7ff8000000000001"))[0]
+        assert key(payload) != key(math.nan)
+        assert key(complex(math.nan, 1)) != key(complex(-math.nan, 1))
+        assert key(complex(math.nan, 1)) == key(complex(math.nan, 1))
+        for v in ([math.nan], {"a": -math.nan}, (payload,), {payload}):
+            assert key(v) == key(copy.deepcopy(v))
+        assert key([math.nan]) != key([-math.nan]) and key({"a": math.nan}) != key({"a": -math.nan})
 
     def test_args_and_kwargs_are_separate(self) -> None:
         """A value passed positionally or by keyword gives different keys; so do functions."""

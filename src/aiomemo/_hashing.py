@@ -16,8 +16,9 @@ Canonical form (format version 1; golden vectors in the tests pin it):
 * ``None``, ``bool``, ``str`` and ints that fit in 64 bits are msgpack's own
   types; a bigger int is ext ``BIGINT``. msgpack tells int, float, bool, str
   and bin apart, so ``1``, ``1.0``, ``True``, ``"1"`` and ``b"1"`` differ.
-* floats are 64-bit; every NaN is one NaN; ``-0.0`` and ``0.0`` are two keys
-  (a function may tell them apart: ``math.copysign``).
+* floats are keyed by their 64 bits: ``-0.0`` and ``0.0`` are two keys, and
+  so are NaNs of another sign or payload (a function may tell them apart:
+  ``math.copysign``, ``struct.pack``); ``float("nan")`` is one key.
 * lists are msgpack arrays; every other container is an array that starts
   with a *mark* (an empty ext value; user data can never contain one), so
   ``(1,)`` and ``[1]`` differ. Sets are sorted by the packed bytes of their
@@ -90,7 +91,6 @@ FILE_CHUNK: Final = 1 << 20
 
 _INT_MIN: Final = -(1 << 63)
 _INT_MAX: Final = (1 << 64) - 1
-_NAN: Final = float("nan")
 
 # ext codes of format version 1 (never reuse or renumber)
 _X_BIGINT = 1
@@ -137,6 +137,10 @@ _M_SLICE = _mark(54)
 _M_FRACTION = _mark(55)
 _M_ARRAY = _mark(56)  # array.array
 _M_NAMESPACE = _mark(57)  # types.SimpleNamespace
+_M_WRAPPER = _mark(58)  # staticmethod, classmethod, lru_cache wrapper not found by name
+_M_OUTPUTS_NONE = _mark(59)  # outputs=None given (the tree's None means "not given")
+_M_NDFLAGS = _mark(60)  # then the flags of an array that is read-only or Fortran-ordered
+_M_CLOSURE = _mark(61)  # then the code, defaults and closure of a function not found by name
 
 
 class _NotHandled:
@@ -249,6 +253,8 @@ class _Ctx:
     hooks: tuple[KeyHook, ...] = ()
     #: sorted containers whose order waits on the content of their buffers
     pending: list[_Pending] = []  # noqa: RUF012 - never mutated: swapped like oob
+    #: functions whose closure is being keyed (a recursive closure holds itself)
+    funcs: list[object] = []  # noqa: RUF012 - never mutated: swapped like oob
 
     def add(self, item: object, nbytes: int) -> None:
         if self.oob is _Ctx.oob:
@@ -367,7 +373,7 @@ def _canon(x: object, ctx: _Ctx, depth: int) -> object:
     if t is int:
         return x if _INT_MIN <= x <= _INT_MAX else _bigint(x)  # type: ignore[operator]
     if t is float:
-        return x if x == x else _NAN  # NaN is the only float unequal to itself
+        return x  # by its bits (msgpack packs them as they are)
     if depth > MAX_DEPTH:
         raise _Unhashable(x, "nesting too deep")
     h = _HANDLERS.get(t)
@@ -391,7 +397,7 @@ def _canon_list(x: Any, ctx: _Ctx, depth: int) -> list[object]:
             or te is bool
             or e is None
             or (te is int and _INT_MIN <= e <= _INT_MAX)
-            or (te is float and e == e)
+            or te is float
         ):
             break
     else:
@@ -408,7 +414,7 @@ def _canon_list(x: Any, ctx: _Ctx, depth: int) -> list[object]:
                 or te is bool
                 or e is None
                 or (te is int and _INT_MIN <= e <= _INT_MAX)
-                or (te is float and e == e)  # NaN is the only float unequal to itself
+                or te is float
             ):
                 out.append(e)
             elif te is list:
@@ -446,7 +452,7 @@ def _canon_dict(x: Any, ctx: _Ctx, depth: int) -> object:
                 or tv is bool
                 or v is None
                 or (tv is int and _INT_MIN <= v <= _INT_MAX)
-                or (tv is float and v == v)
+                or tv is float
             ):
                 out[k] = v
             elif tv is list:
@@ -542,10 +548,7 @@ def _oob(buf: object, ctx: _Ctx, kind: str, meta: object, nbytes: int) -> msgpac
 
 
 def _canon_complex(x: Any, ctx: _Ctx, depth: int) -> object:
-    re_, im = x.real, x.imag
-    re_ = _NAN if re_ != re_ else re_
-    im = _NAN if im != im else im
-    return msgpack.ExtType(_X_COMPLEX, struct.pack(">dd", re_, im))
+    return msgpack.ExtType(_X_COMPLEX, struct.pack(">dd", x.real, x.imag))
 
 
 def _canon_decimal(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -557,10 +560,11 @@ def _tz_tag(tz: _dt.tzinfo | None, sample: Any) -> str:
         return ""
     if type(tz) is _dt.timezone:
         off = sample.utcoffset()
-        name = tz.tzname(None)
-        if name == _dt.timezone(off).tzname(None):
-            return f"timezone:{off}"  # unnamed (or named as the default would be)
-        return f"timezone:{off}:{name}"
+        if len(tz.__getinitargs__()) == 1:  # type: ignore[attr-defined]
+            return f"timezone:{off}"  # unnamed (timezone.utc included)
+        # named, even as the default would be: repr() tells timezone(0, "UTC")
+        # from timezone.utc
+        return f"timezone:{off}:{tz.tzname(None)}"
     key = getattr(tz, "key", None)
     if isinstance(key, str) and _is_zoneinfo(tz):
         return key
@@ -603,7 +607,72 @@ def _canon_path(x: Any, ctx: _Ctx, depth: int) -> object:
 
 
 def _canon_function(x: Any, ctx: _Ctx, depth: int) -> object:
-    return [_M_FUNC, getattr(x, "__module__", None) or "?", x.__qualname__]
+    mod = getattr(x, "__module__", None) or "?"
+    qn = x.__qualname__
+    if type(x) is not types.FunctionType or _function_named(x, mod, qn):
+        return [_M_FUNC, mod, qn]
+    # a lambda, a closure, a function made in a loop: its name is not its
+    # identity, so key what decides what it does (as code tracking would)
+    if x in ctx.funcs:
+        return [_M_FUNC, mod, qn, _M_CLOSURE]  # a recursive closure: itself, again
+    if ctx.funcs is _Ctx.funcs:
+        ctx.funcs = []
+    ctx.funcs.append(x)
+    try:
+        return [_M_FUNC, mod, qn, _M_CLOSURE, *_function_state(x, ctx, depth)]
+    finally:
+        ctx.funcs.pop()
+
+
+def _function_named(x: object, mod: str, qn: str) -> bool:
+    """Whether ``module.qualname`` leads to ``x``, or to a wrapper of it (a
+    decorated function: ``functools.wraps``, a Parsl app, ``memo.cached``)."""
+    if "<" in qn:  # <locals>, <lambda>: never found
+        return False
+    obj: object = sys.modules.get(mod)
+    try:
+        for part in qn.split("."):
+            obj = getattr(obj, part, None)
+        for _ in range(4):
+            if obj is x:
+                return True
+            obj = getattr(obj, "__wrapped__", None) or getattr(obj, "func", None)
+            if obj is None:
+                return False
+    except Exception:  # an attribute that fails on access
+        return False
+    return obj is x
+
+
+def _function_state(x: Any, ctx: _Ctx, depth: int) -> list[object]:
+    code = x.__code__
+    digest = _CODE_DIGESTS.get(code)
+    if digest is None:
+        digest = blake3.blake3(_fingerprint._packb(_fingerprint._code_form(code))).digest()
+        if len(_CODE_DIGESTS) < 4096:
+            _CODE_DIGESTS[code] = digest
+    try:
+        defaults = _canon_list(x.__defaults__ or (), ctx, depth)
+        kwdefaults = _canon_dict(x.__kwdefaults__ or {}, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(f" (a default of {x.__qualname__})")
+        raise
+    cells: list[object] = []
+    for name, cell in zip(code.co_freevars, x.__closure__ or (), strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            cells.append(_M_CLOSURE)
+            continue
+        try:
+            cells.append(_canon(value, ctx, depth))
+        except _Unhashable as exc:
+            exc.path.append(f" (closure variable {name!r} of {x.__qualname__})")
+            raise
+    return [digest, defaults, kwdefaults, cells]
+
+
+_CODE_DIGESTS: dict[types.CodeType, bytes] = {}
 
 
 def _found_as(x: object, mod: object, qn: object) -> bool:
@@ -634,21 +703,30 @@ def _class_name(t: type) -> str | None:
     under their name) may share it and still differ.
     """
     try:
-        return _CLASS_NAMES[t]
+        name, mod, parts = _CLASS_NAMES[t]
     except (KeyError, TypeError):
         pass
+    else:
+        if parts is None:
+            return name  # a static C type: one per process, whatever its name
+        # a class may be redefined (a reload, a notebook cell run again): the
+        # name must still lead to this class, not only when first looked up
+        obj: object = sys.modules.get(mod)
+        for part in parts:
+            obj = getattr(obj, part, None)
+        return name if obj is t else None
     mod = getattr(t, "__module__", None) or "?"
     qn = getattr(t, "__qualname__", None) or "?"
-    if t.__flags__ & _HEAPTYPE and not _found_as(t, mod, qn):
+    heap = bool(t.__flags__ & _HEAPTYPE)
+    if heap and not _found_as(t, mod, qn):
         return None
-    # else a static C type: one per process, whatever its name
     name = f"{mod}.{qn}"
     if len(_CLASS_NAMES) < 4096:
-        _CLASS_NAMES[t] = name
+        _CLASS_NAMES[t] = (name, mod, tuple(qn.split(".")) if heap else None)
     return name
 
 
-_CLASS_NAMES: dict[type, str] = {}
+_CLASS_NAMES: dict[type, tuple[str, str, tuple[str, ...] | None]] = {}
 _HEAPTYPE: Final = 1 << 9  # Py_TPFLAGS_HEAPTYPE
 
 
@@ -670,6 +748,8 @@ def _canon_type(x: Any, ctx: _Ctx, depth: int) -> object:
 
 
 def _canon_partial(x: Any, ctx: _Ctx, depth: int) -> object:
+    if getattr(x, "__dict__", None):
+        raise _Unhashable(x, "a partial with attributes the key would not see")
     try:
         func = _canon(x.func, ctx, depth)
     except _Unhashable as exc:
@@ -721,8 +801,10 @@ def _canon_file(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
     """OrderedDict: ``==`` sees the order, so the key does (as before when sorted)."""
-    _no_extra_attributes(x)
-    keys = list(x)
+    _no_hidden_state(x, type(x), "OrderedDict")
+    # read with OrderedDict's own methods: a subclass may override __iter__, items...
+    pairs = list(collections.OrderedDict.items(x))
+    keys = [k for k, _ in pairs]
     if all(type(k) is str for k in keys):
         in_order = keys == sorted(keys)
     else:
@@ -735,9 +817,9 @@ def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
             raise
         in_order = packed == sorted(packed)
     if in_order:
-        return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(x), ctx, depth)]
+        return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(pairs), ctx, depth)]
     flat: list[object] = [_M_ORDERED]
-    for k, v in x.items():
+    for k, v in pairs:
         try:
             flat.append(_canon(k, ctx, depth))
         except _Unhashable as exc:
@@ -753,18 +835,61 @@ def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_defaultdict(x: Any, ctx: _Ctx, depth: int) -> object:
     """defaultdict: its content and its factory (``d[missing]`` tells factories apart)."""
-    _no_extra_attributes(x)
+    _no_hidden_state(x, type(x), "defaultdict")
     try:
         factory = _canon(x.default_factory, ctx, depth)
     except _Unhashable as exc:
         exc.path.append(".default_factory")
         raise
-    return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(x), ctx, depth), factory]
+    content = _canon_dict(dict(dict.items(x)), ctx, depth)
+    return [_M_SUBCLASS, _named_class(x, type(x)), content, factory]
 
 
-def _no_extra_attributes(x: object) -> None:
+def _slots_of(t: type) -> tuple[tuple[str, Any], ...]:
+    """``(name, descriptor)`` of every ``__slots__`` entry declared along the MRO of
+    ``t`` (by classes written in Python: a C type's members are its value)."""
+    try:
+        return _SLOTS[t]
+    except (KeyError, TypeError):
+        pass
+    found: list[tuple[str, Any]] = []
+    for klass in t.__mro__:
+        own = vars(klass)
+        declared = own.get("__slots__", ())
+        for name in (declared,) if isinstance(declared, str) else declared:
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}"  # name mangling
+            desc = own.get(name)
+            if type(desc) is types.MemberDescriptorType:
+                found.append((name, desc))
+    if len(_SLOTS) < 4096:
+        _SLOTS[t] = tuple(found)
+    return tuple(found)
+
+
+_SLOTS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _set_slot(x: object, t: type, known: frozenset[str] | tuple[()] = ()) -> str | None:
+    """The name of a slot of ``x`` that holds a value and is not in ``known``."""
+    for name, desc in _slots_of(t):
+        if name in known:
+            continue
+        try:
+            desc.__get__(x, t)
+        except AttributeError:  # never set (or deleted): no state
+            continue
+        return name
+    return None
+
+
+def _no_hidden_state(x: object, t: type, what: str) -> None:
+    """Raise when an instance of a built-in's subclass holds more than the value."""
     if getattr(x, "__dict__", None):
-        raise _Unhashable(x, f"a {type(x).__name__} with instance attributes the key would not see")
+        raise _Unhashable(x, f"a {what} with instance attributes the key would not see")
+    name = _set_slot(x, t)
+    if name is not None:
+        raise _Unhashable(x, f"a {what} with slot {name!r}, which the key would not see")
 
 
 def _canon_deque(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -873,31 +998,102 @@ def _canon_enum(x: Any, ctx: _Ctx, depth: int) -> object:
         raise
 
 
+class _DataclassInfo:
+    __slots__ = ("fields", "names", "slots")
+
+    def __init__(self, t: type) -> None:
+        self.fields = tuple(f.name for f in dataclasses.fields(t))
+        self.names = frozenset(self.fields)
+        #: slots that are not fields (a base class's, say): state the key would miss
+        self.slots = tuple((n, d) for n, d in _slots_of(t) if n not in self.names)
+
+
+_DC_INFO: dict[type, _DataclassInfo] = {}
+
+
 def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
     t = type(x)
     out: list[object] = [_M_DATACLASS, _named_class(x, t)]
-    fields = dataclasses.fields(x)
-    for f in fields:
+    try:
+        info = _DC_INFO[t]
+    except KeyError:
+        info = _DataclassInfo(t)
+        if len(_DC_INFO) < 4096:
+            _DC_INFO[t] = info
+    for name in info.fields:
         try:
-            out.append(f.name)
-            out.append(_canon(getattr(x, f.name), ctx, depth))
+            try:
+                value = getattr(x, name)
+            except AttributeError:
+                raise _Unhashable(x, "this field is not set (init=False, or deleted)") from None
+            out.append(name)
+            out.append(_canon(value, ctx, depth))
         except _Unhashable as exc:
-            exc.path.append(f".{f.name}")
+            exc.path.append(f".{name}")
             raise
     attrs = getattr(x, "__dict__", None)
-    if attrs and len(attrs) > len(fields):
-        names = {f.name for f in fields}
+    if attrs:
         for name in attrs:
-            if name not in names and not isinstance(
+            if name not in info.names and not isinstance(
                 getattr(t, name, None), functools.cached_property
             ):
                 raise _Unhashable(
                     x, f"attribute {name!r} is not a dataclass field, so the key would not see it"
                 )
+    for name, desc in info.slots:
+        try:
+            desc.__get__(x, t)
+        except AttributeError:
+            continue
+        raise _Unhashable(x, f"slot {name!r} is not a dataclass field, so the key would not see it")
+    if isinstance(x, _VALUE_BASES):
+        # a dataclass that is also a list, a str, a File...: its value as well
+        out.append(_M_SUBCLASS)
+        out.append(_base_value(x, t, ctx, depth))
     return out
 
 
 _BUILTIN_BASES: Final = (tuple, list, dict, set, frozenset, str, int, float, bytes)
+#: bases that carry state of their own, beyond any attribute
+_VALUE_BASES: Final = (*_BUILTIN_BASES, File, bytearray, collections.deque, array.array)
+
+
+def _builtin_value(x: Any, base: type) -> object:
+    """The built-in value of an instance of a subclass, read with the built-in's
+    own methods: the subclass may override ``__iter__``, ``__str__``, ``keys``..."""
+    if base is str:
+        return str.__str__(x)
+    if base is int:
+        return int.__int__(x)
+    if base is float:
+        return float.__float__(x)
+    if base is bytes:
+        return bytes.__bytes__(x)
+    if base is tuple:
+        return tuple(tuple.__iter__(x))
+    if base is list:
+        return list(list.__iter__(x))
+    if base is dict:
+        return dict(dict.items(x))
+    if base is set:
+        return set(set.__iter__(x))
+    return frozenset(frozenset.__iter__(x))
+
+
+_FILE_PATH: Final = File.__dict__["path"]
+_FILE_BY: Final = File.__dict__["by"]
+
+
+def _base_value(x: Any, t: type, ctx: _Ctx, depth: int) -> object:
+    """The canonical value a dataclass carries through a stateful base class."""
+    if isinstance(x, File):
+        return _canon_file(File(_FILE_PATH.__get__(x, File), _FILE_BY.__get__(x, File)), ctx, depth)
+    if not isinstance(x, collections.OrderedDict | collections.defaultdict):
+        for base in _BUILTIN_BASES:
+            if isinstance(x, base):
+                return _canon(_builtin_value(x, base), ctx, depth)
+    solid = next(b for b in t.__mro__ if not b.__flags__ & _HEAPTYPE)
+    raise _Unhashable(x, f"a dataclass that is also a {_qualname(solid)}: register a stand-in")
 
 
 def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
@@ -909,7 +1105,11 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
         except NotImplementedError:
             pass
         else:
-            return [_M_CUSTOM, _qualname(t), _canon(value, ctx, depth)]
+            # a registration for this very class vouches for it, wherever it is
+            # defined; one inherited from a base does not tell two local
+            # subclasses of one name apart, so then the name must lead back
+            name = _qualname(t) if t in id_for_memo.registry else _named_class(x, t)
+            return [_M_CUSTOM, name, _canon(value, ctx, depth)]
     if isinstance(x, enum.Enum):
         return _canon_enum(x, ctx, depth)
     if isinstance(x, type):
@@ -925,7 +1125,7 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
     for hook in ctx.hooks:
         value = hook(x, ctx.output_ref)
         if value is not NOT_HANDLED:
-            return [_M_HOOK, _qualname(t), _canon(value, ctx, depth)]
+            return [_M_HOOK, _qualname(t), _canon(value, ctx, depth)]  # the hook vouches
     if isinstance(x, collections.OrderedDict):
         return _canon_ordereddict(x, ctx, depth)
     if isinstance(x, collections.defaultdict):
@@ -934,36 +1134,60 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
     for base in _BUILTIN_BASES:
         if isinstance(x, base):
             qn = _named_class(x, t)
-            if getattr(x, "__dict__", None):
-                raise _Unhashable(
-                    x, f"a {base.__name__} subclass with instance attributes the key would not see"
-                )
+            _no_hidden_state(x, t, f"{base.__name__} subclass")
+            value = _builtin_value(x, base)
             if base is tuple and hasattr(t, "_fields"):
                 fields: Sequence[str] = getattr(t, "_fields", ())
                 try:
-                    inner: object = _canon_list(x, ctx, depth)
+                    inner: object = _canon_list(value, ctx, depth)
                 except _Unhashable as exc:
                     # name the field, not the index: "args[0].port"
                     exc.path[-1:] = [f".{fields[int(exc.path[-1][1:-1])]}"]
                     raise
             else:
-                conv: Any = base
-                inner = _canon(conv(x), ctx, depth)
+                inner = _canon(value, ctx, depth)
             return [_M_SUBCLASS, qn, inner]
     if (
         callable(x)
         and hasattr(x, "__qualname__")
         and hasattr(x, "__module__")
-        and (hasattr(x, "__wrapped__") or _found_as(x, x.__module__, x.__qualname__))
+        and _found_as(x, x.__module__, x.__qualname__)
     ):
         # ufuncs, lru_cache wrappers...: found under their name (a
         # list[int] alias is not: it would pass for the class list)
         return _canon_builtin(x, ctx, depth)
+    wrapper = _WRAPPERS.get(t)
+    if wrapper is not None:
+        return wrapper(x, ctx, depth)
     if callable(x):
         raise _Unhashable(
             x, "a callable object: its state is not visible to aiomemo (make it a dataclass)"
         )
     raise _Unhashable(x, "no rule for this type")
+
+
+def _canon_wrapper(x: Any, ctx: _Ctx, depth: int) -> object:
+    """``staticmethod``/``classmethod`` objects and ``lru_cache`` wrappers not found
+    under their name: the function they wrap (and the cache's parameters)."""
+    t = type(x)
+    inner = x.__func__ if t is staticmethod or t is classmethod else x.__wrapped__
+    try:
+        cinner = _canon(inner, ctx, depth)
+    except _Unhashable as exc:
+        exc.path.append(".__wrapped__")
+        raise
+    out = [_M_WRAPPER, t.__name__, cinner]
+    params = getattr(x, "cache_parameters", None)
+    if params is not None:
+        out.append(_canon(params(), ctx, depth))
+    return out
+
+
+_WRAPPERS: dict[type, Callable[[Any, _Ctx, int], object]] = {
+    staticmethod: _canon_wrapper,
+    classmethod: _canon_wrapper,
+    functools._lru_cache_wrapper: _canon_wrapper,
+}
 
 
 def _np_dtype(dt: Any) -> object:
@@ -977,6 +1201,9 @@ def _np_dtype(dt: Any) -> object:
     for name in dt.names:
         f = dt.fields[name]
         title = f[2] if len(f) > 2 else None
+        if title is not None and type(title) is not str and type(title) is not bytes:
+            raise _Unhashable(dt, f"field {name!r} has a title of type {type(title).__name__}")
+        # repr of a str or bytes is one per value (and keeps the keys as they were)
         fields.append([name, f[1], _np_dtype(f[0]), title if title is None else repr(title)])
     return ["struct", dt.itemsize, bool(dt.isalignedstruct), fields]
 
@@ -1176,11 +1403,7 @@ def _func_identity(func: object, version: object, ctx: _Ctx) -> list[object]:
         (owner is None or type(owner) is types.ModuleType)
         and hasattr(func, "__qualname__")
         and hasattr(func, "__module__")
-        and (
-            tf is types.BuiltinFunctionType
-            or hasattr(func, "__wrapped__")
-            or _found_as(func, func.__module__, func.__qualname__)
-        )
+        and (tf is types.BuiltinFunctionType or _found_as(func, func.__module__, func.__qualname__))
     ):
         # C functions, ufuncs, lru_cache wrappers...: their name says which
         return [func.__module__ or "?", func.__qualname__, version]
@@ -1284,6 +1507,8 @@ def _task_tree(task: Mapping[str, Any], hooks: Sequence[KeyHook] = ()) -> tuple[
                 outputs = _canon(kwargs.pop("outputs"), ctx, 0)
             except _Unhashable as exc:
                 raise _error(exc, "kwargs['outputs']") from None
+            if outputs is None:  # given as None: not the same as not given
+                outputs = _M_OUTPUTS_NONE
             ctx.output_ref = False
     try:
         version = task.get("version")

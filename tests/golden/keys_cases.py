@@ -69,6 +69,9 @@ def golden_func(*args: Any, **kwargs: Any) -> None:
 
 golden_func.__module__ = "golden"
 golden_func.__qualname__ = "golden_func"
+# found under its name (as an argument, a function not found so is keyed by its code)
+_golden = sys.modules.setdefault("golden", types.ModuleType("golden"))
+_golden.golden_func = golden_func  # type: ignore[attr-defined]
 
 
 def _task(*args: Any, **kwargs: Any) -> dict[str, Any]:
