@@ -359,6 +359,20 @@ def decorated(x: int) -> int:
     return x
 
 
+class Holder:
+    @classmethod
+    def build(cls) -> Holder:
+        return cls()
+
+    def method(self) -> int:
+        return 1
+
+
+@functools.lru_cache
+def wrapped_fn(x: int) -> int:
+    return x
+
+
 class TestNames:
     def test_class_based_decorator(self) -> None:
         with pytest.raises(UnhashableInputError, match="callable object"):
@@ -394,6 +408,20 @@ class TestNames:
         assert len({key(g) for g in fs}) == 3
         with pytest.raises(UnhashableInputError, match="closure variable 'n'"):
             key(make(object()))
+
+    def test_found_functions_key_by_name(self) -> None:
+        """Methods, class methods and decorated functions found through their
+        name key by it, as before (editing their body keeps the key)."""
+        from aiomemo._hashing import _M_FUNC, _canon, _Ctx
+
+        for fn, qn in [
+            (plain, "plain"),
+            (Holder.build.__func__, "Holder.build"),  # type: ignore[attr-defined]
+            (Holder.method, "Holder.method"),
+            (wrapped_fn, "wrapped_fn"),
+            (wrapped_fn.__wrapped__, "wrapped_fn"),  # type: ignore[attr-defined]
+        ]:
+            assert _canon(fn, _Ctx(), 0) == [_M_FUNC, __name__, qn]
 
     def test_recursive_closure(self) -> None:
         def outer(n: int) -> Any:

@@ -636,7 +636,11 @@ def _function_named(x: object, mod: str, qn: str) -> bool:
         for _ in range(4):
             if obj is x:
                 return True
-            obj = getattr(obj, "__wrapped__", None) or getattr(obj, "func", None)
+            obj = (
+                getattr(obj, "__wrapped__", None)
+                or getattr(obj, "__func__", None)  # a classmethod, bound to its class
+                or getattr(obj, "func", None)  # a Parsl app
+            )
             if obj is None:
                 return False
     except Exception:  # an attribute that fails on access
