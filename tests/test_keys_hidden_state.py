@@ -198,6 +198,28 @@ class SlottedOrdered(collections.OrderedDict):  # type: ignore[type-arg]
     __slots__ = ("x",)
 
 
+class HidesDict(list):  # type: ignore[type-arg]
+    @property  # type: ignore[misc]
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        return {}
+
+
+class HidesAll(list):  # type: ignore[type-arg]
+    def __getattribute__(self, name: str) -> Any:
+        if name == "__dict__":
+            return {}
+        return super().__getattribute__(name)
+
+
+@dataclasses.dataclass
+class HiddenDataclass:
+    a: int
+
+    @property  # type: ignore[misc]
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"a": self.a}
+
+
 class TestSlotsOfSubclasses:
     """A set slot is state the key cannot see: it raises, naming the slot."""
 
@@ -217,6 +239,17 @@ class TestSlotsOfSubclasses:
         setattr(v, slot, "m")
         with pytest.raises(UnhashableInputError, match=slot):
             key(v)
+
+    def test_attributes_a_class_would_hide(self) -> None:
+        """A ``__dict__`` property or ``__getattribute__`` cannot hide attributes."""
+        v = HidesAll([1])
+        assert key(v) == key(HidesAll([1]))
+        v.secret = 1  # type: ignore[attr-defined]
+        with pytest.raises(UnhashableInputError, match="instance attributes"):
+            key(v)
+        for hidden in (HidesDict([1]), HiddenDataclass(1)):
+            with pytest.raises(UnhashableInputError, match="redefines __dict__"):
+                key(hidden)
 
     def test_empty_slots_key(self) -> None:
         assert key(Bare((1, 2))) != key(Bare((1, 3)))

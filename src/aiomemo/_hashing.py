@@ -752,7 +752,7 @@ def _canon_type(x: Any, ctx: _Ctx, depth: int) -> object:
 
 
 def _canon_partial(x: Any, ctx: _Ctx, depth: int) -> object:
-    if getattr(x, "__dict__", None):
+    if _instance_dict(x):
         raise _Unhashable(x, "a partial with attributes the key would not see")
     try:
         func = _canon(x.func, ctx, depth)
@@ -849,6 +849,34 @@ def _canon_defaultdict(x: Any, ctx: _Ctx, depth: int) -> object:
     return [_M_SUBCLASS, _named_class(x, type(x)), content, factory]
 
 
+def _instance_dict(x: object) -> dict[str, Any] | None:
+    """The attributes of ``x``, read with the ``__dict__`` descriptor Python made
+    for its class: a ``__dict__`` property or a ``__getattribute__`` the class
+    defines cannot hide them."""
+    t = type(x)
+    try:
+        desc = _DICT_DESCR[t]
+    except (KeyError, TypeError):
+        desc = None
+        for klass in t.__mro__:
+            d = vars(klass).get("__dict__")
+            if type(d) is types.GetSetDescriptorType:
+                desc = d
+                break
+        if len(_DICT_DESCR) < 4096:
+            _DICT_DESCR[t] = desc
+    if desc is None:
+        if t.__dictoffset__ or t.__flags__ & _MANAGED_DICT:
+            # instances have a dict, but a class hides it behind its own __dict__
+            raise _Unhashable(x, "its class redefines __dict__, so its attributes cannot be read")
+        return None  # no class on the way gives its instances a dict
+    return cast("dict[str, Any] | None", desc.__get__(x, t))
+
+
+_DICT_DESCR: dict[type, Any] = {}
+_MANAGED_DICT: Final = 1 << 4  # Py_TPFLAGS_MANAGED_DICT (3.11+): a dict kept before the object
+
+
 def _slots_of(t: type) -> tuple[tuple[str, Any], ...]:
     """``(name, descriptor)`` of every ``__slots__`` entry declared along the MRO of
     ``t`` (by classes written in Python: a C type's members are its value)."""
@@ -889,7 +917,7 @@ def _set_slot(x: object, t: type, known: frozenset[str] | tuple[()] = ()) -> str
 
 def _no_hidden_state(x: object, t: type, what: str) -> None:
     """Raise when an instance of a built-in's subclass holds more than the value."""
-    if getattr(x, "__dict__", None):
+    if _instance_dict(x):
         raise _Unhashable(x, f"a {what} with instance attributes the key would not see")
     name = _set_slot(x, t)
     if name is not None:
@@ -1035,7 +1063,7 @@ def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
         except _Unhashable as exc:
             exc.path.append(f".{name}")
             raise
-    attrs = getattr(x, "__dict__", None)
+    attrs = _instance_dict(x)
     if attrs:
         for name in attrs:
             if name not in info.names and not isinstance(
