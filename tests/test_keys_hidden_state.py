@@ -456,6 +456,17 @@ class TestNames:
         ]:
             assert _canon(fn, _Ctx(), 0) == [_M_FUNC, __name__, qn]
 
+    def test_function_attributes(self) -> None:
+        def make(n: int) -> Any:
+            def g() -> Any:
+                return g.n  # type: ignore[attr-defined]
+
+            g.n = n  # type: ignore[attr-defined]
+            return g
+
+        assert key(make(1)) != key(make(2))
+        assert key(make(1)) == key(make(1))
+
     def test_recursive_closure(self) -> None:
         def outer(n: int) -> Any:
             def rec(k: int) -> int:
@@ -464,6 +475,17 @@ class TestNames:
             return rec
 
         assert key(outer(1)) == key(outer(1)) != key(outer(2))
+
+        def mutual(n: int) -> Any:
+            def a(k: int) -> int:
+                return n if k == 0 else b(k - 1)
+
+            def b(k: int) -> int:
+                return a(k)
+
+            return a
+
+        assert key(mutual(1)) == key(mutual(1)) != key(mutual(2))
 
     def test_closure_keys_across_processes(self, tmp_path: pathlib.Path) -> None:
         code = textwrap.dedent(

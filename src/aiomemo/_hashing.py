@@ -673,7 +673,15 @@ def _function_state(x: Any, ctx: _Ctx, depth: int) -> list[object]:
         except _Unhashable as exc:
             exc.path.append(f" (closure variable {name!r} of {x.__qualname__})")
             raise
-    return [digest, defaults, kwdefaults, cells]
+    state = [digest, defaults, kwdefaults, cells]
+    attrs = x.__dict__
+    if attrs:  # attributes set on it (a counter, a wrapper's __wrapped__): it may read them
+        try:
+            state.append(_canon_dict(attrs, ctx, depth))
+        except _Unhashable as exc:
+            exc.path.append(f" (an attribute of {x.__qualname__})")
+            raise
+    return state
 
 
 _CODE_DIGESTS: dict[types.CodeType, bytes] = {}
