@@ -295,6 +295,19 @@ class Plain:
 
 
 @dataclasses.dataclass
+class Broken:
+    a: int
+    b: int
+
+
+def _fails(self: Broken) -> int:
+    raise ValueError("no b today")
+
+
+Broken.b = property(_fails, lambda self, v: None)  # type: ignore[assignment]
+
+
+@dataclasses.dataclass
 class NoDefaults:
     a: int
 
@@ -351,6 +364,10 @@ class TestDataclassState:
         w = Late(1)
         w.later = 3
         assert key(v) == key(v) != key(w)
+
+    def test_field_that_fails_to_read(self) -> None:
+        with pytest.raises(UnhashableInputError, match=r"\.b: .*ValueError: no b today"):
+            key(Broken(1, 2))
 
     def test_file_subclass_keys_content(self, tmp_path: pathlib.Path) -> None:
         p = tmp_path / "in.txt"

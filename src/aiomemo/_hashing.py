@@ -1066,6 +1066,10 @@ def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
                 value = getattr(x, name)
             except AttributeError:
                 raise _Unhashable(x, "this field is not set (init=False, or deleted)") from None
+            except Exception as exc:  # a property over the field that fails
+                raise _Unhashable(
+                    x, f"reading this field raised {type(exc).__name__}: {exc}"
+                ) from None
             out.append(name)
             out.append(_canon(value, ctx, depth))
         except _Unhashable as exc:
