@@ -473,6 +473,19 @@ class TestNames:
         ]:
             assert _canon(fn, _Ctx(), 0) == [_M_FUNC, __name__, qn]
 
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=3),
+        st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=3),
+    )
+    def test_closures_key_as_what_they_capture(self, a: Any, b: Any) -> None:
+        """Property: two closures of one code share a key iff their captures do."""
+
+        def make(v: Any) -> Any:
+            return lambda: v
+
+        assert (key(make(a)) == key(make(b))) == (key(a) == key(b))
+
     def test_function_attributes(self) -> None:
         def make(n: int) -> Any:
             def g() -> Any:
