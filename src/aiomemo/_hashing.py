@@ -629,10 +629,8 @@ def _function_named(x: object, mod: str, qn: str) -> bool:
     decorated function: ``functools.wraps``, a Parsl app, ``memo.cached``)."""
     if "<" in qn:  # <locals>, <lambda>: never found
         return False
-    obj: object = sys.modules.get(mod)
+    obj = _lookup(mod, qn.split("."))
     try:
-        for part in qn.split("."):
-            obj = getattr(obj, part, None)
         for _ in range(4):
             if obj is x:
                 return True
@@ -691,13 +689,18 @@ def _found_as(x: object, mod: object, qn: object) -> bool:
     """Whether ``x`` is what its module.qualname leads to."""
     if not isinstance(mod, str) or not isinstance(qn, str):
         return False
+    return _lookup(mod, qn.split(".")) is x
+
+
+def _lookup(mod: str, parts: Sequence[str]) -> object:
+    """What ``module.qualname`` leads to now (None when nothing)."""
     obj: object = sys.modules.get(mod)
     try:
-        for part in qn.split("."):
+        for part in parts:
             obj = getattr(obj, part, None)
     except Exception:  # a module attribute that fails on access
-        return False
-    return obj is x
+        return None
+    return obj
 
 
 def _canon_descriptor(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -723,10 +726,7 @@ def _class_name(t: type) -> str | None:
             return name  # a static C type: one per process, whatever its name
         # a class may be redefined (a reload, a notebook cell run again): the
         # name must still lead to this class, not only when first looked up
-        obj: object = sys.modules.get(mod)
-        for part in parts:
-            obj = getattr(obj, part, None)
-        return name if obj is t else None
+        return name if _lookup(mod, parts) is t else None
     mod = getattr(t, "__module__", None) or "?"
     qn = getattr(t, "__qualname__", None) or "?"
     heap = bool(t.__flags__ & _HEAPTYPE)
