@@ -910,11 +910,9 @@ def _slots_of(t: type) -> tuple[tuple[str, Any], ...]:
 _SLOTS: dict[type, tuple[tuple[str, Any], ...]] = {}
 
 
-def _set_slot(x: object, t: type, known: frozenset[str] | tuple[()] = ()) -> str | None:
-    """The name of a slot of ``x`` that holds a value and is not in ``known``."""
-    for name, desc in _slots_of(t):
-        if name in known:
-            continue
+def _set_slot(x: object, t: type, slots: tuple[tuple[str, Any], ...]) -> str | None:
+    """The name of the first of ``slots`` that holds a value in ``x``."""
+    for name, desc in slots:
         try:
             desc.__get__(x, t)
         except AttributeError:  # never set (or deleted): no state
@@ -927,7 +925,7 @@ def _no_hidden_state(x: object, t: type, what: str) -> None:
     """Raise when an instance of a built-in's subclass holds more than the value."""
     if _instance_dict(x):
         raise _Unhashable(x, f"a {what} with instance attributes the key would not see")
-    name = _set_slot(x, t)
+    name = _set_slot(x, t, _slots_of(t))
     if name is not None:
         raise _Unhashable(x, f"a {what} with slot {name!r}, which the key would not see")
 
@@ -1084,12 +1082,9 @@ def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
                 raise _Unhashable(
                     x, f"attribute {name!r} is not a dataclass field, so the key would not see it"
                 )
-    for name, desc in info.slots:
-        try:
-            desc.__get__(x, t)
-        except AttributeError:
-            continue
-        raise _Unhashable(x, f"slot {name!r} is not a dataclass field, so the key would not see it")
+    slot = _set_slot(x, t, info.slots)
+    if slot is not None:
+        raise _Unhashable(x, f"slot {slot!r} is not a dataclass field, so the key would not see it")
     if isinstance(x, _VALUE_BASES):
         # a dataclass that is also a list, a str, a File...: its value as well
         out.append(_M_SUBCLASS)
