@@ -26,6 +26,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from contextlib import contextmanager as contextlib_contextmanager
 from typing import Any
 
 import numpy as np
@@ -423,6 +424,16 @@ def wrapped_fn(x: int) -> int:
     return x
 
 
+@dataclasses.dataclass
+class DataErr(Exception):
+    x: int
+
+
+@contextlib_contextmanager
+def cm_fn() -> Any:
+    yield 1
+
+
 class TestNames:
     def test_class_based_decorator(self) -> None:
         with pytest.raises(UnhashableInputError, match="callable object"):
@@ -464,14 +475,78 @@ class TestNames:
         name key by it, as before (editing their body keeps the key)."""
         from aiomemo._hashing import _M_FUNC, _canon, _Ctx
 
+        for fn, qn in [(plain, "plain"), (Holder.method, "Holder.method"), (wrapped_fn, "wrapped_fn")]:
+            assert _canon(fn, _Ctx(), 0) == [_M_FUNC, __name__, qn]
+        # reached through what the name leads to: by name + the steps taken, so a
+        # decorated function and its original (which may do something else) differ
         for fn, qn in [
-            (plain, "plain"),
             (Holder.build.__func__, "Holder.build"),  # type: ignore[attr-defined]
-            (Holder.method, "Holder.method"),
-            (wrapped_fn, "wrapped_fn"),
             (wrapped_fn.__wrapped__, "wrapped_fn"),  # type: ignore[attr-defined]
         ]:
-            assert _canon(fn, _Ctx(), 0) == [_M_FUNC, __name__, qn]
+            assert _canon(fn, _Ctx(), 0) == [_M_FUNC, __name__, qn, 1]
+        assert key(wrapped_fn) != key(wrapped_fn.__wrapped__)  # type: ignore[attr-defined]
+
+    def test_probe_round_two(self) -> None:
+        """More examples of the same classes (a second hostile review)."""
+        import zoneinfo
+
+        with pytest.raises(UnhashableInputError, match=r"also a builtins\.Exception"):
+            key(DataErr(1))
+        assert key(cm_fn) != key(cm_fn.__wrapped__)  # type: ignore[attr-defined]
+        g = functools.lru_cache(lambda s: 1)
+        h = functools.lru_cache(lambda s: 2)
+        assert key(types.MethodType(g, 5)) != key(types.MethodType(h, 5))
+        with pytest.raises(UnhashableInputError):
+            key(types.MethodType(Deco(plain, 1), 5))
+        n1, n2 = float("nan"), float("nan")
+        od1 = collections.OrderedDict([(n1, "b"), (n2, "a")])
+        od2 = collections.OrderedDict([(n1, "a"), (n2, "b")])
+        assert key(od1) != key(od2)
+        assert key(np.ma.array([1, 2])) != key(np.ma.array([1, 2], mask=[False, False]))
+
+        class ZI(zoneinfo.ZoneInfo):
+            pass
+
+        with pytest.raises(UnhashableInputError, match="time zone"):
+            key(dt.datetime(2020, 1, 1, tzinfo=ZI("UTC")))
+        ns1: dict[str, Any] = {"__name__": __name__, "X": 1}
+        exec("fn = lambda: X", ns1)
+        with pytest.raises(UnhashableInputError, match="namespace"):
+            key(ns1["fn"])
+        c = collections.ChainMap({"a": 1})
+        c.extra = 5  # type: ignore[attr-defined]
+        with pytest.raises(UnhashableInputError, match="ChainMap"):
+            key(c)
+
+        class BadRepr:
+            def __repr__(self) -> str:
+                raise RuntimeError("no repr")
+
+        with pytest.raises(UnhashableInputError):
+            key({BadRepr()})
+        mv = memoryview(b"ab")
+        mv.release()
+        with pytest.raises(UnhashableInputError, match="released"):
+            key(mv)
+        assert key(lambda: "\udcff") == key(lambda: "\udcff")
+
+    def test_closure_back_references(self) -> None:
+        def make(k: int) -> Any:
+            g: Any = None
+
+            def fn(n: int, k: int = k) -> Any:
+                return k if n == 0 else g(n - 1)
+
+            return fn
+
+        a, b = make(1), make(2)
+        a.__closure__[0].cell_contents = b  # type: ignore[index]
+        b.__closure__[0].cell_contents = a  # type: ignore[index]
+        a2, b2 = make(1), make(2)
+        a2.__closure__[0].cell_contents = b2  # type: ignore[index]
+        b2.__closure__[0].cell_contents = b2  # type: ignore[index]
+        assert a(2) != a2(2)
+        assert key(a) != key(a2)
 
     @settings(max_examples=200, deadline=None)
     @given(

@@ -45,6 +45,7 @@ import decimal
 import enum
 import fractions
 import functools
+import itertools
 import os
 import pathlib
 import struct
@@ -360,6 +361,15 @@ def _resolve(ctx: _Ctx, part: Callable[[object], object]) -> None:
         pending.resolve(part)
 
 
+def _safe_repr(x: object) -> str:
+    """``repr(x)`` for an error's path, never raising (a user's __repr__ may)."""
+    try:
+        r = repr(x)
+    except Exception:
+        return f"<{type(x).__name__} object>"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _qualname(t: type | Callable[..., object]) -> str:
     mod = getattr(t, "__module__", None) or "?"
     qn = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or "?"
@@ -462,7 +472,7 @@ def _canon_dict(x: Any, ctx: _Ctx, depth: int) -> object:
             else:
                 out[k] = _canon(v, ctx, depth)
     except _Unhashable as exc:
-        exc.path.append(f"[{k!r}]")
+        exc.path.append(f"[{_safe_repr(k)}]")
         raise
     return out
 
@@ -475,12 +485,12 @@ def _canon_map(x: Any, ctx: _Ctx, depth: int) -> object:
         try:
             ck = _canon(k, ctx, depth)
         except _Unhashable as exc:
-            exc.path.append(f" key {k!r}")
+            exc.path.append(f" key {_safe_repr(k)}")
             raise
         try:
             cv = _canon(x[k], ctx, depth)
         except _Unhashable as exc:
-            exc.path.append(f"[{k!r}]")
+            exc.path.append(f"[{_safe_repr(k)}]")
             raise
         entries.append((_packb(ck), [ck, cv], len(ctx.oob)))
     if len({e[0] for e in entries}) < len(entries):
@@ -503,7 +513,7 @@ def _sorted_members(x: Any, ctx: _Ctx, depth: int, mark: msgpack.ExtType) -> lis
         try:
             ce = _canon(e, ctx, depth)
         except _Unhashable as exc:
-            exc.path.append(f" member {e!r}")
+            exc.path.append(f" member {_safe_repr(e)}")
             raise
         entries.append((_packb(ce), [ce], len(ctx.oob)))
     out: list[object] = [mark]
@@ -533,7 +543,10 @@ def _canon_bytearray(x: Any, ctx: _Ctx, depth: int) -> object:
 
 def _canon_memoryview(x: Any, ctx: _Ctx, depth: int) -> object:
     mv: memoryview = x
-    meta = [mv.format, list(mv.shape or ())]
+    try:
+        meta = [mv.format, list(mv.shape or ())]
+    except ValueError:  # released
+        raise _Unhashable(x, "a released memoryview") from None
     if not mv.c_contiguous:
         mv = memoryview(mv.tobytes())  # a copy, but only for strided views
     flat = mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
@@ -577,7 +590,7 @@ def _tz_tag(tz: _dt.tzinfo | None, sample: Any) -> str:
 
 def _is_zoneinfo(tz: object) -> bool:
     zi = sys.modules.get("zoneinfo")
-    return zi is not None and isinstance(tz, zi.ZoneInfo)
+    return zi is not None and type(tz) is zi.ZoneInfo  # a subclass may override tzname...
 
 
 def _canon_date(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -609,12 +622,24 @@ def _canon_path(x: Any, ctx: _Ctx, depth: int) -> object:
 def _canon_function(x: Any, ctx: _Ctx, depth: int) -> object:
     mod = getattr(x, "__module__", None) or "?"
     qn = x.__qualname__
-    if type(x) is not types.FunctionType or _function_named(x, mod, qn):
+    if type(x) is not types.FunctionType:
         return [_M_FUNC, mod, qn]
+    steps = _function_named(x, mod, qn)
+    if steps == 0:
+        return [_M_FUNC, mod, qn]
+    if steps > 0:
+        # reached through the wrapper its name leads to (functools.wraps, a Parsl
+        # app): not the wrapper itself, which may do something else
+        return [_M_FUNC, mod, qn, steps]
     # a lambda, a closure, a function made in a loop: its name is not its
     # identity, so key what decides what it does (as code tracking would)
+    if x.__globals__ is not getattr(sys.modules.get(mod), "__dict__", None):
+        raise _Unhashable(
+            x, "a function made outside its module's namespace (exec with other globals)"
+        )
     if x in ctx.funcs:
-        return [_M_FUNC, mod, qn, _M_CLOSURE]  # a recursive closure: itself, again
+        # a recursive closure: a back-reference, how many functions up the walk
+        return [_M_FUNC, mod, qn, _M_CLOSURE, len(ctx.funcs) - 1 - ctx.funcs.index(x)]
     if ctx.funcs is _Ctx.funcs:
         ctx.funcs = []
     ctx.funcs.append(x)
@@ -624,33 +649,36 @@ def _canon_function(x: Any, ctx: _Ctx, depth: int) -> object:
         ctx.funcs.pop()
 
 
-def _function_named(x: object, mod: str, qn: str) -> bool:
-    """Whether ``module.qualname`` leads to ``x``, or to a wrapper of it (a
-    decorated function: ``functools.wraps``, a Parsl app, ``memo.cached``)."""
+def _function_named(x: object, mod: str, qn: str) -> int:
+    """How many unwrapping steps lead from what ``module.qualname`` names to ``x``
+    (0: the name leads to ``x``; 1+: to a wrapper of it, a decorated function:
+    ``functools.wraps``, a Parsl app, ``memo.cached``); -1 when none do."""
     if "<" in qn:  # <locals>, <lambda>: never found
-        return False
+        return -1
     obj = _lookup(mod, qn.split("."))
     try:
-        for _ in range(4):
+        for step in range(4):
             if obj is x:
-                return True
+                return step
             obj = (
                 getattr(obj, "__wrapped__", None)
                 or getattr(obj, "__func__", None)  # a classmethod, bound to its class
                 or getattr(obj, "func", None)  # a Parsl app
             )
             if obj is None:
-                return False
+                return -1
     except Exception:  # an attribute that fails on access
-        return False
-    return obj is x
+        return -1
+    return -1
 
 
 def _function_state(x: Any, ctx: _Ctx, depth: int) -> list[object]:
     code = x.__code__
     digest = _CODE_DIGESTS.get(code)
     if digest is None:
-        digest = blake3.blake3(_fingerprint._packb(_fingerprint._code_form(code))).digest()
+        digest = blake3.blake3(
+            _packb(_fingerprint._code_form(code))
+        ).digest()  # str consts with lone surrogates too
         if len(_CODE_DIGESTS) < 4096:
             _CODE_DIGESTS[code] = digest
     try:
@@ -786,7 +814,12 @@ def _canon_method(x: Any, ctx: _Ctx, depth: int) -> object:
     except _Unhashable as exc:
         exc.path.append(".__self__")
         raise
-    return [_M_METHOD, _canon_function(x.__func__, ctx, depth), owner]
+    try:
+        func = _canon(x.__func__, ctx, depth)  # a function, or any callable object
+    except _Unhashable as exc:
+        exc.path.append(".__func__")
+        raise
+    return [_M_METHOD, func, owner]
 
 
 def _canon_builtin(x: Any, ctx: _Ctx, depth: int) -> object:
@@ -827,7 +860,8 @@ def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
         except _Unhashable as exc:
             exc.path.append(" key")
             raise
-        in_order = packed == sorted(packed)
+        # strictly increasing: keys that tie (two NaNs) keep their order only as pairs
+        in_order = all(a < b for a, b in itertools.pairwise(packed))
     if in_order:
         return [_M_SUBCLASS, _named_class(x, type(x)), _canon_dict(dict(pairs), ctx, depth)]
     flat: list[object] = [_M_ORDERED]
@@ -835,12 +869,12 @@ def _canon_ordereddict(x: Any, ctx: _Ctx, depth: int) -> object:
         try:
             flat.append(_canon(k, ctx, depth))
         except _Unhashable as exc:
-            exc.path.append(f" key {k!r}")
+            exc.path.append(f" key {_safe_repr(k)}")
             raise
         try:
             flat.append(_canon(v, ctx, depth))
         except _Unhashable as exc:
-            exc.path.append(f"[{k!r}]")
+            exc.path.append(f"[{_safe_repr(k)}]")
             raise
     return [_M_SUBCLASS, _named_class(x, type(x)), flat]
 
@@ -935,6 +969,9 @@ def _canon_deque(x: Any, ctx: _Ctx, depth: int) -> object:
 
 
 def _canon_chainmap(x: Any, ctx: _Ctx, depth: int) -> object:
+    extra = sorted(set(_instance_dict(x) or ()) - {"maps"})  # a ChainMap keeps .maps there
+    if extra:
+        raise _Unhashable(x, f"a ChainMap with attribute {extra[0]!r}, which the key would not see")
     try:
         return [_M_CHAINMAP, _canon_list(x.maps, ctx, depth)]
     except _Unhashable as exc:
@@ -1089,7 +1126,24 @@ def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
         # a dataclass that is also a list, a str, a File...: its value as well
         out.append(_M_SUBCLASS)
         out.append(_base_value(x, t, ctx, depth))
+    elif t not in _PLAIN_DATACLASSES:
+        # another C base with state of its own (an Exception's args, a complex,
+        # a Decimal): the fields do not show it
+        for klass in t.__mro__:
+            if (
+                klass is not object
+                and not klass.__flags__ & _HEAPTYPE
+                and klass.__basicsize__ > object.__basicsize__
+            ):
+                raise _Unhashable(
+                    x, f"a dataclass that is also a {_qualname(klass)}: register a stand-in"
+                )
+        if len(_PLAIN_DATACLASSES) < 4096:
+            _PLAIN_DATACLASSES.add(t)
     return out
+
+
+_PLAIN_DATACLASSES: set[type] = set()
 
 
 _BUILTIN_BASES: Final = (tuple, list, dict, set, frozenset, str, int, float, bytes)
@@ -1302,6 +1356,7 @@ def _canon_ndarray_any(x: Any, ctx: _Ctx, depth: int, np: Any) -> object:
             _canon_ndarray(ma.getmaskarray(x), ctx, depth),
             fill,
             bool(x.hardmask),
+            *(["nomask"] if x.mask is ma.nomask else []),  # .mask is np.False_, not an array
         ]
     if t is ma.core.MaskedConstant:
         return [_M_SUBCLASS, "numpy.ma.masked"]
@@ -1421,10 +1476,10 @@ def _func_identity(func: object, version: object, ctx: _Ctx) -> list[object]:
     """``[module, qualname, version]`` for functions and classes (as Parsl keys
     them); ``[version, canonical form]`` for any other callable, whose state
     is part of what it does (a partial's arguments, a bound method's object)."""
-    if version is None:
+    if version is None and type(func) is types.FunctionType:
         try:
-            return _FID_CACHE[func]
-        except (KeyError, TypeError):
+            return _FID_CACHE[func]  # functions compare by identity
+        except KeyError:
             pass
     tf = type(func)
     if tf is types.FunctionType:
