@@ -652,6 +652,10 @@ class TestNames:
         assert key(Base(1)) != key(Base(2))  # registered itself: the registration vouches
 
 
+class MyF64(np.float64):
+    pass
+
+
 # ---- the rest
 
 
@@ -683,6 +687,12 @@ class TestMore:
         t3 = np.dtype({"names": ["a"], "formats": ["i4"], "titles": [(1, 2)]})
         with pytest.raises(UnhashableInputError, match="title"):
             key(np.zeros(2, t3))
+
+    def test_numpy_scalar_subclasses_raise(self) -> None:
+        m = MyF64(1.0)
+        with pytest.raises(UnhashableInputError, match="numpy scalar subclass"):
+            key(m)
+        assert key(np.float64(1.0)) != key(np.float32(1.0))
 
     def test_nan_bits(self) -> None:
         assert key(math.nan) != key(-math.nan)

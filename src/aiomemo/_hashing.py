@@ -1214,6 +1214,12 @@ def _canon_other(x: object, ctx: _Ctx, depth: int) -> object:
         if isinstance(x, np.ndarray):
             return _canon_ndarray_any(x, ctx, depth, np)
         if isinstance(x, np.generic):
+            if not (type(x).__module__ or "").startswith("numpy"):
+                raise _Unhashable(
+                    x,
+                    f"numpy scalar subclass {_qualname(t)} (it may hold state beyond its "
+                    "value): pass x.item() or register a stand-in",
+                )
             return _canon_npscalar(x, np)
     for hook in ctx.hooks:
         value = hook(x, ctx.output_ref)
