@@ -140,7 +140,6 @@ _M_ARRAY = _mark(56)  # array.array
 _M_NAMESPACE = _mark(57)  # types.SimpleNamespace
 _M_WRAPPER = _mark(58)  # staticmethod, classmethod, lru_cache wrapper not found by name
 _M_OUTPUTS_NONE = _mark(59)  # outputs=None given (the tree's None means "not given")
-_M_NDFLAGS = _mark(60)  # then the flags of an array that is read-only or Fortran-ordered
 _M_CLOSURE = _mark(61)  # then the code, defaults and closure of a function not found by name
 
 
@@ -676,9 +675,8 @@ def _function_state(x: Any, ctx: _Ctx, depth: int) -> list[object]:
     code = x.__code__
     digest = _CODE_DIGESTS.get(code)
     if digest is None:
-        digest = blake3.blake3(
-            _packb(_fingerprint._code_form(code))
-        ).digest()  # str consts with lone surrogates too
+        # this _packb: str constants with lone surrogates pack too
+        digest = blake3.blake3(_packb(_fingerprint._code_form(code))).digest()
         if len(_CODE_DIGESTS) < 4096:
             _CODE_DIGESTS[code] = digest
     try:
@@ -1130,11 +1128,7 @@ def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
         # another C base with state of its own (an Exception's args, a complex,
         # a Decimal): the fields do not show it
         for klass in t.__mro__:
-            if (
-                klass is not object
-                and not klass.__flags__ & _HEAPTYPE
-                and klass.__basicsize__ > object.__basicsize__
-            ):
+            if _has_c_state(klass):
                 raise _Unhashable(
                     x, f"a dataclass that is also a {_qualname(klass)}: register a stand-in"
                 )
@@ -1144,6 +1138,19 @@ def _canon_dataclass(x: Any, ctx: _Ctx, depth: int) -> object:
 
 
 _PLAIN_DATACLASSES: set[type] = set()
+
+
+def _has_c_state(klass: type) -> bool:
+    """Whether instances of ``klass`` hold state in C fields of its own (an
+    Exception's args, a Decimal's digits), which no attribute shows. A class
+    written in Python declares ``__slots__`` or has a dict; C types may be
+    heap types too (``deque`` from 3.12, ``Decimal`` from 3.13)."""
+    if klass is object or klass.__basicsize__ <= object.__basicsize__:
+        return False
+    if not klass.__flags__ & _HEAPTYPE:
+        return True
+    has_dict = klass.__dictoffset__ or klass.__flags__ & _MANAGED_DICT
+    return "__slots__" not in vars(klass) and not has_dict
 
 
 _BUILTIN_BASES: Final = (tuple, list, dict, set, frozenset, str, int, float, bytes)
@@ -1185,7 +1192,7 @@ def _base_value(x: Any, t: type, ctx: _Ctx, depth: int) -> object:
         for base in _BUILTIN_BASES:
             if isinstance(x, base):
                 return _canon(_builtin_value(x, base), ctx, depth)
-    solid = next(b for b in t.__mro__ if not b.__flags__ & _HEAPTYPE)
+    solid = next(b for b in t.__mro__ if _has_c_state(b))
     raise _Unhashable(x, f"a dataclass that is also a {_qualname(solid)}: register a stand-in")
 
 
