@@ -153,7 +153,8 @@ def parse_age(value: str | float | _dt.timedelta, what: str = "max-age") -> floa
 # --------------------------------------------------------------------------
 
 #: bytes a record of an older format may grow by when rewritten in the
-#: current one (format 3 adds the expiry), so estimates never fall short
+#: current one, so estimates never fall short (format 4 with expiries: a
+#: format-2 record gains its expiry, 9 bytes, and its tail's headers, 3-4)
 _RECORD_SLACK = 16
 _BATCH_OVERHEAD = 64  # batch header (40) + array header, rounded up
 _FILE_HEADER = 16
