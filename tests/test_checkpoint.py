@@ -92,7 +92,7 @@ async def test_file_header_and_segment_name(tmp_path: Path) -> None:
     assert seg.name.startswith("seg-") and seg.name.endswith(".amlog")
     assert f"-{os.getpid()}-" in seg.name
     head = read_segment_header(seg)
-    assert (head.version, head.header_size) == (3, FILE_HEADER_SIZE)
+    assert (head.version, head.header_size) == (ck.FORMAT_VERSION, FILE_HEADER_SIZE)
     assert seg.read_bytes()[:8] == ck.FILE_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -287,15 +287,16 @@ async def test_unsupported_version_and_foreign_files(tmp_path: Path) -> None:
     """A sound header of another version skips the file; a non-segment file loads nothing; an empty one is fine."""
     seg = await write_segment(tmp_path / "d", [[rec(1)]])
     data = seg.read_bytes()
-    fixed = struct.pack("<8sHH", ck.FILE_MAGIC, 4, 16)
+    later = ck.FORMAT_VERSION + 1
+    fixed = struct.pack("<8sHH", ck.FILE_MAGIC, later, 16)
     from blake3 import blake3
 
-    v4 = tmp_path / "v4.amlog"
-    v4.write_bytes(fixed + blake3(fixed).digest(4) + data[16:])
-    r = load_paths([v4])
-    assert r.table == {} and "version 4" in r.errors[0]
+    newer = tmp_path / "newer.amlog"
+    newer.write_bytes(fixed + blake3(fixed).digest(4) + data[16:])
+    r = load_paths([newer])
+    assert r.table == {} and f"version {later}" in r.errors[0]
     with pytest.raises(CorruptCheckpointError):
-        read_segment_header(v4)
+        read_segment_header(newer)
     other = tmp_path / "other.amlog"
     other.write_bytes(b"hello world, not a segment at all" * 10)
     r = load_paths([other])
@@ -721,10 +722,18 @@ def test_common_records_encode_as_every_other() -> None:
 
     packer = msgpack.Packer(use_bin_type=True)
     key = bytes(range(32))
-    for expires in (1_900_000_000, 12.0):
-        common = Record(key, b"\x01", "m.f", 1.5, b"\x92\x90\x80", float(expires))
-        general = Record(key, b"\x01", "m.f", 1.5, b"\x92\x90\x80", expires)  # an int: checked field by field
-        assert ck._record_bytes(packer, common) == ck._record_bytes(packer, general)
+    for version, expiry in ((3, False), (4, False), (4, True)):
+        for expires in (1_900_000_000, 12.0, float("inf")):
+            if version == 4 and not expiry and expires != float("inf"):
+                continue  # format 4 lays such a record out with expiries only
+            common = Record(key, b"\x01", "m.f", 1.5, b"\x92\x90\x80", float(expires))
+            # an int (or an inf given as such): checked field by field
+            general = Record(key, b"\x01", "m.f", 1.5, b"\x92\x90\x80", expires)
+            want = ck._record_bytes(packer, general, None, version, expiry)
+            assert ck._record_bytes(packer, common, None, version, expiry) == want
+            assert ck._record_bytes(packer, common, b"\xc1" + bytes(35), version, expiry) != want
+    with pytest.raises(ValueError, match="without expiries"):
+        ck._record_bytes(packer, Record(key, b"x", "m.f", 1.5, b"", 12.0), None, 4, False)
     batch = [rec(i) for i in range(5)]
     assert ck._encode(batch, large_values=False) == ck._encode(batch)
     with pytest.raises(TypeError):

@@ -53,10 +53,11 @@ def rec(i: int, value: bytes = b"\x01", *, t: float = 1.9e9, exp: float = NEVER,
     return Record(key(i), value, func, t, b"", exp)
 
 
-def seg(d: Path, name: str, *batches: list[Record]) -> Path:
+def seg(d: Path, name: str, *batches: list[Record], version: int = 3) -> Path:
+    """A segment of format ``version`` (3 here: format 4 has tests of its own)."""
     d.mkdir(parents=True, exist_ok=True)
     p = d / name
-    p.write_bytes(file_header() + b"".join(encode_batch(b) for b in batches))
+    p.write_bytes(file_header(version) + b"".join(encode_batch(b, version=version) for b in batches))
     return p
 
 
@@ -132,7 +133,7 @@ def test_expiry_round_trips_and_expired_records_are_left_out(tmp_path: Path) -> 
     recs = [rec(0), rec(1, exp=NOW + 10), rec(2, exp=NOW - 1), rec(3, exp=NOW)]
     p = seg(tmp_path, "seg-1.amlog", recs[:2], recs[2:])
     assert [i.record for i in iter_segment(p) if isinstance(i, RecordInfo)] == recs
-    assert encode_batch(recs)[40:42] == b"\x94\x97"  # four 7-array records
+    assert encode_batch(recs, version=3)[40:42] == b"\x94\x97"  # four 7-array records
     r = load_paths([p], now=NOW)
     assert set(r.table) == {key(0), key(1)} and r.expired == 2
     assert r.expires == {key(1): NOW + 10}
@@ -158,15 +159,15 @@ def test_large_value_with_expiry(tmp_path: Path) -> None:
     assert read_value(r.table[key(0)]) == big and r.expires == {key(0): NOW + 1}
 
 
-async def test_writer_writes_v3_with_expiry(tmp_path: Path) -> None:
-    """SegmentWriter writes format 3; single-record batches (the task_exit path) keep the expiry."""
+async def test_writer_writes_current_format_with_expiry(tmp_path: Path) -> None:
+    """SegmentWriter writes the current format; single-record batches (the task_exit path) keep the expiry."""
     w = await SegmentWriter.create(tmp_path)
     await w.write_batch([rec(0, exp=NOW + 3)], fsync=False)
     await w.write_batch([rec(1, exp=NOW - 3)], fsync=False)
     await w.write_batch([func_tombstone("m.g", NOW)], fsync=False)
     await w.write_batch([rec(2, func="m.g", t=NOW - 1)], fsync=False)
     await w.close()
-    assert w.path is not None and ck.read_segment_header(w.path).version == 3
+    assert w.path is not None and ck.read_segment_header(w.path).version == ck.FORMAT_VERSION
     r = load_paths([tmp_path], now=NOW)
     assert set(r.table) == {key(0)} and r.expires == {key(0): NOW + 3}
     assert r.expired == 1 and r.forgotten == 1 and r.tombstones.funcs == {"m.g": NOW}

@@ -205,20 +205,38 @@ def test_overlapping_loads_in_threads_resume_the_collector_once_all_end(
     assert during == [False] and gc.isenabled()
 
 
-def _one_batch_segment(d: Path, parts: list[bytes]) -> Path:
+def _one_batch_segment(d: Path, parts: list[bytes], stride: int | None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     p = d / "seg-1.amlog"
-    p.write_bytes(file_header() + ck._frame(msgpack.Packer(use_bin_type=True), parts))
+    p.write_bytes(file_header() + ck._frame(msgpack.Packer(use_bin_type=True), parts, stride))
     return p
 
 
 _N = 3000
+_TAIL = msgpack.packb(("m.f", 1.9e9, b"", b"\0" * 16), use_bin_type=True)
+#: an irregular record of each layout: format 3 (one array per record) and
+#: format 4 (key, value, expires, tail: four items per record)
+_ODD = {
+    3: {
+        "int-key": (7, b"v", "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
+        "map": ("key", {b"m": 1}, "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
+        "short": ("key", b"v"),
+        "scalar": ("scalar",),  # stands for 12345 alone
+    },
+    4: {
+        "int-key": (7, b"v", NEVER, _TAIL),
+        "map": ("key", {b"m": 1}, NEVER, _TAIL),
+        "short": ("key", 5, NEVER, _TAIL),  # an int for the value
+        "scalar": ("key", b"v", 12345, _TAIL),  # an int for the expiry
+    },
+}
 
 
 @pytest.mark.parametrize("at", [0, 1023, 1024, _N // 2, _N - 1])
 @pytest.mark.parametrize("kind", ["int-key", "map", "short", "scalar"])
+@pytest.mark.parametrize("version", [3, 4])
 def test_a_large_batch_loads_every_sound_record_around_an_odd_one(
-    tmp_path: Path, at: int, kind: str
+    tmp_path: Path, at: int, kind: str, version: int
 ) -> None:
     """A sound batch of thousands with one irregular record loses that record only.
 
@@ -232,19 +250,18 @@ def test_a_large_batch_loads_every_sound_record_around_an_odd_one(
     for i in range(_N):
         exp = NEVER if i % 7 else (NOW + i if i % 14 else NOW - 1)
         rec = Record(key(i), b"v%d" % i, "m.f", 1.9e9, b"", exp)
-        parts.append(ck._record_bytes(packer, rec))
+        parts.append(ck._record_bytes(packer, rec, None, version, True))
         if i != at and exp > NOW:
             want[key(i)] = rec.value
             if exp < NEVER:
                 expires[key(i)] = exp
-    odd: object = {
-        "int-key": (7, b"v", "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
-        "map": (key(at), {b"m": 1}, "m.f", 1.9e9, b"", NEVER, b"\0" * 16),
-        "short": (key(at), b"v"),
-        "scalar": 12345,
-    }[kind]
-    parts[at] = msgpack.packb(odd, use_bin_type=True)
-    r = load_paths([_one_batch_segment(tmp_path, parts)], now=NOW)
+    odd = tuple(key(at) if f == "key" else f for f in _ODD[version][kind])  # type: ignore[union-attr]
+    if version == 3:
+        parts[at] = msgpack.packb(12345 if kind == "scalar" else odd, use_bin_type=True)
+    else:
+        parts[at] = b"".join(msgpack.packb(f, use_bin_type=True) for f in odd)
+    p = _one_batch_segment(tmp_path, parts, None if version == 3 else 4)
+    r = load_paths([p], now=NOW)
     assert r.table == want and r.expires == expires
     assert r.records == _N - 1 and r.skipped == 1 and len(r.errors) == 1
     assert r.expired == sum(1 for i in range(14, _N, 14) if i != at) + (at != 0)
