@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,7 +117,7 @@ _CLUSTER_WORKER = textwrap.dedent(
     from aiomemo import CheckpointError, Memoizer
     from aiomemo.stores._redis import RedisStore
 
-    async def main(url, ns, rundir, n, distinct, out):
+    async def main(url, ns, rundir, n, distinct, out, keys_out):
         store = RedisStore(url, cluster=True, namespace=ns, lease_ttl=2,
                            socket_timeout=0.5, connect_timeout=0.5)
         memo = Memoizer(store=store, checkpoint_mode=None, config_run_dir=rundir, lease_ttl=2)
@@ -131,6 +132,9 @@ _CLUSTER_WORKER = textwrap.dedent(
         wrong = 0
         try:
             async with memo:
+                if keys_out:  # the task keys, for the test to find their slots
+                    with open(keys_out, "w") as f:
+                        f.write(" ".join([await work.key(i) for i in range(distinct)]))
                 print("ready", flush=True)
                 sys.stdin.readline()  # start together
                 for start in range(0, n, 100):  # waves of 100 concurrent calls
@@ -151,7 +155,7 @@ _CLUSTER_WORKER = textwrap.dedent(
         print(wrong, errors, flush=True)
 
     a = sys.argv
-    asyncio.run(main(a[1], a[2], a[3], int(a[4]), int(a[5]), a[6]))
+    asyncio.run(main(a[1], a[2], a[3], int(a[4]), int(a[5]), a[6], a[7]))
     """
 ).format(src=SRC)
 
@@ -170,6 +174,7 @@ async def test_three_processes_survive_a_master_killed_and_restarted(
             "3000",
             "3000",  # every call a new key (shared by the 3 processes)
             str(tmp_path / f"ran{w}"),
+            str(tmp_path / "keys") if w == 0 else "",
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -177,6 +182,7 @@ async def test_three_processes_survive_a_master_killed_and_restarted(
         for w in range(3)
     ]
     victim = cluster.nodes[2]
+    victim_slots = await _slot_ranges(cluster, victim.port)
     try:
         for p in procs:
             assert p.stdout is not None and p.stdin is not None
@@ -211,6 +217,32 @@ async def test_three_processes_survive_a_master_killed_and_restarted(
     # keys on the surviving masters ran once; the killed one's may have run
     # in each process while it was down
     assert len(ran) < 2 * 3000
+    from redis.crc import key_slot
+
+    s = RedisStore("redis://127.0.0.1:1", cluster=True, namespace=redis_namespace)
+    keys = (tmp_path / "keys").read_text().split()
+
+    def on_victim(i: int) -> bool:
+        slot = key_slot(s.value_key(bytes.fromhex(keys[i])))
+        return any(lo <= slot <= hi for lo, hi in victim_slots)
+
+    runs = Counter(ran)
+    survivors = [i for i in range(3000) if not on_victim(i)]
+    assert 1500 < len(survivors) < 2500  # ~2/3 of the keys
+    # the strong form: a master being down cost only the keys in its own slots
+    twice = [i for i in survivors if runs[i] != 1]
+    assert not twice, f"{len(twice)} keys of the surviving masters ran more than once"
+
+
+async def _slot_ranges(cluster: RedisClusterServers, port: int) -> list[tuple[int, int]]:
+    """The slot ranges the master on ``port`` serves (CLUSTER SLOTS, asked of another node)."""
+    other = next(n for n in cluster.nodes if n.port != port)
+    client = aioredis.Redis(host="127.0.0.1", port=other.port)
+    try:
+        reply = await client.execute_command("CLUSTER", "SLOTS")
+    finally:
+        await client.aclose()
+    return [(int(lo), int(hi)) for lo, hi, master, *_ in reply if int(master[1]) == port]
 
 
 async def test_an_unreachable_cluster_is_a_store_error(redis_namespace: str) -> None:

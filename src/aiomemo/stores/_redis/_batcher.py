@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
@@ -155,45 +155,37 @@ class Batcher:
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
-    def _fill(self, pipe: Any, ops: Sequence[_Op], *, use_eval: bool) -> None:
-        for op in ops:
-            for cmd in op.cmds:
-                if cmd[0] == "script":
-                    _, name, keys, args = cmd
-                    if use_eval:
-                        pipe.execute_command("EVAL", SCRIPTS[name], len(keys), *keys, *args)
-                    else:
-                        pipe.execute_command("EVALSHA", SHA[name], len(keys), *keys, *args)
+    def _fill(self, pipe: Any, cmds: Iterable[Cmd], *, use_eval: bool) -> None:
+        for cmd in cmds:
+            if cmd[0] == "script":
+                _, name, keys, args = cmd
+                if use_eval:
+                    pipe.execute_command("EVAL", SCRIPTS[name], len(keys), *keys, *args)
                 else:
-                    pipe.execute_command(*cmd)
+                    pipe.execute_command("EVALSHA", SHA[name], len(keys), *keys, *args)
+            else:
+                pipe.execute_command(*cmd)
 
     async def _send(self, ops: Sequence[_Op], *, use_eval: bool) -> list[list[Any]]:
-        """One round trip for ``ops``: the replies of each op's commands, in order."""
+        """One round trip for ``ops`` (one server): the replies of each op's commands, in order."""
         client = self._store._client
         pipe = client.pipeline(transaction=False)
-        gets: list[int] = []
-        if not self._cluster:
-            # plain lookups go as one MGET: far less client work than N GETs
-            # (a cluster cannot: its keys are in many slots)
-            gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
-            if len(gets) > 1:
-                pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
-            else:
-                gets = []
+        # plain lookups go as one MGET: far less client work than N GETs
+        # (a cluster cannot: its keys are in many slots)
+        gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
+        if len(gets) > 1:
+            pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
+        else:
+            gets = []
         in_mget = set(gets)
         rest = [i for i in range(len(ops)) if i not in in_mget]
-        self._fill(pipe, [ops[i] for i in rest], use_eval=use_eval)
+        self._fill(pipe, (cmd for i in rest for cmd in ops[i].cmds), use_eval=use_eval)
         wake = [k for op in ops for k in op.wake]
-        if wake and not self._cluster:
+        if wake:
             # same connection, after the writes: a woken waiter sees them
             pipe.execute_command("PUBLISH", self._channel, key_list(b"p", wake))
         self._counts["round_trips"] += 1
         results: list[Any] = await pipe.execute(raise_on_error=False)
-        if wake and self._cluster:
-            # after the writes (they may be on other nodes): a second round trip
-            with contextlib.suppress(*ERRORS):
-                await client.execute_command("SPUBLISH", self._channel, key_list(b"p", wake))
-                self._counts["round_trips"] += 1
         out: list[list[Any]] = [[] for _ in ops]
         pos = 0
         if gets:
@@ -209,6 +201,8 @@ class Batcher:
 
     async def _round_trip(self, ops: list[_Op], *, use_eval: bool) -> list[_Op]:
         """Send ``ops`` and settle them; return those that met NOSCRIPT (only without EVAL)."""
+        if self._cluster:
+            return await self._cluster_round_trip(ops, use_eval=use_eval)
         try:
             replies = await self._send(ops, use_eval=use_eval)
         except ERRORS as exc:
@@ -224,14 +218,114 @@ class Batcher:
         self._store._answered()
         retry: list[_Op] = []
         for op, res in zip(ops, replies, strict=True):
-            failed = next((r for r in res if isinstance(r, Exception)), None)
-            if isinstance(failed, NoScriptError) and not use_eval:
-                retry.append(op)
-            elif failed is not None:
-                self._settle(op, self._store._error("batched command", failed))
-            else:
-                self._settle(op, res)
+            self._finish(op, res, retry, use_eval=use_eval)
         return retry
+
+    def _finish(self, op: _Op, res: list[Any], retry: list[_Op], *, use_eval: bool) -> None:
+        """Settle ``op`` with the replies of its commands (or queue it in ``retry`` for EVAL)."""
+        failed = next((r for r in res if isinstance(r, Exception)), None)
+        if isinstance(failed, StoreError):  # its node's round trip failed (counted there)
+            self._settle(op, failed)
+        elif isinstance(failed, NoScriptError) and not use_eval:
+            retry.append(op)
+        elif failed is not None:
+            self._settle(op, self._store._error("batched command", failed))
+        else:
+            self._settle(op, res)
+
+    # -- a cluster: one pipeline per master ------------------------------------
+    #
+    # A batch's commands are split by the master that holds their slot, and each
+    # master's share goes as a pipeline of its own, settled when that master
+    # answers. redis-py's cluster pipeline raises for the whole pipeline when one
+    # of its nodes is unreachable (and drops the replies the other nodes gave),
+    # so one pipeline for the batch failed every claim, lookup and completion in
+    # it, including those on healthy masters whose leases were in fact taken:
+    # the callers then ran those tasks unclaimed, and the other processes ran
+    # them again when the orphaned leases expired. Now a down master costs only
+    # the operations on its own slots.
+
+    def _node_of(self, cmd: Cmd) -> str | None:
+        """The name of the master serving ``cmd``'s key now (None: not known yet)."""
+        key = cmd[2][0] if cmd[0] == "script" else cmd[1]
+        try:
+            node = self._store._client.get_node_from_key(key)
+        except Exception:  # no topology yet, or the slot is not covered
+            return None
+        return None if node is None else str(node.name)
+
+    async def _cluster_round_trip(self, ops: list[_Op], *, use_eval: bool) -> list[_Op]:
+        """Send ``ops``, one pipeline per master, and settle each op when its masters answered."""
+        replies: list[list[Any]] = [[None] * len(op.cmds) for op in ops]
+        left = [len(op.cmds) for op in ops]  # commands not answered yet, per op
+        groups: dict[str | None, list[tuple[int, int]]] = {}
+        for i, op in enumerate(ops):
+            for j, cmd in enumerate(op.cmds):
+                groups.setdefault(self._node_of(cmd), []).append((i, j))
+        retry: list[_Op] = []
+        wake: list[bytes] = []
+        failures = 0
+
+        async def one(node: str | None, members: list[tuple[int, int]]) -> None:
+            nonlocal failures
+            cmds = [ops[i].cmds[j] for i, j in members]
+            try:
+                got = await self._send_cluster(cmds, use_eval=use_eval)
+            except ERRORS as exc:
+                failures += 1
+                where = f" to {node}" if node is not None else ""
+                err = self._store._error(f"pipeline of {len(cmds)} commands{where}", exc)
+                got = [err] * len(cmds)
+                self._fail_queued(node, err)
+            for (i, j), reply in zip(members, got, strict=True):
+                replies[i][j] = reply
+                left[i] -= 1
+                if not left[i]:
+                    op = ops[i]
+                    if op.wake and not any(isinstance(r, StoreError) for r in replies[i]):
+                        wake.extend(op.wake)
+                    self._finish(op, replies[i], retry, use_eval=use_eval)
+
+        await asyncio.gather(*(one(node, members) for node, members in groups.items()))
+        if not failures:
+            self._store._answered()
+        if wake:
+            # after the writes (they may be on several masters): one more round
+            # trip, once per batch (a connection per master and batch, as before)
+            await self._publish(wake)
+        return retry
+
+    async def _send_cluster(self, cmds: list[Cmd], *, use_eval: bool) -> list[Any]:
+        """One pipeline (to one master, as far as the client's slot map knows) of ``cmds``."""
+        pipe = self._store._client.pipeline(transaction=False)
+        self._fill(pipe, cmds, use_eval=use_eval)
+        self._counts["round_trips"] += 1
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def _publish(self, wake: list[bytes]) -> None:
+        """Wake the waiters on ``wake`` (sharded pub/sub; a failure only delays them)."""
+        with contextlib.suppress(*ERRORS):
+            await self._store._client.execute_command(
+                "SPUBLISH", self._channel, key_list(b"p", wake)
+            )
+            self._counts["round_trips"] += 1
+
+    def _fail_queued(self, node: str | None, err: StoreError) -> None:
+        """Fail now the queued operations bound for ``node`` (None: the slots of no known master).
+
+        The master is down or hung (redis-py already retried once): they would
+        each wait for it in vain; the other masters' operations stay queued.
+        """
+        queue = self._queue
+        keep: list[_Op] = []
+        while queue:
+            op = queue.popleft()
+            if any(self._node_of(cmd) == node for cmd in op.cmds):
+                self._settle(op, err)
+            else:
+                keep.append(op)
+        queue.extend(keep)
 
     async def _flush(self, ops: list[_Op]) -> None:
         try:

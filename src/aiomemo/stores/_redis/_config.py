@@ -156,7 +156,7 @@ def open_connections(client: Any, *, cluster: bool) -> int:
 async def close_pubsub(pubsub: PubSub) -> None:
     """Close a pub/sub connection, ignoring what a broken one raises."""
     with contextlib.suppress(*ERRORS, RuntimeError):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def is_auth_error(exc: BaseException) -> bool:

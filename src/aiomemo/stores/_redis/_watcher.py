@@ -51,6 +51,8 @@ class Watcher:
         self._timers: list[tuple[float, int, bytes]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        # a cluster whose channel's master failed to subscribe: not before this
+        self._resubscribe_at = 0.0
 
     def __len__(self) -> int:
         """The keys waited for now."""
@@ -79,6 +81,7 @@ class Watcher:
         self._waiting.clear()
         self._due.clear()
         self._timers.clear()
+        self._resubscribe_at = 0.0
         pubsub, self._pubsub = self._pubsub, None
         return pubsub
 
@@ -222,12 +225,19 @@ class Watcher:
             await self._check_round(due)
 
     async def _check_round(self, due: list[bytes]) -> None:
-        try:
-            await self._ensure_subscribed()
-        except StoreError as exc:
-            for k in due:
-                self._answer(k, exc)
-            return
+        if time.monotonic() >= self._resubscribe_at:
+            try:
+                await self._ensure_subscribed()
+            except StoreError as exc:
+                if not self._store.cluster:
+                    for k in due:
+                        self._answer(k, exc)
+                    return
+                # The master of the channel's slot is down: the keys' own
+                # masters may well answer, so they are checked all the same,
+                # and re-checked every recheck_interval (no wake-ups) until
+                # the subscription is back; tried again no sooner than that.
+                self._resubscribe_at = time.monotonic() + self._store.recheck_interval
         self._counts["wait_rounds"] += 1
         self._counts["wait_checks"] += len(due)
         # The lease first, then the value: the two reads are pipelined, not
