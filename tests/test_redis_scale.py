@@ -295,6 +295,32 @@ async def test_aclose_with_operations_in_flight_fails_them_with_store_error(
         await s.get(rec(1).key)
 
 
+async def test_aclose_leaves_no_task_behind(redis_url: str, redis_namespace: str) -> None:
+    """aclose() while the watcher subscribes: no event reader outlives the store.
+
+    (redis-py's read can swallow the cancellation aclose() sends when it meets
+    its own timeout; the subscription then went on and started a reader on a
+    closed store, which a loop's shutdown could wait on forever.)
+    """
+    for n in range(20):
+        s = RedisStore(
+            redis_url, namespace=f"{redis_namespace}-{n}", max_connections=1, batch_size=10
+        )
+        await s.open()
+        # a deep queue of lookups in front of the subscription's confirmation
+        ops = [asyncio.ensure_future(s.get(rec(i).key)) for i in range(2000)]
+        waits = [asyncio.ensure_future(s.wait_for(rec(i).key, 30)) for i in range(5000, 5100)]
+        await asyncio.sleep(0.005)
+        await s.aclose()
+        await asyncio.gather(*ops, *waits, return_exceptions=True)
+        left = [t for t in asyncio.all_tasks() if t.get_name().startswith("aiomemo-redis")]
+        for t in left:  # (a regression fails here instead of hanging the loop's shutdown)
+            t.cancel()
+        if left:
+            await asyncio.wait(left, timeout=2)
+        assert not left, (n, left)
+
+
 def test_a_store_used_from_a_second_event_loop(redis_url: str, redis_namespace: str) -> None:
     s = RedisStore(redis_url, namespace=redis_namespace)
 
@@ -438,3 +464,42 @@ async def test_a_completion_between_a_checks_two_reads_is_never_a_none(
         follower._submit = split_submit  # type: ignore[method-assign]
         assert await follower.wait_for(key, 10) == b"done"
         assert completed.is_set() and checks >= 2
+
+
+async def test_large_values_are_written_in_pipelines_of_bounded_size(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of large values never goes as one pipeline that cannot be sent in time.
+
+    redis-py gives the whole write of a pipeline ``socket_timeout``; 48 MB as
+    one pipeline timed out on every retry (its records were never written).
+    """
+    from aiomemo.stores._redis import _batcher
+
+    sent: list[int] = []
+    send = _batcher.Batcher._send
+
+    async def counting_send(self: Any, ops: Any, *, use_eval: bool) -> Any:
+        sent.append(sum(op.nbytes for op in ops) if len(ops) > 1 else 0)
+        return await send(self, ops, use_eval=use_eval)
+
+    monkeypatch.setattr(_batcher.Batcher, "_send", counting_send)
+    big = [rec(i, bytes([i]) * (3 << 18)) for i in range(64)]  # 64 x 768 KiB
+    try:
+        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.25) as s:
+            await s.put_many(big)  # one call, 48 MiB
+            assert [await s.get(r.key) for r in big] == [r.value for r in big]
+            # lease completions of large values, 64 at once: batched, bounded too
+            others = [rec(1000 + i, bytes([i]) * (3 << 18)) for i in range(64)]
+            leases = await asyncio.gather(*(s.claim(r.key, 5) for r in others))
+            assert all(lease is not None for lease in leases)
+            done = await asyncio.gather(
+                *(lease.complete(r) for lease, r in zip(leases, others, strict=True) if lease)
+            )
+            assert all(done)
+            assert [await s.get(r.key) for r in others] == [r.value for r in others]
+        assert sent and max(sent) <= _batcher.PIPELINE_BYTES, sent
+    finally:
+        keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:*")]
+        if keys:
+            await raw.delete(*keys)

@@ -24,17 +24,36 @@ from aiomemo.stores._redis._values import key_list
 if TYPE_CHECKING:
     from aiomemo.stores._redis._store import RedisStore
 
-__all__ = ["Batcher", "Cmd"]
+__all__ = ["PIPELINE_BYTES", "Batcher", "Cmd", "cmd_bytes"]
 
 # One command of a batched operation: ("GET", key), ("PTTL", key), ("SET", ...),
 # or ("script", name, keys, args).
 Cmd = tuple[Any, ...]
 
+#: The most bytes of arguments one pipelined round trip carries; operations
+#: beyond it go in the next one (an operation bigger than this goes alone).
+#: redis-py gives the whole write of a pipeline ``socket_timeout``: a batch of
+#: large values written as one pipeline could time out every time it was
+#: retried (a server fsyncing its AOF after each write takes ~50 MB slowly),
+#: and its records would never be written. 1 MiB takes a few ms on loopback.
+PIPELINE_BYTES = 1 << 20
+
+
+def cmd_bytes(cmds: Sequence[Cmd]) -> int:
+    """The bytes of the arguments of ``cmds`` (what makes a pipeline long to send)."""
+    n = 0
+    for cmd in cmds:
+        args = cmd[3] if cmd[0] == "script" else cmd
+        for a in args:
+            if type(a) is bytes:
+                n += len(a)
+    return n
+
 
 class _Op:
     """One queued operation: its commands, the future of their replies, the keys to announce."""
 
-    __slots__ = ("cmds", "fut", "on_orphan", "wake", "weight")
+    __slots__ = ("cmds", "fut", "nbytes", "on_orphan", "wake", "weight")
 
     def __init__(
         self,
@@ -49,6 +68,7 @@ class _Op:
         self.wake = wake
         self.on_orphan = on_orphan
         self.weight = weight  # operations it counts for in a batch (bulk ops: their records)
+        self.nbytes = cmd_bytes(cmds)  # bytes it adds to a pipeline (see PIPELINE_BYTES)
 
 
 class Batcher:
@@ -142,12 +162,19 @@ class Batcher:
         self._kick_scheduled = False
         while self._queue and self._in_flight < self._max_connections and not self._store._closed:
             ops: list[_Op] = []
-            weight = 0
+            weight = nbytes = 0
             queue = self._queue
-            while queue and (not ops or weight + queue[0].weight <= self._batch_size):
+            while queue and (
+                not ops
+                or (
+                    weight + queue[0].weight <= self._batch_size
+                    and nbytes + queue[0].nbytes <= PIPELINE_BYTES
+                )
+            ):
                 op = queue.popleft()
                 ops.append(op)
                 weight += op.weight
+                nbytes += op.nbytes
             self._in_flight += 1
             if self._in_flight > self._counts["in_flight_max"]:
                 self._counts["in_flight_max"] = self._in_flight

@@ -112,6 +112,11 @@ class Watcher:
                     if left <= 0:
                         raise StoreError(f"Redis {want} not confirmed at {self._store._safe_url()}")
                     msg = await self._store._call(want, self._next_message(pubsub, left))
+                    if self._store._closed:
+                        # aclose() cancelled us meanwhile, and redis-py's read
+                        # can swallow a cancellation that meets its own
+                        # timeout: no reader may outlive the store
+                        raise StoreError(f"{self._store!r} was closed")
                     if msg is not None and msg.get("type") == want:
                         break
             except BaseException:

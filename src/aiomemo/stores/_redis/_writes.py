@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiomemo import _records
 from aiomemo.stores._base import Record
-from aiomemo.stores._redis._batcher import Cmd
+from aiomemo.stores._redis._batcher import PIPELINE_BYTES, Cmd, cmd_bytes
 from aiomemo.stores._redis._lease import ms
 from aiomemo.stores._redis._values import decode_value, encode_value
 
@@ -97,8 +97,32 @@ class Writes:
             await client.delete(name)
         return len(gone)
 
+    def _chunks(self, records: Sequence[Record]) -> list[tuple[list[Record], list[Cmd]]]:
+        """``records`` and their commands, cut at ``batch_size`` records or PIPELINE_BYTES."""
+        size = self._store.batch_size
+        chunks: list[tuple[list[Record], list[Cmd]]] = []
+        recs: list[Record] = []
+        cmds: list[Cmd] = []
+        nbytes = 0
+        for r in records:
+            cmd = self.set_cmd(r)
+            n = cmd_bytes((cmd,))
+            if recs and (len(recs) >= size or nbytes + n > PIPELINE_BYTES):
+                chunks.append((recs, cmds))
+                recs, cmds, nbytes = [], [], 0
+            recs.append(r)
+            cmds.append(cmd)
+            nbytes += n
+        if recs:
+            chunks.append((recs, cmds))
+        return chunks
+
     async def put_many(self, records: Sequence[Record]) -> None:
-        """Write the records (SET with optional PX ttl), ``batch_size`` per round trip.
+        """Write the records (SET with optional PX ttl), ``batch_size`` per round trip at most.
+
+        A round trip carries at most PIPELINE_BYTES of values (a larger
+        value goes alone), so that each one can be sent within
+        ``socket_timeout``.
 
         Each round trip also publishes one event that wakes the waiters on its
         keys. Writing the same record twice is harmless; the last write of a
@@ -113,16 +137,14 @@ class Writes:
             records = [r for r in records if r.tombstone != "func"]
         if not records:
             return
-        size = store.batch_size
-        chunks = [records[i : i + size] for i in range(0, len(records), size)]
+        chunks = self._chunks(records)
         futs = [
-            store._submit([self.set_cmd(r) for r in c], wake=[r.key for r in c], weight=len(c))
-            for c in chunks
+            store._submit(cmds, wake=[r.key for r in c], weight=len(c)) for c, cmds in chunks
         ]
         replies = await asyncio.gather(*futs, return_exceptions=True)
         store._counts["put_batches"] += len(chunks)
         error = None
-        for c, got in zip(chunks, replies, strict=True):
+        for (c, _), got in zip(chunks, replies, strict=True):
             if isinstance(got, BaseException):
                 error = error or got
             else:
