@@ -479,9 +479,9 @@ async def test_large_values_are_written_in_pipelines_of_bounded_size(
     sent: list[int] = []
     send = _batcher.Batcher._send
 
-    async def counting_send(self: Any, ops: Any, *, use_eval: bool) -> Any:
+    async def counting_send(self: Any, ops: Any, gets: Any, *, use_eval: bool) -> Any:
         sent.append(sum(op.nbytes for op in ops) if len(ops) > 1 else 0)
-        return await send(self, ops, use_eval=use_eval)
+        return await send(self, ops, gets, use_eval=use_eval)
 
     monkeypatch.setattr(_batcher.Batcher, "_send", counting_send)
     big = [rec(i, bytes([i]) * (3 << 18)) for i in range(64)]  # 64 x 768 KiB
@@ -499,6 +499,45 @@ async def test_large_values_are_written_in_pipelines_of_bounded_size(
             assert all(done)
             assert [await s.get(r.key) for r in others] == [r.value for r in others]
         assert sent and max(sent) <= _batcher.PIPELINE_BYTES, sent
+    finally:
+        keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:*")]
+        if keys:
+            await raw.delete(*keys)
+
+
+async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis
+) -> None:
+    """64 concurrent lookups of 4 MB values: all answered, by a store that did not write them.
+
+    redis-py reads an MGET's reply as one response within ``socket_timeout``:
+    64 x 4 MB as one MGET failed every batch. The store that wrote them knows
+    their size; one that did not finds out (a reply too large, or a timeout)
+    and reads them one GET reply each from then on.
+    """
+    big = [rec(i, bytes([i]) * (4 << 20)) for i in range(64)]
+    try:
+        async with RedisStore(redis_url, namespace=redis_namespace) as w:
+            for r in big:
+                await w.put_many([r])
+            assert not w._batch.mget  # it wrote large values: no MGET for its lookups
+        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.3) as s:
+            assert s._batch.mget
+            got = await asyncio.gather(*(s.get(r.key) for r in big), return_exceptions=True)
+            assert [g == r.value for g, r in zip(got, big, strict=True)] == [True] * 64, [
+                g for g in got if isinstance(g, BaseException)
+            ][:1]
+            assert not s._batch.mget
+        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.3) as s:
+            got_many = await s.get_many([r.key for r in big])  # bulk MGETs: the same
+            assert got_many == {r.key: r.value for r in big}
+            assert not s._batch.mget
+        async with RedisStore(redis_url, namespace=redis_namespace) as small:
+            await small.put_many([rec(i) for i in range(100, 200)])
+            assert await asyncio.gather(*(small.get(rec(i).key) for i in range(100, 200))) == [
+                rec(i).value for i in range(100, 200)
+            ]
+            assert small._batch.mget  # small values keep one MGET per batch
     finally:
         keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:*")]
         if keys:

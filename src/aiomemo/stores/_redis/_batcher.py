@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aiomemo._exceptions import StoreError
 from aiomemo.stores._redis._config import ERRORS
@@ -38,12 +39,22 @@ Cmd = tuple[Any, ...]
 #: and its records would never be written. 1 MiB takes a few ms on loopback.
 PIPELINE_BYTES = 1 << 20
 
+#: A value this large, written or read by a store, makes its lookups go as one
+#: GET each instead of one MGET: redis-py reads an MGET's reply as one response
+#: within ``socket_timeout``, and 100 lookups of 4 MB values (400 MB) took more
+#: than 2 s on loopback, so every batch of them failed; GET replies are read
+#: one at a time, each within it.
+LARGE_REPLY = 64 << 10
+
 
 def cmd_bytes(cmds: Sequence[Cmd]) -> int:
     """The bytes of the arguments of ``cmds`` (what makes a pipeline long to send)."""
     n = 0
     for cmd in cmds:
-        args = cmd[3] if cmd[0] == "script" else cmd
+        name = cmd[0]
+        if name == "GET" or name == "PTTL":  # a key alone: small
+            continue
+        args = cmd[3] if name == "script" else cmd
         for a in args:
             if type(a) is bytes:
                 n += len(a)
@@ -88,6 +99,8 @@ class Batcher:
         self._channel = store.channel
         self._queue: deque[_Op] = deque()
         self._kick_scheduled = False
+        #: lookups of one batch go as one MGET (until values turn out large)
+        self.mget = not self._cluster
         self._in_flight = 0
         self._flushes: set[asyncio.Task[None]] = set()
         self._bg: set[asyncio.Future[Any]] = set()
@@ -127,6 +140,8 @@ class Batcher:
         loop = self._own_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
         op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight)
+        if op.nbytes >= LARGE_REPLY and op.nbytes >= LARGE_REPLY * op.weight:
+            self.mget = False  # values of this size are read back too
         if urgent:
             self._queue.appendleft(op)
         else:
@@ -143,20 +158,34 @@ class Batcher:
         slots) one GET per key, batched all the same.
         """
         value_key = self._store.value_key
-        if self._cluster:
-            futs = [self.submit([("GET", value_key(k))]) for k in keys]
-            each: list[Any] = await asyncio.gather(*futs, return_exceptions=True)
-            return each
+        if not self.mget:  # a cluster, or large values
+            return await self._get_each(keys)
         size = self._batch_size
         chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
         futs = [self.submit([("MGET", *(value_key(k) for k in c))], weight=len(c)) for c in chunks]
         replies: list[Any] = []
         for c, got in zip(chunks, await asyncio.gather(*futs, return_exceptions=True), strict=True):
             if isinstance(got, BaseException):
-                replies += [got] * len(c)
+                # a reply too large to read in time turns MGET off: one GET each
+                replies += await self._get_each(c) if not self.mget else [got] * len(c)
             else:
-                replies += [[v] for v in got[0]]
+                values = got[0]
+                self._saw_values(values)
+                replies += [[v] for v in values]
         return replies
+
+    async def _get_each(self, keys: Sequence[bytes]) -> list[Any]:
+        value_key = self._store.value_key
+        futs = [self.submit([("GET", value_key(k))]) for k in keys]
+        each: list[Any] = await asyncio.gather(*futs, return_exceptions=True)
+        return each
+
+    def _saw_values(self, values: list[Any]) -> None:
+        """An MGET's reply: if its values are large, lookups go one GET each from now on."""
+        if self.mget:
+            size = sum(len(v) for v in values if v is not None)
+            if size > PIPELINE_BYTES and size >= LARGE_REPLY * len(values):
+                self.mget = False
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -193,17 +222,19 @@ class Batcher:
             else:
                 pipe.execute_command(*cmd)
 
-    async def _send(self, ops: Sequence[_Op], *, use_eval: bool) -> list[list[Any]]:
-        """One round trip for ``ops`` (one server): the replies of each op's commands, in order."""
+    async def _send(
+        self, ops: Sequence[_Op], gets: list[int], *, use_eval: bool
+    ) -> list[list[Any]]:
+        """One round trip for ``ops`` (one server): the replies of each op's commands, in order.
+
+        ``gets``: the lookups among them that go as one MGET (see _mget_ops).
+        """
         client = self._store._client
         pipe = client.pipeline(transaction=False)
         # plain lookups go as one MGET: far less client work than N GETs
         # (a cluster cannot: its keys are in many slots)
-        gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
-        if len(gets) > 1:
+        if gets:
             pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
-        else:
-            gets = []
         in_mget = set(gets)
         rest = [i for i in range(len(ops)) if i not in in_mget]
         self._fill(pipe, (cmd for i in rest for cmd in ops[i].cmds), use_eval=use_eval)
@@ -220,20 +251,45 @@ class Batcher:
             pos = 1
             for j, i in enumerate(gets):
                 out[i] = [values if isinstance(values, Exception) else values[j]]
+            if not isinstance(values, Exception):
+                self._saw_values(values)
         for i in rest:
             n = len(ops[i].cmds)
             out[i] = results[pos : pos + n]
             pos += n
         return out
 
+    def _mget_ops(self, ops: Sequence[_Op]) -> list[int]:
+        """The lookups among ``ops`` that go as one MGET (none: fewer than two, or no MGET)."""
+        if not self.mget:
+            return []
+        gets = [i for i, op in enumerate(ops) if len(op.cmds) == 1 and op.cmds[0][0] == "GET"]
+        return gets if len(gets) > 1 else []
+
     async def _round_trip(self, ops: list[_Op], *, use_eval: bool) -> list[_Op]:
         """Send ``ops`` and settle them; return those that met NOSCRIPT (only without EVAL)."""
         if self._cluster:
             return await self._cluster_round_trip(ops, use_eval=use_eval)
+        merged = self._mget_ops(ops)
         try:
-            replies = await self._send(ops, use_eval=use_eval)
+            replies = await self._send(ops, merged, use_eval=use_eval)
         except ERRORS as exc:
             err = self._store._error(f"pipeline of {len(ops)} operations", exc)
+            mget = merged or any(op.cmds[0][0] == "MGET" for op in ops)
+            if mget and self.mget and isinstance(exc, RedisTimeoutError):
+                # Perhaps the MGET's reply was too large to read in time (values
+                # nobody here wrote): the lookups go again at once, one GET
+                # each (get_blobs retries its MGETs so); the other operations
+                # fail as after any timeout. A hung server fails them on the
+                # next try, as below.
+                self.mget = False
+                again = set(merged)
+                for i in reversed(merged):
+                    self._queue.appendleft(ops[i])
+                for i, op in enumerate(ops):
+                    if i not in again:
+                        self._settle(op, err)
+                return []
             for op in ops:
                 self._settle(op, err)
             # Redis is down or hung (redis-py already retried a broken
