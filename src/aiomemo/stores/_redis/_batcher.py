@@ -73,13 +73,15 @@ class _Op:
         wake: Sequence[bytes],
         on_orphan: Callable[[list[Any]], None] | None,
         weight: int = 1,
+        nbytes: int | None = None,
     ) -> None:
         self.cmds = cmds
         self.fut = fut
         self.wake = wake
         self.on_orphan = on_orphan
         self.weight = weight  # operations it counts for in a batch (bulk ops: their records)
-        self.nbytes = cmd_bytes(cmds)  # bytes it adds to a pipeline (see PIPELINE_BYTES)
+        # bytes it adds to a pipeline (see PIPELINE_BYTES)
+        self.nbytes = cmd_bytes(cmds) if nbytes is None else nbytes
 
 
 class Batcher:
@@ -131,15 +133,17 @@ class Batcher:
         on_orphan: Callable[[list[Any]], None] | None = None,
         urgent: bool = False,
         weight: int = 1,
+        nbytes: int | None = None,
     ) -> asyncio.Future[list[Any]]:
         """Queue one operation; it goes out with the others of this loop iteration.
 
         ``urgent`` (lease renewals) jumps the queue: a deep backlog of lookups
-        must not let a live holder's lease expire.
+        must not let a live holder's lease expire. ``nbytes``: ``cmd_bytes(cmds)``
+        when the caller has it already.
         """
         loop = self._own_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
-        op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight)
+        op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight, nbytes)
         if op.nbytes >= LARGE_REPLY and op.nbytes >= LARGE_REPLY * op.weight:
             self.mget = False  # values of this size are read back too
         if urgent:

@@ -244,15 +244,11 @@ class RedisStore(LeaseStore):
         closed = StoreError(f"{self!r} was closed")
         tasks = [*self._waits.take_tasks(), *self._batch.take_tasks()]
         if same_loop:
-            while tasks:
-                for task in tasks:
-                    task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                # one that started meanwhile (a subscription confirmed as it was
-                # cancelled starts the event reader): it goes too
-                tasks = self._waits.take_tasks()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             self._batch.fail_queued(closed)
             self._waits.fail_waiters(closed)
         self._batch.reset()

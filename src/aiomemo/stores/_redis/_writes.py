@@ -97,10 +97,11 @@ class Writes:
             await client.delete(name)
         return len(gone)
 
-    def _chunks(self, records: Sequence[Record]) -> list[tuple[list[Record], list[Cmd]]]:
-        """``records`` and their commands, cut at ``batch_size`` records or PIPELINE_BYTES."""
+    def _chunks(self, records: Sequence[Record]) -> list[tuple[list[Record], list[Cmd], int]]:
+        """``records`` cut at ``batch_size`` records or PIPELINE_BYTES: each chunk's
+        records, their commands and the commands' bytes."""
         size = self._store.batch_size
-        chunks: list[tuple[list[Record], list[Cmd]]] = []
+        chunks: list[tuple[list[Record], list[Cmd], int]] = []
         recs: list[Record] = []
         cmds: list[Cmd] = []
         nbytes = 0
@@ -108,13 +109,13 @@ class Writes:
             cmd = self.set_cmd(r)
             n = cmd_bytes((cmd,))
             if recs and (len(recs) >= size or nbytes + n > PIPELINE_BYTES):
-                chunks.append((recs, cmds))
+                chunks.append((recs, cmds, nbytes))
                 recs, cmds, nbytes = [], [], 0
             recs.append(r)
             cmds.append(cmd)
             nbytes += n
         if recs:
-            chunks.append((recs, cmds))
+            chunks.append((recs, cmds, nbytes))
         return chunks
 
     async def put_many(self, records: Sequence[Record]) -> None:
@@ -139,12 +140,13 @@ class Writes:
             return
         chunks = self._chunks(records)
         futs = [
-            store._submit(cmds, wake=[r.key for r in c], weight=len(c)) for c, cmds in chunks
+            store._submit(cmds, wake=[r.key for r in c], weight=len(c), nbytes=n)
+            for c, cmds, n in chunks
         ]
         replies = await asyncio.gather(*futs, return_exceptions=True)
         store._counts["put_batches"] += len(chunks)
         error = None
-        for (c, _), got in zip(chunks, replies, strict=True):
+        for (c, _, _), got in zip(chunks, replies, strict=True):
             if isinstance(got, BaseException):
                 error = error or got
             else:
