@@ -63,6 +63,31 @@ def test_shared_failure_must_be_listed() -> None:
     assert len(problems) == 1 and "ENVIRONMENTAL" in problems[0]
 
 
+def test_a_shared_failure_that_passes_when_run_again_is_flaky(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unlisted failure under both runs again; passing then, it is named flaky, not a finding."""
+    b = tmp_path / "b.json"
+    a = tmp_path / "a.json"
+    first = {"tests/a.py::ok": "passed", "tests/a.py::z": "failed", "tests/a.py::y": "failed"}
+    b.write_text(json.dumps(run(first, "basic")))
+    a.write_text(json.dumps(run(dict(first), "aiomemo")))
+    diffs = tmp_path / "d.tsv"
+    assert compare.main(["--differences", str(diffs), "p", str(b), str(a)]) == 1
+    assert diffs.read_text().splitlines() == ["p\ttests/a.py::y", "p\ttests/a.py::z"]
+    again = {"tests/a.py::z": "passed", "tests/a.py::y": "failed"}  # y fails again
+    for path, memo in ((b, "basic"), (a, "aiomemo")):
+        rerun = tmp_path / f"r-{memo}.json"
+        rerun.write_text(json.dumps(run(dict(again), memo)))
+        assert compare.main(["--merge", str(path), str(rerun)]) == 0
+    capsys.readouterr()
+    assert compare.main(["p", str(b), str(a)]) == 1  # y is still a finding
+    out = capsys.readouterr().out
+    flaky = [line for line in out.splitlines() if "FLAKY" in line]
+    assert len(flaky) == 1 and "tests/a.py::z" in flaky[0]
+    assert "DIFFERENCE p: tests/a.py::y: failed under both" in out
+
+
 def test_exempt_test_may_not_silently_run_differently() -> None:
     # an exempt test that does run under ParslMemoizer is compared like any other
     b = {"tests/a.py::ok": "passed", EXEMPT_NODE: "passed"}

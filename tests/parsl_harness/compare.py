@@ -18,7 +18,8 @@ for one pass of ``scripts/parsl-suite``. The check, test for test:
 
 Exit status 0 when every pass agrees, 1 otherwise; one line per finding.
 
-A test whose outcome differs may be flaky (Parsl's suite has timing tests):
+A test whose outcome differs, or that fails under both without being listed,
+may be flaky (Parsl's suite has timing tests):
 ``--differences OUT`` writes ``PASS<TAB>NODE`` for each such test;
 ``scripts/parsl-suite`` runs those tests once more under both memoizers and
 ``--merge`` folds the rerun's outcomes into the first run's file (the first
@@ -113,6 +114,7 @@ def compare(name: str, basic: dict[str, Any], ours: dict[str, Any]) -> list[str]
                     f"{name}: {node}: {ob} under both memoizers and not listed in "
                     "tests/parsl_harness/compare.py ENVIRONMENTAL"
                 )
+                differing.append(node)  # run again too: it may be a flaky test
             else:
                 env_hit.append(node)
     ran = sum(1 for o in b.values() if o not in ("deselected", "absent"))
@@ -126,8 +128,10 @@ def compare(name: str, basic: dict[str, Any], ours: dict[str, Any]) -> list[str]
     first_b = basic.get("first_outcomes", {})
     first_a = ours.get("first_outcomes", {})
     for node in sorted(set(first_b) | set(first_a)):
-        if b.get(node) != a.get(node):
-            continue  # differed again: reported as a DIFFERENCE
+        if b.get(node) != a.get(node) or (
+            b.get(node) in FAILING and _match(node, ENVIRONMENTAL) is None
+        ):
+            continue  # differed, or failed under both, again: reported as a DIFFERENCE
         print(
             f"  FLAKY (agreed only when run again): {node}: first BasicMemoizer "
             f"{first_b.get(node, b.get(node))}, ParslMemoizer {first_a.get(node, a.get(node))}; "
