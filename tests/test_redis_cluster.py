@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,6 +159,42 @@ _CLUSTER_WORKER = textwrap.dedent(
     asyncio.run(main(a[1], a[2], a[3], int(a[4]), int(a[5]), a[6], a[7]))
     """
 ).format(src=SRC)
+
+
+async def test_lookups_of_large_values_go_one_value_per_pipeline(
+    cluster: RedisClusterServers, redis_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server copies a pipeline's replies before it sends the first: never many large ones.
+
+    A store that wrote large values knows their size; one that did not learns
+    it from its first replies.
+    """
+    from aiomemo.stores._redis import _batcher
+
+    values: list[int] = []  # the large values each pipeline brought back
+    send = _batcher.Batcher._send_cluster
+
+    async def counting_send(self: _batcher.Batcher, cmds: list[Any], *, use_eval: bool) -> Any:
+        out = await send(self, cmds, use_eval=use_eval)
+        values.append(sum(1 for v in out if type(v) is bytes and len(v) > 1 << 20))
+        return out
+
+    monkeypatch.setattr(_batcher.Batcher, "_send_cluster", counting_send)
+    big = [rec(i, bytes([i]) * (2 << 20)) for i in range(32)]
+    async with RedisStore(cluster.url, cluster=True, namespace=redis_namespace) as w:
+        for r in big:
+            await w.put_many([r])
+        values.clear()
+        assert await asyncio.gather(*(w.get(r.key) for r in big)) == [r.value for r in big]
+        assert max(values) == 1, values
+    async with RedisStore(cluster.url, cluster=True, namespace=redis_namespace) as s:
+        await s.get(big[0].key)  # its first reply tells it
+        values.clear()
+        assert await asyncio.gather(*(s.get(r.key) for r in big)) == [r.value for r in big]
+        assert max(values) == 1, values
+        assert await s.get_many([r.key for r in big]) == {r.key: r.value for r in big}
+        assert s.stats()["errors"] == 0
+        await s._client.delete(*(s.value_key(r.key) for r in big))
 
 
 async def test_three_processes_survive_a_master_killed_and_restarted(

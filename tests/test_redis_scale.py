@@ -506,7 +506,7 @@ async def test_large_values_are_written_in_pipelines_of_bounded_size(
 
 
 async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
-    redis_url: str, redis_namespace: str, raw: aioredis.Redis
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """64 concurrent lookups of 4 MB values: all answered, by a store that did not write them.
 
@@ -515,12 +515,38 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
     their size; one that did not finds out (a reply too large, or a timeout)
     and reads them one GET reply each from then on.
     """
+    from aiomemo.stores._redis import _batcher
+
+    # the values each pipeline's GETs brought back (MGETs aside)
+    replies: list[int] = []
+    send = _batcher.Batcher._send
+
+    async def counting_send(self: Any, ops: Any, gets: Any, *, use_eval: bool) -> Any:
+        out = await send(self, ops, gets, use_eval=use_eval)
+        if not gets:
+            replies.append(
+                sum(1 for op, r in zip(ops, out, strict=True) if op.cmds[0][0] == "GET" and r[0])
+            )
+        return out
+
+    monkeypatch.setattr(_batcher.Batcher, "_send", counting_send)
     big = [rec(i, bytes([i]) * (4 << 20)) for i in range(64)]
+
+    def one_value_per_pipeline() -> None:
+        # the server copies a pipeline's replies before it sends the first: 64 of
+        # 4 MB in one pipeline took over 0.3 s to start answering on a loaded machine
+        assert replies and max(replies) == 1, replies
+        replies.clear()
+
     try:
         async with RedisStore(redis_url, namespace=redis_namespace) as w:
             for r in big:
                 await w.put_many([r])
             assert not w._batch.mget  # it wrote large values: no MGET for its lookups
+            replies.clear()
+            got = await asyncio.gather(*(w.get(r.key) for r in big))
+            assert got == [r.value for r in big]
+            one_value_per_pipeline()
         async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.3) as s:
             assert s._batch.mget
             got = await asyncio.gather(*(s.get(r.key) for r in big), return_exceptions=True)
@@ -528,10 +554,12 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
                 g for g in got if isinstance(g, BaseException)
             ][:1]
             assert not s._batch.mget
+            one_value_per_pipeline()
         async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.3) as s:
             got_many = await s.get_many([r.key for r in big])  # bulk MGETs: the same
             assert got_many == {r.key: r.value for r in big}
             assert not s._batch.mget
+            one_value_per_pipeline()
         async with RedisStore(redis_url, namespace=redis_namespace) as small:
             await small.put_many([rec(i) for i in range(100, 200)])
             assert await asyncio.gather(*(small.get(rec(i).key) for i in range(100, 200))) == [

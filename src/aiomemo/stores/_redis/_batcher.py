@@ -31,12 +31,17 @@ __all__ = ["PIPELINE_BYTES", "Batcher", "Cmd", "cmd_bytes"]
 # or ("script", name, keys, args).
 Cmd = tuple[Any, ...]
 
-#: The most bytes of arguments one pipelined round trip carries; operations
-#: beyond it go in the next one (an operation bigger than this goes alone).
+#: The most bytes one pipelined round trip carries, of arguments and of the
+#: replies its lookups are expected to bring back; operations beyond it go in
+#: the next one (an operation bigger than this goes alone).
 #: redis-py gives the whole write of a pipeline ``socket_timeout``: a batch of
 #: large values written as one pipeline could time out every time it was
 #: retried (a server fsyncing its AOF after each write takes ~50 MB slowly),
-#: and its records would never be written. 1 MiB takes a few ms on loopback.
+#: and its records would never be written. Replies likewise: the server
+#: copies every reply of a pipeline into its output buffer before it sends
+#: the first one, so the first reply of 64 GETs of 4 MB values took 130 ms
+#: on a quiet machine and over 300 ms on a loaded one (past a 0.3 s timeout,
+#: and every retry of it the same). 1 MiB takes a few ms on loopback.
 PIPELINE_BYTES = 1 << 20
 
 #: A value this large, written or read by a store, makes its lookups go as one
@@ -103,6 +108,9 @@ class Batcher:
         self._kick_scheduled = False
         #: lookups of one batch go as one MGET (until values turn out large)
         self.mget = not self._cluster
+        #: the bytes one GET is expected to bring back, once values turn out
+        #: large (0: small); it counts toward PIPELINE_BYTES like arguments
+        self.get_bytes = 0
         self._in_flight = 0
         self._flushes: set[asyncio.Task[None]] = set()
         self._bg: set[asyncio.Future[Any]] = set()
@@ -145,7 +153,9 @@ class Batcher:
         fut: asyncio.Future[list[Any]] = loop.create_future()
         op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight, nbytes)
         if op.nbytes >= LARGE_REPLY and op.nbytes >= LARGE_REPLY * op.weight:
-            self.mget = False  # values of this size are read back too
+            # values of this size are read back too
+            self.mget = False
+            self._expect(op.nbytes // op.weight)
         if urgent:
             self._queue.appendleft(op)
         else:
@@ -190,6 +200,16 @@ class Batcher:
             size = sum(len(v) for v in values if v is not None)
             if size > PIPELINE_BYTES and size >= LARGE_REPLY * len(values):
                 self.mget = False
+                self._expect(size // len(values))
+
+    def _expect(self, size: int) -> None:
+        """GET replies of ``size`` bytes each were seen: what the next ones are expected to bring.
+
+        A larger size counts at once (a pipeline of large replies is what
+        must not happen); a smaller one brings the estimate down by halves.
+        """
+        cur = self.get_bytes
+        self.get_bytes = size if size >= cur else (cur + size) // 2
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -197,14 +217,18 @@ class Batcher:
             ops: list[_Op] = []
             weight = nbytes = 0
             queue = self._queue
-            while queue and (
-                not ops
-                or (
-                    weight + queue[0].weight <= self._batch_size
-                    and nbytes + queue[0].nbytes <= PIPELINE_BYTES
-                )
-            ):
-                op = queue.popleft()
+            get_bytes = self.get_bytes  # (a lookup queued before it was known counts it too)
+            while queue:
+                op = queue[0]
+                if get_bytes and op.nbytes < get_bytes:
+                    gets = sum(1 for cmd in op.cmds if cmd[0] == "GET")
+                    if gets:
+                        op.nbytes = get_bytes * gets
+                if ops and (
+                    weight + op.weight > self._batch_size or nbytes + op.nbytes > PIPELINE_BYTES
+                ):
+                    break
+                queue.popleft()
                 ops.append(op)
                 weight += op.weight
                 nbytes += op.nbytes
@@ -257,10 +281,19 @@ class Batcher:
                 out[i] = [values if isinstance(values, Exception) else values[j]]
             if not isinstance(values, Exception):
                 self._saw_values(values)
+        got = count = 0
         for i in rest:
-            n = len(ops[i].cmds)
+            cmds = ops[i].cmds
+            n = len(cmds)
             out[i] = results[pos : pos + n]
+            if n == 1 and cmds[0][0] == "GET":
+                v = results[pos]
+                if type(v) is bytes:
+                    got += len(v)
+                    count += 1
             pos += n
+        if count and (self.get_bytes or got >= LARGE_REPLY * count):
+            self._expect(got // count)
         return out
 
     def _mget_ops(self, ops: Sequence[_Op]) -> list[int]:
@@ -287,6 +320,9 @@ class Batcher:
                 # fail as after any timeout. A hung server fails them on the
                 # next try, as below.
                 self.mget = False
+                # their size is not known yet: one lookup per round trip until
+                # their replies tell
+                self._expect(PIPELINE_BYTES)
                 again = set(merged)
                 for i in reversed(merged):
                     self._queue.appendleft(ops[i])
@@ -388,6 +424,13 @@ class Batcher:
         self._fill(pipe, cmds, use_eval=use_eval)
         self._counts["round_trips"] += 1
         results: list[Any] = await pipe.execute(raise_on_error=False)
+        got = count = 0
+        for cmd, v in zip(cmds, results, strict=True):
+            if cmd[0] == "GET" and type(v) is bytes:
+                got += len(v)
+                count += 1
+        if count and (self.get_bytes or got >= LARGE_REPLY * count):
+            self._expect(got // count)
         return results
 
     async def _publish(self, wake: list[bytes]) -> None:
