@@ -513,20 +513,27 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
     redis-py reads an MGET's reply as one response within ``socket_timeout``:
     64 x 4 MB as one MGET failed every batch. The store that wrote them knows
     their size; one that did not finds out (a reply too large, or a timeout)
-    and reads them one GET reply each from then on.
+    and reads them one GET reply each from then on. (The timeouts here leave a
+    4 MB reply 250 times what it takes on loopback; an MGET of them all may
+    or may not time out, and a timeout is also forced, to test that path.)
     """
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     from aiomemo.stores._redis import _batcher
 
     # the values each pipeline's GETs brought back (MGETs aside)
     replies: list[int] = []
     send = _batcher.Batcher._send
+    mget_timeouts = [0]  # MGETs to fail as if their reply took too long
 
     async def counting_send(self: Any, ops: Any, gets: Any, *, use_eval: bool) -> Any:
+        if gets and mget_timeouts[0]:
+            mget_timeouts[0] -= 1
+            raise RedisTimeoutError("Timeout reading from the test")
         out = await send(self, ops, gets, use_eval=use_eval)
-        if not gets:
-            replies.append(
-                sum(1 for op, r in zip(ops, out, strict=True) if op.cmds[0][0] == "GET" and r[0])
-            )
+        values = [r[0] for op, r in zip(ops, out, strict=True) if op.cmds[0][0] == "GET"]
+        if values and not gets:
+            replies.append(sum(1 for v in values if v))
         return out
 
     monkeypatch.setattr(_batcher.Batcher, "_send", counting_send)
@@ -547,18 +554,25 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
             got = await asyncio.gather(*(w.get(r.key) for r in big))
             assert got == [r.value for r in big]
             one_value_per_pipeline()
-        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.3) as s:
-            assert s._batch.mget
-            got = await asyncio.gather(*(s.get(r.key) for r in big), return_exceptions=True)
-            assert [g == r.value for g, r in zip(got, big, strict=True)] == [True] * 64, [
-                g for g in got if isinstance(g, BaseException)
-            ][:1]
-            assert not s._batch.mget
-            one_value_per_pipeline()
-        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.3) as s:
-            got_many = await s.get_many([r.key for r in big])  # bulk MGETs: the same
-            assert got_many == {r.key: r.value for r in big}
-            assert not s._batch.mget
+        for forced in (0, 1):
+            mget_timeouts[0] = forced
+            async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=1) as s:
+                assert s._batch.mget
+                got = await asyncio.gather(*(s.get(r.key) for r in big), return_exceptions=True)
+                assert [g == r.value for g, r in zip(got, big, strict=True)] == [True] * 64, [
+                    g for g in got if isinstance(g, BaseException)
+                ][:1]
+                assert not s._batch.mget and not mget_timeouts[0]
+                if replies or forced:  # (without a timeout, one MGET may have read them all)
+                    one_value_per_pipeline()
+                # from now on: one value per round trip
+                assert await asyncio.gather(*(s.get(r.key) for r in big)) == [r.value for r in big]
+                one_value_per_pipeline()
+        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=1) as s:
+            for _ in range(2):  # bulk MGETs: the same
+                got_many = await s.get_many([r.key for r in big])
+                assert got_many == {r.key: r.value for r in big}
+                assert not s._batch.mget
             one_value_per_pipeline()
         async with RedisStore(redis_url, namespace=redis_namespace) as small:
             await small.put_many([rec(i) for i in range(100, 200)])
