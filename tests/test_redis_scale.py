@@ -486,7 +486,7 @@ async def test_large_values_are_written_in_pipelines_of_bounded_size(
     monkeypatch.setattr(_batcher.Batcher, "_send", counting_send)
     big = [rec(i, bytes([i]) * (3 << 18)) for i in range(64)]  # 64 x 768 KiB
     try:
-        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=0.25) as s:
+        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=1) as s:
             await s.put_many(big)  # one call, 48 MiB
             assert [await s.get(r.key) for r in big] == [r.value for r in big]
             # lease completions of large values, 64 at once: batched, bounded too
