@@ -188,7 +188,11 @@ async def test_lookups_of_large_values_go_one_value_per_pipeline(
         assert await asyncio.gather(*(w.get(r.key) for r in big)) == [r.value for r in big]
         assert max(values) == 1, values
     async with RedisStore(cluster.url, cluster=True, namespace=redis_namespace) as s:
-        await s.get(big[0].key)  # its first reply tells it
+        assert s._batch.get_bytes >= 2 << 20  # the writer's hint told it
+        await s._client.delete(s.hint_key)
+    async with RedisStore(cluster.url, cluster=True, namespace=redis_namespace) as s:
+        assert not s._batch.get_bytes
+        await s.get(big[0].key)  # no hint: its first reply tells it
         values.clear()
         assert await asyncio.gather(*(s.get(r.key) for r in big)) == [r.value for r in big]
         assert max(values) == 1, values

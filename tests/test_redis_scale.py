@@ -554,6 +554,21 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
             got = await asyncio.gather(*(w.get(r.key) for r in big))
             assert got == [r.value for r in big]
             one_value_per_pipeline()
+        # it left the size of its values for the stores that open later
+        hint = await raw.get(f"{redis_namespace}:large")
+        assert hint is not None and int(hint) >= 4 << 20
+        assert 0 < await raw.pttl(f"{redis_namespace}:large") <= 24 * 3600 * 1000
+        async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=1) as s:
+            assert not s._batch.mget  # from its first lookup: one GET each, one per round trip
+            mget_timeouts[0] = 1  # (an MGET would fail)
+            got = await asyncio.gather(*(s.get(r.key) for r in big))
+            assert got == [r.value for r in big] and mget_timeouts[0] == 1
+            one_value_per_pipeline()
+            assert await s.get_many([r.key for r in big]) == {r.key: r.value for r in big}
+            assert mget_timeouts[0] == 1 and s.stats()["errors"] == 0
+            one_value_per_pipeline()
+        # without the hint (it expired, or an older writer): found out from the replies
+        await raw.delete(f"{redis_namespace}:large")
         for forced in (0, 1):
             mget_timeouts[0] = forced
             async with RedisStore(redis_url, namespace=redis_namespace, socket_timeout=1) as s:
@@ -574,6 +589,7 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
                 assert got_many == {r.key: r.value for r in big}
                 assert not s._batch.mget
             one_value_per_pipeline()
+        assert await raw.get(f"{redis_namespace}:large") is None  # readers leave no hint
         async with RedisStore(redis_url, namespace=redis_namespace) as small:
             await small.put_many([rec(i) for i in range(100, 200)])
             assert await asyncio.gather(*(small.get(rec(i).key) for i in range(100, 200))) == [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,10 @@ PIPELINE_BYTES = 1 << 20
 #: than 2 s on loopback, so every batch of them failed; GET replies are read
 #: one at a time, each within it.
 LARGE_REPLY = 64 << 10
+
+#: How long the namespace's size hint (see Batcher.hint) lives: a store that
+#: writes large values sets it again when it is older than half this.
+HINT_TTL = 24 * 3600.0
 
 
 def cmd_bytes(cmds: Sequence[Cmd]) -> int:
@@ -111,6 +116,7 @@ class Batcher:
         #: the bytes one GET is expected to bring back, once values turn out
         #: large (0: small); it counts toward PIPELINE_BYTES like arguments
         self.get_bytes = 0
+        self._hinted = -math.inf  # when this store last set the namespace's size hint
         self._in_flight = 0
         self._flushes: set[asyncio.Task[None]] = set()
         self._bg: set[asyncio.Future[Any]] = set()
@@ -156,6 +162,7 @@ class Batcher:
             # values of this size are read back too
             self.mget = False
             self._expect(op.nbytes // op.weight)
+            self._set_hint(loop)
         if urgent:
             self._queue.appendleft(op)
         else:
@@ -201,6 +208,30 @@ class Batcher:
             if size > PIPELINE_BYTES and size >= LARGE_REPLY * len(values):
                 self.mget = False
                 self._expect(size // len(values))
+
+    def _set_hint(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Tell the stores that open later that this namespace holds large values.
+
+        One small key (``hint_key``, the size of the values, expiring after
+        ``HINT_TTL``): a store that opens reads it and looks keys up one GET
+        each from its first lookup, instead of finding out by an MGET too
+        large to read in time (one ``socket_timeout`` lost, and on a loaded
+        machine its lookups re-sent as GETs behind a server still busy with
+        that reply could time out too).
+        """
+        now = loop.time()
+        if now - self._hinted < HINT_TTL / 2:
+            return
+        self._hinted = now
+        size = str(self.get_bytes).encode()
+        hint = [("SET", self._store.hint_key, size, "PX", int(HINT_TTL * 1000))]
+        self.background(self.submit(hint))
+
+    def take_hint(self, size: int) -> None:
+        """The namespace's size hint, read when the store opened: values of ``size`` bytes."""
+        if size >= LARGE_REPLY:
+            self.mget = False
+            self._expect(size)
 
     def _expect(self, size: int) -> None:
         """GET replies of ``size`` bytes each were seen: what the next ones are expected to bring.

@@ -190,6 +190,11 @@ class RedisStore(LeaseStore):
         """The Redis key holding the lease on task ``key``."""
         return self._ns + b":l:{" + key.hex().encode() + b"}"
 
+    @property
+    def hint_key(self) -> bytes:
+        """The Redis key where stores that write large values leave their size."""
+        return self._ns + b":large"
+
     async def open(self, *, run_dir: Path | None = None) -> None:
         """Create the client and check the server with a PING.
 
@@ -209,6 +214,10 @@ class RedisStore(LeaseStore):
             # later (restart) is served by that retry
             for lua in SCRIPTS.values():
                 await client.script_load(lua)
+            # values large enough to be looked up one GET each (see Batcher)
+            hint = await client.get(self.hint_key)
+            if hint is not None and hint.isdigit():
+                self._batch.take_hint(int(hint))
         except ERRORS as cause:
             # one warning, here; later failures stay quiet until Redis answers
             self._counts["errors"] += 1
