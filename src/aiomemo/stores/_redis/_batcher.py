@@ -122,8 +122,8 @@ class Batcher:
         self._bg: set[asyncio.Future[Any]] = set()
 
     def take_tasks(self) -> list[asyncio.Task[None]]:
-        """The flushes under way (for aclose to cancel)."""
-        return list(self._flushes)
+        """The flushes and background tasks under way (for aclose to cancel)."""
+        return [*self._flushes, *(f for f in self._bg if isinstance(f, asyncio.Task))]
 
     def fail_queued(self, err: StoreError) -> None:
         """Fail every operation still queued with ``err``."""
@@ -223,9 +223,18 @@ class Batcher:
         if now - self._hinted < HINT_TTL / 2:
             return
         self._hinted = now
+        store = self._store
         size = str(self.get_bytes).encode()
-        hint = [("SET", self._store.hint_key, size, "PX", int(HINT_TTL * 1000))]
-        self.background(self.submit(hint))
+
+        async def set_hint() -> None:
+            # not batched: a user whose ACL does not cover the key goes
+            # without it, with no error counted against the store
+            client = store._client
+            if client is not None and not store._closed:
+                with contextlib.suppress(*ERRORS):
+                    await client.set(store.hint_key, size, px=int(HINT_TTL * 1000))
+
+        self.background(asyncio.ensure_future(set_hint()))
 
     def take_hint(self, size: int) -> None:
         """The namespace's size hint, read when the store opened: values of ``size`` bytes."""

@@ -214,16 +214,21 @@ class RedisStore(LeaseStore):
             # later (restart) is served by that retry
             for lua in SCRIPTS.values():
                 await client.script_load(lua)
-            # values large enough to be looked up one GET each (see Batcher)
-            hint = await client.get(self.hint_key)
-            if hint is not None and hint.isdigit():
-                self._batch.take_hint(int(hint))
         except ERRORS as cause:
             # one warning, here; later failures stay quiet until Redis answers
             self._counts["errors"] += 1
             self.last_error = f"PING: {type(cause).__name__}: {cause}"
             self._failing = True
             log.warning("%s", open_failure(self._safe_url(), cause))
+            return
+        try:
+            # values large enough to be looked up one GET each (see Batcher);
+            # a user whose ACL does not cover the key goes without
+            hint = await client.get(self.hint_key)
+        except ERRORS:
+            return
+        if isinstance(hint, bytes) and hint.isdigit():
+            self._batch.take_hint(int(hint))
 
     def _new_client(self) -> Any:
         self._client = make_client(
