@@ -600,3 +600,30 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
         keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:*")]
         if keys:
             await raw.delete(*keys)
+
+
+async def test_a_user_whose_acl_leaves_out_the_size_hint_goes_without_it(
+    redis_url: str, redis_namespace: str, raw: aioredis.Redis
+) -> None:
+    """The size hint is a convenience: an ACL that does not cover it costs no error."""
+    ns = redis_namespace
+    user = f"u{ns.replace('-', '')}"
+    await raw.execute_command(
+        "ACL", "SETUSER", user, "on", ">pw", f"~{ns}:r:*", f"~{ns}:l:*", "&*", "+@all"
+    )
+    url = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+    big = [rec(i, bytes([i]) * (1 << 20)) for i in range(8)]
+    try:
+        async with RedisStore(url, namespace=ns) as w:
+            await w.put_many(big)
+            await asyncio.sleep(0.05)  # (the hint is set in the background)
+            assert w.stats()["errors"] == 0 and w.last_error is None
+        assert await raw.get(f"{ns}:large") is None
+        async with RedisStore(url, namespace=ns) as r:
+            assert await asyncio.gather(*(r.get(x.key) for x in big)) == [x.value for x in big]
+            assert r.stats()["errors"] == 0 and r.last_error is None
+    finally:
+        await raw.execute_command("ACL", "DELUSER", user)
+        keys = [k async for k in raw.scan_iter(match=f"{ns}:*")]
+        if keys:
+            await raw.delete(*keys)
