@@ -52,7 +52,7 @@ PIPELINE_BYTES = 1 << 20
 #: one at a time, each within it.
 LARGE_REPLY = 64 << 10
 
-#: How long the namespace's size hint (see Batcher.hint) lives: a store that
+#: How long the namespace's size hint (see Batcher._set_hint) lives: a store that
 #: writes large values sets it again when it is older than half this.
 HINT_TTL = 24 * 3600.0
 
