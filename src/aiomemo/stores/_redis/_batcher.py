@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -159,9 +160,7 @@ class Batcher:
         fut: asyncio.Future[list[Any]] = loop.create_future()
         op = _Op(cmds, fut, (wake,) if isinstance(wake, bytes) else wake, on_orphan, weight, nbytes)
         if op.nbytes >= LARGE_REPLY and op.nbytes >= LARGE_REPLY * op.weight:
-            # values of this size are read back too
-            self.mget = False
-            self._expect(op.nbytes // op.weight)
+            self._large(op.nbytes // op.weight)  # values of this size are read back too
             self._set_hint(loop)
         if urgent:
             self._queue.appendleft(op)
@@ -206,8 +205,22 @@ class Batcher:
         if self.mget:
             size = sum(len(v) for v in values if v is not None)
             if size > PIPELINE_BYTES and size >= LARGE_REPLY * len(values):
-                self.mget = False
-                self._expect(size // len(values))
+                self._large(size // len(values))
+
+    def _saw_gets(self, cmds: Iterable[Cmd], replies: Iterable[Any]) -> None:
+        """A round trip's replies: what its GETs brought tells what the next ones will."""
+        got = count = 0
+        for cmd, v in zip(cmds, replies, strict=False):  # (replies may go on: a PUBLISH)
+            if cmd[0] == "GET" and type(v) is bytes:
+                got += len(v)
+                count += 1
+        if count and (self.get_bytes or got >= LARGE_REPLY * count):
+            self._expect(got // count)
+
+    def _large(self, size: int) -> None:
+        """Values of ``size`` bytes are about: lookups go one GET each, counted at that size."""
+        self.mget = False
+        self._expect(size)
 
     def _set_hint(self, loop: asyncio.AbstractEventLoop) -> None:
         """Tell the stores that open later that this namespace holds large values.
@@ -239,8 +252,7 @@ class Batcher:
     def take_hint(self, size: int) -> None:
         """The namespace's size hint, read when the store opened: values of ``size`` bytes."""
         if size >= LARGE_REPLY:
-            self.mget = False
-            self._expect(size)
+            self._large(size)
 
     def _expect(self, size: int) -> None:
         """GET replies of ``size`` bytes each were seen: what the next ones are expected to bring.
@@ -305,7 +317,8 @@ class Batcher:
             pipe.execute_command("MGET", *(ops[i].cmds[0][1] for i in gets))
         in_mget = set(gets)
         rest = [i for i in range(len(ops)) if i not in in_mget]
-        self._fill(pipe, (cmd for i in rest for cmd in ops[i].cmds), use_eval=use_eval)
+        rest_cmds = [cmd for i in rest for cmd in ops[i].cmds]
+        self._fill(pipe, rest_cmds, use_eval=use_eval)
         wake = [k for op in ops for k in op.wake]
         if wake:
             # same connection, after the writes: a woken waiter sees them
@@ -321,19 +334,12 @@ class Batcher:
                 out[i] = [values if isinstance(values, Exception) else values[j]]
             if not isinstance(values, Exception):
                 self._saw_values(values)
-        got = count = 0
+        if rest_cmds:
+            self._saw_gets(rest_cmds, itertools.islice(results, pos, None))
         for i in rest:
-            cmds = ops[i].cmds
-            n = len(cmds)
+            n = len(ops[i].cmds)
             out[i] = results[pos : pos + n]
-            if n == 1 and cmds[0][0] == "GET":
-                v = results[pos]
-                if type(v) is bytes:
-                    got += len(v)
-                    count += 1
             pos += n
-        if count and (self.get_bytes or got >= LARGE_REPLY * count):
-            self._expect(got // count)
         return out
 
     def _mget_ops(self, ops: Sequence[_Op]) -> list[int]:
@@ -359,10 +365,9 @@ class Batcher:
                 # each (get_blobs retries its MGETs so); the other operations
                 # fail as after any timeout. A hung server fails them on the
                 # next try, as below.
-                self.mget = False
                 # their size is not known yet: one lookup per round trip until
                 # their replies tell
-                self._expect(PIPELINE_BYTES)
+                self._large(PIPELINE_BYTES)
                 again = set(merged)
                 for i in reversed(merged):
                     self._queue.appendleft(ops[i])
@@ -464,13 +469,7 @@ class Batcher:
         self._fill(pipe, cmds, use_eval=use_eval)
         self._counts["round_trips"] += 1
         results: list[Any] = await pipe.execute(raise_on_error=False)
-        got = count = 0
-        for cmd, v in zip(cmds, results, strict=True):
-            if cmd[0] == "GET" and type(v) is bytes:
-                got += len(v)
-                count += 1
-        if count and (self.get_bytes or got >= LARGE_REPLY * count):
-            self._expect(got // count)
+        self._saw_gets(cmds, results)
         return results
 
     async def _publish(self, wake: list[bytes]) -> None:
