@@ -34,6 +34,13 @@ def rec(i: int, value: bytes | None = None) -> Record:
     return Record(i.to_bytes(4, "big") * 8, value or b"v%d" % i, "m.f", 1e9 + i)
 
 
+async def drop_namespace(raw: aioredis.Redis, ns: str) -> None:
+    """Delete every key of namespace ``ns`` (a test's clean-up)."""
+    keys = [k async for k in raw.scan_iter(match=f"{ns}:*")]
+    if keys:
+        await raw.delete(*keys)
+
+
 async def connections_of(raw: aioredis.Redis, pid: int) -> int:
     """Connections the server has from process ``pid``'s stores (CLIENT LIST, by name)."""
     clients = await raw.client_list()
@@ -500,9 +507,7 @@ async def test_large_values_are_written_in_pipelines_of_bounded_size(
             assert [await s.get(r.key) for r in others] == [r.value for r in others]
         assert sent and max(sent) <= _batcher.PIPELINE_BYTES, sent
     finally:
-        keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:*")]
-        if keys:
-            await raw.delete(*keys)
+        await drop_namespace(raw, redis_namespace)
 
 
 async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
@@ -597,9 +602,7 @@ async def test_concurrent_lookups_of_large_values_are_read_one_reply_each(
             ]
             assert small._batch.mget  # small values keep one MGET per batch
     finally:
-        keys = [k async for k in raw.scan_iter(match=f"{redis_namespace}:*")]
-        if keys:
-            await raw.delete(*keys)
+        await drop_namespace(raw, redis_namespace)
 
 
 async def test_a_user_whose_acl_leaves_out_the_size_hint_goes_without_it(
@@ -624,6 +627,4 @@ async def test_a_user_whose_acl_leaves_out_the_size_hint_goes_without_it(
             assert r.stats()["errors"] == 0 and r.last_error is None
     finally:
         await raw.execute_command("ACL", "DELUSER", user)
-        keys = [k async for k in raw.scan_iter(match=f"{ns}:*")]
-        if keys:
-            await raw.delete(*keys)
+        await drop_namespace(raw, ns)
