@@ -119,7 +119,8 @@ class Batcher:
         self.get_bytes = 0
         self._hinted = -math.inf  # when this store last set the namespace's size hint
         self._in_flight = 0
-        self._flushes: set[asyncio.Task[None]] = set()
+        #: the flushes under way, each with the operations it carries
+        self._flushes: dict[asyncio.Task[None], list[_Op]] = {}
         self._bg: set[asyncio.Future[Any]] = set()
 
     def take_tasks(self) -> list[asyncio.Task[None]]:
@@ -288,8 +289,8 @@ class Batcher:
             if self._in_flight > self._counts["in_flight_max"]:
                 self._counts["in_flight_max"] = self._in_flight
             task = asyncio.ensure_future(self._flush(ops))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            self._flushes[task] = ops
+            task.add_done_callback(self._flush_done)
 
     def _fill(self, pipe: Any, cmds: Iterable[Cmd], *, use_eval: bool) -> None:
         for cmd in cmds:
@@ -518,6 +519,17 @@ class Batcher:
             self._in_flight -= 1
             if self._queue and not self._store._closed:
                 self._kick()
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        ops = self._flushes.pop(task, ())
+        if task.cancelled():
+            # aclose() may cancel a flush before it ever ran (created by the
+            # last _kick): its own handler never saw the cancellation, and
+            # its callers would wait for ever
+            closed = StoreError(f"{self._store!r} was closed before Redis answered")
+            for op in ops:
+                if not op.fut.done():
+                    op.fut.set_exception(closed)
 
     def _settle(self, op: _Op, res: list[Any] | StoreError) -> None:
         if op.fut.done():
